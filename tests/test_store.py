@@ -1,0 +1,144 @@
+"""The SQLite results store: hashing, records, resume, concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from mergebench.errors import MergeBenchError
+from mergebench.records import RunRecord, TaskScore
+from mergebench.store import ResultsStore, config_hash, record_hash
+
+
+def make_record(label: str = "ties", scaling: float = 0.3, **kw) -> RunRecord:
+    config = {
+        "method": {"name": label, "scaling": scaling},
+        "model": {"name": "tiny"},
+        "taskset": {"name": "two", "tasks": ["a", "b"]},
+        "logger": {"name": "none"},
+        "force": False,
+    }
+    defaults = dict(
+        method=label,
+        label=label,
+        family="tiny",
+        taskset="two",
+        config=config,
+        scores=[
+            TaskScore("a", "accuracy", 0.75),
+            TaskScore("a", "f1", 0.5),
+            TaskScore("b", "accuracy", 0.25),
+        ],
+        merge_seconds=1.5,
+        peak_rss_bytes=123,
+        artifact_bytes=456,
+    )
+    defaults.update(kw)
+    return RunRecord(**defaults)
+
+
+def test_hash_ignores_volatile_keys_and_key_order() -> None:
+    a = {"method": {"name": "ties", "k": 0.2}, "force": False, "logger": {"name": "none"}}
+    b = {"logger": {"name": "wandb"}, "force": True, "method": {"k": 0.2, "name": "ties"}}
+    c = {"method": {"name": "ties", "k": 0.3}}
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(c)
+    assert config_hash(a, label="individual") != config_hash(a, label="pretrained")
+    assert len(config_hash(a)) == 64
+
+
+def test_hash_of_omegaconf_equals_hash_of_plain_dict() -> None:
+    from omegaconf import OmegaConf
+
+    plain = {"method": {"name": "emr", "mask": True}, "x": "${method.name}"}
+    assert config_hash(OmegaConf.create(plain)) == config_hash(
+        {"method": {"name": "emr", "mask": True}, "x": "emr"}
+    )
+
+
+def test_add_run_roundtrip_and_metadata(tmp_path) -> None:
+    store = ResultsStore(tmp_path / "sub" / "r.sqlite")
+    rec = make_record()
+    assert not store.has_run(record_hash(rec))
+    run_id = store.add_run(rec, sweep_id="sweep-1")
+    assert store.has_run(record_hash(rec))
+
+    (run,) = store.runs()
+    assert run["run_id"] == run_id
+    assert run["config"]["method"] == {"name": "ties", "scaling": 0.3}
+    assert run["sweep_id"] == "sweep-1"
+    assert run["merge_seconds"] == 1.5 and run["artifact_bytes"] == 456
+    assert run["peak_rss_bytes"] == 123 and run["version"]
+
+    scores = store.scores()
+    assert [(s["task"], s["metric"], s["value"]) for s in scores] == [
+        ("a", "accuracy", 0.75),
+        ("a", "f1", 0.5),
+        ("b", "accuracy", 0.25),
+    ]
+    back = store.get_record(run_id)
+    assert back.scores == rec.scores and back.label == rec.label
+
+
+def test_same_hash_replaces_instead_of_duplicating(tmp_path) -> None:
+    store = ResultsStore(tmp_path / "r.sqlite")
+    store.add_run(make_record())
+    newer = make_record(scores=[TaskScore("a", "accuracy", 0.9)])
+    store.add_run(newer)
+    assert len(store.runs()) == 1
+    assert [s["value"] for s in store.scores()] == [0.9]
+
+
+def test_filters_and_validation_split(tmp_path) -> None:
+    store = ResultsStore(tmp_path / "r.sqlite")
+    store.add_run(make_record("ties"))
+    store.add_run(make_record("emr", family="other"))
+    store.add_run(make_record("ta", scores=[TaskScore("a", "accuracy", 0.6, split="validation")]))
+    assert {r["label"] for r in store.runs(family="tiny")} == {"ties", "ta"}
+    assert {s["label"] for s in store.scores()} == {"ties", "emr"}  # test split by default
+    assert [s["value"] for s in store.scores(split="validation")] == [0.6]
+
+
+def test_duplicate_score_is_rejected_and_nothing_written(tmp_path) -> None:
+    store = ResultsStore(tmp_path / "r.sqlite")
+    bad = make_record(scores=[TaskScore("a", "accuracy", 0.1), TaskScore("a", "accuracy", 0.2)])
+    with pytest.raises(MergeBenchError, match="given twice"):
+        store.add_run(bad)
+    assert store.runs() == []
+
+
+def test_not_a_database_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "junk.sqlite"
+    path.write_text("this is not sqlite " * 100)
+    with pytest.raises(MergeBenchError, match="junk.sqlite"):
+        ResultsStore(path)
+
+
+def test_wal_mode(tmp_path) -> None:
+    path = tmp_path / "r.sqlite"
+    ResultsStore(path)
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+
+def _writer(path: str, worker: int, n: int) -> None:
+    store = ResultsStore(path)
+    for i in range(n):
+        store.add_run(make_record(label=f"w{worker}", scaling=float(i)))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path) -> None:
+    path = str(tmp_path / "r.sqlite")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, w, 15)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    store = ResultsStore(path)
+    assert len(store.runs()) == 60
+    assert len(store.scores()) == 60 * 3
