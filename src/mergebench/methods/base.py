@@ -1,0 +1,119 @@
+"""Method base classes and the shared driver for single-model task-vector methods."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from mergebench.errors import MergeBenchError
+from mergebench.pool import ModelPool
+from mergebench.results import MergeResult, SingleModelResult
+from mergebench.selection import KeyPlan, plan_keys
+from mergebench.stream import TaskVectorStream, TransformFactory
+
+
+class Method:
+    """A merging method. `name` is its registry and config name (`conf/method/<name>.yaml`)."""
+
+    name: ClassVar[str]
+    needs_data: ClassVar[bool] = False
+    task_conditioned: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        self.params = dict(params)  # as configured: recorded with every result
+        self.device: str | torch.device = "cpu"
+        self.progress = True
+
+    def merge(self, pool: ModelPool) -> MergeResult:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **self.params}
+
+
+def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    if value not in allowed:
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not one of {list(allowed)}")
+    return value
+
+
+def fraction(name: str, option: str, value: Any, low_open: bool = True,
+             high_open: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    if not (low_ok and high_ok):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise MergeBenchError(f"{name}.{option}: {value} is outside {interval}")
+    return value
+
+
+def number(name: str, option: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
+
+
+def flag(name: str, option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not true/false")
+    return value
+
+
+class TaskVectorMethod(Method):
+    """A data-free method giving one model: `W = W_pre + merge_task_vectors(tau)` per tensor.
+
+    Subclasses implement `merge_task_vectors(taus)` on a float32 stack `[N, *shape]`; methods
+    that need a statistic over the whole model first get `prepare(stream)`.
+    """
+
+    def prepare(self, stream: TaskVectorStream) -> None:  # noqa: B027 - optional hook
+        """Optional first pass(es) over the stream (e.g. TIES global thresholds)."""
+
+    def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, pool: ModelPool, transform_factory: TransformFactory | None = None,
+              plan: KeyPlan | None = None) -> SingleModelResult:
+        stream = TaskVectorStream(pool, plan or plan_keys(pool), transform_factory,
+                                  device=self.device, progress=self.progress)
+        self.prepare(stream)
+        shared: dict[str, torch.Tensor] = {}
+        for item in stream.passes(f"{self.name}"):
+            merged = item.pretrained + self.merge_task_vectors(item.key, item.task_vectors)
+            shared[item.key] = merged.to(item.dtype).cpu()
+        return single_result(self, pool, stream.plan, shared)
+
+
+def single_result(method: Method, pool: ModelPool, plan: KeyPlan,
+                  shared: dict[str, torch.Tensor]) -> SingleModelResult:
+    """Complete merged tensors with copied keys and per-task heads."""
+    full = {k: pool.pretrained.get(k) for k in plan.pretrained_excluded}
+    for key in plan.merged:
+        full[key] = shared[key]
+    for key in plan.copied:
+        full[key] = pool.pretrained.get(key)
+    return SingleModelResult(
+        method=method.name,
+        params=dict(method.params),
+        tasks=pool.tasks,
+        shared=full,
+        task_specific=task_specific_tensors(pool, plan),
+    )
+
+
+def task_specific_tensors(pool: ModelPool, plan: KeyPlan) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        task: {k: pool.finetuned[task].get(k) for k in keys}
+        for task, keys in plan.task_specific.items()
+    }
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """`+1 if x > 0 else -1`: zero counts as negative, as the official EMR code does."""
+    return torch.where(x > 0, 1.0, -1.0).to(x.dtype)

@@ -1,0 +1,75 @@
+"""DARE: drop each task-vector entry with probability p, rescale the kept ones by 1/(1-p),
+then hand the task vectors to a data-free base method.
+
+Randomness: one `torch.Generator` per task, seeded by `seed` and the task index, consumed
+tensor by tensor in key order, so a run is reproducible bit for bit (and replays exactly
+in every pass a base method makes, e.g. TIES' global top-k).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergebench.errors import MergeBenchError
+from mergebench.methods.base import Method, TaskVectorMethod, flag, fraction
+from mergebench.pool import ModelPool
+from mergebench.results import SingleModelResult
+from mergebench.stream import TaskVectorTransform
+
+# Large odd constant: seeds for different tasks never collide for any practical `seed`.
+_TASK_STRIDE = 1_000_003
+
+
+def drop_and_rescale(
+    task_vector: torch.Tensor, p: float, rescale: bool, generator: torch.Generator
+) -> torch.Tensor:
+    keep = torch.rand(task_vector.shape, generator=generator) >= p  # P(keep) = 1 - p
+    dropped = task_vector * keep.to(task_vector.device)
+    return dropped / (1.0 - p) if rescale else dropped
+
+
+def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVectorTransform:
+    generators = [
+        torch.Generator().manual_seed(seed * _TASK_STRIDE + index) for index in range(num_tasks)
+    ]
+
+    def transform(key: str, task_vectors: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [drop_and_rescale(tau, p, rescale, g) for tau, g in zip(task_vectors, generators,
+                                                                     strict=True)]
+        )
+
+    return transform
+
+
+class Dare(Method):
+    name = "dare"
+
+    def __init__(self, base: str, drop: Any, rescale: Any, seed: Any,
+                 base_params: dict[str, Any] | None = None) -> None:
+        from mergebench.methods.registry import build_method
+
+        super().__init__(base=base, drop=drop, rescale=rescale, seed=seed,
+                         base_params=dict(base_params or {}))
+        self.drop = fraction(self.name, "drop", drop, low_open=False, high_open=True)
+        self.rescale = flag(self.name, "rescale", rescale)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise MergeBenchError(f"{self.name}.seed: {seed!r} is not an integer")
+        self.seed = seed
+        self.base = build_method(base, **(base_params or {}))
+        if not isinstance(self.base, TaskVectorMethod):
+            raise MergeBenchError(
+                f"{self.name}.base: {base!r} is not a data-free single-model method "
+                "(use task_arithmetic, ties or weight_averaging)"
+            )
+
+    def merge(self, pool: ModelPool) -> SingleModelResult:
+        self.base.device, self.base.progress = self.device, self.progress
+        n = len(pool.tasks)
+        result = self.base.merge(
+            pool, transform_factory=lambda: make_dropper(n, self.drop, self.rescale, self.seed)
+        )
+        result.method, result.params = self.name, dict(self.params)
+        return result

@@ -1,0 +1,57 @@
+""""X w/ M&R": run method X, take `tau_uni = W_X - W_pre`, then Mask and Rescale as EMR does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergebench.errors import MergeBenchError
+from mergebench.methods.base import Method, choice, flag
+from mergebench.methods.modulators import RESCALERS, UnifiedItem, mask_and_rescale
+from mergebench.pool import ModelPool
+from mergebench.results import SingleModelResult, TaskConditionedResult
+from mergebench.selection import plan_keys
+from mergebench.stream import TaskVectorStream
+
+
+class MaskRescale(Method):
+    name = "mask_rescale"
+    task_conditioned = True
+
+    def __init__(self, base: str, mask: Any, rescale: Any, rescaler: str,
+                 base_params: dict[str, Any] | None = None) -> None:
+        from mergebench.methods.registry import build_method
+
+        super().__init__(base=base, mask=mask, rescale=rescale, rescaler=rescaler,
+                         base_params=dict(base_params or {}))
+        self.mask = flag(self.name, "mask", mask)
+        self.rescale = flag(self.name, "rescale", rescale)
+        self.rescaler = choice(self.name, "rescaler", rescaler, RESCALERS)
+        self.base = build_method(base, **(base_params or {}))
+        if self.base.task_conditioned:
+            raise MergeBenchError(
+                f"{self.name}.base: {base!r} is task-conditioned; M&R needs a single-model method"
+            )
+
+    @property
+    def needs_data(self) -> bool:  # type: ignore[override]
+        return self.base.needs_data
+
+    def merge(self, pool: ModelPool) -> TaskConditionedResult:
+        self.base.device, self.base.progress = self.device, self.progress
+        merged = self.base.merge(pool)
+        assert isinstance(merged, SingleModelResult)
+        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device,
+                                  progress=self.progress)
+        items = (
+            UnifiedItem(
+                item.key,
+                item.task_vectors,
+                merged.shared[item.key].to(item.pretrained.device, item.pretrained.dtype)
+                - item.pretrained,
+            )
+            for item in stream.passes(f"{self.name}[{self.base.name}]")
+        )
+        result = mask_and_rescale(self, pool, stream.plan, items, self.mask, self.rescale,
+                                  self.rescaler)
+        result.extra["base_extra"] = merged.extra
+        return result

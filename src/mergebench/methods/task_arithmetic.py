@@ -1,0 +1,20 @@
+"""Task Arithmetic: `W = W_pre + lam * sum_t tau_t`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergebench.methods.base import TaskVectorMethod, number
+
+
+class TaskArithmetic(TaskVectorMethod):
+    name = "task_arithmetic"
+
+    def __init__(self, scaling: Any) -> None:
+        super().__init__(scaling=scaling)
+        self.scaling = number(self.name, "scaling", scaling)
+
+    def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
+        return self.scaling * task_vectors.sum(dim=0)

@@ -1,0 +1,41 @@
+"""Plain records passed from the evaluator to the results store, leaderboards and W&B."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One metric of one task on the test split (e.g. accuracy 0.913)."""
+
+    task: str
+    metric: str
+    value: float
+    split: str = "test"
+
+
+@dataclass
+class RunRecord:
+    """Everything one run (one method or reference row on one family/task set) produced.
+
+    `method` is the registry name (`emr`, `ties`, ... or a reference row: `individual`,
+    `pretrained`, `multitask`); `label` is the leaderboard row name of the variant
+    (e.g. `emr`, `emr w/o mask`, `ties w/ M&R`); `config` is the fully resolved config.
+    """
+
+    method: str
+    label: str
+    family: str
+    taskset: str
+    config: dict[str, Any]
+    scores: list[TaskScore]
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    artifact_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
