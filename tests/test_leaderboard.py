@@ -1,0 +1,171 @@
+"""Leaderboards: averages, normalization, ranks, filters, formats, published column."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from mergebench.leaderboard import build_boards, load_boards, main, render, write_leaderboard
+from mergebench.published import canonical_label, find_setting
+from mergebench.records import RunRecord, TaskScore
+from mergebench.store import ResultsStore
+
+TASKS = ("a", "b")
+
+
+def add(store: ResultsStore, label: str, values, method=None, family="tiny", taskset="two",
+        tasks=TASKS, metric="accuracy", **config) -> None:  # fmt: skip
+    store.add_run(
+        RunRecord(
+            method=method or label,
+            label=label,
+            family=family,
+            taskset=taskset,
+            config={
+                "method": {"name": method or label, **config},
+                "model": family,
+                "taskset": {"name": taskset, "tasks": list(tasks)},
+            },
+            scores=[TaskScore(t, metric, v) for t, v in zip(tasks, values, strict=True)],
+        )
+    )
+
+
+@pytest.fixture
+def db(tmp_path):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    add(store, "individual", [0.8, 0.5])
+    add(store, "pretrained", [0.2, 0.1])
+    add(store, "ties", [0.4, 0.5])
+    add(store, "emr", [0.7, 0.4])
+    add(store, "task_arithmetic", [0.6, 0.2])
+    add(store, "weight_averaging", [0.4, 0.5], variant=1)  # ties with ties' average
+    add(store, "emr", [0.6, 0.3], family="other")
+    return tmp_path / "r.sqlite"
+
+
+def test_average_normalized_and_rank(db) -> None:
+    boards = load_boards(db, family="tiny")
+    (board,) = boards
+    assert board.tasks == ["a", "b"] and board.metrics == {"a": "accuracy", "b": "accuracy"}
+    labels = [r.label for r in board.rows]
+    # references first, then methods by rank
+    assert labels[:2] == ["individual", "pretrained"]
+    emr, ta = board.row("emr"), board.row("task_arithmetic")
+    assert emr.average == pytest.approx(0.55)
+    assert emr.normalized == {"a": pytest.approx(0.875), "b": pytest.approx(0.8)}
+    assert emr.normalized_average == pytest.approx(0.8375)
+    assert emr.rank == 1
+    # ties and weight_averaging have equal averages (0.45): both rank 2, next rank is 4
+    assert board.row("ties").rank == board.row("weight_averaging").rank == 2
+    assert ta.rank == 4
+    assert board.row("individual").rank is None
+    assert board.row("individual").normalized_average == pytest.approx(1.0)
+
+
+def test_latest_run_of_a_label_wins(db) -> None:
+    add(ResultsStore(db), "ties", [0.9, 0.9], k=0.5)  # another config, same label
+    board = load_boards(db, family="tiny")[0]
+    assert board.row("ties").average == pytest.approx(0.9)
+    assert board.row("ties").rank == 1
+
+
+def test_subset_boards_are_separate_and_normalized_per_task(db) -> None:
+    add(ResultsStore(db), "emr", [0.4], tasks=("a",))
+    boards = load_boards(db, family="tiny")
+    assert [len(b.tasks) for b in boards] == [2, 1]
+    small = boards[1]
+    assert [r.label for r in small.rows] == ["emr"]
+    assert small.row("emr").normalized_average == pytest.approx(0.5)  # 0.4 / individual 0.8
+
+
+def test_missing_task_gives_no_average(tmp_path) -> None:
+    store = ResultsStore(tmp_path / "r.sqlite")
+    add(store, "ties", [0.5, 0.5])
+    store.add_run(
+        RunRecord("emr", "emr", "tiny", "two", {"x": 1}, [TaskScore("a", "accuracy", 0.5)])
+    )
+    # emr lacks task b, so it sits on its own one-task board instead of faking an average
+    boards = load_boards(tmp_path / "r.sqlite")
+    assert sorted(len(b.tasks) for b in boards) == [1, 2]
+
+
+def test_formats(db) -> None:
+    boards = load_boards(db)
+    md = render(boards, "markdown")
+    assert "## tiny / two (2 tasks)" in md and "| 1 | emr | 70.0 | 40.0 | 55.0 | 83.7 |" in md
+
+    rows = list(csv.DictReader(io.StringIO(render(boards, "csv"))))
+    emr_avg = next(
+        r for r in rows if r["label"] == "emr" and r["family"] == "tiny" and r["task"] == "average"
+    )
+    assert float(emr_avg["value"]) == pytest.approx(0.55) and emr_avg["rank"] == "1"
+
+    data = json.loads(render(boards, "json"))
+    tiny = next(b for b in data["boards"] if b["family"] == "tiny")
+    assert {r["label"]: r["rank"] for r in tiny["rows"]}["task_arithmetic"] == 4
+
+    page = render(boards, "html")
+    assert page.startswith("<!doctype html>") and "<td" in page and "emr" in page
+    assert "tiny / two" in render(boards, "table")
+
+
+def test_cli_formats_filters_and_errors(db, tmp_path, capsys) -> None:
+    assert main(["--db", str(db), "--format", "json", "--family", "other"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [b["family"] for b in data["boards"]] == ["other"]
+
+    out = tmp_path / "lb.html"
+    assert main(["--db", str(db), "--format", "html", "--out", str(out)]) == 0
+    assert "<table>" in out.read_text()
+
+    assert main(["--db", str(tmp_path / "missing.sqlite")]) == 2
+    assert "missing.sqlite" in capsys.readouterr().err
+
+
+def test_write_leaderboard_for_the_bench_job(db, tmp_path) -> None:
+    written = write_leaderboard(db, tmp_path / "out")
+    assert set(written) == {"markdown", "json"}
+    assert written["markdown"].name == "leaderboard.md"
+    assert json.loads(written["json"].read_text())["boards"]
+    assert not list((tmp_path / "out").glob(".*tmp"))  # temp files renamed away
+
+
+def test_published_column_where_setting_matches(tmp_path) -> None:
+    store = ResultsStore(tmp_path / "r.sqlite")
+    tasks = ("sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
+    add(store, "emr", [0.7] * 8, family="clip-vit-b32", taskset="vision8", tasks=tasks)
+    add(store, "emr w/o mask", [0.6] * 8, method="emr", family="clip-vit-b32",
+        taskset="vision8", tasks=tasks)  # fmt: skip
+    add(store, "emr", [0.7] * 2, family="tiny", taskset="two")
+    boards = {b.family: b for b in load_boards(tmp_path / "r.sqlite")}
+    clip = boards["clip-vit-b32"]
+    assert clip.published_setting == "vit-b32-8"
+    assert clip.row("emr").published_average == pytest.approx(0.887)
+    assert clip.row("emr").published_scores["stanford_cars"] == pytest.approx(0.728)
+    assert clip.row("emr w/o mask").published_average == pytest.approx(0.719)  # Elect & Rescale
+    assert boards["tiny"].published_setting is None
+    assert "published avg" in render([clip], "markdown")
+    assert "published avg" not in render([boards["tiny"]], "markdown")
+
+
+def test_published_lookup() -> None:
+    roberta = find_setting("roberta-base", "glue8")
+    assert roberta is not None and roberta.unit == "fraction"
+    # the paper gives RoBERTa per task only: the average is the mean of its eight numbers
+    assert roberta.average_for("emr") == pytest.approx(
+        (0.3996 + 0.9335 + 0.8627 + 0.8277 + 0.8972 + 0.8545 + 0.8957 + 0.7437) / 8
+    )
+    assert roberta.task_score_for("ties", "STS-B") == pytest.approx(0.5819)
+    assert find_setting("gpt2", "glue7").average_for("Task Arithmetic") == pytest.approx(0.70)
+    assert canonical_label("ties w/ M&R") == "ties w/ M&R"
+    assert canonical_label("unknown-method") is None
+    assert find_setting("minilm", "text6") is None
+
+
+def test_build_boards_empty() -> None:
+    assert build_boards([]) == []
+    assert "No results" in render([], "markdown")
