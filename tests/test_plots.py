@@ -1,0 +1,93 @@
+"""PNG plots from leaderboard boards (built from plain score rows, no database)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from mergebench.leaderboard import build_boards
+from mergebench.plots import (
+    ablation_rows,
+    num_tasks_series,
+    plot_emr_ablation,
+    plot_heatmap,
+    plot_num_tasks,
+    plot_task_bars,
+    write_all_plots,
+)
+
+TASKS = ["sun397", "cars", "resisc45", "eurosat"]
+
+
+def score_rows(runs):
+    """`ResultsStore.scores()`-shaped rows: runs = [(label, method, tasks, values)]."""
+    rows = []
+    for run_id, (label, method, tasks, values) in enumerate(runs, start=1):
+        for pos, (task, value) in enumerate(zip(tasks, values, strict=True)):
+            rows.append(
+                dict(run_id=run_id, method=method, label=label, family="clip-vit-b32",
+                     taskset="vision8", task=task, metric="accuracy", value=value,
+                     position=pos)
+            )  # fmt: skip
+    return rows
+
+
+@pytest.fixture
+def boards():
+    runs = [
+        ("individual", "individual", TASKS, [0.9, 0.8, 0.95, 0.99]),
+        ("task_arithmetic", "task_arithmetic", TASKS, [0.6, 0.5, 0.7, 0.8]),
+        ("ties", "ties", TASKS, [0.65, 0.5, 0.75, 0.8]),
+        ("emr", "emr", TASKS, [0.85, 0.7, 0.9, 0.97]),
+        ("emr w/o mask", "emr", TASKS, [0.6, 0.5, 0.7, 0.8]),
+        ("ties w/ M&R", "mask_rescale", TASKS, [0.8, 0.6, 0.85, 0.9]),
+        ("emr", "emr", TASKS[:2], [0.9, 0.75]),
+        ("ties", "ties", TASKS[:2], [0.7, 0.6]),
+        ("emr", "emr", TASKS[:3], [0.88, 0.72, 0.92]),
+    ]
+    return build_boards(score_rows(runs))
+
+
+def _is_png(path, min_size=(200, 150)) -> None:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
+        # a real drawing: more than a couple of colours
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 10
+
+
+def test_bars_and_heatmap(boards, tmp_path) -> None:
+    full = boards[0]
+    assert len(full.tasks) == 4
+    _is_png(plot_task_bars(full, tmp_path / "bars.png"))
+    _is_png(plot_heatmap(full, tmp_path / "heat.png"))
+    _is_png(plot_heatmap(full, tmp_path / "heat_raw.png", normalized=False))
+
+
+def test_ablation_rows_pick_emr_variants_and_mr_bases(boards, tmp_path) -> None:
+    labels = [r.label for r in ablation_rows(boards[0])]
+    assert set(labels) == {"emr", "emr w/o mask", "ties w/ M&R", "ties"}
+    _is_png(plot_emr_ablation(boards[0], tmp_path / "abl.png"))
+
+
+def test_num_tasks_series_and_plot(boards, tmp_path) -> None:
+    series = num_tasks_series(boards, "clip-vit-b32")
+    assert series["emr"] == [
+        (2, pytest.approx(0.825)),
+        (3, pytest.approx((0.88 + 0.72 + 0.92) / 3)),
+        (4, pytest.approx((0.85 + 0.7 + 0.9 + 0.97) / 4)),
+    ]
+    assert [n for n, _ in series["ties"]] == [2, 4]
+    assert "individual" not in series
+    _is_png(plot_num_tasks(boards, "clip-vit-b32", tmp_path / "n.png"))
+    assert plot_num_tasks(boards, "no-such-family", tmp_path / "none.png") is None
+
+
+def test_write_all_plots(boards, tmp_path) -> None:
+    written = write_all_plots(boards, tmp_path / "plots")
+    names = {p.name for p in written}
+    assert "clip-vit-b32_vision8_4tasks_heatmap.png" in names
+    assert "clip-vit-b32_vision8_4tasks_emr_ablation.png" in names
+    assert "clip-vit-b32_num_tasks.png" in names
+    assert all(p.exists() for p in written)
+    assert not list((tmp_path / "plots").glob(".*"))
