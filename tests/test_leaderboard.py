@@ -148,6 +148,10 @@ def test_published_column_where_setting_matches(tmp_path) -> None:
     assert clip.row("emr").published_scores["stanford_cars"] == pytest.approx(0.728)
     assert clip.row("emr w/o mask").published_average == pytest.approx(0.719)  # Elect & Rescale
     assert boards["tiny"].published_setting is None
+    # four of the eight tasks is not the paper's setting: no published column
+    add(store, "emr", [0.7] * 4, family="clip-vit-b32", taskset="vision8", tasks=tasks[:4])
+    subset = [b for b in load_boards(tmp_path / "r.sqlite") if len(b.tasks) == 4]
+    assert subset and subset[0].published_setting is None
     assert "published avg" in render([clip], "markdown")
     assert "published avg" not in render([boards["tiny"]], "markdown")
 

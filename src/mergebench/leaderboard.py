@@ -104,7 +104,7 @@ def build_boards(score_rows: Sequence[dict[str, Any]]) -> list[Board]:
         tasks = list(group[0]["tasks"])
         metrics = {t: next(iter(group[0]["tasks"][t])) for t in tasks}
         latest = {run["label"]: run for run in group}  # later runs overwrite earlier ones
-        setting = find_setting(family, taskset)
+        setting = find_setting(family, taskset, len(tasks))
         rows = [
             _make_row(run, tasks, metrics, individual, family, setting) for run in latest.values()
         ]

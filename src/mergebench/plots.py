@@ -155,8 +155,15 @@ def plot_num_tasks(
         published = setting.num_tasks.get(canonical_label(label) or "") if setting else None
         if published:
             ns = sorted(published)
-            ax.plot(ns, [100 * setting.fraction(published[n]) for n in ns], ls="--", marker="x", color=line.get_color(),
-                    label=f"{label} (published)")  # fmt: skip
+            values = [100 * setting.fraction(published[n]) for n in ns]
+            ax.plot(
+                ns,
+                values,
+                ls="--",
+                marker="x",
+                color=line.get_color(),
+                label=f"{label} (published)",
+            )
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("average score (%)")
     ax.set_title(f"Score against number of tasks: {family}")

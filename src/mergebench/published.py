@@ -54,6 +54,7 @@ class Setting:
 
     key: str
     title: str
+    n_tasks: int  # the paper's number of tasks; a subset of them is a different setting
     families: tuple[str, ...]
     tasksets: tuple[str, ...]
     unit: str  # "percent" or "fraction": how the paper prints its numbers
@@ -68,7 +69,9 @@ class Setting:
     def fraction(self, value: float) -> float:
         return value / 100.0 if self.unit == "percent" else value
 
-    def matches(self, family: str, taskset: str) -> bool:
+    def matches(self, family: str, taskset: str, n_tasks: int | None = None) -> bool:
+        if n_tasks is not None and n_tasks != self.n_tasks:
+            return False
         return norm(family) in {norm(f) for f in self.families} and norm(taskset) in {
             norm(t) for t in self.tasksets
         }
@@ -124,6 +127,7 @@ _GLUE8_ALIASES = (
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         key="vit-b32-8",
+        n_tasks=8,
         title="CLIP ViT-B/32, eight vision tasks (EMR-Merging Tables 1, 7, 8)",
         families=(
             "clip-vit-b32",
@@ -166,6 +170,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         key="vit-l14-8",
+        n_tasks=8,
         title="CLIP ViT-L/14, eight vision tasks (EMR-Merging Table 2)",
         families=(
             "clip-vit-l14",
@@ -192,6 +197,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         key="vit-b16-30",
+        n_tasks=30,
         title="ViT-B/16 (ImageNet-21k), thirty vision tasks (EMR-Merging Table 3)",
         families=("vit-b16", "vit-b16-in21k", "google/vit-base-patch16-224-in21k", "vit_b16"),
         tasksets=("vision30", "thirty", "30tasks"),
@@ -208,6 +214,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         key="roberta-glue8",
+        n_tasks=8,
         title="RoBERTa-base, eight GLUE tasks (EMR-Merging Table 4; averages derived from the per-task numbers)",
         families=("roberta", "roberta-base", "roberta_base"),
         tasksets=("glue8", "glue", "glue_8"),
@@ -226,6 +233,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         key="gpt2-glue7",
+        n_tasks=7,
         title="GPT-2, seven GLUE tasks (EMR-Merging Table 5)",
         families=("gpt2", "gpt-2"),
         tasksets=("glue7", "glue", "glue_7"),
@@ -241,6 +249,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         key="t0-ia3-11",
+        n_tasks=11,
         title="(IA)3 adapters on T0-3B, eleven tasks (EMR-Merging Table 6)",
         families=("t0-3b", "t0_3b", "t0-3b-ia3", "ia3"),
         tasksets=("t0-11", "ia3-11", "eleven", "t0_held_out"),
@@ -258,9 +267,10 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def find_setting(family: str, taskset: str) -> Setting | None:
-    """The paper setting whose backbone and task set match ours, if any."""
+def find_setting(family: str, taskset: str, n_tasks: int | None = None) -> Setting | None:
+    """The paper setting whose backbone and task set (and number of tasks, if given) match
+    ours, if any."""
     for setting in SETTINGS:
-        if setting.matches(family, taskset):
+        if setting.matches(family, taskset, n_tasks):
             return setting
     return None
