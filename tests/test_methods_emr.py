@@ -1,0 +1,234 @@
+"""Hand-computed cases for EMR, its ablations, "X w/ M&R" and DARE (methods.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import vector_pool
+
+import mergebench
+from mergebench.errors import MergeBenchError
+
+# Two tensors, three tasks, pretrained = 0 (so W_t = tau_t).
+#   A: t1 [2, -1, 3, 0, 1]  t2 [-1, -2, 1, 0, -1]  t3 [1, 1, -2, 0, 0]
+#      sum [2, -2, 2, 0, 0] -> gamma [+, -, +, -, -] (zero sums elect -1)
+#      eps (max |tau| over agreeing tasks) [2, 2, 3, 0 (none agree), 1] -> tau_uni [2, -2, 3, 0, -1]
+#      masks: t1 [1,1,1,0,0]  t2 [0,1,1,0,1]  t3 [1,0,0,0,0]
+#   B: t1 [1]  t2 [1]  t3 [-1] -> tau_uni [1]; masks t1 [1] t2 [1] t3 [0] (all false for t3)
+TAUS = {
+    "t1": {"A": [2.0, -1.0, 3.0, 0.0, 1.0], "B": [1.0]},
+    "t2": {"A": [-1.0, -2.0, 1.0, 0.0, -1.0], "B": [1.0]},
+    "t3": {"A": [1.0, 1.0, -2.0, 0.0, 0.0], "B": [-1.0]},
+}
+UNI = {"A": [2.0, -2.0, 3.0, 0.0, -1.0], "B": [1.0]}
+MASKS = {
+    "t1": {"A": [1, 1, 1, 0, 0], "B": [1]},
+    "t2": {"A": [0, 1, 1, 0, 1], "B": [1]},
+    "t3": {"A": [1, 0, 0, 0, 0], "B": [0]},
+}
+# tensor_mean: lam = (mean|tau_A| + mean|tau_B|) / (mean|M_A uni_A| + mean|M_B uni_B|)
+#   t1 (7/5 + 1) / (7/5 + 1) = 1;  t2 (5/5 + 1) / (6/5 + 1) = 10/11;  t3 (4/5 + 1) / (2/5 + 0) = 9/2
+LAM_TENSOR_MEAN = {"t1": 1.0, "t2": 10 / 11, "t3": 4.5}
+# global: lam = sum|tau| / sum|M uni| over all entries: t1 8/8; t2 6/7; t3 5/2
+LAM_GLOBAL = {"t1": 1.0, "t2": 6 / 7, "t3": 2.5}
+
+
+def pool():
+    pre = {"A": torch.zeros(5), "B": torch.zeros(1)}
+    finetuned = {t: {k: torch.tensor(v) for k, v in taus.items()} for t, taus in TAUS.items()}
+    return pre, finetuned
+
+
+def run(method="emr", **params):
+    pre, finetuned = pool()
+    return mergebench.merge(method, pre, finetuned, progress=False, **params)
+
+
+def expected_weights(lams, masks=MASKS, uni=UNI):
+    return {
+        t: {k: lams[t] * torch.tensor(uni[k]) * torch.tensor(masks[t][k], dtype=torch.float32)
+            for k in uni}
+        for t in lams
+    }
+
+
+def assert_task_weights(result, expected):
+    for task, tensors in expected.items():
+        state = result.state_dict(task)
+        for key, value in tensors.items():
+            torch.testing.assert_close(state[key], value, msg=f"{task}/{key}")
+
+
+def test_emr_elect_masks_and_tensor_mean_rescalers():
+    result = run()
+    torch.testing.assert_close(result.unified["A"], torch.tensor(UNI["A"]))
+    for task in TAUS:
+        for key in UNI:
+            mask = result.mask(task, key).to(torch.int64).tolist()
+            assert mask == MASKS[task][key], (task, key)
+    assert result.rescalers == pytest.approx(LAM_TENSOR_MEAN)
+    assert_task_weights(result, expected_weights(LAM_TENSOR_MEAN))
+
+
+def test_emr_global_rescaler_is_algorithm_1():
+    result = run(rescaler="global")
+    assert result.rescalers == pytest.approx(LAM_GLOBAL)
+    assert_task_weights(result, expected_weights(LAM_GLOBAL))
+
+
+def test_emr_without_rescale_uses_lambda_one():
+    result = run(rescale=False)
+    ones = {t: 1.0 for t in TAUS}
+    assert result.rescalers == ones
+    assert_task_weights(result, expected_weights(ones))
+
+
+def test_emr_without_mask_uses_all_ones():
+    # lam = (mean|tau_A| + mean|tau_B|) / (mean|uni_A| + mean|uni_B|), mean|uni_A| = 8/5
+    #   t1 2.4 / 2.6 = 12/13;  t2 2 / 2.6 = 10/13;  t3 1.8 / 2.6 = 9/13
+    lams = {"t1": 12 / 13, "t2": 10 / 13, "t3": 9 / 13}
+    result = run(mask=False)
+    assert result.masks is None
+    assert result.rescalers == pytest.approx(lams)
+    all_ones = {t: {"A": [1] * 5, "B": [1]} for t in TAUS}
+    assert_task_weights(result, expected_weights(lams, masks=all_ones))
+
+
+def test_emr_elect_only_gives_one_model_for_all_tasks():
+    result = run(mask=False, rescale=False)
+    for task in TAUS:
+        torch.testing.assert_close(result.state_dict(task)["A"], torch.tensor(UNI["A"]))
+
+
+def test_emr_without_election_uses_the_mean_task_vector():
+    # uni_A = mean = [2/3, -2/3, 2/3, 0, 0], uni_B = [1/3]
+    #   masks t1 [1,1,1,0,0]/[1]  t2 [0,1,1,0,0]/[1]  t3 [1,0,0,0,0]/[0]
+    #   lam t1 2.4 / (2/5 + 1/3) = 36/11;  t2 2 / (4/15 + 1/3) = 10/3;  t3 1.8 / (2/15) = 27/2
+    uni = {"A": [2 / 3, -2 / 3, 2 / 3, 0.0, 0.0], "B": [1 / 3]}
+    masks = {
+        "t1": {"A": [1, 1, 1, 0, 0], "B": [1]},
+        "t2": {"A": [0, 1, 1, 0, 0], "B": [1]},
+        "t3": {"A": [1, 0, 0, 0, 0], "B": [0]},
+    }
+    lams = {"t1": 36 / 11, "t2": 10 / 3, "t3": 13.5}
+    result = run(elect=False)
+    assert result.rescalers == pytest.approx(lams)
+    assert_task_weights(result, expected_weights(lams, masks=masks, uni=uni))
+
+
+def test_a_mask_that_is_all_false_gives_the_pretrained_weights():
+    # Task z's vector disagrees with the elected sign everywhere.
+    pre, finetuned = vector_pool({"x": [2.0, 2.0], "y": [1.0, 3.0], "z": [-1.0, -1.0]})
+    pre["w"] = torch.tensor([0.5, -0.5])
+    finetuned = {t: {"w": v["w"] + pre["w"]} for t, v in finetuned.items()}
+    result = mergebench.merge("emr", pre, finetuned, progress=False)
+    assert not result.mask("z", "w").any()
+    assert result.rescalers["z"] == 0.0
+    assert result.extra["empty_mask_tasks"] == ["z"]
+    torch.testing.assert_close(result.state_dict("z")["w"], pre["w"])
+
+
+def test_mask_rescale_on_task_arithmetic():
+    # tau_uni = 0.3 * sum = A [0.6, -0.6, 0.6, 0, 0], B [0.3]
+    #   masks t1 [1,1,1,0,0]/[1]  t2 [0,1,1,0,0]/[1]  t3 [1,0,0,0,0]/[0]
+    #   lam t1 2.4 / (1.8/5 + 0.3) = 40/11;  t2 2 / (1.2/5 + 0.3) = 100/27;  t3 1.8 / 0.12 = 15
+    result = run("mask_rescale", base="task_arithmetic")
+    assert result.rescalers == pytest.approx({"t1": 40 / 11, "t2": 100 / 27, "t3": 15.0})
+    torch.testing.assert_close(result.state_dict("t3")["A"], torch.tensor([9.0, 0, 0, 0, 0]))
+    torch.testing.assert_close(result.state_dict("t3")["B"], torch.tensor([0.0]))
+    torch.testing.assert_close(
+        result.state_dict("t2")["A"], 100 / 27 * torch.tensor([0.0, -0.6, 0.6, 0.0, 0.0])
+    )
+
+
+def test_mask_rescale_on_ties():
+    # TIES (k=0.5, dis-sum, scaling 0.3) on the TIES hand case gives
+    # tau_uni = [1.2, 1.2, -0.3, 1.2, -0.6, 0] (see test_methods_simple.py).
+    taus = {
+        "t1": [3.0, -1.0, 0.5, 2.0, 2.0, 0.0],
+        "t2": [-2.0, -2.0, 1.0, 2.0, -2.0, 0.25],
+        "t3": [1.0, 4.0, -1.0, -2.0, 0.5, 0.1],
+    }
+    pre, finetuned = vector_pool(taus)
+    result = mergebench.merge("mask_rescale", pre, finetuned, base="ties",
+                              base_params={"k": 0.5}, progress=False)
+    uni = torch.tensor([1.2, 1.2, -0.3, 1.2, -0.6, 0.0])
+    torch.testing.assert_close(result.unified["w"], uni)
+    masks = {"t1": [1, 0, 0, 1, 0, 0], "t2": [0, 0, 0, 1, 1, 0], "t3": [1, 1, 1, 0, 0, 0]}
+    # lam = sum|tau| / sum|M uni|: t1 8.5/2.4, t2 9.25/1.8, t3 8.6/2.7
+    lams = {"t1": 8.5 / 2.4, "t2": 9.25 / 1.8, "t3": 8.6 / 2.7}
+    assert result.rescalers == pytest.approx(lams)
+    for task, mask in masks.items():
+        expected = lams[task] * uni * torch.tensor(mask, dtype=torch.float32)
+        torch.testing.assert_close(result.state_dict(task)["w"], expected)
+
+
+def test_mask_rescale_rejects_task_conditioned_base():
+    with pytest.raises(MergeBenchError, match="mask_rescale.base"):
+        run("mask_rescale", base="emr")
+
+
+def test_task_conditioned_result_needs_a_task():
+    with pytest.raises(MergeBenchError, match="state_dict\\(task=...\\)"):
+        run().state_dict()
+    with pytest.raises(MergeBenchError, match="task 'nope'"):
+        run().state_dict("nope")
+
+
+# --- DARE ----------------------------------------------------------------------------------
+def big_pool(n=200_000):
+    g = torch.Generator().manual_seed(1)
+    pre = {"w": torch.zeros(n)}
+    finetuned = {t: {"w": torch.randn(n, generator=g)} for t in ("a", "b", "c")}
+    return pre, finetuned
+
+
+def test_dare_drops_about_p_and_rescales_the_rest():
+    pre, finetuned = big_pool()
+    out = mergebench.merge("dare", pre, finetuned, base="task_arithmetic",
+                           base_params={"scaling": 1.0}, drop=0.9, progress=False)
+    # With a single task the merged vector is that task's dropped vector.
+    single = mergebench.merge("dare", pre, {"a": finetuned["a"]}, base_params={"scaling": 1.0},
+                              drop=0.9, progress=False).state_dict()["w"]
+    kept = single != 0
+    assert abs(kept.float().mean().item() - 0.1) < 0.005
+    torch.testing.assert_close(single[kept], finetuned["a"]["w"][kept] / 0.1)
+    assert out.state_dict()["w"].shape == (200_000,)
+
+
+def test_dare_without_rescale_keeps_values():
+    pre, finetuned = big_pool(10_000)
+    single = mergebench.merge("dare", pre, {"a": finetuned["a"]}, base_params={"scaling": 1.0},
+                              drop=0.5, rescale=False, progress=False).state_dict()["w"]
+    kept = single != 0
+    torch.testing.assert_close(single[kept], finetuned["a"]["w"][kept])
+
+
+def test_dare_is_reproducible_by_seed():
+    pre, finetuned = big_pool(50_000)
+
+    def dare(seed, base="ties"):
+        return mergebench.merge("dare", pre, finetuned, base=base, seed=seed,
+                                progress=False).state_dict()["w"]
+
+    assert torch.equal(dare(0), dare(0))
+    assert not torch.equal(dare(0), dare(1))
+    assert torch.equal(dare(7, "task_arithmetic"), dare(7, "task_arithmetic"))
+
+
+def test_dare_with_no_drop_equals_its_base():
+    pre, finetuned = big_pool(1000)
+    for base in ("weight_averaging", "task_arithmetic", "ties"):
+        plain = mergebench.merge(base, pre, finetuned, progress=False).state_dict()["w"]
+        dare = mergebench.merge("dare", pre, finetuned, base=base, drop=0.0,
+                                progress=False).state_dict()["w"]
+        torch.testing.assert_close(dare, plain)
+
+
+def test_dare_rejects_bad_options():
+    with pytest.raises(MergeBenchError, match="dare.drop"):
+        run("dare", drop=1.0)
+    with pytest.raises(MergeBenchError, match="dare.base"):
+        run("dare", base="emr")
+    with pytest.raises(MergeBenchError, match="unknown option 'k'"):
+        run("dare", base="task_arithmetic", base_params={"k": 0.2})
