@@ -47,6 +47,11 @@ def test_hash_ignores_volatile_keys_and_key_order() -> None:
     assert config_hash(a) != config_hash(c)
     assert config_hash(a, label="individual") != config_hash(a, label="pretrained")
     assert len(config_hash(a)) == 64
+    # nested cache locations do not matter, nested settings do
+    z1 = {"zoo": {"dir": "/a", "multitask": True}, "store": {"path": "x.sqlite"}}
+    z2 = {"zoo": {"dir": "/b", "multitask": True}, "store": {"path": "y.sqlite"}}
+    z3 = {"zoo": {"dir": "/a", "multitask": False}}
+    assert config_hash(z1) == config_hash(z2) != config_hash(z3)
 
 
 def test_hash_of_omegaconf_equals_hash_of_plain_dict() -> None:

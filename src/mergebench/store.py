@@ -27,7 +27,8 @@ from mergebench.records import RunRecord, TaskScore
 
 DEFAULT_DB = Path("outputs") / "results.sqlite"
 
-# Top-level config keys that say where and how a run reports, not what it computes.
+# Config keys (dotted paths) that say where and how a run reports or where caches live, not
+# what it computes: runs that differ only in these share a hash, so a resumed sweep skips them.
 VOLATILE_KEYS = frozenset(
     {
         "hydra",
@@ -39,10 +40,16 @@ VOLATILE_KEYS = frozenset(
         "output_dir",
         "out_dir",
         "outputs",
+        "save_result",
         "progress",
+        "device",
         "wandb",
         "sweep_id",
         "num_workers",
+        "references",
+        "zoo.dir",
+        "zoo.build_missing",
+        "eval.batch_size",
     }
 )
 
@@ -105,7 +112,17 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     plain = _jsonable(config)
     if not isinstance(plain, dict):
         raise MergeBenchError(f"config: expected a mapping, got {type(config).__name__}")
-    return {k: v for k, v in plain.items() if k not in VOLATILE_KEYS}
+    return _drop_volatile(plain, "")
+
+
+def _drop_volatile(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out = {}
+    for key, value in node.items():
+        path = prefix + key
+        if path in VOLATILE_KEYS:
+            continue
+        out[key] = _drop_volatile(value, path + ".") if isinstance(value, dict) else value
+    return out
 
 
 def config_hash(config: Mapping[str, Any], label: str | None = None) -> str:
