@@ -137,7 +137,8 @@ def _writer(path: str, worker: int, n: int) -> None:
 
 def test_concurrent_writers_lose_nothing(tmp_path) -> None:
     path = str(tmp_path / "r.sqlite")
-    ctx = mp.get_context("spawn")
+    # fork: children reuse the imported modules (spawn would re-import torch in each)
+    ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_writer, args=(path, w, 15)) for w in range(4)]
     for p in procs:
         p.start()
