@@ -37,6 +37,13 @@ def method_params(method_cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     return str(params.pop("name")), params
 
 
+def require_values(cfg: DictConfig, keys: tuple[str, ...]) -> None:
+    """Fail before any work when a mandatory (`???`) value was not given."""
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key):
+            raise MergeBenchError(f"{key}: missing value (add {key}=... to the command line)")
+
+
 @hydra.main(version_base=None, config_path=CONF, config_name="merge")
 def _merge_app(cfg: DictConfig) -> None:
     from rich.console import Console
@@ -46,6 +53,7 @@ def _merge_app(cfg: DictConfig) -> None:
     from mergebench.results import artifact_bytes
 
     try:
+        require_values(cfg, ("pretrained", "finetuned", "output_dir"))
         name, params = method_params(cfg.method)
         finetuned = OmegaConf.to_container(cfg.finetuned, resolve=True)
         if not isinstance(finetuned, dict) or not finetuned:
