@@ -63,8 +63,14 @@ def test_files_and_memory_give_identical_results(tmp_path, tiny_models, fmt):
 def test_hugging_face_folders_single_and_sharded(tmp_path):
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = BertModel(config)
     model.save_pretrained(tmp_path / "single")
@@ -96,8 +102,9 @@ def test_missing_and_corrupt_checkpoints_are_named(tmp_path, tiny_models):
     pre, finetuned = tiny_models
     pre_path, ft_paths = save_all(tmp_path, pre, finetuned)
     with pytest.raises(MergeBenchError, match="nope.safetensors"):
-        mergebench.merge("emr", pre_path, {**ft_paths, "a": str(tmp_path / "nope.safetensors")},
-                         exclude=HEAD)
+        mergebench.merge(
+            "emr", pre_path, {**ft_paths, "a": str(tmp_path / "nope.safetensors")}, exclude=HEAD
+        )
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(MergeBenchError, match="corrupt.safetensors"):
@@ -136,12 +143,14 @@ def test_a_missing_head_is_an_error_unless_heads_come_separately(tiny_models):
     del finetuned["b"]["classifier.weight"]
     with pytest.raises(MergeBenchError, match="task-specific key 'classifier.weight' is missing"):
         mergebench.merge("emr", pre, finetuned, exclude=HEAD)
-    result = mergebench.merge("emr", pre, finetuned, exclude=HEAD, heads_separate=True,
-                              progress=False)
+    result = mergebench.merge(
+        "emr", pre, finetuned, exclude=HEAD, heads_separate=True, progress=False
+    )
     # b has no head of its own: it gets the pretrained one, the others keep theirs.
     assert torch.equal(result.state_dict("b")["classifier.weight"], pre["classifier.weight"])
-    assert torch.equal(result.state_dict("a")["classifier.weight"],
-                       finetuned["a"]["classifier.weight"])
+    assert torch.equal(
+        result.state_dict("a")["classifier.weight"], finetuned["a"]["classifier.weight"]
+    )
 
 
 def test_without_exclude_different_head_shapes_are_rejected(tiny_models):

@@ -27,8 +27,9 @@ def checkpoints(tmp_path, tiny_models):
 
 def run_cli(cwd, *args):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 FINETUNED = "finetuned={a: a.safetensors, b: b.safetensors, c: c.safetensors}"
@@ -37,21 +38,37 @@ EXCLUDE = r"exclude=[classifier\..*]"
 
 def test_readme_example_merges_and_saves(checkpoints):
     cwd, pre, finetuned = checkpoints
-    proc = run_cli(cwd, "method=emr", "pretrained=pre.safetensors", FINETUNED, EXCLUDE,
-                   "output_dir=out", "method.rescale=false")
+    proc = run_cli(
+        cwd,
+        "method=emr",
+        "pretrained=pre.safetensors",
+        FINETUNED,
+        EXCLUDE,
+        "output_dir=out",
+        "method.rescale=false",
+    )
     assert proc.returncode == 0, proc.stderr
     loaded = mergebench.load_result(cwd / "out")
     assert loaded.params["rescale"] is False
-    expected = mergebench.merge("emr", pre, finetuned, exclude=[r"classifier\..*"],
-                                rescale=False, progress=False)
+    expected = mergebench.merge(
+        "emr", pre, finetuned, exclude=[r"classifier\..*"], rescale=False, progress=False
+    )
     for key, value in expected.state_dict("b").items():
         assert torch.equal(loaded.state_dict("b")[key], value), key
 
 
 def test_nested_base_parameters(checkpoints):
     cwd, pre, finetuned = checkpoints
-    proc = run_cli(cwd, "method=dare", "method.base=ties", "method.base_params={k: 0.5}",
-                   "pretrained=pre.safetensors", FINETUNED, EXCLUDE, "output_dir=out")
+    proc = run_cli(
+        cwd,
+        "method=dare",
+        "method.base=ties",
+        "method.base_params={k: 0.5}",
+        "pretrained=pre.safetensors",
+        FINETUNED,
+        EXCLUDE,
+        "output_dir=out",
+    )
     assert proc.returncode == 0, proc.stderr
     assert mergebench.load_result(cwd / "out").params["base_params"] == {"k": 0.5}
 

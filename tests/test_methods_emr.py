@@ -46,8 +46,10 @@ def run(method="emr", **params):
 
 def expected_weights(lams, masks=MASKS, uni=UNI):
     return {
-        t: {k: lams[t] * torch.tensor(uni[k]) * torch.tensor(masks[t][k], dtype=torch.float32)
-            for k in uni}
+        t: {
+            k: lams[t] * torch.tensor(uni[k]) * torch.tensor(masks[t][k], dtype=torch.float32)
+            for k in uni
+        }
         for t in lams
     }
 
@@ -150,8 +152,9 @@ def test_mask_rescale_on_ties():
         "t3": [1.0, 4.0, -1.0, -2.0, 0.5, 0.1],
     }
     pre, finetuned = vector_pool(taus)
-    result = mergebench.merge("mask_rescale", pre, finetuned, base="ties",
-                              base_params={"k": 0.5}, progress=False)
+    result = mergebench.merge(
+        "mask_rescale", pre, finetuned, base="ties", base_params={"k": 0.5}, progress=False
+    )
     uni = torch.tensor([1.2, 1.2, -0.3, 1.2, -0.6, 0.0])
     torch.testing.assert_close(result.unified["w"], uni)
     masks = {"t1": [1, 0, 0, 1, 0, 0], "t2": [0, 0, 0, 1, 1, 0], "t3": [1, 1, 1, 0, 0, 0]}
@@ -185,11 +188,19 @@ def big_pool(n=200_000):
 
 def test_dare_drops_about_p_and_rescales_the_rest():
     pre, finetuned = big_pool()
-    out = mergebench.merge("dare", pre, finetuned, base="task_arithmetic",
-                           base_params={"scaling": 1.0}, drop=0.9, progress=False)
+    out = mergebench.merge(
+        "dare",
+        pre,
+        finetuned,
+        base="task_arithmetic",
+        base_params={"scaling": 1.0},
+        drop=0.9,
+        progress=False,
+    )
     # With a single task the merged vector is that task's dropped vector.
-    single = mergebench.merge("dare", pre, {"a": finetuned["a"]}, base_params={"scaling": 1.0},
-                              drop=0.9, progress=False).state_dict()["w"]
+    single = mergebench.merge(
+        "dare", pre, {"a": finetuned["a"]}, base_params={"scaling": 1.0}, drop=0.9, progress=False
+    ).state_dict()["w"]
     kept = single != 0
     assert abs(kept.float().mean().item() - 0.1) < 0.005
     torch.testing.assert_close(single[kept], finetuned["a"]["w"][kept] / 0.1)
@@ -198,8 +209,15 @@ def test_dare_drops_about_p_and_rescales_the_rest():
 
 def test_dare_without_rescale_keeps_values():
     pre, finetuned = big_pool(10_000)
-    single = mergebench.merge("dare", pre, {"a": finetuned["a"]}, base_params={"scaling": 1.0},
-                              drop=0.5, rescale=False, progress=False).state_dict()["w"]
+    single = mergebench.merge(
+        "dare",
+        pre,
+        {"a": finetuned["a"]},
+        base_params={"scaling": 1.0},
+        drop=0.5,
+        rescale=False,
+        progress=False,
+    ).state_dict()["w"]
     kept = single != 0
     torch.testing.assert_close(single[kept], finetuned["a"]["w"][kept])
 
@@ -208,8 +226,9 @@ def test_dare_is_reproducible_by_seed():
     pre, finetuned = big_pool(50_000)
 
     def dare(seed, base="ties"):
-        return mergebench.merge("dare", pre, finetuned, base=base, seed=seed,
-                                progress=False).state_dict()["w"]
+        return mergebench.merge(
+            "dare", pre, finetuned, base=base, seed=seed, progress=False
+        ).state_dict()["w"]
 
     assert torch.equal(dare(0), dare(0))
     assert not torch.equal(dare(0), dare(1))
@@ -220,8 +239,9 @@ def test_dare_with_no_drop_equals_its_base():
     pre, finetuned = big_pool(1000)
     for base in ("weight_averaging", "task_arithmetic", "ties"):
         plain = mergebench.merge(base, pre, finetuned, progress=False).state_dict()["w"]
-        dare = mergebench.merge("dare", pre, finetuned, base=base, drop=0.0,
-                                progress=False).state_dict()["w"]
+        dare = mergebench.merge(
+            "dare", pre, finetuned, base=base, drop=0.0, progress=False
+        ).state_dict()["w"]
         torch.testing.assert_close(dare, plain)
 
 

@@ -54,8 +54,17 @@ def test_task_arithmetic_scales_the_sum_of_task_vectors():
 
 @pytest.mark.parametrize(
     ("k", "n", "keep"),
-    [(0.2, 4, 1), (0.25, 6, 2), (0.375, 4, 2), (0.125, 4, 1), (0.1, 3, 1), (0.5, 6, 3),
-     (0.15, 10, 2), (0.149, 10, 1), (1.0, 7, 7)],
+    [
+        (0.2, 4, 1),
+        (0.25, 6, 2),
+        (0.375, 4, 2),
+        (0.125, 4, 1),
+        (0.1, 3, 1),
+        (0.5, 6, 3),
+        (0.15, 10, 2),
+        (0.149, 10, 1),
+        (1.0, 7, 7),
+    ],
 )
 def test_keep_count_rounds_half_up_and_keeps_at_least_one(k, n, keep):
     assert keep_count(k, n) == keep
@@ -98,8 +107,9 @@ def test_ties_global_threshold_matches_a_full_sort_on_random_data():
     g = torch.Generator().manual_seed(3)
     pre = {"a": torch.zeros(300), "b": torch.zeros(40, 7)}
     finetuned = {t: {k: torch.randn(v.shape, generator=g) for k, v in pre.items()} for t in "xyz"}
-    out = mergebench.merge("ties", pre, finetuned, k=0.1, scaling=1.0, aggregate="sum",
-                           progress=False).state_dict()
+    out = mergebench.merge(
+        "ties", pre, finetuned, k=0.1, scaling=1.0, aggregate="sum", progress=False
+    ).state_dict()
     # Reference: trim each task on its flattened vector with an explicit sort.
     trimmed = []
     for ft in finetuned.values():
@@ -115,8 +125,13 @@ def test_ties_global_threshold_matches_a_full_sort_on_random_data():
 
 @pytest.mark.parametrize(
     ("params", "option"),
-    [({"k": 0.0}, "ties.k"), ({"k": 1.5}, "ties.k"), ({"aggregate": "max"}, "ties.aggregate"),
-     ({"topk_scope": "layer"}, "ties.topk_scope"), ({"scaling": "big"}, "ties.scaling")],
+    [
+        ({"k": 0.0}, "ties.k"),
+        ({"k": 1.5}, "ties.k"),
+        ({"aggregate": "max"}, "ties.aggregate"),
+        ({"topk_scope": "layer"}, "ties.topk_scope"),
+        ({"scaling": "big"}, "ties.scaling"),
+    ],
 )
 def test_ties_rejects_bad_options(params, option):
     with pytest.raises(MergeBenchError, match=option.replace(".", r"\.")):

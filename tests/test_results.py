@@ -57,8 +57,9 @@ def test_save_and_load_are_bit_exact_in_memory_pretrained(tmp_path, tiny_models,
 def test_task_conditioned_result_references_pretrained_file(tmp_path, tiny_models):
     pre, finetuned = tiny_models
     save_file(pre, tmp_path / "pre.safetensors")
-    result = mergebench.merge("emr", str(tmp_path / "pre.safetensors"), finetuned,
-                              exclude=HEAD, progress=False)
+    result = mergebench.merge(
+        "emr", str(tmp_path / "pre.safetensors"), finetuned, exclude=HEAD, progress=False
+    )
     result.save(tmp_path / "out")
     assert not (tmp_path / "out" / "pretrained.safetensors").exists()
     loaded = mergebench.load_result(tmp_path / "out")

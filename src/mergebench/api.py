@@ -33,7 +33,10 @@ def merge(
 
 
 def merge_pool(
-    method: str, pool: ModelPool, device: str | torch.device = "cpu", progress: bool = True,
+    method: str,
+    pool: ModelPool,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
     **params: Any,
 ) -> MergeResult:
     instance = build_method(method, **params)

@@ -20,6 +20,9 @@ METHODS: dict[str, str] = {
     "dare": "mergebench.methods.dare:Dare",
     "emr": "mergebench.methods.emr:EMR",
     "mask_rescale": "mergebench.methods.mask_rescale:MaskRescale",
+    "regmean": "mergebench.methods.regmean:RegMean",
+    "fisher": "mergebench.methods.fisher:Fisher",
+    "adamerging": "mergebench.methods.adamerging:AdaMerging",
 }
 
 
