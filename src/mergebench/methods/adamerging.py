@@ -1,0 +1,301 @@
+"""AdaMerging: learn merging coefficients by minimising prediction entropy (methods.md).
+
+`W = W_pre + sum_t lam_t^l tau_t^l` on every merged tensor `l`: one coefficient per task
+(`granularity=task`) or one per task per merged tensor (`layer`). The coefficients start at
+`init` and are trained with Adam to minimise the mean Shannon entropy of each task's
+predictions on its unlabeled test inputs (as the AdaMerging paper does), one batch per task
+per step, the task losses summed. With `clamp`, the coefficients used in the forward pass are
+`clamp(lam, 0, 1)`, as in the official code (a raw value outside [0, 1] gets no gradient).
+Each task predicts with its own head (the pool's excluded keys).
+
+`ties=true` is AdaMerging++: the task vectors are first trimmed to their top `ties_k`
+fraction and only entries agreeing with the elected sign are kept (TIES' trim and elect,
+reusing `mergebench.methods.ties`). With equal coefficients `c` this is TIES with
+`aggregate=sum` and `scaling=c`; AdaMerging then learns the coefficients.
+
+Training runs under Lightning Fabric (`accelerator`, `precision`). The result records the
+learned coefficients (the clamped values, which are the ones applied), the entropy per step,
+and, when saved, a heat map of the coefficients (`coefficients.png`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mergebench.errors import MergeBenchError
+from mergebench.methods.base import Method, choice, flag, fraction, number, sign, single_result
+from mergebench.methods.data_utils import (
+    InputsOnly,
+    cycle_batches,
+    inputs_only,
+    integer,
+    load_task_model,
+)
+from mergebench.methods.ties import Ties, trim
+from mergebench.pool import ModelPool
+from mergebench.results import SingleModelResult
+from mergebench.selection import KeyPlan, plan_keys
+from mergebench.stream import TaskVectorStream
+
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PLOT_FILE = "coefficients.png"
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the Shannon entropy of `softmax(logits)` (in nats)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+def ties_task_vectors(task_vectors: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """AdaMerging++'s task vectors: TIES-trimmed, then only entries with the elected sign."""
+    trimmed = trim(task_vectors, thresholds)
+    gamma = sign(trimmed.sum(dim=0))
+    return trimmed * (trimmed * gamma > 0)
+
+
+class _TaskLogits(nn.Module):
+    """Wraps one task's model so that `functional_call` reaches it through the family."""
+
+    def __init__(self, model: nn.Module, data: InputsOnly) -> None:
+        super().__init__()
+        self.model = model
+        self._data = data
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._data.logits(self.model, batch)
+
+
+class MergedModels(nn.Module):
+    """The trainable coefficients and, as frozen buffers, `W_pre` and the task vectors."""
+
+    def __init__(
+        self,
+        keys: list[str],
+        pretrained: list[torch.Tensor],
+        task_vectors: list[torch.Tensor],
+        task_models: list[_TaskLogits],
+        granularity: str,
+        init: float,
+        clamp: bool,
+    ) -> None:
+        super().__init__()
+        self.keys = keys
+        self.clamp = clamp
+        self.granularity = granularity
+        num_tasks = task_vectors[0].shape[0]
+        columns = len(keys) if granularity == "layer" else 1
+        self.coefficients = nn.Parameter(torch.full((num_tasks, columns), float(init)))
+        # Keys hold dots, which buffer names may not: buffers are numbered in `keys` order.
+        for i, (pre, taus) in enumerate(zip(pretrained, task_vectors, strict=True)):
+            self.register_buffer(f"pre_{i}", pre, persistent=False)
+            self.register_buffer(f"tau_{i}", taus, persistent=False)
+        self.task_models = nn.ModuleList(task_models)
+        self.task_models.requires_grad_(False)
+
+    def applied_coefficients(self) -> torch.Tensor:
+        lam = self.coefficients
+        return lam.clamp(0.0, 1.0) if self.clamp else lam
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        lam = self.applied_coefficients()
+        weights = {}
+        for i, key in enumerate(self.keys):
+            taus = getattr(self, f"tau_{i}")
+            column = lam[:, i if self.granularity == "layer" else 0]
+            scale = column.reshape(-1, *([1] * (taus.dim() - 1))).to(taus.dtype)
+            weights[key] = getattr(self, f"pre_{i}") + (scale * taus).sum(dim=0)
+        return weights
+
+    def forward(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Per-task mean prediction entropy `[N]` of the merged model on one batch per task."""
+        weights = {f"model.{k}": v for k, v in self.merged_weights().items()}
+        entropies = [
+            prediction_entropy(torch.func.functional_call(model, weights, (batch,)))
+            for model, batch in zip(self.task_models, batches, strict=True)
+        ]
+        return torch.stack(entropies)
+
+
+class AdaMerging(Method):
+    name = "adamerging"
+    needs_data = True
+
+    def __init__(
+        self,
+        granularity: Any,
+        init: Any,
+        lr: Any,
+        steps: Any,
+        batch_size: Any,
+        num_examples: Any,
+        clamp: Any,
+        ties: Any,
+        ties_k: Any,
+        ties_topk_scope: Any,
+        precision: Any,
+        accelerator: Any,
+    ) -> None:
+        super().__init__(
+            granularity=granularity,
+            init=init,
+            lr=lr,
+            steps=steps,
+            batch_size=batch_size,
+            num_examples=num_examples,
+            clamp=clamp,
+            ties=ties,
+            ties_k=ties_k,
+            ties_topk_scope=ties_topk_scope,
+            precision=precision,
+            accelerator=accelerator,
+        )
+        self.granularity = choice(self.name, "granularity", granularity, ("task", "layer"))
+        self.clamp = flag(self.name, "clamp", clamp)
+        self.init = number(self.name, "init", init)
+        if self.clamp and not 0.0 <= self.init <= 1.0:
+            raise MergeBenchError(
+                f"{self.name}.init: {init!r} is outside [0, 1], where clamp=true keeps it"
+            )
+        self.lr = number(self.name, "lr", lr)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise MergeBenchError(f"{self.name}.lr: {lr!r} must be a positive number")
+        self.steps = integer(self.name, "steps", steps, minimum=0)
+        self.batch_size = integer(self.name, "batch_size", batch_size)
+        self.num_examples = integer(self.name, "num_examples", num_examples, allow_none=True)
+        self.ties = flag(self.name, "ties", ties)
+        self.ties_k = fraction(self.name, "ties_k", ties_k)
+        self.ties_topk_scope = choice(
+            self.name, "ties_topk_scope", ties_topk_scope, ("global", "tensor")
+        )
+        self.precision = choice(self.name, "precision", str(precision), PRECISIONS)
+        self.accelerator = choice(self.name, "accelerator", accelerator, ACCELERATORS)
+
+    # -- task vectors ----------------------------------------------------------------------
+    def _task_vectors(
+        self, pool: ModelPool, plan: KeyPlan
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        stream = TaskVectorStream(pool, plan, progress=self.progress)
+        ties = None
+        if self.ties:
+            ties = Ties(
+                k=self.ties_k, scaling=1.0, aggregate="sum", topk_scope=self.ties_topk_scope
+            )
+            ties.prepare(stream)
+        pretrained, task_vectors = [], []
+        for item in stream.passes(f"{self.name}: task vectors"):
+            taus = item.task_vectors
+            if ties is not None:
+                taus = ties_task_vectors(taus, ties.thresholds_for(taus))
+            pretrained.append(item.pretrained)
+            task_vectors.append(taus)
+        return pretrained, task_vectors
+
+    # -- merge -----------------------------------------------------------------------------
+    def merge(self, pool: ModelPool) -> SingleModelResult:
+        data = inputs_only(pool, self.name)
+        plan = plan_keys(pool)
+        pretrained, task_vectors = self._task_vectors(pool, plan)
+        task_models = [
+            _TaskLogits(load_task_model(pool, data, task, torch.device("cpu"), self.name), data)
+            for task in pool.tasks
+        ]
+        module = MergedModels(
+            plan.merged,
+            pretrained,
+            task_vectors,
+            task_models,
+            self.granularity,
+            self.init,
+            self.clamp,
+        )
+        entropy = self._train(module, data, pool.tasks) if self.steps > 0 else []
+        with torch.no_grad():
+            merged = {k: v.detach().float().cpu() for k, v in module.merged_weights().items()}
+            lam = module.applied_coefficients().detach().float().cpu()
+        shared = {k: merged[k].to(pool.pretrained.dtype(k)) for k in plan.merged}
+        result = single_result(self, pool, plan, shared)
+        result.extra = {
+            "granularity": self.granularity,
+            "ties": self.ties,
+            "coefficients": {t: lam[i].tolist() for i, t in enumerate(pool.tasks)},
+            "coefficient_keys": plan.merged if self.granularity == "layer" else ["*"],
+            "entropy": entropy,
+        }
+        return AdaMergingResult(**vars(result))
+
+    def _train(self, module: MergedModels, data: InputsOnly, tasks: list[str]) -> list[float]:
+        from lightning.fabric import Fabric
+
+        fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision)
+        optimizer = torch.optim.Adam([module.coefficients], lr=self.lr, betas=(0.9, 0.999))
+        model, optimizer = fabric.setup(module, optimizer)
+        streams = [
+            cycle_batches(
+                data, task, "test", self.num_examples, self.batch_size, fabric.device, self.name
+            )
+            for task in tasks
+        ]
+        history: list[float] = []
+        steps = tqdm(range(self.steps), desc=self.name, disable=not self.progress or None)
+        for _ in steps:
+            entropies = model([next(s) for s in streams])
+            loss = entropies.sum()
+            optimizer.zero_grad()
+            fabric.backward(loss)
+            optimizer.step()
+            history.append(float(loss.detach()))
+            steps.set_postfix(entropy=f"{history[-1]:.4f}")
+        module.to("cpu")
+        return history
+
+
+class AdaMergingResult(SingleModelResult):
+    """A single merged model that also draws its learned coefficients when saved."""
+
+    def save(self, directory: str | Path) -> Path:
+        path = super().save(directory)
+        plot_coefficients(self.extra, path / PLOT_FILE, title=f"{self.method} coefficients")
+        return path
+
+
+def plot_coefficients(extra: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Heat map of learned coefficients, tasks x merged tensors (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(extra["coefficients"])
+    values = [extra["coefficients"][t] for t in tasks]
+    keys = extra.get("coefficient_keys") or ["*"] * len(values[0])
+    width = min(24.0, 3.0 + 0.12 * len(keys))
+    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.45 * len(tasks)))
+    image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(tasks)), tasks)
+    step = max(1, len(keys) // 40)  # at most ~40 labelled columns
+    ax.set_xticks(range(0, len(keys), step), keys[::step], rotation=90, fontsize=6)
+    ax.set_xlabel("merged tensor" if len(keys) > 1 else "all tensors (task-wise)")
+    ax.set_title(title or "learned coefficients")
+    fig.colorbar(image, ax=ax, label="coefficient")
+    fig.tight_layout()
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,148 @@
+"""Fisher merging: `W = sum_t F_t W_t / sum_t F_t` elementwise (Matena & Raffel; methods.md).
+
+`F_t` is the diagonal Fisher of model `t` on its own task's inputs. No labels are used: the
+expectation is taken over the model's own predicted distribution, exactly rather than by
+sampling, as Matena & Raffel do: per example `x`,
+`F += sum_y p(y|x) * (d log p(y|x) / d theta)^2`, averaged over the examples.
+
+Options:
+- `normalize`: divide each task's Fisher by its L2 norm over all merged parameters first,
+  so that a task whose model happens to have larger gradients does not dominate;
+- `min_fisher`: every Fisher entry is at least this (after normalising), so that the
+  denominator never vanishes; where no task has information the result is the average.
+Merged tensors that are not parameters (BatchNorm running statistics) have no gradient and
+are averaged, as are parameters the forward pass never reaches (all-zero Fisher).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mergebench.errors import MergeBenchError
+from mergebench.methods.base import Method, choice, flag, number, single_result
+from mergebench.methods.data_utils import (
+    InputsOnly,
+    batch_size_of,
+    inputs_only,
+    integer,
+    load_task_model,
+)
+from mergebench.pool import ModelPool, Split
+from mergebench.results import SingleModelResult
+from mergebench.selection import plan_keys
+from mergebench.stream import TaskVectorStream
+
+
+def diagonal_fisher(
+    data: InputsOnly,
+    model: nn.Module,
+    keys: list[str],
+    task: str,
+    split: Split,
+    num_examples: int | None,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Mean over examples of `sum_y p(y|x) grad(log p(y|x))^2` for the parameters `keys`."""
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        param.requires_grad_(name in keys)
+    wanted = [params[k] for k in keys]
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in wanted]
+    examples = 0
+    batches = data.batches(task, split, num_examples, batch_size, device)
+    for batch in tqdm(batches, desc=f"fisher: {task}", leave=False, disable=not progress or None):
+        for i in range(batch_size_of(batch)):
+            example = {k: v[i : i + 1] for k, v in batch.items()}
+            log_probs = torch.log_softmax(data.logits(model, example).float(), dim=-1)[0]
+            probs = log_probs.detach().exp()
+            for label in range(log_probs.shape[0]):
+                grads = torch.autograd.grad(
+                    log_probs[label], wanted, retain_graph=True, allow_unused=True
+                )
+                for acc, grad in zip(fisher, grads, strict=True):
+                    if grad is not None:
+                        acc.add_(grad.float().square(), alpha=float(probs[label]))
+            examples += 1
+    if examples == 0:
+        raise MergeBenchError(f"fisher: task {task!r} has no {split} inputs")
+    return {k: f / examples for k, f in zip(keys, fisher, strict=True)}, examples
+
+
+class Fisher(Method):
+    name = "fisher"
+    needs_data = True
+
+    def __init__(
+        self, num_examples: Any, min_fisher: Any, normalize: Any, batch_size: Any, split: Any
+    ) -> None:
+        super().__init__(
+            num_examples=num_examples,
+            min_fisher=min_fisher,
+            normalize=normalize,
+            batch_size=batch_size,
+            split=split,
+        )
+        self.num_examples = integer(self.name, "num_examples", num_examples, allow_none=True)
+        self.min_fisher = number(self.name, "min_fisher", min_fisher)
+        if not self.min_fisher > 0:
+            raise MergeBenchError(f"{self.name}.min_fisher: {min_fisher!r} must be > 0")
+        self.normalize = flag(self.name, "normalize", normalize)
+        self.batch_size = integer(self.name, "batch_size", batch_size)
+        self.split = choice(self.name, "split", split, ("train", "validation"))
+
+    def merge(self, pool: ModelPool) -> SingleModelResult:
+        data = inputs_only(pool, self.name)
+        plan = plan_keys(pool)
+        device = torch.device(self.device)
+        probe = data.build_model(pool.tasks[0])
+        param_names = {name for name, _ in probe.named_parameters()}
+        del probe
+        keys = [k for k in plan.merged if k in param_names]  # buffers have no gradient
+        numerator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
+        denominator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
+        norms: dict[str, float] = {}
+        for task in tqdm(pool.tasks, desc="fisher", disable=not self.progress or None):
+            model = load_task_model(pool, data, task, device, self.name)
+            fisher, _ = diagonal_fisher(
+                data,
+                model,
+                keys,
+                task,
+                self.split,
+                self.num_examples,
+                self.batch_size,
+                device,
+                self.progress,
+            )
+            norm = torch.sqrt(sum(f.double().square().sum() for f in fisher.values())).item()
+            norms[task] = norm
+            params = dict(model.named_parameters())
+            for key in keys:
+                value = fisher.pop(key)
+                if self.normalize and norm > 0:
+                    value = value / norm
+                value = value.clamp(min=self.min_fisher)
+                numerator[key] += value * params[key].detach().float()
+                denominator[key] += value
+            del model, params
+
+        stream = TaskVectorStream(pool, plan, device=device, progress=self.progress)
+        shared: dict[str, torch.Tensor] = {}
+        for item in stream.passes(self.name):
+            if item.key in numerator:
+                value = numerator.pop(item.key) / denominator.pop(item.key)
+            else:
+                value = item.pretrained + item.task_vectors.mean(dim=0)
+            shared[item.key] = value.to(item.dtype).cpu()
+        result = single_result(self, pool, plan, shared)
+        result.extra = {
+            "fisher_norms": norms,
+            "averaged_without_fisher": [k for k in plan.merged if k not in set(keys)],
+        }
+        return result
