@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import mergebench
+from mergebench.cli import merge_main
 
 SCRIPT = Path(sys.executable).parent / "mergebench-merge"
 
@@ -26,10 +28,29 @@ def checkpoints(tmp_path, tiny_models):
 
 
 def run_cli(cwd, *args):
+    """The installed console script, in a fresh process, exactly as a user runs it."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run(
         [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stderr: str
+
+
+def run_in_process(cwd, capsys, monkeypatch, *args) -> Outcome:
+    """The same entry point in this process (importing torch per case would cost seconds)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["mergebench-merge", *args])
+    code = 0
+    try:
+        merge_main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    return Outcome(code, capsys.readouterr().err)
 
 
 FINETUNED = "finetuned={a: a.safetensors, b: b.safetensors, c: c.safetensors}"
@@ -57,10 +78,12 @@ def test_readme_example_merges_and_saves(checkpoints):
         assert torch.equal(loaded.state_dict("b")[key], value), key
 
 
-def test_nested_base_parameters(checkpoints):
+def test_nested_base_parameters(checkpoints, capsys, monkeypatch):
     cwd, pre, finetuned = checkpoints
-    proc = run_cli(
+    proc = run_in_process(
         cwd,
+        capsys,
+        monkeypatch,
         "method=dare",
         "method.base=ties",
         "method.base_params={k: 0.5}",
@@ -83,20 +106,30 @@ def test_nested_base_parameters(checkpoints):
         (["finetuned={a: a.safetensors, b: broken.safetensors}"], "broken.safetensors"),
     ],
 )
-def test_bad_input_exits_2_with_the_culprit_named(checkpoints, args, needle):
+def test_bad_input_exits_2_with_the_culprit_named(checkpoints, capsys, monkeypatch, args, needle):
     cwd, _, _ = checkpoints
     (cwd / "broken.safetensors").write_bytes(b"garbage")
     base = {"pretrained": "pretrained=pre.safetensors", "finetuned": FINETUNED}
     for arg in args:
         base.pop(arg.split("=")[0], None)
-    proc = run_cli(cwd, *base.values(), EXCLUDE, "output_dir=out", *args)
+    proc = run_in_process(
+        cwd, capsys, monkeypatch, *base.values(), EXCLUDE, "output_dir=out", *args
+    )
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr
     assert not (cwd / "out").exists()
 
 
-def test_missing_required_value_exits_2(checkpoints):
+def test_missing_required_value_exits_2(checkpoints, capsys, monkeypatch):
     cwd, _, _ = checkpoints
-    proc = run_cli(cwd, "pretrained=pre.safetensors", FINETUNED)
+    proc = run_in_process(cwd, capsys, monkeypatch, "pretrained=pre.safetensors", FINETUNED)
     assert proc.returncode == 2
-    assert "output_dir" in proc.stderr
+    assert "output_dir: missing value" in proc.stderr
+
+
+def test_console_script_exits_2_on_an_unknown_method(checkpoints):
+    cwd, _, _ = checkpoints
+    proc = run_cli(cwd, "method=nope", "pretrained=pre.safetensors", FINETUNED, "output_dir=out")
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr
+    assert not (cwd / "out").exists()
