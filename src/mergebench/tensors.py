@@ -1,6 +1,6 @@
 """Checkpoint access (lazy, one key at a time) and bit packing of masks.
 
-A `CheckpointSource` hides where tensors live: a safetensors file (memory-mapped), a
+A `CheckpointSource` hides where tensors live: a safetensors file (read by offset), a
 Hugging Face model folder (single or sharded), a torch `.pt/.bin` state dict (loaded with
 `weights_only=True`, memory-mapped when possible), or an in-memory state dict. Methods only
 ever ask for one key at a time, so the same code serves a small model and one streamed
@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import struct
+import threading
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 from mergebench.errors import MergeBenchError
 
@@ -36,6 +40,32 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
+for _code, _name in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
+    if hasattr(torch, _name):  # newer torch only
+        _SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 # Names a Hugging Face folder may hold, in the order we prefer them.
 _HF_WEIGHT_FILES = (
     "model.safetensors",
@@ -63,6 +93,20 @@ class CheckpointSource:
 
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy tensor `key` into the preallocated `out` (same number of entries; converted to
+        `out`'s dtype and device). Streaming reuses its buffers through this."""
+        self._check_numel(key, out)
+        out.copy_(self.get(key).reshape(out.shape))
+        return out
+
+    def _check_numel(self, key: str, out: torch.Tensor) -> None:
+        if out.numel() != self.numel(key):
+            raise MergeBenchError(
+                f"{self.name}: tensor {key!r} has shape {list(self.shape(key))}, "
+                f"buffer has {out.numel()} entries"
+            )
 
     def files(self) -> list[Path]:
         """Files backing this checkpoint (empty for in-memory state dicts)."""
@@ -116,55 +160,161 @@ class StateDictSource(CheckpointSource):
 
 
 class SafetensorsSource(CheckpointSource):
-    """One or several (sharded) safetensors files, memory-mapped, read lazily per key."""
+    """One or several (sharded) safetensors files, read lazily per key by file offset.
+
+    We parse the (tiny) JSON header ourselves and read each tensor with positional reads
+    (`preadv`) instead of memory-mapping the file: the bytes come from the page cache
+    straight into the caller's buffer, so streaming a model leaves no resident mapped pages
+    behind (a memory map keeps every page it touched in the process's RSS) and several
+    threads can read at once without sharing a file position.
+    """
 
     def __init__(self, paths: list[Path], name: str) -> None:
         self.name = name
         self._paths = paths
-        self._handles = []
-        self._where: dict[str, int] = {}
+        self._files = []
+        self._entries: dict[str, _Entry] = {}
         for index, path in enumerate(paths):
             try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
+                handle = open(path, "rb")  # noqa: SIM115 - kept open for the source's lifetime
             except FileNotFoundError:
                 raise MergeBenchError(f"{path}: checkpoint file not found") from None
-            except Exception as err:  # safetensors raises its own error types
-                raise MergeBenchError(f"{path}: not a readable safetensors file ({err})") from None
-            self._handles.append(handle)
-            for key in handle.keys():
-                self._where[key] = index
+            except OSError as err:
+                raise MergeBenchError(f"{path}: cannot open checkpoint ({err})") from None
+            self._files.append(handle)
+            for key, entry in _read_header(handle, path, index).items():
+                self._entries[key] = entry
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
-    def _handle(self, key: str):
+    def _entry(self, key: str) -> _Entry:
         try:
-            return self._handles[self._where[key]]
+            return self._entries[key]
         except KeyError:
             raise self._missing(key) from None
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._entry(key).shape
 
     def dtype(self, key: str) -> torch.dtype:
-        code = self._handle(key).get_slice(key).get_dtype()
-        if code not in _SAFETENSORS_DTYPES:
-            raise MergeBenchError(f"{self.name}: tensor {key!r} has unsupported dtype {code}")
-        return _SAFETENSORS_DTYPES[code]
+        entry = self._entry(key)
+        if entry.dtype is None:
+            raise MergeBenchError(f"{self.name}: tensor {key!r} has unsupported dtype {entry.code}")
+        return entry.dtype
 
     def get(self, key: str) -> torch.Tensor:
+        out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        self._read(key, out)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        if out.dtype == self.dtype(key) and out.is_contiguous() and out.device.type == "cpu":
+            self._check_numel(key, out)
+            self._read(key, out)  # no conversion: read straight into the caller's buffer
+            return out
+        return super().read_into(key, out)
+
+    def _read(self, key: str, out: torch.Tensor) -> None:
+        entry = self._entry(key)
+        if entry.nbytes == 0:
+            return
+        path = self._paths[entry.file]
         try:
-            return self._handle(key).get_tensor(key)
-        except MergeBenchError:
-            raise
-        except Exception as err:
-            raise MergeBenchError(f"{self.name}: cannot read tensor {key!r} ({err})") from None
+            _pread_exact(self._files[entry.file], _byte_view(out), entry.offset)
+        except OSError as err:
+            raise MergeBenchError(f"{path}: cannot read tensor {key!r} ({err})") from None
+        except EOFError:
+            raise MergeBenchError(f"{path}: file ends inside tensor {key!r} (truncated?)") from None
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._entries
 
     def files(self) -> list[Path]:
         return list(self._paths)
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
+
+    def __del__(self) -> None:
+        for handle in getattr(self, "_files", []):
+            handle.close()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: int  # index into the source's files
+    code: str  # safetensors dtype code, e.g. "F32"
+    dtype: torch.dtype | None  # None: a dtype torch cannot hold (reported on use)
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def _read_header(handle, path: Path, file_index: int) -> dict[str, _Entry]:
+    """Parse and check a safetensors header: `u64 n`, `n` bytes of JSON, then the data."""
+
+    def bad(reason: str) -> MergeBenchError:
+        return MergeBenchError(f"{path}: not a readable safetensors file ({reason})")
+
+    size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise bad("shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > min(size - 8, 100 * 1024 * 1024):
+        raise bad(f"header length {header_len} does not fit the file")
+    try:
+        header = json.loads(handle.read(header_len))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad(f"invalid JSON header: {err}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data_start = 8 + header_len
+    entries: dict[str, _Entry] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            code, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"malformed entry for tensor {key!r}") from None
+        dtype = _SAFETENSORS_DTYPES.get(code)
+        itemsize = _SAFETENSORS_ITEMSIZE.get(code)
+        if itemsize is None:
+            raise bad(f"tensor {key!r} has unknown dtype {code!r}")
+        if any(d < 0 for d in shape) or not 0 <= begin <= end <= size - data_start:
+            raise bad(f"tensor {key!r} lies outside the file")
+        if end - begin != math.prod(shape) * itemsize:
+            raise bad(f"tensor {key!r}: {end - begin} bytes for shape {list(shape)} of {code}")
+        entries[key] = _Entry(file_index, code, dtype, shape, data_start + begin, end - begin)
+    return entries
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _pread_exact(handle, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` from `offset` (positional reads: safe from several threads at once)."""
+    fd = handle.fileno()
+    while buffer.nbytes:
+        chunk = buffer[: 1 << 30]  # one read is capped near 2 GiB
+        if hasattr(os, "preadv"):
+            count = os.preadv(fd, [chunk], offset)
+        else:  # platforms without preadv: seek + read under a lock
+            with _SEEK_LOCK:
+                handle.seek(offset)
+                count = handle.readinto(chunk)
+        if not count:
+            raise EOFError
+        buffer, offset = buffer[count:], offset + count
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -244,9 +394,7 @@ def open_checkpoint(source: CheckpointLike, role: str = "checkpoint") -> Checkpo
         return StateDictSource(source, name=f"{role} (in-memory state dict)")
     if isinstance(source, (str, Path)):
         return _open_path(Path(source).expanduser(), role)
-    raise MergeBenchError(
-        f"{role}: expected a path or a state dict, got {type(source).__name__}"
-    )
+    raise MergeBenchError(f"{role}: expected a path or a state dict, got {type(source).__name__}")
 
 
 # --- bit packing --------------------------------------------------------------------------
@@ -255,17 +403,26 @@ _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor `[N, *shape]` into uint8 `[N, ceil(numel/8)]` (little bit order)."""
-    flat = mask.reshape(mask.shape[0], -1).to(torch.uint8)
+    flat = mask.reshape(mask.shape[0], -1)
+    if flat.device.type == "cpu":  # numpy's packbits is one fast C loop
+        packed = np.packbits(flat.to(torch.bool).numpy(), axis=-1, bitorder="little")
+        return torch.from_numpy(packed)
+    flat = flat.to(torch.uint8)
     pad = (-flat.shape[1]) % 8
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
     groups = flat.view(flat.shape[0], -1, 8)
     # An 8-term sum of distinct powers of two fits in uint8 exactly.
-    return (groups * _BIT_WEIGHTS).sum(dim=-1, dtype=torch.uint8)
+    return (groups * _BIT_WEIGHTS.to(flat.device)).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of `pack_bits` for one row: uint8 `[ceil(numel/8)]` -> bool `shape`."""
+    """Inverse of `pack_bits` for one row: uint8 `[ceil(numel/8)]` -> bool `shape`
+    (or `[..., ceil(numel/8)]` -> bool `[..., *shape]`)."""
     numel = math.prod(shape)
-    bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS).ne(0)
-    return bits.reshape(*packed.shape[:-1], -1)[..., :numel].reshape(*packed.shape[:-1], *shape)
+    lead = tuple(packed.shape[:-1])
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), axis=-1, count=numel, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_)).reshape(*lead, *shape)
+    bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(*lead, -1)[..., :numel].reshape(*lead, *shape)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergebench.methods.base import Method, choice, flag, sign
+from mergebench.methods.base import Method, choice, flag
 from mergebench.methods.modulators import RESCALERS, UnifiedItem, mask_and_rescale
 from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
@@ -20,11 +20,17 @@ from mergebench.selection import plan_keys
 from mergebench.stream import TaskVectorStream
 
 
-def elect(task_vectors: torch.Tensor) -> torch.Tensor:
-    gamma = sign(task_vectors.sum(dim=0))
-    agreeing = task_vectors * gamma > 0
-    eps = torch.where(agreeing, task_vectors.abs(), torch.zeros_like(task_vectors)).amax(dim=0)
-    return gamma * eps
+def elect(task_vectors: torch.Tensor, task_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """`tau_uni = gamma * eps` with `gamma = sgn(sum_t tau_t)`, `eps` the largest agreeing |tau_t|.
+
+    Computed without `[N, ...]` temporaries: where gamma = +1 (sum > 0) some tau_t is
+    positive and `tau_uni = max_t tau_t`; where gamma = -1, `tau_uni = min_t tau_t` if that
+    is negative, else no task agrees and `tau_uni = -1 * 0 = -0.0` (bit for bit the formula).
+    """
+    total = task_vectors.sum(dim=0) if task_sum is None else task_sum
+    high = task_vectors.amax(dim=0)
+    low = task_vectors.amin(dim=0)
+    return torch.where(total > 0, high, torch.where(low < 0, low, -0.0))
 
 
 class EMR(Method):
@@ -38,15 +44,17 @@ class EMR(Method):
         self.rescale = flag(self.name, "rescale", rescale)
         self.rescaler = choice(self.name, "rescaler", rescaler, RESCALERS)
 
-    def unify(self, task_vectors: torch.Tensor) -> torch.Tensor:
-        return elect(task_vectors) if self.elect else task_vectors.mean(dim=0)
+    def unify(
+        self, task_vectors: torch.Tensor, task_sum: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return elect(task_vectors, task_sum) if self.elect else task_vectors.mean(dim=0)
 
     def merge(self, pool: ModelPool) -> TaskConditionedResult:
-        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device,
-                                  progress=self.progress)
+        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
         items = (
-            UnifiedItem(item.key, item.task_vectors, self.unify(item.task_vectors))
-            for item in stream.passes(self.name)
+            UnifiedItem(item.key, item.task_vectors, self.unify(item.task_vectors, item.task_sum()))
+            for item in stream.passes(self.name, reuse_buffers=True)
         )
-        return mask_and_rescale(self, pool, stream.plan, items, self.mask, self.rescale,
-                                self.rescaler)
+        return mask_and_rescale(
+            self, pool, stream.plan, items, self.mask, self.rescale, self.rescaler
+        )

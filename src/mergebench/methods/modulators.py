@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,28 +26,72 @@ from mergebench.tensors import pack_bits
 RESCALERS = ("tensor_mean", "global")
 
 
-def task_masks(task_vectors: torch.Tensor, unified: torch.Tensor) -> torch.Tensor:
-    return task_vectors * unified > 0
+def task_masks(
+    task_vectors: torch.Tensor, unified: torch.Tensor, scratch: Scratch | None = None
+) -> torch.Tensor:
+    """`M_t = (tau_t * tau_uni > 0)` as bool `[N, *shape]` (in `scratch` buffers if given)."""
+    if scratch is None:
+        return task_vectors * unified > 0
+    product = scratch.get("product", task_vectors.shape, torch.float32, task_vectors.device)
+    masks = scratch.get("masks", task_vectors.shape, torch.bool, task_vectors.device)
+    torch.mul(task_vectors, unified, out=product)
+    return torch.gt(product, 0, out=masks)
+
+
+class Scratch:
+    """Named work buffers reused from key to key (grown to the largest key): no allocation,
+    hence no page faults, per tensor. A buffer is overwritten by the next `get` of its name."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+            self._flat[name] = flat
+        return flat[:numel].view(shape)
 
 
 class RescalerAccumulator:
+    """Per-task float64 sums of `reduce|tau_t|` and `reduce|M_t * tau_uni|` over tensors.
+
+    Each task's statistic is one float64 reduction over the whole tensor (the official code
+    takes `mean(abs(tau_t))` per tensor and task the same way), done in a reused float64
+    buffer rather than as a float64 copy of the whole `[N, *shape]` stack.
+    """
+
     def __init__(self, num_tasks: int, mode: str) -> None:
         self.mode = mode
         self.numerator = torch.zeros(num_tasks, dtype=torch.float64)
         self.denominator = torch.zeros(num_tasks, dtype=torch.float64)
+        self._scratch = Scratch()
 
-    def add(self, task_vectors: torch.Tensor, unified: torch.Tensor,
-            masks: torch.Tensor | None) -> None:
+    def add(
+        self, task_vectors: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor | None
+    ) -> None:
         n = task_vectors.shape[0]
-        tau_abs = task_vectors.abs().reshape(n, -1).to(torch.float64)
-        uni_abs = unified.abs().reshape(1, -1).to(torch.float64)
-        masked = uni_abs.expand(n, -1) if masks is None else uni_abs * masks.reshape(n, -1)
+        rows = task_vectors.reshape(n, -1)
+        wide = self._scratch.get("f64", rows.shape[1:], torch.float64, rows.device)
+        uni_abs = unified.reshape(-1).abs().to(torch.float64)
         reduce = torch.mean if self.mode == "tensor_mean" else torch.sum
-        self.numerator += reduce(tau_abs, dim=1).cpu()
-        self.denominator += reduce(masked, dim=1).cpu()
+        numerator, denominator = [], []
+        for t in range(n):
+            wide.copy_(rows[t]).abs_()
+            numerator.append(reduce(wide))
+            if masks is None:
+                denominator.append(reduce(uni_abs))
+            else:
+                torch.mul(uni_abs, masks[t].reshape(-1), out=wide)
+                denominator.append(reduce(wide))
+        self.numerator += torch.stack(numerator).cpu()
+        self.denominator += torch.stack(denominator).cpu()
 
     def rescalers(self) -> torch.Tensor:
-        safe = torch.where(self.denominator > 0, self.denominator, torch.ones_like(self.denominator))
+        safe = torch.where(
+            self.denominator > 0, self.denominator, torch.ones_like(self.denominator)
+        )
         return torch.where(self.denominator > 0, self.numerator / safe, torch.zeros_like(safe))
 
 
@@ -69,10 +114,11 @@ def mask_and_rescale(
     """Build the task-conditioned result from unified vectors streamed key by key."""
     tasks = pool.tasks
     accumulator = RescalerAccumulator(len(tasks), rescaler)
+    scratch = Scratch()
     unified: dict[str, torch.Tensor] = {}
     packed: dict[str, torch.Tensor] = {}
     for item in items:
-        masks = task_masks(item.task_vectors, item.unified) if mask else None
+        masks = task_masks(item.task_vectors, item.unified, scratch) if mask else None
         if rescale:
             accumulator.add(item.task_vectors, item.unified, masks)
         unified[item.key] = item.unified.cpu()
