@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -187,3 +188,51 @@ def write_all_plots(boards: Sequence[Board], out_dir: str | os.PathLike[str]) ->
         if curve:
             written.append(curve)
     return written
+
+
+def plot_weight_stats(stats: Sequence[Any], path: str | os.PathLike[str], title: str = "") -> Path:
+    """EMR-Merging Fig. 5: per task, one bar per method for sign conflicts (%), L2 distance
+    and cosine similarity to the fine-tuned weights (three panels)."""
+    methods = list(dict.fromkeys(s.method for s in stats))
+    tasks = list(dict.fromkeys(s.task for s in stats))
+    by_key = {(s.method, s.task): s for s in stats}
+    panels = (
+        ("sign_conflicts", "sign conflicts (%)", 100.0),
+        ("l2_distance", "L2 distance", 1.0),
+        ("cosine", "cosine similarity", 1.0),
+    )
+    fig = Figure(figsize=(max(7.0, 1.2 * len(tasks) * 1.0 + 2), 9.0))
+    width = 0.8 / max(1, len(methods))
+    for p, (attr, ylabel, scale) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, p + 1)
+        for i, method in enumerate(methods):
+            xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
+            values = [
+                scale * getattr(by_key[(method, task)], attr)
+                if (method, task) in by_key
+                else float("nan")
+                for task in tasks
+            ]
+            ax.bar(xs, values, width, label=method)
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(len(tasks)), tasks if p == len(panels) - 1 else [""] * len(tasks))
+        if p == 0:
+            ax.set_title(f"Merged vs fine-tuned weights{': ' + title if title else ''}")
+            ax.legend(fontsize="small", ncols=min(4, len(methods)))
+    fig.axes[-1].tick_params(axis="x", labelrotation=30)
+    return _save(fig, path)
+
+
+def plot_storage(reports: Sequence[Any], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Bytes to serve every task, per method, against N separate fine-tuned models."""
+    labels = [r.method for r in reports] + ["separate models"]
+    values = [r.serving_bytes / 1e6 for r in reports]
+    values.append(reports[0].separate_bytes / 1e6 if reports else float("nan"))
+    fig = Figure(figsize=(max(5.0, 0.9 * len(labels) + 1.5), 4.0))
+    ax = fig.add_subplot()
+    colors = ["tab:blue"] * len(reports) + ["tab:gray"]
+    ax.bar(range(len(labels)), values, color=colors)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("MB to serve all tasks")
+    ax.set_title(f"Storage{': ' + title if title else ''}")
+    return _save(fig, path)
