@@ -195,6 +195,9 @@ class ResultsStore:
             con.row_factory = sqlite3.Row
             con.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
             con.execute("PRAGMA foreign_keys = ON")
+            # In WAL mode NORMAL never corrupts the file; a power cut may lose the last commit
+            # (that run is then simply re-run on resume). FULL would fsync every commit.
+            con.execute("PRAGMA synchronous = NORMAL")
             yield con
         except sqlite3.DatabaseError as exc:
             raise MergeBenchError(f"store {self.path}: {exc}") from exc
