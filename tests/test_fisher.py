@@ -170,3 +170,43 @@ def test_options_are_validated():
         merge_pool("fisher", pool, normalize="yes")
     with pytest.raises(MergeBenchError, match=r"fisher\.batch_size"):
         merge_pool("fisher", pool, batch_size=0)
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 3)
+        self.layer = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.emb(x)).mean(1))
+
+
+def test_embedding_fisher_with_sparse_rows_equals_the_dense_computation():
+    torch.manual_seed(3)
+    model = Bag()
+    x = torch.tensor([[1, 2, 2, 5], [3, 3, 3, 3], [0, 7, 1, 9]])  # repeated tokens
+    family = ToyFamily({"a": {"train": x}}, lambda task: Bag())
+    keys = ["emb.weight", "layer.weight", "layer.bias"]
+    fisher, _ = fisher_module.diagonal_fisher(
+        InputsOnly(family, "fisher", "toy"),
+        model,
+        keys,
+        "a",
+        "train",
+        None,
+        2,
+        torch.device("cpu"),
+    )
+    assert model.emb.sparse is False  # restored
+    expected = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for row in x:
+        log_probs = torch.log_softmax(model(row[None]), dim=-1)[0]
+        for label in range(4):
+            model.zero_grad()
+            log_probs[label].backward(retain_graph=True)
+            for name, param in model.named_parameters():
+                expected[name] += log_probs[label].exp().detach() * param.grad.square()
+    for key in keys:
+        torch.testing.assert_close(fisher[key], expected[key] / len(x))
+    assert fisher["emb.weight"][4].abs().sum() == 0  # a token no example uses

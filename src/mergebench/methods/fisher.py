@@ -16,6 +16,8 @@ are averaged, as are parameters the forward pass never reaches (all-zero Fisher)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +39,32 @@ from mergebench.selection import plan_keys
 from mergebench.stream import TaskVectorStream
 
 
+@contextmanager
+def sparse_embedding_grads(model: nn.Module) -> Iterator[None]:
+    """Embedding gradients as sparse rows while the Fisher is computed: one example touches a
+    few dozen of a vocabulary's rows, and squaring a dense [vocab, dim] gradient for every
+    class of every example would dominate the cost (half of MiniLM's weights are embeddings)."""
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding) and not m.sparse]
+    for module in embeddings:
+        module.sparse = True
+    try:
+        yield
+    finally:
+        for module in embeddings:
+            module.sparse = False
+
+
+def add_squared(acc: torch.Tensor, grad: torch.Tensor | None, weight: float) -> None:
+    """`acc += weight * grad^2`, for dense or sparse (row) gradients."""
+    if grad is None:  # the parameter does not influence this output
+        return
+    if grad.is_sparse:
+        grad = grad.coalesce()  # a token seen twice: its row's gradients add up first
+        acc.index_add_(0, grad.indices()[0], grad.values().float().square(), alpha=weight)
+    else:
+        acc.add_(grad.float().square(), alpha=weight)
+
+
 def diagonal_fisher(
     data: InputsOnly,
     model: nn.Module,
@@ -56,19 +84,21 @@ def diagonal_fisher(
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in wanted]
     examples = 0
     batches = data.batches(task, split, num_examples, batch_size, device)
-    for batch in tqdm(batches, desc=f"fisher: {task}", leave=False, disable=not progress or None):
-        for i in range(batch_size_of(batch)):
-            example = {k: v[i : i + 1] for k, v in batch.items()}
-            log_probs = torch.log_softmax(data.logits(model, example).float(), dim=-1)[0]
-            probs = log_probs.detach().exp()
-            for label in range(log_probs.shape[0]):
-                grads = torch.autograd.grad(
-                    log_probs[label], wanted, retain_graph=True, allow_unused=True
-                )
-                for acc, grad in zip(fisher, grads, strict=True):
-                    if grad is not None:
-                        acc.add_(grad.float().square(), alpha=float(probs[label]))
-            examples += 1
+    with sparse_embedding_grads(model):
+        for batch in tqdm(
+            batches, desc=f"fisher: {task}", leave=False, disable=not progress or None
+        ):
+            for i in range(batch_size_of(batch)):
+                example = {k: v[i : i + 1] for k, v in batch.items()}
+                log_probs = torch.log_softmax(data.logits(model, example).float(), dim=-1)[0]
+                probs = log_probs.detach().exp()
+                for label in range(log_probs.shape[0]):
+                    grads = torch.autograd.grad(
+                        log_probs[label], wanted, retain_graph=True, allow_unused=True
+                    )
+                    for acc, grad in zip(fisher, grads, strict=True):
+                        add_squared(acc, grad, float(probs[label]))
+                examples += 1
     if examples == 0:
         raise MergeBenchError(f"fisher: task {task!r} has no {split} inputs")
     return {k: f / examples for k, f in zip(keys, fisher, strict=True)}, examples
