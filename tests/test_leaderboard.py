@@ -73,6 +73,15 @@ def test_latest_run_of_a_label_wins(db) -> None:
     assert board.row("ties").rank == 1
 
 
+def test_all_runs_names_sweep_points_by_what_differs(db) -> None:
+    store = ResultsStore(db)
+    add(store, "ties", [0.9, 0.9], k=0.5)  # same label as the fixture's ties run, new config
+    boards = load_boards(db, family="tiny", all_runs=True)
+    labels = {r.label for r in boards[0].rows}
+    assert {"ties (method.k=-)", "ties (method.k=0.5)"} <= labels
+    assert "emr" in labels  # a label run once keeps its name
+
+
 def test_subset_boards_are_separate_and_normalized_per_task(db) -> None:
     add(ResultsStore(db), "emr", [0.4], tasks=("a",))
     boards = load_boards(db, family="tiny")

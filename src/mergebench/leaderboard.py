@@ -167,11 +167,49 @@ def load_boards(
     db: str | os.PathLike[str] = DEFAULT_DB,
     family: str | None = None,
     taskset: str | None = None,
+    all_runs: bool = False,
 ) -> list[Board]:
+    """Boards from the database at `db`. With `all_runs`, every run of a label is a row of
+    its own, named by the config values that tell the runs apart (a hyperparameter sweep)."""
     path = Path(db)
     if not path.is_file():
         raise MergeBenchError(f"--db {path}: no results database there (run `make bench` first)")
-    return build_boards(ResultsStore(path).scores(family=family, taskset=taskset))
+    store = ResultsStore(path)
+    rows = store.scores(family=family, taskset=taskset)
+    if all_runs:
+        names = variant_labels(store.runs(family=family, taskset=taskset))
+        rows = [r | {"label": names.get(r["run_id"], r["label"])} for r in rows]
+    return build_boards(rows)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(node, sort_keys=True)}
+
+
+def variant_labels(runs: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """run_id -> `label (key=value, ...)` for labels that several configs share, listing
+    only the config values that differ between them (e.g. `ties (method.k=0.1)`)."""
+    from mergebench.store import canonical_config
+
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["family"], run["taskset"], run["label"]), []).append(run)
+    names: dict[int, str] = {}
+    for (_, _, label), group in groups.items():
+        if len(group) < 2:
+            continue
+        flat = [_flatten(canonical_config(r["config"])) for r in group]
+        keys = sorted({k for f in flat for k in f})
+        differing = [k for k in keys if len({f.get(k) for f in flat}) > 1]
+        for run, f in zip(group, flat, strict=True):
+            parts = [f"{k}={f.get(k, '-')}" for k in differing]
+            names[run["run_id"]] = f"{label} ({', '.join(parts)})" if parts else label
+    return names
 
 
 # -- rendering ------------------------------------------------------------------------------
@@ -381,9 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", default="table", choices=FORMATS)
     parser.add_argument("--out", help="write to this file instead of standard output")
     parser.add_argument("--plots", metavar="DIR", help="also write the PNG plots into DIR")
+    parser.add_argument(
+        "--all-runs",
+        action="store_true",
+        help="a row per stored run, not per label (hyperparameter sweeps)",
+    )
     args = parser.parse_args(argv)
     try:
-        boards = load_boards(args.db, family=args.family, taskset=args.taskset)
+        boards = load_boards(
+            args.db, family=args.family, taskset=args.taskset, all_runs=args.all_runs
+        )
         if (args.family or args.taskset) and not boards:
             print(
                 f"no results for family={args.family} taskset={args.taskset} in {args.db}",
