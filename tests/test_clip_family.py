@@ -1,0 +1,300 @@
+"""The CLIP families on a tiny CLIP made here in the hub's formats: configs, checkpoints,
+zero-shot heads, data sets, merging and evaluation, all through the code that loads
+openai/clip-vit-base-patch32, tanganke/clip-vit-base-patch32_* and tanganke/eurosat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tiny_hf
+from hydra import compose, initialize_config_dir
+
+from mergebench.config import conf_dir
+from mergebench.errors import MergeBenchError
+from mergebench.evaluate import evaluate
+from mergebench.methods.registry import build_method
+from mergebench.models import FAMILIES, load_family, load_pool, uses_zoo
+from mergebench.models.clip import CLIPFamily
+from mergebench.models.clip_prompts import PROMPTS
+from mergebench.selection import plan_keys
+from mergebench.tasks.hf_datasets import open_split, split_rows
+
+TASKS = ("eurosat", "mnist")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A pretrained CLIPModel, two fine-tuned vision towers (one with transformers 4's
+    `vision_model.` keys, one as this version saves them), and two image data sets: one
+    written with save_to_disk, one as parquet files in the hub's layout (grayscale)."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("clip")
+    pre = tiny_hf.make_clip(root / "clip")
+    tiny_hf.make_clip_vision(pre, root / "ft_eurosat", seed=1, prefixed=True)
+    tiny_hf.make_clip_vision(pre, root / "ft_mnist", seed=2, prefixed=False)
+    datasets.DatasetDict(
+        {"train": tiny_hf.image_dataset(10, 3, 0), "test": tiny_hf.image_dataset(10, 2, 1)}
+    ).save_to_disk(str(root / "eurosat"))
+    tiny_hf.save_parquet_repo(
+        root / "mnist",
+        {
+            "train": tiny_hf.image_dataset(10, 3, 2, gray=True),
+            "test": tiny_hf.image_dataset(10, 2, 3, gray=True),
+        },
+    )
+    return {"root": root, "pretrained": pre}
+
+
+def clip_config(world: dict[str, Path], *extra: str, heads: str = "heads"):
+    root = world["root"]
+    overrides = [
+        "model=clip_vit_b32",
+        "taskset=clip8",
+        f"taskset.tasks=[{','.join(TASKS)}]",
+        f"model.checkpoints.pretrained={world['pretrained']}",
+        f"model.options.head_cache={root / heads}",
+        f"taskset.cache_dir={root / 'datasets_cache'}",
+        "taskset.examples.validation=4",
+        *(f"model.checkpoints.finetuned.{t}={root / f'ft_{t}'}" for t in TASKS),
+        *(f"taskset.data.{t}.data_dir={root / t}" for t in TASKS),
+        *extra,
+    ]
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def reference_clip(folder: Path):
+    """transformers' own CLIPModel: an independent route to features and logits."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def features(output) -> torch.Tensor:
+    # get_*_features return a tensor in transformers 4 and an output object in 5.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def test_registry_and_configs_name_the_paper_checkpoints():
+    for name in ("clip_vit_b32", "clip_vit_b16", "clip_vit_l14"):
+        assert name in FAMILIES and not uses_zoo(name)
+        with initialize_config_dir(str(conf_dir()), version_base=None):
+            cfg = compose("config", overrides=[f"model={name}", "taskset=clip8"])
+        pattern = {"clip_vit_b32": "base-patch32", "clip_vit_b16": "base-patch16"}.get(
+            name, "large-patch14"
+        )
+        assert cfg.model.checkpoints.pretrained == f"openai/clip-vit-{pattern}"
+        assert list(cfg.model.checkpoints.finetuned) == list(cfg.taskset.tasks)
+        assert cfg.model.checkpoints.finetuned.stanford_cars == (
+            f"tanganke/clip-vit-{pattern}_stanford-cars"
+        )
+    assert set(cfg.taskset.tasks) == set(PROMPTS)
+    counts = {t: len(PROMPTS[t].classnames) for t in PROMPTS}
+    assert counts == {
+        "sun397": 397, "stanford_cars": 196, "resisc45": 45, "eurosat": 10,
+        "svhn": 10, "gtsrb": 43, "mnist": 10, "dtd": 47,
+    }  # fmt: skip
+
+
+def test_zero_shot_head_and_logits_match_clipmodel(world):
+    family, data = load_family(*_model_taskset(clip_config(world)))
+    pool = family.build_pool(*_model_taskset(clip_config(world)))
+    clip, tokenizer = reference_clip(world["pretrained"])
+    prompts = PROMPTS["eurosat"]
+    with torch.no_grad():
+        per_class = []
+        for name in prompts.classnames:
+            enc = tokenizer([t.format(name) for t in prompts.templates], padding=True)
+            enc = {k: torch.tensor(v) for k, v in enc.items()}
+            text = F.normalize(features(clip.get_text_features(**enc)), dim=-1)
+            per_class.append(F.normalize(text.mean(0), dim=-1))
+        expected_head = torch.stack(per_class) * clip.logit_scale.exp()
+    head = family.head_tensors("eurosat")["classifier.weight"]
+    torch.testing.assert_close(head, expected_head, rtol=1e-4, atol=1e-4)
+
+    # The pretrained tower with the task's head gives CLIP's zero-shot logits.
+    model = family.build_model("eurosat").eval()
+    state = {**pool.pretrained.state_dict(), **family.head_tensors("eurosat")}
+    model.load_state_dict(state, strict=True)
+    batch, _ = next(data.batches("eurosat", "test", batch_size=5))
+    with torch.no_grad():
+        image = F.normalize(features(clip.get_image_features(**batch)), dim=-1)
+        torch.testing.assert_close(
+            family.logits(model, batch), image @ expected_head.T, rtol=1e-4, atol=1e-4
+        )
+
+
+def _model_taskset(cfg):
+    return cfg.model, cfg.taskset
+
+
+def test_heads_are_cached_on_disk_and_keyed_by_prompts(world, monkeypatch):
+    cfg = clip_config(world, heads="heads_cache_test")
+    family, _ = load_family(cfg.model, cfg.taskset)
+    first = family.zeroshot_weights("mnist")
+    cached = sorted((world["root"] / "heads_cache_test").glob("*.safetensors"))
+    assert len(cached) == 1
+
+    def no_text_tower(*args, **kwargs):
+        raise AssertionError("the head should come from the cache")
+
+    monkeypatch.setattr(CLIPFamily, "compute_zeroshot_weights", no_text_tower)
+    again, _ = load_family(cfg.model, cfg.taskset)
+    torch.testing.assert_close(again.zeroshot_weights("mnist"), first)
+    monkeypatch.undo()
+
+    # Other templates: another cache entry and another head.
+    other = clip_config(
+        world, "+taskset.data.mnist.templates=['a drawing of the digit {}.']", heads="heads_cache_test"
+    )
+    changed, _ = load_family(other.model, other.taskset)
+    assert not torch.allclose(changed.zeroshot_weights("mnist"), first)
+    assert len(list((world["root"] / "heads_cache_test").glob("*.safetensors"))) == 2
+
+
+def test_pool_is_the_vision_towers_under_one_naming(world):
+    cfg = clip_config(world)
+    pool, _ = load_pool(cfg.model, cfg.taskset, zoo_dir="/nonexistent", seed=0)
+    assert pool.heads_separate and pool.tasks == list(TASKS)
+    # The full CLIPModel's text tower and logit scale are not part of the pool.
+    assert all(k.startswith("vision_model.") for k in pool.pretrained.keys())
+    plan = plan_keys(pool)
+    assert set(plan.merged) == set(pool.pretrained.keys())
+    for task in TASKS:
+        assert sorted(plan.task_specific[task]) == ["classifier.weight", "visual_projection.weight"]
+    # Both key conventions on disk (prefixed eurosat, bare mnist) read as the same model.
+    from safetensors import safe_open
+
+    with safe_open(str(world["root"] / "ft_mnist" / "model.safetensors"), "pt") as f:
+        disk_keys = set(f.keys())
+    key = "vision_model.post_layernorm.weight"
+    assert key in pool.finetuned["mnist"]
+    disk_key = key if key in disk_keys else key.removeprefix("vision_model.")
+    with safe_open(str(world["root"] / "ft_mnist" / "model.safetensors"), "pt") as f:
+        torch.testing.assert_close(pool.finetuned["mnist"].get(key), f.get_tensor(disk_key))
+    assert not torch.equal(pool.finetuned["mnist"].get(key), pool.pretrained.get(key))
+
+
+def test_emr_merge_and_evaluation_end_to_end(world):
+    """model=clip_vit_b32 taskset=clip8 method=emr on local copies: merge, then evaluate
+    every task; the individual row equals an independent transformers evaluation."""
+    from transformers import CLIPVisionModel
+
+    cfg = clip_config(world)
+    pool, data = load_pool(cfg.model, cfg.taskset, zoo_dir="/nonexistent", seed=0)
+    result = build_method("emr").merge(pool)
+    scores = evaluate(result, data)
+    assert [(s.task, s.metric) for s in scores] == [(t, "accuracy") for t in TASKS]
+    assert all(0.0 <= s.value <= 1.0 for s in scores)
+
+    class Individual:
+        def state_dict(self, task):
+            return pool.finetuned[task].state_dict()
+
+    ours = {s.task: s.value for s in evaluate(Individual(), data)}
+    clip, _ = reference_clip(world["pretrained"])
+    for task in TASKS:
+        vision = CLIPVisionModel.from_pretrained(world["root"] / f"ft_{task}").eval()
+        head = data.family.head_tensors(task)["classifier.weight"]
+        correct = n = 0
+        for batch, labels in data.batches(task, "test", batch_size=7):
+            with torch.no_grad():
+                pooled = vision(**batch).pooler_output
+                image = F.normalize(clip.visual_projection(pooled), dim=-1)
+            correct += int(((image @ head.T).argmax(-1) == labels).sum())
+            n += len(labels)
+        assert n == 20
+        assert ours[task] == pytest.approx(correct / n)
+    # EMR's model for a task is not the fine-tuned one, and it differs between tasks.
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    emr_a, emr_b = (result.state_dict(t)[key] for t in TASKS)
+    assert not torch.equal(emr_a, emr_b)
+
+
+def test_data_dependent_methods_read_inputs_only(world):
+    cfg = clip_config(world)
+    pool, _ = load_pool(cfg.model, cfg.taskset, zoo_dir="/nonexistent", seed=0)
+    family = pool.family
+    batch = next(family.unlabeled_inputs("mnist", "train", 4, 4))
+    assert set(batch) == {"pixel_values"} and batch["pixel_values"].shape[:2] == (4, 3)
+    # What the family holds opens its data sets without the label column.
+    rows = family.tasks["mnist"].inputs["test"]
+    rows[0]
+    assert rows._data.column_names == ["image"]
+    merged = build_method("regmean", num_examples=8, batch_size=4).merge(pool)
+    assert set(merged.tasks) == set(TASKS)
+    ada = build_method("adamerging", steps=2, batch_size=4, accelerator="cpu").merge(pool)
+    assert set(ada.tasks) == set(TASKS)
+
+
+def test_splits_validation_carved_from_train(world):
+    cfg = clip_config(world)
+    _, data = load_family(cfg.model, cfg.taskset)
+    spec = data.spec("eurosat")
+    train_source, train = split_rows(spec, "train", 0, data._examples)
+    val_source, val = split_rows(spec, "validation", 0, data._examples)
+    assert train_source == val_source == "train"
+    assert len(val) == 4 and len(train) == 26 and not set(train) & set(val)
+    assert len(open_split(spec, "test")) == data.num_examples("eurosat", "test") == 20
+    labels = data.labels("eurosat", "test")
+    assert labels.dtype == np.int64 and set(labels) == set(range(10))
+
+
+def test_offline_hub_ids_fail_in_one_line(world, monkeypatch, tmp_path):
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+
+    cfg = clip_config(world, "model.checkpoints.pretrained=openai/clip-vit-base-patch32")
+    with pytest.raises(MergeBenchError) as err:
+        load_family(cfg.model, cfg.taskset)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "model.checkpoints.pretrained" in message and "openai/clip-vit-base-patch32" in message
+    assert "network" in message and "local path" in message
+
+    cfg = clip_config(world, "model.checkpoints.finetuned.mnist=tanganke/clip-vit-base-patch32_mnist")
+    family, _ = load_family(cfg.model, cfg.taskset)
+    with pytest.raises(MergeBenchError, match=r"finetuned\.mnist.*tanganke/clip-vit-base-patch32_mnist"):
+        family.build_pool(cfg.model, cfg.taskset)
+
+    cfg = clip_config(world, "taskset.data.eurosat.data_dir=null")
+    family, data = load_family(cfg.model, cfg.taskset)
+    with pytest.raises(MergeBenchError) as err:
+        data.labels("eurosat", "test")
+    message = str(err.value)
+    assert "\n" not in message and "tanganke/eurosat" in message
+    assert "network" in message and "taskset.data.eurosat.data_dir" in message
+
+
+def test_bad_local_paths_and_config_name_the_key(world):
+    cfg = clip_config(world, f"model.checkpoints.finetuned.mnist={world['root'] / 'nope'}")
+    family, _ = load_family(cfg.model, cfg.taskset)
+    with pytest.raises(MergeBenchError, match=r"model\.checkpoints\.finetuned\.mnist: .*nope"):
+        family.build_pool(cfg.model, cfg.taskset)
+    cfg = clip_config(world, "model.checkpoints.finetuned.mnist=null")
+    family, _ = load_family(cfg.model, cfg.taskset)
+    with pytest.raises(MergeBenchError, match=r"finetuned\.mnist: no fine-tuned checkpoint"):
+        family.build_pool(cfg.model, cfg.taskset)
+    cfg = clip_config(world, f"taskset.data.mnist.data_dir={world['root'] / 'missing'}")
+    _, data = load_family(cfg.model, cfg.taskset)
+    with pytest.raises(MergeBenchError, match=r"taskset\.data\.mnist\.data_dir: .*missing not found"):
+        data.labels("mnist", "test")
+    # A vision tower is not a pretrained CLIP model: it has no text tower for the heads.
+    cfg = clip_config(world, f"model.checkpoints.pretrained={world['root'] / 'ft_mnist'}")
+    with pytest.raises(MergeBenchError, match="model.checkpoints.pretrained"):
+        family, _ = load_family(cfg.model, cfg.taskset)
+        family.head_tensors("mnist")
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        text = compose("config", overrides=["model=clip_vit_b32", "taskset=glue8"])
+    with pytest.raises(MergeBenchError, match="taskset.family"):
+        load_family(text.model, text.taskset)
