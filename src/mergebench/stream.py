@@ -5,24 +5,32 @@ Every data-free method is a per-tensor function of `(pretrained, task vectors [N
 hands float32 tensors to the method. Methods that need a global statistic (TIES global
 top-k, EMR's global rescaler) make several passes.
 
-Why it is fast and lean:
-- a background thread reads the next key (positional reads from the page cache, see
-  `tensors.SafetensorsSource`) while the caller computes on the current one;
-- the fine-tuned tensors are read straight into the rows of the `[N, *shape]` stack and
-  turned into task vectors in place (`W_t - W_pre`), so each key costs one copy of the
-  data, not three;
-- with `reuse_buffers=True` the stack lives in two preallocated buffers that alternate
-  (no allocation, no page faults per key); the caller must then be done with an item
-  before asking for the next one (clone what you keep).
-Peak memory is therefore the output plus about `2 * (N + 1)` copies of the largest tensor.
+Two ways to walk the keys:
+- `map(fn)`: the fast path for methods that reduce each key to new tensors. A reader
+  thread reads upcoming keys (positional reads from the page cache, see
+  `tensors.SafetensorsSource`) into a few reused buffers while `threads` workers run `fn`
+  on earlier keys; results come back in key order. Torch's own intra-op threads are set to
+  1 meanwhile: whole keys in parallel use the cores without OpenMP's per-op barriers, which
+  cost a lot on a small, busy machine (measured: docs/performance.md).
+- `passes()`: a plain iterator (used by methods that keep the items), with a one-key
+  prefetch.
+Either way the fine-tuned tensors are read straight into the rows of the `[N, *shape]`
+stack and become task vectors in place (`W_t - W_pre`): one copy of the data per key.
+Peak memory is the output plus about `(threads + 1) * (N + 1)` copies of the largest
+tensor, whatever the model size.
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +43,7 @@ from mergebench.selection import KeyPlan, plan_keys
 # a fresh one per pass so that random transforms replay identically in every pass.
 TaskVectorTransform = Callable[[str, torch.Tensor], torch.Tensor]
 TransformFactory = Callable[[], TaskVectorTransform]
+R = TypeVar("R")
 
 
 @dataclass
@@ -66,6 +75,7 @@ class _Loaded:
     key: str
     pretrained: torch.Tensor
     finetuned: torch.Tensor  # [N, *shape]
+    task_sum: torch.Tensor | None = None  # a reused buffer for the task sum, if any
 
 
 class _BufferSet:
@@ -74,6 +84,7 @@ class _BufferSet:
     def __init__(self, num_tasks: int, max_numel: int, pin: bool) -> None:
         self.pretrained = torch.empty(max_numel, pin_memory=pin)
         self.finetuned = torch.empty(num_tasks * max_numel, pin_memory=pin)
+        self.task_sum = torch.empty(max_numel)
 
     def views(self, num_tasks: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         numel = math.prod(shape)
@@ -82,6 +93,9 @@ class _BufferSet:
             self.pretrained[:numel].view(shape),
             self.finetuned[: num_tasks * numel].view(num_tasks, *shape),
         )
+
+    def task_sum_view(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.task_sum[: math.prod(shape)].view(shape)
 
 
 class TaskVectorStream:
@@ -94,6 +108,7 @@ class TaskVectorStream:
         transform_factory: TransformFactory | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        threads: int | None = None,
     ) -> None:
         self.pool = pool
         self.plan = plan if plan is not None else plan_keys(pool)
@@ -102,6 +117,12 @@ class TaskVectorStream:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeBenchError(f"device: {device!r} requested but CUDA is not available")
         self.progress = progress
+        # Workers for `map`: one per core by default; a GPU runs one key at a time.
+        if threads is None:
+            threads = 1 if self.device.type != "cpu" else torch.get_num_threads()
+        if threads < 1:
+            raise MergeBenchError(f"threads: {threads} must be at least 1")
+        self.threads = threads
 
     @property
     def tasks(self) -> list[str]:
@@ -109,6 +130,88 @@ class TaskVectorStream:
 
     def numel(self, key: str) -> int:
         return self.pool.pretrained.numel(key)
+
+    def map(
+        self, fn: Callable[[TensorItem], R], description: str = "merging"
+    ) -> Iterator[tuple[str, R]]:
+        """Yield `(key, fn(item))` for every merged key, in key order.
+
+        `fn` runs in worker threads on items whose tensors live in reused buffers: it must
+        return new tensors (or numbers) and keep no reference to the item's tensors. A
+        transform (DARE) is applied in key order, so its random draws replay exactly.
+        """
+        keys = self.plan.merged
+        if not keys:
+            return
+        workers = self.threads
+        transform = self.transform_factory() if self.transform_factory else None
+        free: queue.Queue[_BufferSet] = queue.Queue()
+        for buffers in self._buffer_sets(workers + 1):
+            free.put(buffers)
+        transformed = [threading.Event() for _ in keys]
+        stop = threading.Event()
+
+        def load(index: int) -> tuple[_Loaded, _BufferSet]:
+            while True:  # wait for a free buffer set, unless the pass is being torn down
+                try:
+                    buffers = free.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if stop.is_set():
+                        raise _Cancelled from None
+            try:
+                return self._load(keys[index], buffers), buffers
+            except BaseException:
+                free.put(buffers)
+                raise
+
+        def compute(index: int, loading: Future) -> R:
+            buffers = None
+            try:
+                loaded, buffers = loading.result()
+                item = self._item(loaded, None)
+                if transform is not None:
+                    if index > 0:
+                        transformed[index - 1].wait()
+                    item = TensorItem(
+                        item.key, item.pretrained, transform(item.key, item.task_vectors),
+                        item.dtype,
+                    )  # fmt: skip
+                    transformed[index].set()
+                return fn(item)
+            finally:
+                transformed[index].set()
+                if buffers is not None:
+                    free.put(buffers)
+
+        bar = self._bar(description, len(keys))
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read")
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergebench-merge")
+        inflight: deque[Future[R]] = deque()
+        submitted = 0
+
+        def submit() -> None:
+            nonlocal submitted
+            loading = reader.submit(load, submitted)
+            inflight.append(pool.submit(compute, submitted, loading))
+            submitted += 1
+
+        try:
+            with _single_threaded_ops(self.device.type == "cpu"), bar:
+                while submitted < min(len(keys), workers + 1):
+                    submit()
+                for key in keys:
+                    result = inflight.popleft().result()
+                    if submitted < len(keys):
+                        submit()
+                    yield key, result
+                    bar.update()
+        finally:
+            stop.set()
+            for future in inflight:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            reader.shutdown(wait=True, cancel_futures=True)
 
     def passes(
         self, description: str = "merging", reuse_buffers: bool = False
@@ -121,10 +224,7 @@ class TaskVectorStream:
         transform = self.transform_factory() if self.transform_factory else None
         keys = self.plan.merged
         buffers = self._buffer_sets() if reuse_buffers and keys else None
-        bar = tqdm(
-            total=len(keys), desc=description, unit="tensor", leave=False,
-            disable=not self.progress or None,
-        )  # fmt: skip
+        bar = self._bar(description, len(keys))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as reader, bar:
             pending: Future[_Loaded] | None = None
             if keys:
@@ -140,10 +240,16 @@ class TaskVectorStream:
                 bar.update()
 
     # -- internals ---------------------------------------------------------------------------
-    def _buffer_sets(self) -> list[_BufferSet]:
+    def _buffer_sets(self, count: int = 2) -> list[_BufferSet]:
         max_numel = max(self.numel(k) for k in self.plan.merged)
         pin = self.device.type == "cuda"
-        return [_BufferSet(len(self.tasks), max_numel, pin) for _ in range(2)]
+        return [_BufferSet(len(self.tasks), max_numel, pin) for _ in range(count)]
+
+    def _bar(self, description: str, total: int) -> tqdm:
+        return tqdm(
+            total=total, desc=description, unit="tensor", leave=False,
+            disable=not self.progress or None,
+        )  # fmt: skip
 
     def _load(self, key: str, buffers: _BufferSet | None) -> _Loaded:
         """Read one key of every checkpoint as float32 (runs in the reader thread)."""
@@ -158,7 +264,9 @@ class TaskVectorStream:
         self.pool.pretrained.read_into(key, pre)
         for row, source in zip(finetuned, self.pool.finetuned.values(), strict=True):
             source.read_into(key, row)
-        return _Loaded(key, pre, finetuned)
+        on_cpu = self.device.type == "cpu"
+        task_sum = buffers.task_sum_view(shape) if buffers is not None and on_cpu else None
+        return _Loaded(key, pre, finetuned, task_sum)
 
     def _item(self, loaded: _Loaded, transform: TaskVectorTransform | None) -> TensorItem:
         key = loaded.key
@@ -166,9 +274,10 @@ class TaskVectorStream:
         if self.device.type != "cpu":
             pre, taus = pre.to(self.device), taus.to(self.device)
         taus.sub_(pre)  # W_t - W_pre, in place: the fine-tuned rows become task vectors
-        # Any nan/inf in W_pre or a W_t makes the task sum non-finite: one cheap check.
-        task_sum = taus.sum(dim=0)
-        if not bool(torch.isfinite(task_sum).all()):
+        # Any nan/inf in W_pre or a W_t makes the task sum, hence its total, non-finite: two
+        # cheap reductions instead of an elementwise `isfinite` over every tensor.
+        task_sum = torch.sum(taus, dim=0, out=loaded.task_sum)
+        if not math.isfinite(float(task_sum.sum())) and not bool(torch.isfinite(task_sum).all()):
             raise self._non_finite(key)
         item = TensorItem(key, pre, taus, self.pool.pretrained.dtype(key), task_sum)
         if transform is not None:
@@ -184,3 +293,21 @@ class TaskVectorStream:
         return MergeBenchError(
             f"key {key!r}: task vectors overflow float32 (|W_t - W_pre| too large to merge)"
         )
+
+
+class _Cancelled(Exception):
+    """A read abandoned because its pass was torn down (an error, or the caller stopped)."""
+
+
+@contextmanager
+def _single_threaded_ops(enabled: bool) -> Iterator[None]:
+    """Torch intra-op threads = 1 while our workers run whole keys in parallel (restored)."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -7,35 +7,30 @@
   Sums are accumulated in float64. Where the denominator is 0 (the task's mask keeps
   nothing), `M_t * tau_uni` is 0 everywhere, so `lam_t` cannot change the weights; we
   store 0 and say so in the result's `extra`.
+
+Each key is reduced by `modulate_key` to its unified vector, packed masks and per-task
+statistics; per-key statistics are added up in key order, so the result does not depend
+on how many keys were processed at once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mergebench.methods.base import Method, task_specific_tensors
 from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
 from mergebench.selection import KeyPlan
+from mergebench.stream import TaskVectorStream, TensorItem
 from mergebench.tensors import pack_bits
 
 RESCALERS = ("tensor_mean", "global")
-
-
-def task_masks(
-    task_vectors: torch.Tensor, unified: torch.Tensor, scratch: Scratch | None = None
-) -> torch.Tensor:
-    """`M_t = (tau_t * tau_uni > 0)` as bool `[N, *shape]` (in `scratch` buffers if given)."""
-    if scratch is None:
-        return task_vectors * unified > 0
-    product = scratch.get("product", task_vectors.shape, torch.float32, task_vectors.device)
-    masks = scratch.get("masks", task_vectors.shape, torch.bool, task_vectors.device)
-    torch.mul(task_vectors, unified, out=product)
-    return torch.gt(product, 0, out=masks)
 
 
 class Scratch:
@@ -54,39 +49,175 @@ class Scratch:
         return flat[:numel].view(shape)
 
 
-class RescalerAccumulator:
-    """Per-task float64 sums of `reduce|tau_t|` and `reduce|M_t * tau_uni|` over tensors.
+_thread_scratch = threading.local()
 
-    Each task's statistic is one float64 reduction over the whole tensor (the official code
-    takes `mean(abs(tau_t))` per tensor and task the same way), done in a reused float64
-    buffer rather than as a float64 copy of the whole `[N, *shape]` stack.
+
+def thread_scratch() -> Scratch:
+    """One `Scratch` per worker thread (workers run keys in parallel)."""
+    if not hasattr(_thread_scratch, "value"):
+        _thread_scratch.value = Scratch()
+    return _thread_scratch.value
+
+
+def task_masks(
+    task_vectors: torch.Tensor, unified: torch.Tensor, scratch: Scratch | None = None
+) -> torch.Tensor:
+    """`M_t = (tau_t * tau_uni > 0)` as bool `[N, *shape]` (in `scratch` buffers if given).
+
+    With scratch, one task row at a time: the float product never exists for all N rows.
     """
+    if scratch is None:
+        return task_vectors * unified > 0
+    device = task_vectors.device
+    masks = scratch.get("masks", task_vectors.shape, torch.bool, device)
+    product = scratch.get("product", unified.shape, torch.float32, device)
+    for row, mask in zip(task_vectors, masks, strict=True):
+        torch.mul(row, unified, out=product)
+        torch.gt(product, 0, out=mask)
+    return masks
+
+
+@dataclass
+class KeyModulators:
+    """What one key contributes to a task-conditioned result."""
+
+    unified: torch.Tensor  # float32 [*shape], on the CPU
+    packed: torch.Tensor | None  # uint8 [N, ceil(numel/8)], on the CPU; None = no masks
+    numerator: torch.Tensor  # float64 [N]: reduce|tau_t| over this key
+    denominator: torch.Tensor  # float64 [N]: reduce|M_t * tau_uni| over this key
+
+
+def modulate_key(
+    task_vectors: torch.Tensor,
+    unified: torch.Tensor,
+    mask: bool,
+    rescaler: str,
+    scratch: Scratch | None = None,
+    rescale: bool = True,
+) -> KeyModulators:
+    """Masks (packed) and the rescaler statistics (if `rescale`) of one key.
+
+    Every statistic is a float64 sum over the whole tensor for one task (divided by its
+    size for `tensor_mean`), as the official code takes `mean(abs(tau_t))` per tensor and
+    task. On the CPU this runs block by block in numpy (see `_modulate_blocks`); elsewhere
+    (GPU) in torch. Both give the same masks; the float64 sums agree to rounding.
+    """
+    if task_vectors.device.type == "cpu":
+        return _modulate_blocks(task_vectors, unified, mask, rescaler, scratch, rescale)
+    return _modulate_torch(task_vectors, unified, mask, rescaler, scratch, rescale)
+
+
+# Entries per block: the `[N, block]` work arrays stay in the core's cache, and a multiple
+# of 8 lets each block's masks be bit-packed on their own.
+_BLOCK = 1 << 15
+
+
+def _modulate_blocks(
+    task_vectors: torch.Tensor,
+    unified: torch.Tensor,
+    mask: bool,
+    rescaler: str,
+    scratch: Scratch | None,
+    rescale: bool,
+) -> KeyModulators:
+    """CPU kernel: one cache-sized block of entries at a time, numpy ufuncs throughout
+    (numpy's comparisons and casting reductions are vectorized where torch's are not, and
+    release the GIL, so worker threads run in parallel)."""
+    scratch = scratch if scratch is not None else Scratch()
+    n = task_vectors.shape[0]
+    taus = task_vectors.reshape(n, -1).numpy()
+    uni = unified.reshape(-1).numpy()
+    numel = uni.shape[0]
+    block = min(_BLOCK, numel)
+    cpu = torch.device("cpu")
+    product = scratch.get("block_f32", (n, block), torch.float32, cpu).numpy()
+    bits = scratch.get("block_bool", (n, block), torch.bool, cpu).numpy()
+    packed = np.empty((n, (numel + 7) // 8), dtype=np.uint8) if mask else None
+    numerator = np.zeros(n)
+    denominator = np.zeros(n)
+    for start in range(0, numel, block):
+        stop = min(numel, start + block)
+        t, u = taus[:, start:stop], uni[start:stop]
+        p, m = product[:, : stop - start], bits[:, : stop - start]
+        if mask:
+            np.multiply(t, u, out=p)
+            np.greater(p, 0, out=m)
+            packed[:, start // 8 : (stop + 7) // 8] = np.packbits(m, axis=-1, bitorder="little")
+        if rescale:
+            numerator += np.add.reduce(np.abs(t, out=p), axis=1, dtype=np.float64)
+            u_abs = np.abs(u)
+            if mask:
+                # |tau_uni| * M_t: each entry is |tau_uni| or 0, exact in float32.
+                denominator += np.add.reduce(np.multiply(u_abs, m, out=p), axis=1, dtype=np.float64)
+            else:
+                denominator += np.add.reduce(u_abs, dtype=np.float64)
+    if rescaler == "tensor_mean" and numel:
+        numerator /= numel
+        denominator /= numel
+    return KeyModulators(
+        unified=unified,
+        packed=torch.from_numpy(packed) if packed is not None else None,
+        numerator=torch.from_numpy(numerator),
+        denominator=torch.from_numpy(denominator),
+    )
+
+
+def _modulate_torch(
+    task_vectors: torch.Tensor,
+    unified: torch.Tensor,
+    mask: bool,
+    rescaler: str,
+    scratch: Scratch | None,
+    rescale: bool,
+) -> KeyModulators:
+    """Device-agnostic kernel (the GPU path): whole rows, float64 reductions in torch."""
+    scratch = scratch if scratch is not None else Scratch()
+    device = task_vectors.device
+    n = task_vectors.shape[0]
+    masks = task_masks(task_vectors, unified, scratch) if mask else None
+    rows = task_vectors.reshape(n, -1)
+    flat_unified = unified.reshape(-1)
+    numel = flat_unified.numel()
+    numerator = torch.zeros(n, dtype=torch.float64, device=device)
+    denominator = torch.zeros(n, dtype=torch.float64, device=device)
+    if rescale and numel:
+        wide = scratch.get("float64", flat_unified.shape, torch.float64, device)
+        unified_abs = torch.abs(flat_unified).to(torch.float64)
+        for t in range(n):
+            numerator[t] = wide.copy_(rows[t]).abs_().sum()
+            denominator[t] = (
+                unified_abs.sum()
+                if masks is None
+                else torch.mul(unified_abs, masks[t].reshape(-1), out=wide).sum()
+            )
+        if rescaler == "tensor_mean":
+            numerator /= numel
+            denominator /= numel
+    return KeyModulators(
+        unified=unified.cpu(),
+        packed=pack_bits(masks).cpu() if masks is not None else None,
+        numerator=numerator.cpu(),
+        denominator=denominator.cpu(),
+    )
+
+
+class RescalerAccumulator:
+    """Per-task float64 sums of the per-key statistics, added in key order."""
 
     def __init__(self, num_tasks: int, mode: str) -> None:
         self.mode = mode
         self.numerator = torch.zeros(num_tasks, dtype=torch.float64)
         self.denominator = torch.zeros(num_tasks, dtype=torch.float64)
-        self._scratch = Scratch()
+
+    def add_key(self, key: KeyModulators) -> None:
+        self.numerator += key.numerator
+        self.denominator += key.denominator
 
     def add(
         self, task_vectors: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor | None
     ) -> None:
-        n = task_vectors.shape[0]
-        rows = task_vectors.reshape(n, -1)
-        wide = self._scratch.get("f64", rows.shape[1:], torch.float64, rows.device)
-        uni_abs = unified.reshape(-1).abs().to(torch.float64)
-        reduce = torch.mean if self.mode == "tensor_mean" else torch.sum
-        numerator, denominator = [], []
-        for t in range(n):
-            wide.copy_(rows[t]).abs_()
-            numerator.append(reduce(wide))
-            if masks is None:
-                denominator.append(reduce(uni_abs))
-            else:
-                torch.mul(uni_abs, masks[t].reshape(-1), out=wide)
-                denominator.append(reduce(wide))
-        self.numerator += torch.stack(numerator).cpu()
-        self.denominator += torch.stack(denominator).cpu()
+        """Statistics of one key from its task vectors, unified vector and bool masks."""
+        self.add_key(modulate_key(task_vectors, unified, masks is not None, self.mode))
 
     def rescalers(self) -> torch.Tensor:
         safe = torch.where(
@@ -102,6 +233,25 @@ class UnifiedItem:
     unified: torch.Tensor  # float32 [*shape]
 
 
+def stream_mask_and_rescale(
+    method: Method,
+    pool: ModelPool,
+    stream: TaskVectorStream,
+    unify: Callable[[TensorItem], torch.Tensor],
+    mask: bool,
+    rescale: bool,
+    rescaler: str,
+) -> TaskConditionedResult:
+    """The fast path: `unify(item)` gives each key's `tau_uni`; keys run in parallel."""
+
+    def per_key(item: TensorItem) -> KeyModulators:
+        unified = unify(item)
+        return modulate_key(item.task_vectors, unified, mask, rescaler, thread_scratch(), rescale)
+
+    keys = stream.map(per_key, method.name)
+    return _assemble(method, pool, stream.plan, keys, mask, rescale, rescaler)
+
+
 def mask_and_rescale(
     method: Method,
     pool: ModelPool,
@@ -111,19 +261,36 @@ def mask_and_rescale(
     rescale: bool,
     rescaler: str,
 ) -> TaskConditionedResult:
-    """Build the task-conditioned result from unified vectors streamed key by key."""
+    """Build the task-conditioned result from unified vectors given key by key."""
+    scratch = Scratch()
+    keys = (
+        (
+            item.key,
+            modulate_key(item.task_vectors, item.unified, mask, rescaler, scratch, rescale),
+        )
+        for item in items
+    )
+    return _assemble(method, pool, plan, keys, mask, rescale, rescaler)
+
+
+def _assemble(
+    method: Method,
+    pool: ModelPool,
+    plan: KeyPlan,
+    keys: Iterable[tuple[str, KeyModulators]],
+    mask: bool,
+    rescale: bool,
+    rescaler: str,
+) -> TaskConditionedResult:
     tasks = pool.tasks
     accumulator = RescalerAccumulator(len(tasks), rescaler)
-    scratch = Scratch()
     unified: dict[str, torch.Tensor] = {}
     packed: dict[str, torch.Tensor] = {}
-    for item in items:
-        masks = task_masks(item.task_vectors, item.unified, scratch) if mask else None
-        if rescale:
-            accumulator.add(item.task_vectors, item.unified, masks)
-        unified[item.key] = item.unified.cpu()
-        if masks is not None:
-            packed[item.key] = pack_bits(masks).cpu()
+    for key, modulators in keys:
+        accumulator.add_key(modulators)
+        unified[key] = modulators.unified
+        if modulators.packed is not None:
+            packed[key] = modulators.packed
     if rescale:
         values = accumulator.rescalers()
         rescalers = {t: float(v) for t, v in zip(tasks, values, strict=True)}
