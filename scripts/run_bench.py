@@ -1,0 +1,104 @@
+"""What `make bench` runs once the zoo exists: a Hydra multirun of `mergebench` over every
+data-free method and variant on the text set and the vision set (reference rows come with
+each job, evaluated once per zoo), then the leaderboard: printed, and written to
+`outputs/leaderboard.md` and `outputs/leaderboard.json`.
+
+    python scripts/run_bench.py                 # data-free methods, both task sets
+    python scripts/run_bench.py --all           # plus the data-dependent methods present
+    python scripts/run_bench.py --sets text --force --db /tmp/b.sqlite
+
+Runs already in the results database (same resolved config) are skipped, so an interrupted
+sweep resumes; `--force` runs everything again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Data-free methods and variants: conf/variant/<name>.yaml (paper Tables 7 and 8 included).
+DATA_FREE_VARIANTS = [
+    "weight_averaging",
+    "task_arithmetic",
+    "ties",
+    "dare_task_arithmetic",
+    "dare_ties",
+    "emr",
+    "emr_elect",
+    "emr_elect_mask",
+    "emr_elect_rescale",
+    "task_arithmetic_mr",
+    "ties_mr",
+]
+# Data-dependent methods (`--all`), run when their conf/method/<name>.yaml exists.
+DATA_DEPENDENT_METHODS = ["regmean", "fisher", "adamerging"]
+SETS = {"text": "bench_text", "vision": "bench_vision"}
+
+
+def multirun(overrides: list[str]) -> None:
+    """One Hydra multirun of the `mergebench` app in this process (jobs run one by one and
+    share the loaded families and evaluation models)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mergebench import bench
+
+    GlobalHydra.instance().clear()
+    argv = sys.argv
+    sys.argv = ["mergebench", "--multirun", *overrides]
+    try:
+        bench.main()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+
+
+def write_leaderboard(db: str, out_dir: str) -> list[Path]:
+    """Print the leaderboard and write it as Markdown and JSON (mergebench.leaderboard)."""
+    from mergebench.leaderboard import load_boards, print_table
+    from mergebench.leaderboard import write_leaderboard as write
+
+    print_table(load_boards(db))
+    return list(write(db, out_dir=out_dir, formats=("markdown", "json")).values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--all", action="store_true", help="also the data-dependent methods")
+    parser.add_argument("--force", action="store_true", help="rerun runs already stored")
+    parser.add_argument("--db", default="outputs/results.sqlite", help="results database")
+    parser.add_argument("--out", default="outputs", help="leaderboard folder")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    args = parser.parse_args(argv)
+
+    from mergebench.config import conf_dir
+
+    common = [
+        "+experiment=" + ",".join(SETS[s] for s in args.sets),
+        f"store.path={args.db}",
+        "progress=false",
+        *(["force=true"] if args.force else []),
+        *args.overrides,
+    ]
+    start = time.perf_counter()
+    multirun([*common, "+variant=" + ",".join(DATA_FREE_VARIANTS)])
+    if args.all:
+        present = [
+            m for m in DATA_DEPENDENT_METHODS if (conf_dir() / "method" / f"{m}.yaml").exists()
+        ]
+        if present:
+            multirun([*common, "method=" + ",".join(present)])
+    seconds = time.perf_counter() - start
+    for path in write_leaderboard(args.db, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    print(f"benchmark runs took {seconds:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
