@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_hf
 import torch
 import torch.nn.functional as F
-import tiny_hf
 from hydra import compose, initialize_config_dir
 
 from mergebench.config import conf_dir
@@ -151,7 +151,9 @@ def test_heads_are_cached_on_disk_and_keyed_by_prompts(world, monkeypatch):
 
     # Other templates: another cache entry and another head.
     other = clip_config(
-        world, "+taskset.data.mnist.templates=['a drawing of the digit {}.']", heads="heads_cache_test"
+        world,
+        "+taskset.data.mnist.templates=['a drawing of the digit {}.']",
+        heads="heads_cache_test",
     )
     changed, _ = load_family(other.model, other.taskset)
     assert not torch.allclose(changed.zeroshot_weights("mnist"), first)
@@ -262,9 +264,13 @@ def test_offline_hub_ids_fail_in_one_line(world, monkeypatch, tmp_path):
     assert "model.checkpoints.pretrained" in message and "openai/clip-vit-base-patch32" in message
     assert "network" in message and "local path" in message
 
-    cfg = clip_config(world, "model.checkpoints.finetuned.mnist=tanganke/clip-vit-base-patch32_mnist")
+    cfg = clip_config(
+        world, "model.checkpoints.finetuned.mnist=tanganke/clip-vit-base-patch32_mnist"
+    )
     family, _ = load_family(cfg.model, cfg.taskset)
-    with pytest.raises(MergeBenchError, match=r"finetuned\.mnist.*tanganke/clip-vit-base-patch32_mnist"):
+    with pytest.raises(
+        MergeBenchError, match=r"finetuned\.mnist.*tanganke/clip-vit-base-patch32_mnist"
+    ):
         family.build_pool(cfg.model, cfg.taskset)
 
     cfg = clip_config(world, "taskset.data.eurosat.data_dir=null")
@@ -287,7 +293,9 @@ def test_bad_local_paths_and_config_name_the_key(world):
         family.build_pool(cfg.model, cfg.taskset)
     cfg = clip_config(world, f"taskset.data.mnist.data_dir={world['root'] / 'missing'}")
     _, data = load_family(cfg.model, cfg.taskset)
-    with pytest.raises(MergeBenchError, match=r"taskset\.data\.mnist\.data_dir: .*missing not found"):
+    with pytest.raises(
+        MergeBenchError, match=r"taskset\.data\.mnist\.data_dir: .*missing not found"
+    ):
         data.labels("mnist", "test")
     # A vision tower is not a pretrained CLIP model: it has no text tower for the heads.
     cfg = clip_config(world, f"model.checkpoints.pretrained={world['root'] / 'ft_mnist'}")

@@ -154,7 +154,7 @@ def make_gpt2(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
         bos_token_id=256, eos_token_id=256,
     )  # fmt: skip
     GPT2Model(config).save_pretrained(folder)
@@ -168,12 +168,12 @@ def make_roberta(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = RobertaConfig(
-        vocab_size=261, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+        vocab_size=261, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
         bos_token_id=0, eos_token_id=2, **TEXT,
     )  # fmt: skip
     RobertaForMaskedLM(config).save_pretrained(folder)
     write_bpe(folder, roberta_vocab())
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     return folder
 
 
