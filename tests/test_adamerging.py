@@ -147,3 +147,30 @@ def test_options_are_validated():
     for option, value in cases.items():
         with pytest.raises(MergeBenchError, match=rf"adamerging\.{option}"):
             merge_pool("adamerging", pool, **{option: value})
+
+
+def test_mixed_precision_runs_and_keeps_float32_coefficients():
+    pool, _ = mlp_pool()
+    result = merge_pool("adamerging", pool, progress=False, steps=2, precision="bf16-mixed", **FAST)
+    assert len(result.extra["entropy"]) == 2
+    assert result.state_dict("a")["out.weight"].dtype == torch.float32
+    assert any(v != 0.3 for v in result.extra["coefficients"]["a"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("regmean", {}),
+        ("fisher", {"num_examples": 8}),
+        ("adamerging", {"steps": 3, "lr": 0.05, "accelerator": "gpu"}),
+    ],
+)
+def test_gpu_gives_the_cpu_result(method, params):
+    pool, _ = mlp_pool()
+    cpu_params = {**params, "accelerator": "cpu"} if method == "adamerging" else params
+    on_cpu = merge_pool(method, pool, progress=False, **cpu_params)
+    on_gpu = merge_pool(method, pool, progress=False, device="cuda", **params)
+    for key, value in on_cpu.state_dict("a").items():
+        assert on_gpu.state_dict("a")[key].device.type == "cpu"
+        torch.testing.assert_close(on_gpu.state_dict("a")[key], value, atol=1e-4, rtol=1e-4)
