@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -55,10 +56,59 @@ class TensorItem:
     _task_sum: torch.Tensor | None = field(default=None, repr=False)
 
     def task_sum(self) -> torch.Tensor:
-        """`sum_t tau_t` over the task axis (computed once per item)."""
+        """`sum_t tau_t` over the task axis, in task order (computed once per item)."""
         if self._task_sum is None:
-            self._task_sum = self.task_vectors.sum(dim=0)
+            self._task_sum = sum_tasks(self.task_vectors)
         return self._task_sum
+
+
+def sum_tasks(task_vectors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`sum_t x_t` over the first axis, added in task order: `((x_0 + x_1) + x_2) + ...`.
+
+    torch's `sum(dim=0)` picks its addition order from the shape, so one key could round
+    differently from the same numbers inside a bigger tensor. A fixed order makes a streamed
+    merge bit-identical to an in-memory one that adds task vectors one after the other (as
+    the reference code does). numpy's reduction over the first axis of a C-contiguous array
+    adds whole rows in order, vectorized along the row.
+    """
+    if out is None:
+        out = torch.empty(
+            task_vectors.shape[1:], dtype=task_vectors.dtype, device=task_vectors.device
+        )
+    if task_vectors.device.type == "cpu" and task_vectors.is_contiguous() and out.is_contiguous():
+        rows = task_vectors.reshape(task_vectors.shape[0], -1).numpy()
+        np.add.reduce(rows, axis=0, out=out.reshape(-1).numpy())
+        return out
+    out.copy_(task_vectors[0])
+    for row in task_vectors[1:]:
+        out.add_(row)
+    return out
+
+
+class Scratch:
+    """Named work buffers reused from key to key (grown to the largest key): no allocation,
+    hence no page faults, per tensor. A buffer is overwritten by the next `get` of its name."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+            self._flat[name] = flat
+        return flat[:numel].view(shape)
+
+
+_thread_scratch = threading.local()
+
+
+def thread_scratch() -> Scratch:
+    """One `Scratch` per worker thread (workers run keys in parallel)."""
+    if not hasattr(_thread_scratch, "value"):
+        _thread_scratch.value = Scratch()
+    return _thread_scratch.value
 
 
 def load_float(source, key: str) -> torch.Tensor:
@@ -276,7 +326,7 @@ class TaskVectorStream:
         taus.sub_(pre)  # W_t - W_pre, in place: the fine-tuned rows become task vectors
         # Any nan/inf in W_pre or a W_t makes the task sum, hence its total, non-finite: two
         # cheap reductions instead of an elementwise `isfinite` over every tensor.
-        task_sum = torch.sum(taus, dim=0, out=loaded.task_sum)
+        task_sum = sum_tasks(taus, out=loaded.task_sum)
         if not math.isfinite(float(task_sum.sum())) and not bool(torch.isfinite(task_sum).all()):
             raise self._non_finite(key)
         item = TensorItem(key, pre, taus, self.pool.pretrained.dtype(key), task_sum)

@@ -4,6 +4,10 @@ The bit pattern of a non-negative float32, read as an int32, orders exactly like
 Pass 1 histograms the high 16 bits of every |x| (per task); the bin holding the k-th largest
 is found from the counts. Pass 2 histograms the low 16 bits of the entries in that bin, which
 pins the exact value. Memory: two 65,536-bin histograms per task, whatever the model size.
+
+`RadixSelect` splits the work so that chunks can be counted in any order and in parallel
+(counts are added up, which is exact); `kth_largest_abs` drives it over a callable that
+replays the chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +20,60 @@ _BINS = 1 << 16
 
 
 def _abs_bits(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().to(torch.float32).contiguous().view(torch.int32).reshape(-1).to(torch.int64)
+    """int32 bit patterns of |x| (float32), flattened per leading row."""
+    return x.abs().to(torch.float32).contiguous().view(torch.int32)
+
+
+class RadixSelect:
+    """Exact `k[r]`-th largest |value| per row r over chunks `[rows, ...]`, in two passes."""
+
+    def __init__(self, k: list[int]) -> None:
+        self.k = list(k)
+        self.rows = len(self.k)
+        self.high = torch.zeros(self.rows, _BINS, dtype=torch.int64)
+        self.low = torch.zeros(self.rows, _BINS, dtype=torch.int64)
+        self._targets: list[tuple[int, int]] | None = None
+
+    # -- pass 1 -------------------------------------------------------------------------------
+    def high_counts(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Histogram of the high 16 bits of |chunk| per row (pure: safe from any thread)."""
+        bits = _abs_bits(chunk.cpu()).reshape(self.rows, -1)
+        counts = torch.empty(self.rows, _BINS, dtype=torch.int64)
+        for r in range(self.rows):
+            counts[r] = torch.bincount(bits[r] >> 16, minlength=_BINS)
+        return counts
+
+    def add_high(self, counts: torch.Tensor) -> None:
+        self.high += counts
+
+    # -- pass 2 -------------------------------------------------------------------------------
+    def targets(self) -> list[tuple[int, int]]:
+        """Per row: the high-bits bin holding the k-th largest, and the count above it."""
+        if self._targets is None:
+            self._targets = [
+                _bin_with_kth_largest(self.high[r], self.k[r]) for r in range(self.rows)
+            ]
+        return self._targets
+
+    def low_counts(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Histogram of the low 16 bits of the entries in each row's target bin."""
+        bits = _abs_bits(chunk.cpu()).reshape(self.rows, -1)
+        counts = torch.empty(self.rows, _BINS, dtype=torch.int64)
+        for r, (top, _) in enumerate(self.targets()):
+            selected = bits[r][(bits[r] >> 16) == top]
+            counts[r] = torch.bincount(selected & 0xFFFF, minlength=_BINS)
+        return counts
+
+    def add_low(self, counts: torch.Tensor) -> None:
+        self.low += counts
+
+    def values(self) -> torch.Tensor:
+        """The exact k-th largest |value| per row (float32 `[rows]`)."""
+        values = []
+        for r, (top, higher) in enumerate(self.targets()):
+            bottom, _ = _bin_with_kth_largest(self.low[r], self.k[r] - higher)
+            values.append((top << 16) | bottom)
+        return torch.tensor(values, dtype=torch.int32).view(torch.float32)
 
 
 def _bin_with_kth_largest(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -34,28 +91,14 @@ def kth_largest_abs(
 
     `passes()` must yield the same chunks each time it is called (it is called twice).
     """
-    high = torch.zeros(num_rows, _BINS, dtype=torch.int64)
+    if len(k) != num_rows:
+        raise ValueError(f"k has {len(k)} entries for {num_rows} rows")
+    select = RadixSelect(k)
     for chunk in passes():
-        bits = _abs_bits_rows(chunk, num_rows)
-        for r in range(num_rows):
-            high[r] += torch.bincount(bits[r] >> 16, minlength=_BINS)
-    targets = [_bin_with_kth_largest(high[r], k[r]) for r in range(num_rows)]
-
-    low = torch.zeros(num_rows, _BINS, dtype=torch.int64)
+        select.add_high(select.high_counts(chunk))
     for chunk in passes():
-        bits = _abs_bits_rows(chunk, num_rows)
-        for r, (top, _) in enumerate(targets):
-            selected = bits[r][(bits[r] >> 16) == top]
-            low[r] += torch.bincount(selected & 0xFFFF, minlength=_BINS)
-    values = []
-    for r, (top, higher) in enumerate(targets):
-        bottom, _ = _bin_with_kth_largest(low[r], k[r] - higher)
-        values.append((top << 16) | bottom)
-    return torch.tensor(values, dtype=torch.int32).view(torch.float32)
-
-
-def _abs_bits_rows(chunk: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return _abs_bits(chunk.cpu()).reshape(num_rows, -1)
+        select.add_low(select.low_counts(chunk))
+    return select.values()
 
 
 def kth_largest_abs_in_tensor(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from mergebench.errors import MergeBenchError
 from mergebench.pool import ModelPool
 from mergebench.results import MergeResult, SingleModelResult
 from mergebench.selection import KeyPlan, plan_keys
-from mergebench.stream import TaskVectorStream, TransformFactory
+from mergebench.stream import TaskVectorStream, TensorItem, TransformFactory
 
 
 class Method:
@@ -38,8 +38,9 @@ def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
     return value
 
 
-def fraction(name: str, option: str, value: Any, low_open: bool = True,
-             high_open: bool = False) -> float:
+def fraction(
+    name: str, option: str, value: Any, low_open: bool = True, high_open: bool = False
+) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -78,20 +79,33 @@ class TaskVectorMethod(Method):
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def merge(self, pool: ModelPool, transform_factory: TransformFactory | None = None,
-              plan: KeyPlan | None = None) -> SingleModelResult:
-        stream = TaskVectorStream(pool, plan or plan_keys(pool), transform_factory,
-                                  device=self.device, progress=self.progress)
+    def merge(
+        self,
+        pool: ModelPool,
+        transform_factory: TransformFactory | None = None,
+        plan: KeyPlan | None = None,
+    ) -> SingleModelResult:
+        stream = TaskVectorStream(
+            pool,
+            plan or plan_keys(pool),
+            transform_factory,
+            device=self.device,
+            progress=self.progress,
+        )
         self.prepare(stream)
-        shared: dict[str, torch.Tensor] = {}
-        for item in stream.passes(f"{self.name}"):
+
+        def merge_item(item: TensorItem) -> torch.Tensor:
             merged = item.pretrained + self.merge_task_vectors(item.key, item.task_vectors)
-            shared[item.key] = merged.to(item.dtype).cpu()
+            return merged.to(item.dtype).cpu()
+
+        # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
+        shared = dict(stream.map(merge_item, self.name))
         return single_result(self, pool, stream.plan, shared)
 
 
-def single_result(method: Method, pool: ModelPool, plan: KeyPlan,
-                  shared: dict[str, torch.Tensor]) -> SingleModelResult:
+def single_result(
+    method: Method, pool: ModelPool, plan: KeyPlan, shared: dict[str, torch.Tensor]
+) -> SingleModelResult:
     """Complete merged tensors with copied keys and per-task heads."""
     full = {k: pool.pretrained.get(k) for k in plan.pretrained_excluded}
     for key in plan.merged:

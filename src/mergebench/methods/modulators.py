@@ -15,8 +15,6 @@ on how many keys were processed at once.
 
 from __future__ import annotations
 
-import math
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -27,36 +25,10 @@ from mergebench.methods.base import Method, task_specific_tensors
 from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
 from mergebench.selection import KeyPlan
-from mergebench.stream import TaskVectorStream, TensorItem
+from mergebench.stream import Scratch, TaskVectorStream, TensorItem, thread_scratch
 from mergebench.tensors import pack_bits
 
 RESCALERS = ("tensor_mean", "global")
-
-
-class Scratch:
-    """Named work buffers reused from key to key (grown to the largest key): no allocation,
-    hence no page faults, per tensor. A buffer is overwritten by the next `get` of its name."""
-
-    def __init__(self) -> None:
-        self._flat: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = math.prod(shape)
-        flat = self._flat.get(name)
-        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
-            flat = torch.empty(numel, dtype=dtype, device=device)
-            self._flat[name] = flat
-        return flat[:numel].view(shape)
-
-
-_thread_scratch = threading.local()
-
-
-def thread_scratch() -> Scratch:
-    """One `Scratch` per worker thread (workers run keys in parallel)."""
-    if not hasattr(_thread_scratch, "value"):
-        _thread_scratch.value = Scratch()
-    return _thread_scratch.value
 
 
 def task_masks(

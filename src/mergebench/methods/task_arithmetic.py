@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from mergebench.methods.base import TaskVectorMethod, number
+from mergebench.stream import sum_tasks
 
 
 class TaskArithmetic(TaskVectorMethod):
@@ -17,4 +18,4 @@ class TaskArithmetic(TaskVectorMethod):
         self.scaling = number(self.name, "scaling", scaling)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
-        return self.scaling * task_vectors.sum(dim=0)
+        return self.scaling * sum_tasks(task_vectors)

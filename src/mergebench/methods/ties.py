@@ -2,7 +2,13 @@
 
 Trim keeps, per task, the entries whose |value| is at least the `keep`-th largest, with
 `keep = max(1, floor(k * n + 0.5))` over `n` entries: over all merged tensors of the task
-together (`topk_scope=global`, exact even when streamed) or per tensor (`tensor`).
+together (`topk_scope=global`, exact even when streamed: two counting passes of a radix
+select, see `mergebench.topk`) or per tensor (`tensor`).
+
+Sums over tasks are added in task order (`sum_tasks`), so a streamed merge is bit-identical
+to an in-memory one. On the CPU the per-key arithmetic runs block by block in numpy
+(`_merge_blocks`); `trim` and `elect_and_disjoint_merge` are the same arithmetic in torch
+(the GPU path, and what the tests hold the numpy kernel to).
 """
 
 from __future__ import annotations
@@ -10,11 +16,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergebench.methods.base import TaskVectorMethod, choice, fraction, number, sign
-from mergebench.stream import TaskVectorStream
-from mergebench.topk import kth_largest_abs, kth_largest_abs_in_tensor
+from mergebench.stream import Scratch, TaskVectorStream, sum_tasks, thread_scratch
+from mergebench.topk import RadixSelect, kth_largest_abs_in_tensor
+
+AGGREGATES = ("sum", "mean")
+# Entries per block of the CPU kernel: the `[N, block]` work arrays stay in the core's cache.
+_BLOCK = 1 << 15
 
 
 def keep_count(k: float, n: int) -> int:
@@ -30,13 +41,58 @@ def trim(task_vectors: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 
 def elect_and_disjoint_merge(trimmed: torch.Tensor, aggregate: str) -> torch.Tensor:
     """`gamma = sgn(sum_t trimmed_t)`; combine the non-zero entries that agree with gamma."""
-    gamma = sign(trimmed.sum(dim=0))
+    gamma = sign(sum_tasks(trimmed))
     agree = trimmed * gamma > 0
-    total = (trimmed * agree).sum(dim=0)
+    total = sum_tasks(trimmed * agree)
     if aggregate == "sum":
         return total
     count = agree.sum(dim=0)
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def _merge_blocks(
+    task_vectors: torch.Tensor,
+    thresholds: torch.Tensor,
+    aggregate: str,
+    scaling: float,
+    scratch: Scratch,
+) -> torch.Tensor:
+    """`scaling * elect_and_disjoint_merge(trim(taus, thresholds))`, bit for bit, on the CPU.
+
+    One cache-sized block of entries at a time with numpy ufuncs, whose comparisons are
+    vectorized where torch's are not (and which release the GIL, so keys run in parallel).
+    """
+    n = task_vectors.shape[0]
+    taus = task_vectors.reshape(n, -1).numpy()
+    numel = taus.shape[1]
+    thresholds_np = thresholds.to(torch.float32).reshape(n, 1).cpu().numpy()
+    out = np.empty(numel, dtype=np.float32)
+    block = max(1, min(_BLOCK, numel))
+    cpu = torch.device("cpu")
+    trimmed = scratch.get("ties_trimmed", (n, block), torch.float32, cpu).numpy()
+    work = scratch.get("ties_work", (n, block), torch.float32, cpu).numpy()
+    flags = scratch.get("ties_flags", (n, block), torch.bool, cpu).numpy()
+    positive = scratch.get("ties_positive", (block,), torch.bool, cpu).numpy()
+    gamma = scratch.get("ties_gamma", (block,), torch.float32, cpu).numpy()
+    for start in range(0, numel, block):
+        stop = min(numel, start + block)
+        width = stop - start
+        t, o = taus[:, start:stop], out[start:stop]
+        tr, wk, fl = trimmed[:, :width], work[:, :width], flags[:, :width]
+        pos, g = positive[:width], gamma[:width]
+        np.greater_equal(np.abs(t, out=tr), thresholds_np, out=fl)  # trim: |tau| >= threshold
+        np.multiply(t, fl, out=tr)
+        np.add.reduce(tr, axis=0, out=o)  # elect: gamma = +1 where the sum is > 0, else -1
+        np.greater(o, 0, out=pos)
+        np.subtract(np.multiply(pos, np.float32(2), out=g), np.float32(1), out=g)
+        np.greater(np.multiply(tr, g, out=wk), 0, out=fl)  # agree: trimmed * gamma > 0
+        np.add.reduce(np.multiply(tr, fl, out=wk), axis=0, out=o)  # disjoint sum, task order
+        if aggregate == "mean":
+            count = np.add.reduce(fl, axis=0, dtype=np.int64)
+            np.divide(o, np.maximum(count, 1).astype(np.float32), out=o)
+            o[count == 0] = 0.0
+    np.multiply(out, np.float32(scaling), out=out)  # torch scales float32 by float32(scaling)
+    return torch.from_numpy(out).view(task_vectors.shape[1:])
 
 
 class Ties(TaskVectorMethod):
@@ -46,20 +102,26 @@ class Ties(TaskVectorMethod):
         super().__init__(k=k, scaling=scaling, aggregate=aggregate, topk_scope=topk_scope)
         self.k = fraction(self.name, "k", k)
         self.scaling = number(self.name, "scaling", scaling)
-        self.aggregate = choice(self.name, "aggregate", aggregate, ("sum", "mean"))
+        self.aggregate = choice(self.name, "aggregate", aggregate, AGGREGATES)
         self.topk_scope = choice(self.name, "topk_scope", topk_scope, ("global", "tensor"))
         self._thresholds: torch.Tensor | None = None
 
     def prepare(self, stream: TaskVectorStream) -> None:
+        """Global scope: the exact per-task threshold over all merged tensors (two passes)."""
         if self.topk_scope != "global":
             return
         n = sum(stream.numel(key) for key in stream.plan.merged)
-        keep = [keep_count(self.k, n)] * len(stream.tasks)
-        self._thresholds = kth_largest_abs(
-            lambda: (item.task_vectors for item in stream.passes("ties: top-k")),
-            len(stream.tasks),
-            keep,
-        )
+        select = RadixSelect([keep_count(self.k, n)] * len(stream.tasks))
+        for _, counts in stream.map(
+            lambda item: select.high_counts(item.task_vectors), f"{self.name}: top-k 1/2"
+        ):
+            select.add_high(counts)
+        select.targets()  # computed once, before the workers read them
+        for _, counts in stream.map(
+            lambda item: select.low_counts(item.task_vectors), f"{self.name}: top-k 2/2"
+        ):
+            select.add_low(counts)
+        self._thresholds = select.values()
 
     def thresholds_for(self, task_vectors: torch.Tensor) -> torch.Tensor:
         if self.topk_scope == "global":
@@ -69,5 +131,10 @@ class Ties(TaskVectorMethod):
         return torch.stack([kth_largest_abs_in_tensor(tau, keep) for tau in task_vectors])
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
-        trimmed = trim(task_vectors, self.thresholds_for(task_vectors))
+        thresholds = self.thresholds_for(task_vectors)
+        if task_vectors.device.type == "cpu" and task_vectors.is_contiguous():
+            return _merge_blocks(
+                task_vectors, thresholds, self.aggregate, self.scaling, thread_scratch()
+            )
+        trimmed = trim(task_vectors, thresholds)
         return self.scaling * elect_and_disjoint_merge(trimmed, self.aggregate)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from mergebench.methods.base import TaskVectorMethod
+from mergebench.stream import sum_tasks
 
 
 class WeightAveraging(TaskVectorMethod):
     name = "weight_averaging"
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
-        return task_vectors.mean(dim=0)
+        return sum_tasks(task_vectors) / task_vectors.shape[0]
