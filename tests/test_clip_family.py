@@ -306,3 +306,60 @@ def test_bad_local_paths_and_config_name_the_key(world):
         text = compose("config", overrides=["model=clip_vit_b32", "taskset=glue8"])
     with pytest.raises(MergeBenchError, match="taskset.family"):
         load_family(text.model, text.taskset)
+
+
+def test_bench_run_clip8_emr_on_local_copies(world, monkeypatch, capsys):
+    """What `mergebench model=clip_vit_b32 taskset=clip8 method=emr` runs, in process: the
+    reference rows come from the configured pool (no zoo), the run is stored."""
+    from mergebench import bench
+
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(world["root"] / "bench_cache"))
+    store = world["root"] / "results.sqlite"
+    cfg = clip_config(world, f"store.path={store}", "progress=false")
+    summary = bench.run(cfg)
+    assert [s["task"] for s in summary["scores"]] == list(TASKS)
+    out = capsys.readouterr().out
+    assert "individual" in out and "pretrained" in out and "multitask" not in out
+    refs = world["root"] / "bench_cache" / "paper" / "clip_vit_b32" / "references" / "clip8.json"
+    import json
+
+    rows = json.loads(refs.read_text())["rows"]
+    pool, data = load_pool(cfg.model, cfg.taskset, zoo_dir="/nonexistent", seed=0)
+
+    class Individual:
+        def state_dict(self, task):
+            return pool.finetuned[task].state_dict()
+
+    expected = {s.task: s.value for s in evaluate(Individual(), data)}
+    assert {s["task"]: s["value"] for s in rows["individual"]["scores"]} == pytest.approx(expected)
+    assert bench.run(cfg) == {"label": "emr", "skipped": True}  # stored: a rerun is skipped
+
+
+@pytest.mark.slow
+def test_mergebench_cli_clip8_emr(world, tmp_path):
+    import subprocess
+    import sys
+
+    root = world["root"]
+    args = [
+        "model=clip_vit_b32", "taskset=clip8", "method=emr", f"taskset.tasks=[{','.join(TASKS)}]",
+        f"model.checkpoints.pretrained={world['pretrained']}",
+        *(f"model.checkpoints.finetuned.{t}={root / f'ft_{t}'}" for t in TASKS),
+        *(f"taskset.data.{t}.data_dir={root / t}" for t in TASKS),
+        f"taskset.cache_dir={root / 'datasets_cache'}", f"store.path={tmp_path / 'r.sqlite'}",
+        f"hydra.run.dir={tmp_path / 'run'}", "progress=false",
+    ]  # fmt: skip
+    env = {"MERGEBENCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    cli = Path(sys.executable).with_name("mergebench")
+    done = subprocess.run(
+        [str(cli), *args], capture_output=True, text=True, env={**__import__("os").environ, **env}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "emr" in done.stdout and "eurosat" in done.stdout and "mnist" in done.stdout
+    bad = subprocess.run(
+        [str(cli), *args, "model.checkpoints.finetuned.mnist=tanganke/clip-vit-base-patch32_mnist"],
+        capture_output=True, text=True, env={**__import__("os").environ, **env},
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert "tanganke/clip-vit-base-patch32_mnist" in bad.stderr and "network" in bad.stderr

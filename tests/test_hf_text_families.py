@@ -260,3 +260,17 @@ def test_roberta_without_configured_checkpoints_says_which(world):
     family, _ = load_family(wrong.model, wrong.taskset)
     with pytest.raises(MergeBenchError, match=r"finetuned\.cola: .* lacks key 'transformer\."):
         family.build_pool(wrong.model, wrong.taskset)
+
+
+def test_bench_run_glue7_ties_on_local_copies(world, monkeypatch):
+    """What `mergebench model=gpt2 taskset=glue7 method=ties` runs, in process."""
+    from mergebench import bench
+
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(world / "bench_cache"))
+    cfg = text_config(
+        world, "gpt2", "method=ties", f"store.path={world / 'results.sqlite'}", "progress=false"
+    )
+    summary = bench.run(cfg)
+    assert [(s["task"], s["metric"]) for s in summary["scores"]] == [
+        ("cola", "mcc"), ("mrpc", "accuracy")
+    ]  # fmt: skip

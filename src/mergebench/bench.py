@@ -114,13 +114,18 @@ def _context(cfg: Mapping[str, Any], progress: bool) -> dict[str, Any]:
     """Family, labeled data, evaluation model cache and zoo folder for this task set (built
     once per process; the zoo is built or refreshed first when allowed)."""
     from mergebench.evaluate import ModelCache
-    from mergebench.models import check_pairing, load_family
+    from mergebench.models import check_pairing, load_family, uses_zoo
     from mergebench.zoo import _hash, ensure_zoo, family_dir, read_manifest
 
-    check_pairing(cfg["model"], cfg["taskset"])
     key = _hash([cfg["model"], cfg["taskset"], cfg.get("seed", 0), cfg.get("zoo")])
     if key in _CONTEXTS:
         return _CONTEXTS[key]
+    if not uses_zoo(str(cfg["model"]["name"])):  # paper settings: configured checkpoints
+        from mergebench.models.paper import bench_context
+
+        _CONTEXTS[key] = bench_context(cfg)
+        return _CONTEXTS[key]
+    check_pairing(cfg["model"], cfg["taskset"])
     zoo = cfg.get("zoo") or {}
     directory = family_dir(cfg)
     if zoo.get("build_missing", True):
@@ -181,7 +186,10 @@ def reference_records(
     for kind in kinds:
         if kind in cached["rows"]:
             continue
-        models = ZooModels(kind, ctx["dir"], ctx["data"].tasks, taskset)
+        if "references" in ctx:  # a paper setting's pool
+            models = ctx["references"](kind)
+        else:
+            models = ZooModels(kind, ctx["dir"], ctx["data"].tasks, taskset)
         ev = evaluate_timed(models, ctx["data"], split=split, batch_size=cfg["eval"].get("batch_size"),
                             cache=ctx["cache"], progress=progress)  # fmt: skip
         cached["rows"][kind] = {
@@ -229,6 +237,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Merge, evaluate, store and print one method on one task set; returns a summary."""
     from mergebench.api import merge_pool
     from mergebench.evaluate import evaluate_timed
+    from mergebench.loggers import current_sweep_id, log_with_leaderboard, logger_from_config
     from mergebench.models import zoo_pool
     from mergebench.results import artifact_bytes
 
@@ -243,6 +252,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     config = {**plain, "zoo_signature": ctx["signature"]}
 
     store = _open_store(plain)
+    logger = logger_from_config(plain)  # a bad logger option fails before any work
     if store is not None and not plain.get("force", False):
         from mergebench.store import record_hash
 
@@ -280,13 +290,15 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         artifact_bytes=size,
         extra={"examples_per_second": ev.examples_per_second, "zoo": str(ctx["dir"])},
     )
+    sweep = current_sweep_id()
     if store is not None:
         from mergebench.store import record_hash
 
         for ref in references:
             if not store.has_run(record_hash(ref)):
-                store.add_run(ref)
-        store.add_run(record)
+                store.add_run(ref, sweep_id=sweep)
+        store.add_run(record, sweep_id=sweep)
+    log_with_leaderboard(logger, record, (plain.get("store") or {}).get("path"), sweep)
     print_table([*references, record], file=sys.stdout)
     print(
         f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "

@@ -182,4 +182,66 @@ class PaperFamily(ZooFamily):
         return model
 
 
-__all__ = ["PaperFamily"]
+# ------------------------------------------------------------------------------ for the bench
+
+
+class PoolReferences:
+    """The reference rows of a configured pool, with the evaluator's `state_dict(task)`:
+    `individual` (each task's fine-tuned model) and `pretrained` (the pretrained backbone
+    with the task's own head). There is no multi-task model in these settings."""
+
+    def __init__(self, kind: str, pool: ModelPool) -> None:
+        if kind not in ("individual", "pretrained"):
+            raise MergeBenchError(
+                f"reference row {kind!r}: a paper setting has individual, pretrained"
+            )
+        self.kind = kind
+        self.pool = pool
+
+    def state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        own = self.pool.finetuned[task]
+        if self.kind == "individual":
+            return own.state_dict()
+        heads = compile_patterns(self.pool.exclude)
+        state = self.pool.pretrained.state_dict()
+        state.update({k: own.get(k) for k in own.keys() if is_excluded(k, heads)})
+        return state
+
+
+def _identity(files: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def bench_context(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What `mergebench.bench` keeps per task set, for a paper family: family, labeled data,
+    evaluation model cache, a folder for cached reference rows, and a signature of the
+    checkpoints (their files' paths, sizes and times) and data settings."""
+    import hashlib
+    import json
+    import os
+
+    from mergebench.evaluate import ModelCache
+    from mergebench.models import load_family
+
+    cfg_model, cfg_taskset = cfg["model"], cfg["taskset"]
+    family, data = load_family(cfg_model, cfg_taskset, int(cfg.get("seed", 0)))
+    pool = family.build_pool(cfg_model, cfg_taskset)
+    sources = {"pretrained": pool.pretrained, **pool.finetuned}
+    files = {name: _identity(src.source.files()) for name, src in sources.items()}
+    blob = {"checkpoints": files, "taskset": _plain(cfg_taskset), "seed": cfg.get("seed", 0)}
+    signature = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+    env = os.environ.get("MERGEBENCH_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mergebench"
+    return {
+        "family": family,
+        "data": data,
+        "cache": ModelCache(data),
+        "dir": base / "paper" / str(cfg_model["name"]),
+        "manifest": {"tasks": {}, "multitask": {}},
+        "signature": signature,
+        "has_multitask": False,
+        "references": lambda kind: PoolReferences(kind, pool),
+    }
+
+
+__all__ = ["PaperFamily", "PoolReferences", "bench_context"]
