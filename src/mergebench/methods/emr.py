@@ -22,7 +22,7 @@ from mergebench.methods.modulators import (
 from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
 from mergebench.selection import plan_keys
-from mergebench.stream import TaskVectorStream
+from mergebench.stream import TaskVectorStream, sum_tasks
 
 
 def elect(
@@ -99,7 +99,7 @@ class EMR(Method):
     ) -> torch.Tensor:
         if self.elect:
             return elect(task_vectors, task_sum, scratch)
-        return task_vectors.mean(dim=0)
+        return sum_tasks(task_vectors) / task_vectors.shape[0]  # the `elect=false` ablation
 
     def merge(self, pool: ModelPool) -> TaskConditionedResult:
         stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
