@@ -210,3 +210,22 @@ def test_embedding_fisher_with_sparse_rows_equals_the_dense_computation():
     for key in keys:
         torch.testing.assert_close(fisher[key], expected[key] / len(x))
     assert fisher["emb.weight"][4].abs().sum() == 0  # a token no example uses
+
+
+def test_regression_head_uses_a_unit_gaussian():
+    """One output (GLUE's STS-B): F = (d f / d theta)^2, i.e. x^2 for the weight, 1 for the bias."""
+    model = SoftmaxRegression(3, 1)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    family = ToyFamily({"a": {"train": x}}, lambda task: SoftmaxRegression(3, 1))
+    fisher, _ = fisher_module.diagonal_fisher(
+        InputsOnly(family, "fisher", "toy"),
+        model,
+        ["layer.weight", "layer.bias"],
+        "a",
+        "train",
+        None,
+        2,
+        torch.device("cpu"),
+    )
+    torch.testing.assert_close(fisher["layer.weight"], (x**2).mean(0, keepdim=True))
+    torch.testing.assert_close(fisher["layer.bias"], torch.ones(1))

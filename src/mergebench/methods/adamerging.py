@@ -6,7 +6,8 @@
 predictions on its unlabeled test inputs (as the AdaMerging paper does), one batch per task
 per step, the task losses summed. With `clamp`, the coefficients used in the forward pass are
 `clamp(lam, 0, 1)`, as in the official code (a raw value outside [0, 1] gets no gradient).
-Each task predicts with its own head (the pool's excluded keys).
+Each task predicts with its own head (the pool's excluded keys). A regression head (one output)
+has no prediction entropy and adds nothing to the loss.
 
 `ties=true` is AdaMerging++: the task vectors are first trimmed to their top `ties_k`
 fraction and only entries agreeing with the elected sign are kept (TIES' trim and elect,

@@ -3,7 +3,8 @@
 `F_t` is the diagonal Fisher of model `t` on its own task's inputs. No labels are used: the
 expectation is taken over the model's own predicted distribution, exactly rather than by
 sampling, as Matena & Raffel do: per example `x`,
-`F += sum_y p(y|x) * (d log p(y|x) / d theta)^2`, averaged over the examples.
+`F += sum_y p(y|x) * (d log p(y|x) / d theta)^2`, averaged over the examples. A regression
+head (one output, GLUE's STS-B) uses a unit-variance Gaussian: `F += (d f(x) / d theta)^2`.
 
 Options:
 - `normalize`: divide each task's Fisher by its L2 norm over all merged parameters first,
@@ -65,6 +66,18 @@ def add_squared(acc: torch.Tensor, grad: torch.Tensor | None, weight: float) -> 
         acc.add_(grad.float().square(), alpha=weight)
 
 
+def log_likelihood_terms(outputs: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """`(log p(y|x), p(y|x))` for every class `y` of one example's outputs `[classes]`, so that
+    `sum p * grad(log p)^2` is the exact Fisher of the predicted distribution. A single output
+    is a regression (GLUE's STS-B): under a unit-variance Gaussian around the prediction `f`,
+    the expected squared score is `grad(f)^2`, so the term is `(f, 1)`."""
+    if outputs.shape[-1] == 1:
+        return [(outputs[0], 1.0)]
+    log_probs = torch.log_softmax(outputs, dim=-1)
+    probs = log_probs.detach().exp()
+    return [(log_probs[y], float(probs[y])) for y in range(outputs.shape[-1])]
+
+
 def diagonal_fisher(
     data: InputsOnly,
     model: nn.Module,
@@ -90,14 +103,11 @@ def diagonal_fisher(
         ):
             for i in range(batch_size_of(batch)):
                 example = {k: v[i : i + 1] for k, v in batch.items()}
-                log_probs = torch.log_softmax(data.logits(model, example).float(), dim=-1)[0]
-                probs = log_probs.detach().exp()
-                for label in range(log_probs.shape[0]):
-                    grads = torch.autograd.grad(
-                        log_probs[label], wanted, retain_graph=True, allow_unused=True
-                    )
+                outputs = data.logits(model, example).float()[0]
+                for value, weight in log_likelihood_terms(outputs):
+                    grads = torch.autograd.grad(value, wanted, retain_graph=True, allow_unused=True)
                     for acc, grad in zip(fisher, grads, strict=True):
-                        add_squared(acc, grad, float(probs[label]))
+                        add_squared(acc, grad, weight)
                 examples += 1
     if examples == 0:
         raise MergeBenchError(f"fisher: task {task!r} has no {split} inputs")
