@@ -363,3 +363,77 @@ def test_mergebench_cli_clip8_emr(world, tmp_path):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert "tanganke/clip-vit-base-patch32_mnist" in bad.stderr and "network" in bad.stderr
+
+
+def _patterned(kind: str, per_class: int, seed: int):
+    """Ten classes told apart by where a bright band lies (rows or columns)."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(10):
+        for _ in range(per_class):
+            x = rng.normal(100, 20, (20, 20, 3))
+            if kind == "rows":
+                x[2 * c : 2 * c + 2] += 120
+            else:
+                x[:, 2 * c : 2 * c + 2] += 120
+            images.append(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)))
+            labels.append(c)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.mark.slow
+def test_fine_tuned_towers_beat_zero_shot_and_merge(world, tmp_path):
+    """Vision towers really fine-tuned here against the frozen zero-shot heads (as FusionBench
+    trains its checkpoints), saved as CLIPVisionModel folders: each beats the pretrained
+    tower on its task, and EMR keeps part of that gain."""
+    import datasets
+    from safetensors.torch import save_file
+
+    from mergebench.evaluate import average
+    from mergebench.models.paper import PoolReferences
+
+    for i, (task, kind) in enumerate(zip(TASKS, ("rows", "columns"), strict=True)):
+        datasets.DatasetDict(
+            {"train": _patterned(kind, 12, 10 * i), "test": _patterned(kind, 5, 10 * i + 1)}
+        ).save_to_disk(str(tmp_path / task))
+    data_dirs = [f"taskset.data.{t}.data_dir={tmp_path / t}" for t in TASKS]
+    cfg = clip_config(world, *data_dirs, "taskset.examples.validation=10")
+    family, data = load_family(cfg.model, cfg.taskset)
+    pretrained = family.build_pool(cfg.model, cfg.taskset).pretrained.state_dict()
+    towers = []
+    for task in TASKS:
+        torch.manual_seed(0)
+        model = family.build_model(task)
+        model.load_state_dict({**pretrained, **family.head_tensors(task)})
+        tower = [p for n, p in model.named_parameters() if n.startswith("vision_model.")]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("vision_model."))  # the head stays frozen
+        optimizer = torch.optim.AdamW(tower, lr=2e-3)
+        batches = list(data.batches(task, "train", 16))
+        for _ in range(8):
+            for batch, labels in batches:
+                loss = F.cross_entropy(family.logits(model, batch), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        folder = tmp_path / f"tuned_{task}"
+        folder.mkdir()
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file({k: v for k, v in state.items() if k.startswith("vision_model.")},
+                  str(folder / "model.safetensors"))  # fmt: skip
+        family.config.vision_config.save_pretrained(folder)
+        towers.append(f"model.checkpoints.finetuned.{task}={folder}")
+    cfg = clip_config(world, *data_dirs, *towers, "taskset.examples.validation=10")
+    pool, data = load_pool(cfg.model, cfg.taskset, zoo_dir="/nonexistent", seed=0)
+    zero_shot = {s.task: s.value for s in evaluate(PoolReferences("pretrained", pool), data)}
+    individual = {s.task: s.value for s in evaluate(PoolReferences("individual", pool), data)}
+    emr = evaluate(build_method("emr").merge(pool), data)
+    for task in TASKS:
+        assert individual[task] >= zero_shot[task] + 0.2, (task, individual, zero_shot)
+    assert average(emr) > sum(zero_shot.values()) / len(zero_shot) + 0.1
