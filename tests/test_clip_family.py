@@ -437,3 +437,42 @@ def test_fine_tuned_towers_beat_zero_shot_and_merge(world, tmp_path):
     for task in TASKS:
         assert individual[task] >= zero_shot[task] + 0.2, (task, individual, zero_shot)
     assert average(emr) > sum(zero_shot.values()) / len(zero_shot) + 0.1
+
+
+def test_configured_hub_ids_resolve_through_the_hub_cache(world, monkeypatch, tmp_path):
+    """The config's own ids (openai/clip-vit-base-patch32, tanganke/..._eurosat) go through
+    huggingface_hub: offline, a populated hub cache serves them, as after a first download."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    root = world["root"]
+    cache = tmp_path / "hub"
+    repos = {
+        "openai/clip-vit-base-patch32": world["pretrained"],
+        **{f"tanganke/clip-vit-base-patch32_{t}": root / f"ft_{t}" for t in TASKS},
+    }
+    for repo, folder in repos.items():
+        entry = cache / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(folder, entry / "snapshots" / "0123abcd")
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=clip_vit_b32",
+                "taskset=clip8",
+                f"taskset.tasks=[{','.join(TASKS)}]",
+                f"model.options.head_cache={root / 'heads'}",
+                f"taskset.cache_dir={root / 'datasets_cache'}",
+                *(f"taskset.data.{t}.data_dir={root / t}" for t in TASKS),
+            ],
+        )
+    assert cfg.model.checkpoints.pretrained == "openai/clip-vit-base-patch32"
+    pool, data = load_pool(cfg.model, cfg.taskset, zoo_dir="/nonexistent", seed=0)
+    assert pool.finetuned["eurosat"].source.files()[0].is_relative_to(cache)
+    scores = evaluate(build_method("task_arithmetic").merge(pool), data)
+    assert [s.task for s in scores] == list(TASKS)

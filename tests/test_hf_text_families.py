@@ -274,3 +274,39 @@ def test_bench_run_glue7_ties_on_local_copies(world, monkeypatch):
     assert [(s["task"], s["metric"]) for s in summary["scores"]] == [
         ("cola", "mcc"), ("mrpc", "accuracy")
     ]  # fmt: skip
+
+
+def test_gpt2_hub_ids_resolve_through_the_hub_cache(world, monkeypatch, tmp_path):
+    """`gpt2` and `tanganke/gpt2_<task>` (the config's ids) through a populated hub cache."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repos = {
+        "gpt2": world / "gpt2",
+        **{f"tanganke/gpt2_{t}": world / f"gpt2_{t}" for t in ("cola", "mrpc")},
+    }
+    for repo, folder in repos.items():
+        entry = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(folder, entry / "snapshots" / "4567ef")
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("4567ef")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=gpt2",
+                "taskset=glue7",
+                "taskset.tasks=[cola,mrpc]",
+                f"taskset.cache_dir={world / 'datasets_cache'}",
+                *(f"taskset.data.{t}.data_dir={world / 'glue'}" for t in ("cola", "mrpc")),
+            ],
+        )
+    pool, data = load_pool(cfg.model, cfg.taskset, zoo_dir="/nonexistent", seed=0)
+    assert str(pool.pretrained.source.files()[0]).startswith(str(tmp_path / "hub" / "models--gpt2"))
+    assert [s.metric for s in evaluate(build_method("emr").merge(pool), data)] == [
+        "mcc",
+        "accuracy",
+    ]
