@@ -254,7 +254,7 @@ def test_offline_hub_ids_fail_in_one_line(world, monkeypatch, tmp_path):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
 
     cfg = clip_config(world, "model.checkpoints.pretrained=openai/clip-vit-base-patch32")
     with pytest.raises(MergeBenchError) as err:
