@@ -237,6 +237,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Merge, evaluate, store and print one method on one task set; returns a summary."""
     from mergebench.api import merge_pool
     from mergebench.evaluate import evaluate_timed
+    from mergebench.loggers import current_sweep_id, log_with_leaderboard, logger_from_config
     from mergebench.models import zoo_pool
     from mergebench.results import artifact_bytes
 
@@ -251,6 +252,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     config = {**plain, "zoo_signature": ctx["signature"]}
 
     store = _open_store(plain)
+    logger = logger_from_config(plain)  # a bad logger option fails before any work
     if store is not None and not plain.get("force", False):
         from mergebench.store import record_hash
 
@@ -288,13 +290,15 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         artifact_bytes=size,
         extra={"examples_per_second": ev.examples_per_second, "zoo": str(ctx["dir"])},
     )
+    sweep = current_sweep_id()
     if store is not None:
         from mergebench.store import record_hash
 
         for ref in references:
             if not store.has_run(record_hash(ref)):
-                store.add_run(ref)
-        store.add_run(record)
+                store.add_run(ref, sweep_id=sweep)
+        store.add_run(record, sweep_id=sweep)
+    log_with_leaderboard(logger, record, (plain.get("store") or {}).get("path"), sweep)
     print_table([*references, record], file=sys.stdout)
     print(
         f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "

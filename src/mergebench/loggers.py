@@ -180,6 +180,28 @@ def build_logger(cfg: Mapping[str, Any] | None, output_dir: str | os.PathLike[st
     return WandbLogger(**cfg)
 
 
+def logger_from_config(cfg: Mapping[str, Any]) -> RunLogger:
+    """The logger of a `mergebench` job config; W&B files go next to the results database.
+    Built before the run starts, so a bad `logger` option fails before any work is done."""
+    db = (cfg.get("store") or {}).get("path")
+    return build_logger(cfg.get("logger"), output_dir=Path(db).parent if db else "outputs")
+
+
+def log_with_leaderboard(
+    logger: RunLogger, record: RunRecord, db: str | None, sweep_id: str | None = None
+) -> None:
+    """Log one run, with the leaderboard of its family and task set from the store (which
+    already holds the run)."""
+    if isinstance(logger, NoLogger):
+        return
+    boards = None
+    if db and Path(db).is_file():
+        from mergebench.leaderboard import load_boards
+
+        boards = load_boards(db, family=record.family, taskset=record.taskset)
+    logger.log_run(record, boards, sweep_id=sweep_id)
+
+
 def current_sweep_id() -> str | None:
     """The Hydra multirun this process belongs to (its sweep folder), or None."""
     try:

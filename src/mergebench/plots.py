@@ -100,7 +100,7 @@ def ablation_rows(board: Board) -> list[Row]:
 def plot_emr_ablation(board: Board, path: str | os.PathLike[str]) -> Path | None:
     """Average per ablation variant (paper Tables 7 and 8); published numbers as markers."""
     rows = ablation_rows(board)
-    if not rows:
+    if len(rows) < 2:  # nothing to compare EMR with
         return None
     fig = Figure(figsize=(max(5.0, 0.9 * len(rows) + 1.5), 4.0))
     ax = fig.add_subplot()
