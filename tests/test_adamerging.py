@@ -174,3 +174,49 @@ def test_gpu_gives_the_cpu_result(method, params):
     for key, value in on_cpu.state_dict("a").items():
         assert on_gpu.state_dict("a")[key].device.type == "cpu"
         torch.testing.assert_close(on_gpu.state_dict("a")[key], value, atol=1e-4, rtol=1e-4)
+
+
+class BatchNormNet(torch.nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(5, 6)
+        self.bn = torch.nn.BatchNorm1d(6)
+        self.classifier = torch.nn.Linear(6, classes)
+
+    def forward(self, x):
+        return self.classifier(torch.tanh(self.bn(self.layer(x))))
+
+
+def test_batchnorm_statistics_follow_the_coefficients():
+    from data_toys import HEAD, ToyFamily
+
+    from mergebench.pool import ModelPool
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    pre = BatchNormNet(2).state_dict()
+    finetuned = {}
+    for task, classes in (("a", 3), ("b", 4)):
+        state = {k: v.clone() for k, v in pre.items() if not k.startswith("classifier")}
+        for key in ("layer.weight", "bn.weight", "bn.running_mean", "bn.running_var"):
+            state[key] = state[key] + 0.3 * torch.rand(state[key].shape, generator=g)
+        state |= {
+            f"classifier.{k}": v for k, v in BatchNormNet(classes).classifier.state_dict().items()
+        }
+        finetuned[task] = state
+    family = ToyFamily(
+        {t: {"test": torch.randn(16, 5, generator=g)} for t in "ab"},
+        lambda task: BatchNormNet(3 if task == "a" else 4),
+    )
+    pool = ModelPool.from_checkpoints(pre, finetuned, exclude=HEAD, family=family)
+    result = merge_pool("adamerging", pool, progress=False, steps=3, lr=0.1, **FAST)
+    lam = result.extra["coefficients"]
+    index = result.extra["coefficient_keys"].index("bn.running_var")
+    pre_var = pre["bn.running_var"]
+    expected = pre_var + sum(
+        lam[t][index] * (finetuned[t]["bn.running_var"] - pre_var) for t in "ab"
+    )
+    torch.testing.assert_close(result.state_dict("a")["bn.running_var"], expected)
+    # Buffers get no gradient: their coefficients stay where they started.
+    assert lam["a"][index] == pytest.approx(0.3)
+    assert lam["a"][result.extra["coefficient_keys"].index("bn.weight")] != pytest.approx(0.3)

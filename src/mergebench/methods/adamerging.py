@@ -93,6 +93,11 @@ class MergedModels(nn.Module):
     ) -> None:
         super().__init__()
         self.keys = keys
+        # Buffers (BatchNorm running statistics) are merged with the same coefficients, but
+        # torch cannot differentiate through them: they follow the coefficients without
+        # passing gradient back (layer-wise, their own coefficients stay at `init`).
+        buffers = {name for name, _ in task_models[0].model.named_buffers()}
+        self.buffer_keys = [key in buffers for key in keys]
         self.clamp = clamp
         self.granularity = granularity
         num_tasks = task_vectors[0].shape[0]
@@ -115,6 +120,8 @@ class MergedModels(nn.Module):
         for i, key in enumerate(self.keys):
             taus = getattr(self, f"tau_{i}")
             column = lam[:, i if self.granularity == "layer" else 0].to(taus.dtype)
+            if self.buffer_keys[i]:
+                column = column.detach()
             # A matrix-vector product: no [N, *shape] temporary, forward or backward.
             weights[key] = getattr(self, f"pre_{i}") + torch.tensordot(column, taus, dims=1)
         return weights
