@@ -10,19 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergebench.methods.base import Method, choice, flag
 from mergebench.methods.modulators import (
     RESCALERS,
+    KeyModulators,
     Scratch,
-    stream_mask_and_rescale,
+    assemble_result,
+    modulate_key,
     thread_scratch,
 )
 from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
 from mergebench.selection import plan_keys
-from mergebench.stream import TaskVectorStream, sum_tasks
+from mergebench.stream import TaskVectorStream, TensorItem, sum_tasks
 
 
 def elect(
@@ -80,6 +83,17 @@ def _select_unified(
     return out.view(torch.float32)
 
 
+def elect_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) -> None:
+    """`elect` for one block of the CPU kernel, in numpy: float32 `[N, b]` -> `out [b]`."""
+    high = np.maximum.reduce(task_vectors, axis=0)
+    low = np.minimum.reduce(task_vectors, axis=0)
+    t, h, lo = total.view(np.int32), high.view(np.int32), low.view(np.int32)
+    positive = np.right_shift(np.bitwise_and(np.invert(t), np.negative(t)), 31)
+    negative = np.bitwise_or(np.bitwise_and(lo, np.right_shift(lo, 31)), np.int32(_SIGN_BIT))
+    chosen = out.view(np.int32)
+    np.bitwise_xor(negative, np.bitwise_and(np.bitwise_xor(negative, h), positive), out=chosen)
+
+
 class EMR(Method):
     name = "emr"
     task_conditioned = True
@@ -103,12 +117,18 @@ class EMR(Method):
 
     def merge(self, pool: ModelPool) -> TaskConditionedResult:
         stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
-        return stream_mask_and_rescale(
-            self,
-            pool,
-            stream,
-            lambda item: self.unify(item.task_vectors, item.task_sum(), thread_scratch()),
-            self.mask,
-            self.rescale,
-            self.rescaler,
+
+        def per_key(item: TensorItem) -> KeyModulators:
+            taus, scratch = item.task_vectors, thread_scratch()
+            if self.elect and taus.device.type == "cpu":  # elect block by block, in the cache
+                return modulate_key(
+                    taus, None, self.mask, self.rescaler, scratch, self.rescale,
+                    block_unify=elect_block, task_sum=item.task_sum(),
+                )  # fmt: skip
+            unified = self.unify(taus, item.task_sum(), scratch)
+            return modulate_key(taus, unified, self.mask, self.rescaler, scratch, self.rescale)
+
+        keys = stream.map(per_key, self.name)
+        return assemble_result(
+            self, pool, stream.plan, keys, self.mask, self.rescale, self.rescaler
         )

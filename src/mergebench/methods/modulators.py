@@ -59,13 +59,19 @@ class KeyModulators:
     denominator: torch.Tensor  # float64 [N]: reduce|M_t * tau_uni| over this key
 
 
+# Computes `tau_uni` for one block in place: (task vectors [N, b], their task sum [b], out [b]).
+BlockUnify = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
 def modulate_key(
     task_vectors: torch.Tensor,
-    unified: torch.Tensor,
+    unified: torch.Tensor | None,
     mask: bool,
     rescaler: str,
     scratch: Scratch | None = None,
     rescale: bool = True,
+    block_unify: BlockUnify | None = None,
+    task_sum: torch.Tensor | None = None,
 ) -> KeyModulators:
     """Masks (packed) and the rescaler statistics (if `rescale`) of one key.
 
@@ -73,9 +79,15 @@ def modulate_key(
     size for `tensor_mean`), as the official code takes `mean(abs(tau_t))` per tensor and
     task. On the CPU this runs block by block in numpy (see `_modulate_blocks`); elsewhere
     (GPU) in torch. Both give the same masks; the float64 sums agree to rounding.
+    On the CPU, `unified` may be None and computed block by block by `block_unify` from the
+    task vectors and `task_sum` (EMR's election), while the block is in the cache.
     """
     if task_vectors.device.type == "cpu":
-        return _modulate_blocks(task_vectors, unified, mask, rescaler, scratch, rescale)
+        return _modulate_blocks(
+            task_vectors, unified, mask, rescaler, scratch, rescale, block_unify, task_sum
+        )
+    if unified is None:
+        raise ValueError("modulate_key: the torch (GPU) path needs `unified`")
     return _modulate_torch(task_vectors, unified, mask, rescaler, scratch, rescale)
 
 
@@ -91,6 +103,8 @@ def _modulate_blocks(
     rescaler: str,
     scratch: Scratch | None,
     rescale: bool,
+    block_unify: BlockUnify | None = None,
+    task_sum: torch.Tensor | None = None,
 ) -> KeyModulators:
     """CPU kernel: one cache-sized block of entries at a time, numpy ufuncs throughout
     (numpy's comparisons and casting reductions are vectorized where torch's are not, and
@@ -98,6 +112,12 @@ def _modulate_blocks(
     scratch = scratch if scratch is not None else Scratch()
     n = task_vectors.shape[0]
     taus = task_vectors.reshape(n, -1).numpy()
+    total = None
+    if unified is None:
+        if block_unify is None or task_sum is None:
+            raise ValueError("modulate_key: give `unified`, or `block_unify` and `task_sum`")
+        unified = torch.empty(task_vectors.shape[1:], dtype=torch.float32)
+        total = task_sum.reshape(-1).numpy()
     uni = unified.reshape(-1).numpy()
     numel = uni.shape[0]
     block = min(_BLOCK, numel)
@@ -111,6 +131,8 @@ def _modulate_blocks(
         stop = min(numel, start + block)
         t, u = taus[:, start:stop], uni[start:stop]
         p, m = product[:, : stop - start], bits[:, : stop - start]
+        if total is not None:
+            block_unify(t, total[start:stop], u)
         if mask:
             np.multiply(t, u, out=p)
             np.greater(p, 0, out=m)
@@ -220,8 +242,9 @@ def stream_mask_and_rescale(
         unified = unify(item)
         return modulate_key(item.task_vectors, unified, mask, rescaler, thread_scratch(), rescale)
 
-    keys = stream.map(per_key, method.name)
-    return _assemble(method, pool, stream.plan, keys, mask, rescale, rescaler)
+    return assemble_result(
+        method, pool, stream.plan, stream.map(per_key, method.name), mask, rescale, rescaler
+    )
 
 
 def mask_and_rescale(
@@ -242,10 +265,10 @@ def mask_and_rescale(
         )
         for item in items
     )
-    return _assemble(method, pool, plan, keys, mask, rescale, rescaler)
+    return assemble_result(method, pool, plan, keys, mask, rescale, rescaler)
 
 
-def _assemble(
+def assemble_result(
     method: Method,
     pool: ModelPool,
     plan: KeyPlan,
@@ -254,6 +277,7 @@ def _assemble(
     rescale: bool,
     rescaler: str,
 ) -> TaskConditionedResult:
+    """The task-conditioned result from per-key modulators, added up in key order."""
     tasks = pool.tasks
     accumulator = RescalerAccumulator(len(tasks), rescaler)
     unified: dict[str, torch.Tensor] = {}

@@ -1,0 +1,409 @@
+"""Merge cost, measured: the streamed engine against a plain in-memory implementation.
+
+Builds (once, cached) eight fine-tuned checkpoints with the shapes of CLIP ViT-B/32's vision
+tower (87.8M parameters each; the pretrained model is open_clip's seeded random init, each
+task adds seeded random deltas), then, for every data-free method, merges them from the
+files to a saved artifact twice, each in a fresh process:
+- `stream`: `mergebench.merge(...)` then `result.save(...)` (safetensors, packed masks);
+- `reference`: `mergebench.reference.merge_reference(...)` (everything flattened in RAM,
+  bool masks, as the papers' code does) then `torch.save`.
+Each process reports its wall time; its peak RSS comes from the kernel (`wait4`'s
+`ru_maxrss`), so methods do not pollute each other. A third process checks that the two
+artifacts hold the same numbers. The table goes to docs/performance.md (between markers),
+all figures to outputs/bench_merge.json.
+
+    .venv/bin/python scripts/bench_merge.py                  # all methods (~15 min, 2 cores)
+    .venv/bin/python scripts/bench_merge.py --methods emr    # one method
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebench"
+CACHE_VERSION = 1
+# name -> parameters (defaults from conf/method/ otherwise); all data-free methods.
+RUNS: dict[str, dict] = {
+    "weight_averaging": {},
+    "task_arithmetic": {},
+    "ties": {},  # topk_scope=global: exact top-k over all 87.8M entries per task
+    "dare": {},  # base task_arithmetic, p = 0.9
+    "emr": {},
+    "mask_rescale": {},  # base task_arithmetic
+}
+BEGIN, END = "<!-- bench_merge:begin -->", "<!-- bench_merge:end -->"
+
+
+# --- checkpoints --------------------------------------------------------------------------
+def build_checkpoints(folder: Path, num_tasks: int) -> tuple[Path, dict[str, Path]]:
+    """The cached pool: `pretrained.safetensors` and `task_<i>.safetensors`."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.json"
+    pretrained = folder / "pretrained.safetensors"
+    finetuned = {f"task_{i}": folder / f"task_{i}.safetensors" for i in range(num_tasks)}
+    expected = {"version": CACHE_VERSION, "tasks": num_tasks}
+    files = [pretrained, *finetuned.values()]
+    built = manifest.exists() and json.loads(manifest.read_text()).get("build") == expected
+    if built and all(p.exists() for p in files):
+        return pretrained, finetuned
+
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)  # random init, no download
+    pre = {k: v.detach().clone().contiguous() for k, v in model.visual.state_dict().items()}
+    del model
+    _save_atomic(save_file, pre, pretrained)
+    for index, path in enumerate(tqdm(finetuned.values(), desc="fine-tuned checkpoints")):
+        g = torch.Generator().manual_seed(1000 + index)
+        # Per-tensor delta scale varies by task, like real fine-tuning runs of different length.
+        scale = 1e-3 * (1.0 + 0.5 * index / max(1, num_tasks - 1))
+        ft = {k: v + torch.randn(v.shape, generator=g) * scale for k, v in pre.items()}
+        _save_atomic(save_file, ft, path)
+        del ft
+    params = sum(v.numel() for v in pre.values())
+    manifest.write_text(
+        json.dumps(
+            {
+                "build": expected,
+                "shapes": "open_clip ViT-B-32 .visual (random init, torch.manual_seed(0))",
+                "parameters": params,
+                "tensors": len(pre),
+                "deltas": "randn * 1e-3 * (1 + 0.5 i/(N-1)), generator seed 1000 + i",
+            },
+            indent=2,
+        )
+    )
+    return pretrained, finetuned
+
+
+def _save_atomic(save_file, tensors, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+# --- one measured run (child process) -----------------------------------------------------
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import mergebench
+    from mergebench.reference import merge_reference, save_reference
+    from mergebench.results import artifact_bytes
+
+    pretrained, finetuned = _pool_paths(Path(args.pool))
+    params = json.loads(args.params)
+    out = Path(args.out)
+    start = time.perf_counter()
+    if args.impl == "stream":
+        result = mergebench.merge(args.method, pretrained, finetuned, progress=False, **params)
+        merged = time.perf_counter()
+        result.save(out)
+        size = artifact_bytes(out)
+    else:
+        result = merge_reference(args.method, pretrained, finetuned, **params)
+        merged = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        size = save_reference(result, out / "reference.pt").stat().st_size
+    done = time.perf_counter()
+    report = {"merge_s": merged - start, "total_s": done - start, "bytes": size}
+    print(json.dumps({**report, "vm_hwm_bytes": _vm_hwm()}))
+
+
+def _vm_hwm() -> int:
+    """This process's peak resident set since it started (Linux `VmHWM`), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _pool_paths(folder: Path) -> tuple[Path, dict[str, Path]]:
+    finetuned = {p.stem: p for p in sorted(folder.glob("task_*.safetensors"))}
+    return folder / "pretrained.safetensors", finetuned
+
+
+def measure(pool: Path, impl: str, method: str, params: dict, out: Path, threads: int) -> dict:
+    """Run one merge in a fresh process; wall time from inside, peak RSS from the kernel."""
+    command = [
+        sys.executable, __file__, "_worker", "--impl", impl, "--method", method,
+        "--params", json.dumps(params), "--pool", str(pool), "--out", str(out),
+        "--threads", str(threads),
+    ]  # fmt: skip
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{impl} {method} failed ({code}):\n{errors[-3000:]}")
+    report = json.loads(output.strip().splitlines()[-1])
+    report.update(
+        process_s=time.perf_counter() - started,
+        # The child's own high-water mark. (`ru_maxrss` from wait4 also counts the pages it
+        # shared with this parent before exec, which is why the parent imports no torch.)
+        peak_rss_bytes=report.pop("vm_hwm_bytes"),
+        ru_maxrss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        load_before=load_before,
+    )
+    return report
+
+
+def warm_page_cache(pool: Path) -> None:
+    """Read every checkpoint once, so that both implementations start from the page cache."""
+    for path in sorted(pool.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def baseline_rss(threads: int) -> int:
+    """Peak RSS of a process that only imports torch and mergebench (counted in every row)."""
+    code = (
+        f"import torch; torch.set_num_threads({threads}); import mergebench.reference; "
+        "from pathlib import Path; "
+        "print([l for l in Path('/proc/self/status').read_text().splitlines() "
+        "if l.startswith('VmHWM:')][0].split()[1])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) * 1024
+
+
+# --- checking the two artifacts (child process) -------------------------------------------
+def run_verify(args: argparse.Namespace) -> None:
+    import torch
+
+    from mergebench.results import load_result
+    from mergebench.tensors import open_checkpoint
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+    pretrained, _ = _pool_paths(Path(args.pool))
+    streamed = load_result(args.stream)
+    reference = torch.load(Path(args.reference), weights_only=True, mmap=True)
+    report: dict = {"compared_tensors": 0, "differing_tensors": 0}
+    if "unified" not in reference:
+        state = streamed.state_dict()
+        for key, expected in reference.items():
+            report["compared_tensors"] += 1
+            report["differing_tensors"] += not same(state[key], expected)
+    else:
+        pre = open_checkpoint(pretrained)
+        tasks = reference["tasks"]
+        for key, expected in reference["unified"].items():
+            report["compared_tensors"] += 1 + len(tasks)
+            report["differing_tensors"] += not same(streamed.unified[key], expected)
+            for index, task in enumerate(tasks):
+                mask = streamed.mask(task, key)
+                report["differing_tensors"] += not torch.equal(mask, reference["masks"][key][index])
+        diffs = [
+            abs(streamed.rescalers[t] - reference["rescalers"][t]) / abs(reference["rescalers"][t])
+            for t in tasks
+        ]
+        report["rescaler_max_rel_diff"] = max(diffs)
+        # Every task's weights as the evaluator gets them, against the reference's formula.
+        report["task_weights_differing"] = 0
+        for index, task in enumerate(tasks):
+            weights = streamed.state_dict(task)
+            lam = float(reference["rescalers"][task])
+            for key, uni in reference["unified"].items():
+                expected = pre.get(key) + uni * reference["masks"][key][index] * lam
+                report["task_weights_differing"] += not same(weights[key], expected)
+            del weights
+    print(json.dumps(report))
+
+
+def verify(pool: Path, stream_dir: Path, reference_file: Path) -> dict:
+    command = [
+        sys.executable, __file__, "_verify", "--pool", str(pool), "--stream", str(stream_dir),
+        "--reference", str(reference_file),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"verification failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the report ---------------------------------------------------------------------------
+def machine_facts(threads: int) -> dict:
+    torch_version = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = next(
+            int(line.split()[1]) * 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+    except (OSError, StopIteration):
+        mem = 0
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "platform": platform.platform(),
+    }
+
+
+def render(results: dict) -> str:
+    gib, mib = 1024**3, 1024**2
+    facts = results["machine"]
+    lines = [
+        f"Measured {facts['date']} on {facts['cpu']}, {facts['cores']} cores "
+        f"({facts['threads']} torch threads), {facts['memory_bytes'] / gib:.0f} GiB RAM; "
+        f"Python {facts['python']}, torch {facts['torch']}. Pool: "
+        f"{results['pool']['parameters'] / 1e6:.1f}M parameters x {results['pool']['tasks']} "
+        "fine-tuned + 1 pretrained (float32 safetensors, in the page cache). Each cell: one "
+        "fresh process, files to saved artifact. Peak RSS includes "
+        f"{results['baseline_rss_bytes'] / mib:.0f} MiB that importing torch alone costs.",
+        "",
+        "| method | impl | wall s | peak RSS MiB | artifact MiB | CPU s | load | identical |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for method, row in results["methods"].items():
+        check = row["check"]
+        ok = check["differing_tensors"] == 0 and check.get("task_weights_differing", 0) == 0
+        same = "yes" if ok else f"NO ({check['differing_tensors']} tensors)"
+        if "rescaler_max_rel_diff" in check:
+            same += f"; rescalers within {check['rescaler_max_rel_diff']:.0e}"
+        for impl in ("reference", "stream"):
+            r = row[impl]
+            lines.append(
+                f"| {method} | {impl} | {r['total_s']:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
+                f"{r['bytes'] / mib:.0f} | {r['cpu_s']:.1f} | {r['load_before']:.1f} | "
+                f"{same if impl == 'stream' else ''} |"
+            )
+        lines.append(
+            f"| {method} | **ratio** | **{row['ratio']['time']:.1f}x faster** | "
+            f"**{row['ratio']['rss']:.2f}** | **{row['ratio']['bytes']:.2f}** | | | |"
+        )
+    lines += [
+        "",
+        "Ratios: wall time reference / stream; peak RSS and artifact bytes stream / reference.",
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(path: Path, table: str) -> None:
+    text = path.read_text() if path.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1] if END in rest else ""
+    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    worker = sub.add_parser("_worker")
+    for name in ("impl", "method", "params", "pool", "out"):
+        worker.add_argument(f"--{name}", required=True)
+    worker.add_argument("--threads", type=int, default=2)
+    build = sub.add_parser("_build")
+    build.add_argument("--pool", type=Path, required=True)
+    build.add_argument("--tasks", type=int, required=True)
+    check = sub.add_parser("_verify")
+    for name in ("pool", "stream", "reference"):
+        check.add_argument(f"--{name}", required=True)
+    parser.add_argument("--methods", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "bench_merge")
+    parser.add_argument("--work", type=Path, default=None, help="artifact scratch folder")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench_merge.json")
+    args = parser.parse_args(argv)
+    if args.command == "_worker":
+        return run_worker(args)
+    if args.command == "_verify":
+        return run_verify(args)
+    if args.command == "_build":
+        build_checkpoints(args.pool, args.tasks)
+        return None
+
+    pool = args.cache / f"vit_b32_{args.tasks}tasks"
+    print(f"checkpoints: {pool}", flush=True)
+    # In a child: this process stays small (see `measure`) and imports no torch.
+    subprocess.run(
+        [sys.executable, __file__, "_build", "--pool", str(pool), "--tasks", str(args.tasks)],
+        check=True,
+    )
+    manifest = json.loads((pool / "manifest.json").read_text())
+    warm_page_cache(pool)
+    work = Path(tempfile.mkdtemp(prefix="bench_merge_", dir=args.work))
+    results: dict = {
+        "machine": machine_facts(args.threads),
+        "pool": {"parameters": manifest["parameters"], "tasks": args.tasks, "folder": str(pool)},
+        "baseline_rss_bytes": baseline_rss(args.threads),
+        "methods": {},
+    }
+    try:
+        for method in args.methods:
+            params = RUNS[method]
+            row = {}
+            for impl in ("reference", "stream"):
+                out = work / f"{method}_{impl}"
+                row[impl] = measure(pool, impl, method, params, out, args.threads)
+                r = row[impl]
+                print(
+                    f"{method:17s} {impl:9s} {r['total_s']:7.1f} s  "
+                    f"{r['peak_rss_bytes'] / 2**20:7.0f} MiB  {r['bytes'] / 2**20:6.0f} MiB out  "
+                    f"(load {r['load_before']:.1f})",
+                    flush=True,
+                )
+            row["check"] = verify(
+                pool, work / f"{method}_stream", work / f"{method}_reference" / "reference.pt"
+            )
+            print(f"{method:17s} check     {row['check']}", flush=True)
+            row["ratio"] = {
+                "time": row["reference"]["total_s"] / row["stream"]["total_s"],
+                "rss": row["stream"]["peak_rss_bytes"] / row["reference"]["peak_rss_bytes"],
+                "bytes": row["stream"]["bytes"] / row["reference"]["bytes"],
+            }
+            results["methods"][method] = row
+            for impl in ("reference", "stream"):
+                shutil.rmtree(work / f"{method}_{impl}", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    table = render(results)
+    write_doc(args.doc, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
