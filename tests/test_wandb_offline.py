@@ -68,7 +68,7 @@ def test_offline_run_files_hold_config_metrics_and_table(tmp_path, monkeypatch) 
 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
-    assert run.group == "sweep-42"
+    assert run.complete and run.group == "sweep-42"
     assert run.config["method"] == {"name": "ties", "scaling": 0.3}
     assert run.config["mergebench"]["label"] == "ties"
     assert run.summary["test/a/accuracy"] == 0.6

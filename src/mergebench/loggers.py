@@ -262,19 +262,33 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)
     group: str | None = None
     name: str | None = None
+    complete: bool = False  # the run's exit record is in the file
 
 
 def _item_key(item: Any) -> str:
     return item.key if item.key else "/".join(item.nested_key)
 
 
-def read_offline_run(run_dir: str | os.PathLike[str]) -> OfflineRun:
-    """Config, history rows and summary of an offline run folder (`.../offline-run-*`)."""
+def read_offline_run(run_dir: str | os.PathLike[str], timeout_s: float = 10.0) -> OfflineRun:
+    """Config, history rows and summary of an offline run folder (`.../offline-run-*`).
+
+    W&B's service process flushes the run file shortly after `run.finish()` returns, so this
+    waits (up to `timeout_s`) for the run's exit record; after that it returns what is
+    there, with `complete=False` (a crashed or still running run)."""
+    import time
+
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise MergeBenchError(f"{run_dir}: no run-*.wandb file (not a W&B offline run folder)")
-    out = OfflineRun()
-    for record in read_wandb_records(files[0]):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_records(files[0])
+        complete = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if complete or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    out = OfflineRun(complete=complete)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out.group = record.run.run_group or None
