@@ -218,8 +218,11 @@ def plot_weight_stats(stats: Sequence[Any], path: str | os.PathLike[str], title:
         ax.set_xticks(range(len(tasks)), tasks if p == len(panels) - 1 else [""] * len(tasks))
         if p == 0:
             ax.set_title(f"Merged vs fine-tuned weights{': ' + title if title else ''}")
-            ax.legend(fontsize="small", ncols=min(4, len(methods)))
-    fig.axes[-1].tick_params(axis="x", labelrotation=30)
+    last = fig.axes[-1]
+    last.tick_params(axis="x", labelrotation=30)
+    # below the panels, where it covers no bar
+    last.legend(fontsize="small", ncols=min(5, len(methods)), loc="upper center",
+                bbox_to_anchor=(0.5, -0.55))  # fmt: skip
     return _save(fig, path)
 
 
