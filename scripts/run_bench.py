@@ -58,12 +58,16 @@ def multirun(overrides: list[str]) -> None:
 
 
 def write_leaderboard(db: str, out_dir: str) -> list[Path]:
-    """Print the leaderboard and write it as Markdown and JSON (mergebench.leaderboard)."""
+    """Print the leaderboard and write it as Markdown, JSON, CSV and HTML, and the plots
+    into `<out_dir>/plots/` (mergebench.leaderboard, mergebench.plots)."""
     from mergebench.leaderboard import load_boards, print_table
     from mergebench.leaderboard import write_leaderboard as write
+    from mergebench.plots import write_all_plots
 
-    print_table(load_boards(db))
-    return list(write(db, out_dir=out_dir, formats=("markdown", "json")).values())
+    boards = load_boards(db)
+    print_table(boards)
+    written = write(db, out_dir=out_dir, formats=("markdown", "json", "csv", "html"))
+    return [*written.values(), *write_all_plots(boards, Path(out_dir) / "plots")]
 
 
 def main(argv: list[str] | None = None) -> int:
