@@ -351,6 +351,9 @@ def print_table(boards: Sequence[Board], file: Any = None) -> None:
     from rich.table import Table
 
     console = Console(file=file)
+    if not console.is_terminal:  # files and pipes: wide enough that task names fit
+        widest = max((len(b.tasks) for b in boards), default=0)
+        console = Console(file=file, width=max(100, 16 * (widest + 5)))
     if not boards:
         console.print("No results stored yet.")
     for board in boards:
