@@ -182,3 +182,28 @@ def test_published_lookup() -> None:
 def test_build_boards_empty() -> None:
     assert build_boards([]) == []
     assert "No results" in render([], "markdown")
+
+
+@pytest.mark.parametrize(
+    ("model", "taskset", "setting"),
+    [
+        ("clip_vit_b32", "clip8", "vit-b32-8"),
+        ("clip_vit_l14", "clip8", "vit-l14-8"),
+        ("roberta_base", "glue8", "roberta-glue8"),
+        ("gpt2", "glue7", "gpt2-glue7"),
+        ("clip_vit_b16", "clip8", None),  # the paper's B/16 setting is ViT-B/16 on 30 tasks
+        ("minilm", "text", None),
+    ],
+)
+def test_configured_paper_settings_get_published_numbers(model, taskset, setting) -> None:
+    """The names in conf/model and conf/taskset (what runs record) find the paper setting."""
+    from omegaconf import OmegaConf
+
+    from mergebench.config import conf_dir
+
+    name = OmegaConf.load(conf_dir() / "model" / f"{model}.yaml").name
+    ts = OmegaConf.load(conf_dir() / "taskset" / f"{taskset}.yaml")
+    found = find_setting(name, ts.name, len(ts.tasks))
+    assert (found.key if found else None) == setting
+    if found and found.task_aliases:
+        assert all(found.task_index(t) is not None for t in ts.tasks)
