@@ -110,3 +110,25 @@ def test_logger_configs_build() -> None:
         cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / "logger" / f"{name}.yaml"))
         logger = build_logger(cfg)
         assert type(logger).__name__ == ("NoLogger" if name == "none" else "WandbLogger")
+
+
+def test_bench_hooks_log_next_to_the_store_with_its_leaderboard(tmp_path, monkeypatch) -> None:
+    from mergebench.loggers import log_with_leaderboard, logger_from_config
+    from mergebench.store import ResultsStore
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    db = tmp_path / "results" / "r.sqlite"
+    store = ResultsStore(db)
+    ind, emr = record("individual", {"a": 0.5, "b": 0.5}), record("emr", {"a": 0.5, "b": 0.25})
+    store.add_run(ind)
+    store.add_run(emr)
+    cfg = {"logger": {"name": "wandb"}, "store": {"path": str(db)}}
+    log_with_leaderboard(logger_from_config(cfg), emr, str(db), sweep_id="s1")
+    (run_dir,) = (tmp_path / "results" / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert run.group == "s1" and run.summary["test/normalized_avg"] == pytest.approx(0.75)
+
+    log_with_leaderboard(logger_from_config({"logger": {"name": "none"}}), emr, str(db))
+    assert len(list((tmp_path / "results" / "wandb").glob("offline-run-*"))) == 1
+    with pytest.raises(MergeBenchError, match="logger.mode"):
+        logger_from_config({"logger": {"name": "wandb", "mode": "online-ish"}})
