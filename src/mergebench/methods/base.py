@@ -94,9 +94,17 @@ class TaskVectorMethod(Method):
         )
         self.prepare(stream)
 
+        # Outputs allocated up front, before any worker runs: the per-key temporaries of the
+        # workers then never sit between kept outputs on the heap (less RSS, measured).
+        pre = pool.pretrained
+        outputs = {k: torch.empty(pre.shape(k), dtype=pre.dtype(k)) for k in stream.plan.merged}
+
         def merge_item(item: TensorItem) -> torch.Tensor:
-            merged = item.pretrained + self.merge_task_vectors(item.key, item.task_vectors)
-            return merged.to(item.dtype).cpu()
+            delta = self.merge_task_vectors(item.key, item.task_vectors)
+            out = outputs[item.key]
+            if out.dtype == torch.float32 and delta.device == out.device:
+                return torch.add(item.pretrained, delta, out=out)
+            return out.copy_(item.pretrained + delta)
 
         # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
         shared = dict(stream.map(merge_item, self.name))
