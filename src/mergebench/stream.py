@@ -23,6 +23,7 @@ tensor, whatever the model size.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections import deque
@@ -169,7 +170,7 @@ class TaskVectorStream:
         self.progress = progress
         # Workers for `map`: one per core by default; a GPU runs one key at a time.
         if threads is None:
-            threads = 1 if self.device.type != "cpu" else torch.get_num_threads()
+            threads = 1 if self.device.type != "cpu" else default_threads()
         if threads < 1:
             raise MergeBenchError(f"threads: {threads} must be at least 1")
         self.threads = threads
@@ -343,6 +344,21 @@ class TaskVectorStream:
         return MergeBenchError(
             f"key {key!r}: task vectors overflow float32 (|W_t - W_pre| too large to merge)"
         )
+
+
+def default_threads() -> int:
+    """Workers for `map`: `$MERGEBENCH_THREADS` if set, else torch's intra-op thread count
+    (the number of physical cores unless configured otherwise)."""
+    value = os.environ.get("MERGEBENCH_THREADS")
+    if not value:
+        return torch.get_num_threads()
+    try:
+        threads = int(value)
+    except ValueError:
+        raise MergeBenchError(f"MERGEBENCH_THREADS: {value!r} is not an integer") from None
+    if threads < 1:
+        raise MergeBenchError(f"MERGEBENCH_THREADS: {threads} must be at least 1")
+    return threads
 
 
 class _Cancelled(Exception):

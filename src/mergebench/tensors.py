@@ -407,13 +407,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if flat.device.type == "cpu":  # numpy's packbits is one fast C loop
         packed = np.packbits(flat.to(torch.bool).numpy(), axis=-1, bitorder="little")
         return torch.from_numpy(packed)
-    flat = flat.to(torch.uint8)
-    pad = (-flat.shape[1]) % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    groups = flat.view(flat.shape[0], -1, 8)
-    # An 8-term sum of distinct powers of two fits in uint8 exactly.
-    return (groups * _BIT_WEIGHTS.to(flat.device)).sum(dim=-1, dtype=torch.uint8)
+    return _pack_bits_torch(flat)
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -424,5 +418,22 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if packed.device.type == "cpu":
         bits = np.unpackbits(packed.numpy(), axis=-1, count=numel, bitorder="little")
         return torch.from_numpy(bits.view(np.bool_)).reshape(*lead, *shape)
+    return _unpack_bits_torch(packed, shape)
+
+
+def _pack_bits_torch(flat: torch.Tensor) -> torch.Tensor:
+    """`pack_bits` in torch ops, for tensors on a GPU: `[N, numel]` -> `[N, ceil(numel/8)]`."""
+    flat = flat.to(torch.uint8)
+    pad = (-flat.shape[1]) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    groups = flat.view(flat.shape[0], -1, 8)
+    # An 8-term sum of distinct powers of two fits in uint8 exactly.
+    return (groups * _BIT_WEIGHTS.to(flat.device)).sum(dim=-1, dtype=torch.uint8)
+
+
+def _unpack_bits_torch(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = math.prod(shape)
+    lead = tuple(packed.shape[:-1])
     bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
     return bits.reshape(*lead, -1)[..., :numel].reshape(*lead, *shape)
