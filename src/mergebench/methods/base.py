@@ -79,6 +79,11 @@ class TaskVectorMethod(Method):
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def merge_item(self, item: TensorItem) -> torch.Tensor:
+        """The merged task vector of one streamed key; override to reuse the item's
+        precomputed task sum (Task Arithmetic, weight averaging)."""
+        return self.merge_task_vectors(item.key, item.task_vectors)
+
     def merge(
         self,
         pool: ModelPool,
@@ -100,7 +105,7 @@ class TaskVectorMethod(Method):
         outputs = {k: torch.empty(pre.shape(k), dtype=pre.dtype(k)) for k in stream.plan.merged}
 
         def merge_item(item: TensorItem) -> torch.Tensor:
-            delta = self.merge_task_vectors(item.key, item.task_vectors)
+            delta = self.merge_item(item)
             out = outputs[item.key]
             if out.dtype == torch.float32 and delta.device == out.device:
                 return torch.add(item.pretrained, delta, out=out)

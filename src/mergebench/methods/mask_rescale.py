@@ -1,28 +1,41 @@
-""""X w/ M&R": run method X, take `tau_uni = W_X - W_pre`, then Mask and Rescale as EMR does."""
+""" "X w/ M&R": run method X, take `tau_uni = W_X - W_pre`, then Mask and Rescale as EMR does."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mergebench.errors import MergeBenchError
 from mergebench.methods.base import Method, choice, flag
-from mergebench.methods.modulators import RESCALERS, UnifiedItem, mask_and_rescale
+from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
 from mergebench.pool import ModelPool
 from mergebench.results import SingleModelResult, TaskConditionedResult
 from mergebench.selection import plan_keys
-from mergebench.stream import TaskVectorStream
+from mergebench.stream import TaskVectorStream, TensorItem
 
 
 class MaskRescale(Method):
     name = "mask_rescale"
     task_conditioned = True
 
-    def __init__(self, base: str, mask: Any, rescale: Any, rescaler: str,
-                 base_params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        base: str,
+        mask: Any,
+        rescale: Any,
+        rescaler: str,
+        base_params: dict[str, Any] | None = None,
+    ) -> None:
         from mergebench.methods.registry import build_method
 
-        super().__init__(base=base, mask=mask, rescale=rescale, rescaler=rescaler,
-                         base_params=dict(base_params or {}))
+        super().__init__(
+            base=base,
+            mask=mask,
+            rescale=rescale,
+            rescaler=rescaler,
+            base_params=dict(base_params or {}),
+        )
         self.mask = flag(self.name, "mask", mask)
         self.rescale = flag(self.name, "rescale", rescale)
         self.rescaler = choice(self.name, "rescaler", rescaler, RESCALERS)
@@ -40,18 +53,15 @@ class MaskRescale(Method):
         self.base.device, self.base.progress = self.device, self.progress
         merged = self.base.merge(pool)
         assert isinstance(merged, SingleModelResult)
-        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device,
-                                  progress=self.progress)
-        items = (
-            UnifiedItem(
-                item.key,
-                item.task_vectors,
-                merged.shared[item.key].to(item.pretrained.device, item.pretrained.dtype)
-                - item.pretrained,
-            )
-            for item in stream.passes(f"{self.name}[{self.base.name}]")
+        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
+
+        def unify(item: TensorItem) -> torch.Tensor:
+            base = merged.shared[item.key].to(item.pretrained.device, item.pretrained.dtype)
+            return base - item.pretrained
+
+        # Keys in parallel through the streaming engine (see stream.map).
+        result = stream_mask_and_rescale(
+            self, pool, stream, unify, self.mask, self.rescale, self.rescaler
         )
-        result = mask_and_rescale(self, pool, stream.plan, items, self.mask, self.rescale,
-                                  self.rescaler)
         result.extra["base_extra"] = merged.extra
         return result

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mergebench.methods.base import TaskVectorMethod, number
-from mergebench.stream import sum_tasks
+from mergebench.stream import TensorItem, sum_tasks
 
 
 class TaskArithmetic(TaskVectorMethod):
@@ -19,3 +19,7 @@ class TaskArithmetic(TaskVectorMethod):
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * sum_tasks(task_vectors)
+
+    def merge_item(self, item: TensorItem) -> torch.Tensor:
+        # The stream has already summed the task vectors (task order) for its checks.
+        return self.scaling * item.task_sum()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.stream import sum_tasks
+from mergebench.stream import TensorItem, sum_tasks
 
 
 class WeightAveraging(TaskVectorMethod):
@@ -13,3 +13,7 @@ class WeightAveraging(TaskVectorMethod):
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return sum_tasks(task_vectors) / task_vectors.shape[0]
+
+    def merge_item(self, item: TensorItem) -> torch.Tensor:
+        # The stream has already summed the task vectors (task order) for its checks.
+        return item.task_sum() / item.task_vectors.shape[0]
