@@ -117,3 +117,17 @@ def test_switching_on_cuda_matches_the_cpu_weights():
     for task in TASKS:
         switcher.switch(task)
         assert_same_weights(model.state_dict(), loaded(result, task))
+
+
+def test_switching_back_after_other_weights_were_loaded():
+    pre, finetuned = make_pool()
+    emr = mergebench.merge("emr", pre, finetuned, exclude=[r"classifier\..*"], progress=False)
+    average = mergebench.merge(
+        "weight_averaging", pre, finetuned, exclude=[r"classifier\..*"], progress=False
+    )
+    model = TinyNet()
+    switcher = TaskSwitcher(emr, model)
+    switcher.switch("a")
+    model.load_state_dict(average.state_dict("b"))  # someone else used the model meanwhile
+    switcher.switch("a")
+    assert_same_weights(model.state_dict(), loaded(emr, "a"))

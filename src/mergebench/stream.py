@@ -248,7 +248,7 @@ class TaskVectorStream:
             submitted += 1
 
         try:
-            with _single_threaded_ops(self.device.type == "cpu"), bar:
+            with single_threaded_ops(self.device.type == "cpu"), bar:
                 while submitted < min(len(keys), workers + 1):
                     submit()
                 for key in keys:
@@ -366,7 +366,7 @@ class _Cancelled(Exception):
 
 
 @contextmanager
-def _single_threaded_ops(enabled: bool) -> Iterator[None]:
+def single_threaded_ops(enabled: bool = True) -> Iterator[None]:
     """Torch intra-op threads = 1 while our workers run whole keys in parallel (restored)."""
     if not enabled:
         yield

@@ -17,11 +17,14 @@ tensors (its head) change between tasks.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import nn
 
 from mergebench.errors import MergeBenchError
 from mergebench.results import MergeResult, SingleModelResult, TaskConditionedResult
+from mergebench.stream import default_threads, single_threaded_ops
 from mergebench.tensors import unpack_bits
 
 
@@ -38,7 +41,6 @@ class TaskSwitcher:
         # Every name load_state_dict would fill, tied weights included.
         self._targets: dict[str, torch.Tensor] = model.state_dict(keep_vars=True)
         self.task: str | None = None
-        self._static_done = False
         self._device = _device_of(model)
         if isinstance(result, TaskConditionedResult):
             self._unified = {
@@ -53,7 +55,11 @@ class TaskSwitcher:
                 {k: self._pre(k) for k in result.unified} if cache_pretrained else None
             )
             largest = max((v.numel() for v in result.unified.values()), default=0)
-            self._work = torch.empty(largest, dtype=torch.float32, device=self._device)
+            self.threads = default_threads() if self._device.type == "cpu" else 1
+            self._work = [
+                torch.empty(largest, dtype=torch.float32, device=self._device)
+                for _ in range(self.threads)
+            ]
 
     def switch(self, task: str) -> nn.Module:
         """Load `task`'s weights into the model (in place) and return the model."""
@@ -61,25 +67,43 @@ class TaskSwitcher:
             raise MergeBenchError(
                 f"task {task!r} is not in this result (tasks: {self.result.tasks})"
             )
-        if task == self.task:
-            return self.model
         self._check_keys(task)
+        # Everything is written on every switch (the shared tensors cost little): whatever
+        # else was loaded into the model in between, it ends up holding exactly `task`.
         with torch.no_grad():
-            if not self._static_done:
-                for key, value in self._static().items():
-                    self._assign(key, value)
-                self._static_done = True
+            for key, value in self._static().items():
+                self._assign(key, value)
             if isinstance(self.result, TaskConditionedResult):
-                for key in self.result.unified:
-                    self._apply_modulators(task, key)
+                self._apply_all(task)
             for key, value in self.result.task_specific.get(task, {}).items():
                 self._assign(key, value)
         self.task = task
         return self.model
 
     # -- internals ---------------------------------------------------------------------------
+    def _apply_all(self, task: str) -> None:
+        keys = list(self.result.unified)
+        if self._device.type != "cpu" or self.threads == 1:
+            for key in keys:
+                self._apply_modulators(task, key, self._work[0])
+            return
+        # On the CPU, keys in parallel (numpy and torch release the GIL), one op thread each.
+        with single_threaded_ops(), ThreadPoolExecutor(self.threads) as pool:
+            chunks = [keys[i :: self.threads] for i in range(self.threads)]
+            futures = [
+                pool.submit(self._apply_keys, task, chunk, work)
+                for chunk, work in zip(chunks, self._work, strict=True)
+            ]
+            for future in futures:
+                future.result()
+
+    def _apply_keys(self, task: str, keys: list[str], work: torch.Tensor) -> None:
+        with torch.no_grad():
+            for key in keys:
+                self._apply_modulators(task, key, work)
+
     def _static(self) -> dict[str, torch.Tensor]:
-        """Tensors that are the same for every task: assigned once."""
+        """Tensors that are the same for every task."""
         result = self.result
         if isinstance(result, SingleModelResult):
             return result.shared
@@ -88,15 +112,17 @@ class TaskSwitcher:
     def _pre(self, key: str) -> torch.Tensor:
         return self.result.pretrained.get(key).to(self._device)
 
-    def _apply_modulators(self, task: str, key: str) -> None:
+    def _apply_modulators(self, task: str, key: str, work: torch.Tensor) -> None:
         """`W = W_pre + lam_t * M_t * tau_uni`, as `TaskConditionedResult.state_dict` has it."""
         result = self.result
         unified = self._unified[key]
-        delta = self._work[: unified.numel()].view(unified.shape)
+        delta = work[: unified.numel()].view(unified.shape)
         torch.mul(unified, result.rescalers[task], out=delta)  # float32 * float32(lam)
         if self._packed is not None:
             row = self._packed[key][result.tasks.index(task)]
-            delta.mul_(unpack_bits(row, tuple(unified.shape)))
+            mask = unpack_bits(row, tuple(unified.shape))
+            # x * 1 and x * 0 are exact either way; a uint8 view takes torch's fast path.
+            delta.mul_(mask.view(torch.uint8) if mask.device.type == "cpu" else mask)
         pre = self._pretrained[key] if self._pretrained is not None else self._pre(key)
         target = self._targets[key]
         if pre.dtype == torch.float32 and target.dtype == torch.float32:
