@@ -131,3 +131,25 @@ def test_switching_back_after_other_weights_were_loaded():
     model.load_state_dict(average.state_dict("b"))  # someone else used the model meanwhile
     switcher.switch("a")
     assert_same_weights(model.state_dict(), loaded(emr, "a"))
+
+
+def test_the_evaluator_switches_task_conditioned_results_in_place():
+    from types import SimpleNamespace
+
+    from mergebench.evaluate import ModelCache
+
+    data = SimpleNamespace(
+        num_classes=lambda task: 3, family=SimpleNamespace(build_model=lambda task: TinyNet())
+    )
+    pre, finetuned = make_pool()
+    exclude = [r"classifier\..*"]
+    emr = mergebench.merge("emr", pre, finetuned, exclude=exclude, progress=False)
+    ta = mergebench.merge("task_arithmetic", pre, finetuned, exclude=exclude, progress=False)
+    cache = ModelCache(data)
+    models = set()
+    for result in (emr, ta, emr):
+        for task in TASKS:
+            model = cache.model_with(task, result)
+            models.add(id(model))
+            assert_same_weights(model.state_dict(), loaded(result, task))
+    assert len(models) == 1  # one model, reused across tasks and methods

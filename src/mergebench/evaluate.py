@@ -18,6 +18,8 @@ from torch import nn
 
 from mergebench.models.base import LabeledData
 from mergebench.records import TaskScore
+from mergebench.results import TaskConditionedResult
+from mergebench.switching import TaskSwitcher
 
 
 class PerTaskModels(Protocol):
@@ -41,14 +43,30 @@ class ModelCache:
     def __init__(self, data: LabeledData) -> None:
         self.data = data
         self._models: dict[int, nn.Module] = {}
+        self._switchers: dict[int, TaskSwitcher] = {}
 
-    def model_for(self, task: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    def _model(self, task: str) -> nn.Module:
         classes = self.data.num_classes(task)
         if classes not in self._models:
             self._models[classes] = self.data.family.build_model(task).eval()
-        model = self._models[classes]
+        return self._models[classes]
+
+    def model_for(self, task: str, state: dict[str, torch.Tensor]) -> nn.Module:
+        model = self._model(task)
         model.load_state_dict(state, strict=True)
         return model
+
+    def model_with(self, task: str, result: PerTaskModels) -> nn.Module:
+        """The model for `task` holding `result`'s weights. A task-conditioned result is
+        switched in place (`TaskSwitcher`, bit-identical, no state dict materialized)."""
+        if not isinstance(result, TaskConditionedResult):
+            return self.model_for(task, result.state_dict(task))
+        model = self._model(task)
+        classes = self.data.num_classes(task)
+        switcher = self._switchers.get(classes)
+        if switcher is None or switcher.result is not result:
+            switcher = self._switchers[classes] = TaskSwitcher(result, model)
+        return switcher.switch(task)
 
 
 def score_model(
@@ -85,7 +103,7 @@ def evaluate_timed(
         names = tqdm(list(names), desc="evaluating", unit="task", leave=False)
     scores, total, start = [], 0, time.perf_counter()
     for task in names:
-        model = cache.model_for(task, result.state_dict(task))
+        model = cache.model_with(task, result)
         score, n = score_model(model, data, task, split, batch_size)
         scores.append(score)
         total += n
