@@ -220,3 +220,17 @@ def test_batchnorm_statistics_follow_the_coefficients():
     # Buffers get no gradient: their coefficients stay where they started.
     assert lam["a"][index] == pytest.approx(0.3)
     assert lam["a"][result.extra["coefficient_keys"].index("bn.weight")] != pytest.approx(0.3)
+
+
+def test_merged_convolutions_keep_the_models_memory_format():
+    from mergebench.methods.adamerging import MergedModels, _TaskLogits
+
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    keys = ["weight", "bias"]
+    pre = [conv.weight.detach().contiguous(), conv.bias.detach()]
+    taus = [torch.randn(2, *conv.weight.shape), torch.randn(2, 4)]
+    module = MergedModels(keys, pre, taus, [_TaskLogits(conv, None)] * 2, "layer", 0.3, True)
+    weights = module.merged_weights()
+    assert weights["weight"].is_contiguous(memory_format=torch.channels_last)
+    expected = pre[0] + 0.3 * taus[0].sum(0)
+    torch.testing.assert_close(weights["weight"], expected)

@@ -66,6 +66,14 @@ def ties_task_vectors(task_vectors: torch.Tensor, thresholds: torch.Tensor) -> t
     return trimmed * (trimmed * gamma > 0)
 
 
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.dim() == 4
+        and not tensor.is_contiguous()
+        and tensor.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 class _TaskLogits(nn.Module):
     """Wraps one task's model so that `functional_call` reaches it through the family."""
 
@@ -98,6 +106,10 @@ class MergedModels(nn.Module):
         # passing gradient back (layer-wise, their own coefficients stay at `init`).
         buffers = {name for name, _ in task_models[0].model.named_buffers()}
         self.buffer_keys = [key in buffers for key in keys]
+        # Merged weights take the memory format of the model's own (channels_last convolutions
+        # run faster on CPU; a contiguous weight would silently undo that).
+        own = task_models[0].model.state_dict()
+        self.channels_last = [_is_channels_last(own[key]) if key in own else False for key in keys]
         self.clamp = clamp
         self.granularity = granularity
         num_tasks = task_vectors[0].shape[0]
@@ -123,7 +135,10 @@ class MergedModels(nn.Module):
             if self.buffer_keys[i]:
                 column = column.detach()
             # A matrix-vector product: no [N, *shape] temporary, forward or backward.
-            weights[key] = getattr(self, f"pre_{i}") + torch.tensordot(column, taus, dims=1)
+            weight = getattr(self, f"pre_{i}") + torch.tensordot(column, taus, dims=1)
+            if self.channels_last[i]:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            weights[key] = weight
         return weights
 
     def forward(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
