@@ -319,7 +319,8 @@ def ensure_zoo(
     directory = family_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     family, data = load_family(cfg_model, cfg_taskset, seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if zoo_cfg.get("threads"):
+        torch.set_num_threads(int(zoo_cfg["threads"]))
 
     with FileLock(str(directory / ".lock")):
         manifest = read_manifest(directory)

@@ -112,13 +112,16 @@ class EfficientNetLite0Family(ZooFamily):
             )  # fmt: skip
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        return {"pixel_values": ((images - self._mean) / self._std).contiguous()}
+        images = (images - self._mean) / self._std
+        return {"pixel_values": images.contiguous(memory_format=torch.channels_last)}
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["pixel_values"])
 
     def _new_model(self, num_classes: int) -> nn.Module:
-        return _timm_model(num_classes, self.dropout)
+        # channels_last: on CPU the depthwise convolutions run several times faster (measured
+        # 0.3 s instead of 2.7 s per training step of 32 images at 64 px on 2 cores).
+        return _timm_model(num_classes, self.dropout).to(memory_format=torch.channels_last)
 
     def pretrained_state(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in _pretrained_state().items()}

@@ -1,0 +1,119 @@
+"""The whole offline pipeline on a tiny zoo built inside the test: packaged MiniLM, two real
+text tasks, a few dozen examples, 16-token sequences, one short epoch. Zoo CLI (cache,
+metadata, reuse, determinism) -> Hydra multirun of `mergebench` -> results store ->
+leaderboard files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from mergebench import zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["rt_sentiment", "bbc_news"]
+
+
+def tiny(zoo_dir: Path) -> list[str]:
+    return [
+        f"zoo.dir={zoo_dir}",
+        f"taskset.tasks=[{','.join(TASKS)}]",
+        "taskset.examples.train=24",
+        "taskset.examples.validation=8",
+        "taskset.examples.test=16",
+        "model.options.max_length=16",
+        "model.finetune.epochs=1",
+        "model.finetune.multitask_epochs=1",
+        "model.finetune.batch_size=8",
+    ]
+
+
+def run_bench_module():
+    spec = importlib.util.spec_from_file_location("run_bench", ROOT / "scripts" / "run_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("zoo")
+    assert zoo.main(["--set", "text", "--no-progress", *tiny(cache)]) == 0
+    return cache / "minilm"
+
+
+def test_zoo_saves_checkpoints_with_metadata(tiny_zoo):
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    pretrained = load_file(str(tiny_zoo / "pretrained.safetensors"))
+    assert not any(k.startswith("classifier.") for k in pretrained)
+    for task, classes in zip(TASKS, (2, 5), strict=True):
+        entry = manifest["tasks"][task]
+        assert entry["examples"] == {"train": 24, "validation": 8, "test": 16}
+        assert len(entry["data_fingerprint"]) == 64 and entry["seed"] == 0
+        assert entry["finetune"]["epochs"] == 1 and entry["options"]["max_length"] == 16
+        assert 0.0 <= entry["metrics"]["test"]["accuracy"] <= 1.0
+        state = load_file(str(tiny_zoo / entry["file"]))
+        assert state["classifier.weight"].shape[0] == classes
+        assert set(state) - set(pretrained) == {"classifier.weight", "classifier.bias"}
+        # Fine-tuning moved the encoder (a task vector is not zero).
+        key = "encoder.encoder.layer.0.attention.self.query.weight"
+        assert not state[key].equal(pretrained[key])
+    multitask = manifest["multitask"]["text"]
+    assert multitask["tasks"] == TASKS
+    assert (tiny_zoo / "multitask" / "text" / "backbone.safetensors").exists()
+    for task in TASKS:
+        assert (tiny_zoo / "multitask" / "text" / "heads" / f"{task}.safetensors").exists()
+
+
+def test_zoo_is_cached_and_deterministic(tiny_zoo, tmp_path):
+    stamp = (tiny_zoo / f"{TASKS[0]}.safetensors").stat().st_mtime_ns
+    cfg = zoo.compose_config(["taskset=text", *tiny(tiny_zoo.parent)])
+    zoo.ensure_zoo(cfg, progress=False)
+    assert (tiny_zoo / f"{TASKS[0]}.safetensors").stat().st_mtime_ns == stamp, "reused"
+    # Same seed and settings in a fresh cache: bit-identical fine-tuned weights.
+    other = tmp_path / "again"
+    overrides = [*tiny(other), f"taskset.tasks=[{TASKS[0]}]"]
+    assert zoo.main(["--set", "text", "--no-progress", "--no-multitask", *overrides]) == 0
+    a = load_file(str(tiny_zoo / f"{TASKS[0]}.safetensors"))
+    b = load_file(str(other / "minilm" / f"{TASKS[0]}.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_bench_sweep_stores_runs_and_writes_leaderboard(tiny_zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # Hydra's multirun folders land here
+    db, out = tmp_path / "results.sqlite", tmp_path / "out"
+    bench = run_bench_module()
+    argv = [*tiny(tiny_zoo.parent), "--sets", "text", "--db", str(db), "--out", str(out)]
+    assert bench.main([*argv, "--variants", "emr", "task_arithmetic"]) == 0
+    printed = capsys.readouterr().out
+    assert "individual" in printed and "emr" in printed
+
+    board = json.loads((out / "leaderboard.json").read_text())["boards"]
+    assert len(board) == 1 and board[0]["tasks"] == TASKS
+    rows = {r["label"]: r for r in board[0]["rows"]}
+    assert set(rows) == {"individual", "multitask", "pretrained", "emr", "task_arithmetic"}
+    assert "emr" in (out / "leaderboard.md").read_text()
+
+    # The evaluator agrees with the zoo's own test metrics for the individual models.
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    for task in TASKS:
+        assert rows["individual"]["scores"][task] == pytest.approx(
+            manifest["tasks"][task]["metrics"]["test"]["accuracy"]
+        )
+    assert rows["individual"]["normalized_average"] == pytest.approx(1.0)
+
+    from mergebench.store import ResultsStore
+
+    runs = {r["label"]: r for r in ResultsStore(db).runs()}
+    assert runs["emr"]["merge_seconds"] > 0 and runs["emr"]["artifact_bytes"] > 0
+    assert runs["emr"]["peak_rss_bytes"] > 0 and runs["emr"]["extra"]["examples_per_second"] > 0
+    assert runs["emr"]["config"]["method"]["name"] == "emr"
+    # References are cached per zoo; a rerun of a stored config is skipped (resume).
+    assert (tiny_zoo / "references" / "text.json").exists()
+    assert bench.main([*argv, "--variants", "emr"]) == 0
+    assert "already in" in capsys.readouterr().err
+    assert len(ResultsStore(db).runs()) == len(runs)
