@@ -297,3 +297,21 @@ def test_cuda_merges_match_cpu_merges(method, params):
         a, b = cpu.state_dict(task), gpu.state_dict(task)
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=0)
+
+
+def test_radix_select_finds_the_exact_kth_largest_magnitude():
+    from mergebench.topk import kth_largest_abs
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = int(torch.randint(1, 5, (1,), generator=g))
+        widths = torch.randint(1, 400, (4,), generator=g).tolist()
+        # Coarse values: many exact ties; -0.0 entries fold onto +0.0.
+        chunks = [torch.randint(-50, 50, (rows, w), generator=g).float() * 0.37 for w in widths]
+        chunks[0][:, ::5] = -0.0
+        values = torch.cat(chunks, dim=1)
+        ks = [int(torch.randint(1, values.shape[1] + 1, (1,), generator=g)) for _ in range(rows)]
+        found = kth_largest_abs(lambda chunks=chunks: chunks, rows, ks)
+        for r in range(rows):
+            expected = values[r].abs().sort(descending=True).values[ks[r] - 1]
+            assert found[r] == expected

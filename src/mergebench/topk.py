@@ -12,16 +12,23 @@ replays the chunks.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 
 _BINS = 1 << 16
 
 
-def _abs_bits(x: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of |x| (float32), flattened per leading row."""
-    return x.abs().to(torch.float32).contiguous().view(torch.int32)
+def _halves(chunk: torch.Tensor, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row, the high and low 16-bit halves of each float32 (views, no copy)."""
+    flat = chunk.detach().to("cpu", torch.float32).contiguous().reshape(rows, -1).numpy()
+    if sys.byteorder == "little":
+        halves = flat.view(np.uint16)
+        return [(row[1::2], row[0::2]) for row in halves]
+    bits = flat.view(np.uint32)
+    return [((row >> 16).astype(np.uint16), (row & 0xFFFF).astype(np.uint16)) for row in bits]
 
 
 class RadixSelect:
@@ -37,10 +44,11 @@ class RadixSelect:
     # -- pass 1 -------------------------------------------------------------------------------
     def high_counts(self, chunk: torch.Tensor) -> torch.Tensor:
         """Histogram of the high 16 bits of |chunk| per row (pure: safe from any thread)."""
-        bits = _abs_bits(chunk.cpu()).reshape(self.rows, -1)
-        counts = torch.empty(self.rows, _BINS, dtype=torch.int64)
-        for r in range(self.rows):
-            counts[r] = torch.bincount(bits[r] >> 16, minlength=_BINS)
+        counts = torch.zeros(self.rows, _BINS, dtype=torch.int64)
+        for r, (high, _) in enumerate(_halves(chunk, self.rows)):
+            # The sign bit is the top bit of the high half: fold -x onto |x|, no abs pass.
+            folded = torch.bincount(torch.from_numpy(high.astype(np.int32)), minlength=_BINS)
+            counts[r, : _BINS // 2] = folded[: _BINS // 2] + folded[_BINS // 2 :]
         return counts
 
     def add_high(self, counts: torch.Tensor) -> None:
@@ -57,11 +65,12 @@ class RadixSelect:
 
     def low_counts(self, chunk: torch.Tensor) -> torch.Tensor:
         """Histogram of the low 16 bits of the entries in each row's target bin."""
-        bits = _abs_bits(chunk.cpu()).reshape(self.rows, -1)
         counts = torch.empty(self.rows, _BINS, dtype=torch.int64)
-        for r, (top, _) in enumerate(self.targets()):
-            selected = bits[r][(bits[r] >> 16) == top]
-            counts[r] = torch.bincount(selected & 0xFFFF, minlength=_BINS)
+        for r, ((high, low), (top, _)) in enumerate(
+            zip(_halves(chunk, self.rows), self.targets(), strict=True)
+        ):
+            selected = low[np.bitwise_and(high, 0x7FFF) == top]
+            counts[r] = torch.from_numpy(np.bincount(selected, minlength=_BINS))
         return counts
 
     def add_low(self, counts: torch.Tensor) -> None:
