@@ -235,6 +235,15 @@ def run_verify(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
+def switching(artifact: Path, threads: int) -> dict:
+    command = [sys.executable, __file__, "_switch", "--artifact", str(artifact)]
+    command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"switching benchmark failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def verify(pool: Path, stream_dir: Path, reference_file: Path) -> dict:
     command = [
         sys.executable, __file__, "_verify", "--pool", str(pool), "--stream", str(stream_dir),
@@ -244,6 +253,46 @@ def verify(pool: Path, stream_dir: Path, reference_file: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"verification failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- task switching (child process) -------------------------------------------------------
+def run_switch(args: argparse.Namespace) -> None:
+    """Seconds per task change of an EMR result on a live ViT-B/32 vision tower: rebuilding
+    the weights (`load_state_dict(result.state_dict(task))`) against `TaskSwitcher`."""
+    import open_clip
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from mergebench.results import load_result
+    from mergebench.switching import TaskSwitcher
+
+    result = load_result(args.artifact)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    timings: dict[str, list[float]] = {"materialize": [], "load_state_dict": [], "switch": []}
+    for task in result.tasks:
+        start = time.perf_counter()
+        state = result.state_dict(task)
+        built = time.perf_counter()
+        model.load_state_dict(state)
+        timings["materialize"].append(built - start)
+        timings["load_state_dict"].append(time.perf_counter() - start)
+        del state
+    expected = {k: v.clone() for k, v in model.state_dict().items()}  # the last task's weights
+    start = time.perf_counter()
+    switcher = TaskSwitcher(result, model)
+    setup = time.perf_counter() - start
+    for task in result.tasks:
+        start = time.perf_counter()
+        switcher.switch(task)
+        timings["switch"].append(time.perf_counter() - start)
+    identical = all(
+        torch.equal(v.view(torch.int32), expected[k].view(torch.int32))
+        if v.dtype == torch.float32
+        else torch.equal(v, expected[k])
+        for k, v in model.state_dict().items()
+    )
+    means = {k: sum(v) / len(v) for k, v in timings.items()}
+    print(json.dumps({**means, "switcher_setup": setup, "identical": identical}))
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -313,6 +362,22 @@ def render(results: dict) -> str:
         "",
         "Ratios: wall time reference / stream; peak RSS and artifact bytes stream / reference.",
     ]
+    if "switching" in results:
+        sw = results["switching"]
+        lines += [
+            "",
+            "Task switching, EMR result on a live ViT-B/32 vision tower (seconds per task, "
+            "mean over the 8 tasks):",
+            "",
+            "| way | s per task |",
+            "| --- | ---: |",
+            f"| `result.state_dict(task)` (materialize) | {sw['materialize']:.3f} |",
+            f"| `model.load_state_dict(result.state_dict(task))` | {sw['load_state_dict']:.3f} |",
+            f"| `TaskSwitcher(result, model).switch(task)` (in place) | {sw['switch']:.3f} |",
+            "",
+            f"Switcher set-up (once per result and model): {sw['switcher_setup']:.2f} s; "
+            f"switched weights bit-identical to loaded ones: {'yes' if sw['identical'] else 'NO'}.",
+        ]
     return "\n".join(lines)
 
 
@@ -332,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("impl", "method", "params", "pool", "out"):
         worker.add_argument(f"--{name}", required=True)
     worker.add_argument("--threads", type=int, default=2)
+    switch = sub.add_parser("_switch")
+    switch.add_argument("--artifact", required=True)
+    switch.add_argument("--threads", type=int, default=2)
     build = sub.add_parser("_build")
     build.add_argument("--pool", type=Path, required=True)
     build.add_argument("--tasks", type=int, required=True)
@@ -350,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         return run_worker(args)
     if args.command == "_verify":
         return run_verify(args)
+    if args.command == "_switch":
+        return run_switch(args)
     if args.command == "_build":
         build_checkpoints(args.pool, args.tasks)
         return None
@@ -387,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
             row["check"] = verify(
                 pool, work / f"{method}_stream", work / f"{method}_reference" / "reference.pt"
             )
+            if method == "emr":
+                results["switching"] = switching(work / "emr_stream", args.threads)
+                print(f"{'switching':17s} {results['switching']}", flush=True)
             print(f"{method:17s} check     {row['check']}", flush=True)
             row["ratio"] = {
                 "time": row["reference"]["total_s"] / row["stream"]["total_s"],
