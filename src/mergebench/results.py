@@ -125,7 +125,10 @@ class TaskConditionedResult(MergeResult):
         """`lam_t * M_t * tau_uni` in float32."""
         delta = self.unified[key] * self.rescalers[task]
         mask = self.mask(task, key)
-        return delta if mask is None else delta * mask
+        if mask is None:
+            return delta
+        # x * 1 and x * 0 are exact either way; a uint8 view takes torch's fast multiply.
+        return delta.mul_(mask.view(torch.uint8) if mask.device.type == "cpu" else mask)
 
     def state_dict(self, task: str | None = None) -> dict[str, torch.Tensor]:
         if task is None:
@@ -137,7 +140,8 @@ class TaskConditionedResult(MergeResult):
         state: dict[str, torch.Tensor] = dict(self.pretrained_excluded)
         for key in self.unified:
             pre = self.pretrained.get(key)
-            state[key] = (pre.to(torch.float32) + self.task_delta(task, key)).to(pre.dtype)
+            # delta + pre == pre + delta exactly; adding in place saves a model-sized copy.
+            state[key] = self.task_delta(task, key).add_(pre).to(pre.dtype)
         state.update(self.copied)
         state.update(self.task_specific.get(task, {}))
         return state
@@ -166,8 +170,9 @@ class TaskConditionedResult(MergeResult):
                 }
             else:
                 keys = list(self.unified)
-                save_file(_contiguous(self.pretrained.state_dict(keys)),
-                          tmp / "pretrained.safetensors")
+                save_file(
+                    _contiguous(self.pretrained.state_dict(keys)), tmp / "pretrained.safetensors"
+                )
                 meta["pretrained"] = {"embedded": "pretrained.safetensors"}
             _write_json(tmp / "result.json", meta)
 
@@ -175,7 +180,8 @@ class TaskConditionedResult(MergeResult):
 
 
 def load_result(
-    directory: str | Path, pretrained: str | Path | Mapping[str, torch.Tensor] | None = None,
+    directory: str | Path,
+    pretrained: str | Path | Mapping[str, torch.Tensor] | None = None,
     verify: bool = True,
 ) -> MergeResult:
     """Load a saved result. A task-conditioned result finds its pretrained weights by the
@@ -189,9 +195,15 @@ def load_result(
     except ValueError as err:
         raise MergeBenchError(f"{meta_path}: invalid JSON ({err})") from None
     if meta.get("format") != FORMAT:
-        raise MergeBenchError(f"{meta_path}: not a mergebench result (format={meta.get('format')!r})")
-    common = dict(method=meta["method"], params=meta["params"], tasks=meta["tasks"],
-                  extra=meta.get("extra", {}))
+        raise MergeBenchError(
+            f"{meta_path}: not a mergebench result (format={meta.get('format')!r})"
+        )
+    common = dict(
+        method=meta["method"],
+        params=meta["params"],
+        tasks=meta["tasks"],
+        extra=meta.get("extra", {}),
+    )
     task_specific = _load_task_specific(directory, meta["tasks"])
     if meta["kind"] == "single":
         shared = open_checkpoint(directory / "model.safetensors", role="result").state_dict()
