@@ -226,3 +226,47 @@ def test_num_examples_limits_the_inputs_read():
     result = merge_pool("regmean", pool, progress=False, num_examples=10, batch_size=4)
     assert result.extra["rows_per_task"] == {"a": 10, "b": 10}
     assert isinstance(family.build_model("a"), MLP)
+
+
+class Chain(nn.Module):
+    """Layers of one width whose inputs are temporaries, freed as soon as each layer ran: a
+    later input may reuse an earlier one's memory address (no Gram may be mixed up)."""
+
+    def __init__(self, width: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.classifier = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(torch.tanh(x) * 1.5)
+        return self.classifier(x)
+
+
+def test_each_layer_gets_its_own_gram_when_memory_is_reused():
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    pre = Chain().state_dict()
+    finetuned = {
+        t: {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for t in "ab"
+    }
+    inputs = {t: torch.randn(64, 8, generator=g) for t in "ab"}
+    family = ToyFamily({t: {"train": x} for t, x in inputs.items()}, lambda task: Chain())
+    pool = ModelPool.from_checkpoints(pre, finetuned, exclude=HEAD, family=family)
+    merged = merge_pool("regmean", pool, progress=False, alpha=1.0, batch_size=64)
+    for i in range(4):
+        xs, ws = [], []
+        for task, x in inputs.items():
+            model = Chain()
+            model.load_state_dict(finetuned[task])
+            with torch.no_grad():
+                for layer in model.layers[:i]:
+                    x = layer(torch.tanh(x) * 1.5)
+            xs.append(torch.tanh(x) * 1.5)
+            ws.append(finetuned[task][f"layers.{i}.weight"])
+        torch.testing.assert_close(
+            merged.state_dict("a")[f"layers.{i}.weight"].double(),
+            least_squares(xs, ws),
+            atol=1e-5,
+            rtol=1e-4,
+        )

@@ -79,8 +79,9 @@ class GramCollector:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     row_mask: torch.Tensor | None = None
-    # q, k and v read the same tensor: its Gram is computed once per batch.
-    _seen: dict[tuple, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    # q, k and v read the same tensor: its Gram is computed once per batch. The entry keeps
+    # the tensor alive, so that no later tensor of the batch can reuse its memory address.
+    _seen: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._handles = [
@@ -100,8 +101,8 @@ class GramCollector:
                 rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                 if self.row_mask is not None and rows.shape[0] == self.row_mask.numel():
                     rows = rows[self.row_mask.to(rows.device)]
-                self._seen[tag] = ((rows.T @ rows).to(torch.float64), rows.shape[0])
-            gram, count = self._seen[tag]
+                self._seen[tag] = (x, (rows.T @ rows).to(torch.float64), rows.shape[0])
+            _, gram, count = self._seen[tag]
             if name in self.grams:
                 self.grams[name] += gram
             else:
