@@ -315,3 +315,21 @@ def test_radix_select_finds_the_exact_kth_largest_magnitude():
         for r in range(rows):
             expected = values[r].abs().sort(descending=True).values[ks[r] - 1]
             assert found[r] == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error():
+    pre, finetuned = {"w": torch.zeros(3)}, {"a": {"w": torch.ones(3)}}
+    with pytest.raises(MergeBenchError, match="device: 'cuda' requested but CUDA is not available"):
+        mergebench.merge("emr", pre, finetuned, device="cuda", progress=False)
+
+
+def test_concurrent_merges_restore_torch_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    pools = [pool_of(seed=s) for s in range(4)]
+    with ThreadPoolExecutor(4) as runner:
+        results = list(runner.map(lambda p: mergebench.merge_pool("emr", p, progress=False), pools))
+    assert len(results) == 4
+    assert torch.get_num_threads() == before

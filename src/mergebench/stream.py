@@ -393,15 +393,28 @@ class _Cancelled(Exception):
     """A read abandoned because its pass was torn down (an error, or the caller stopped)."""
 
 
+_ops_lock = threading.Lock()
+_ops_users = 0
+_ops_threads_before = 1
+
+
 @contextmanager
 def single_threaded_ops(enabled: bool = True) -> Iterator[None]:
-    """Torch intra-op threads = 1 while our workers run whole keys in parallel (restored)."""
+    """Torch intra-op threads = 1 while our workers run whole keys in parallel; restored when
+    the last concurrent user leaves (merges may run in several threads at once)."""
+    global _ops_users, _ops_threads_before
     if not enabled:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _ops_lock:
+        if _ops_users == 0:
+            _ops_threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _ops_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _ops_lock:
+            _ops_users -= 1
+            if _ops_users == 0:
+                torch.set_num_threads(_ops_threads_before)
