@@ -333,3 +333,26 @@ def test_concurrent_merges_restore_torch_threads():
         results = list(runner.map(lambda p: mergebench.merge_pool("emr", p, progress=False), pools))
     assert len(results) == 4
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("emr", {}), ("emr", {"rescaler": "global", "mask": False}), ("ties", {}),
+     ("ties", {"aggregate": "mean", "topk_scope": "tensor"}), ("mask_rescale", {"base": "ties"})],
+)  # fmt: skip
+def test_the_torch_kernels_of_the_gpu_path_agree_with_the_cpu_kernels(monkeypatch, method, params):
+    """The GPU runs the torch formulas; here they run on the CPU against the numpy kernels."""
+    pool = pool_of(num_tasks=5, seed=3)
+    fast = mergebench.merge_pool(method, pool, progress=False, **params)
+    monkeypatch.setenv("MERGEBENCH_TORCH_KERNELS", "1")
+    slow = mergebench.merge_pool(method, pool, progress=False, **params)
+    if fast.kind == "single":
+        for key, value in fast.state_dict().items():
+            assert torch.equal(bits(slow.state_dict()[key]), bits(value)), key
+        return
+    for key in fast.unified:
+        assert torch.equal(bits(slow.unified[key]), bits(fast.unified[key])), key
+        if fast.masks is not None:
+            assert torch.equal(slow.masks[key], fast.masks[key]), key
+    for task in pool.tasks:
+        assert slow.rescalers[task] == pytest.approx(fast.rescalers[task], rel=1e-12)

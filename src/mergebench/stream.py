@@ -374,6 +374,13 @@ class TaskVectorStream:
         )
 
 
+def numpy_kernels(tensor: torch.Tensor) -> bool:
+    """Whether the CPU (numpy, block by block) kernels handle `tensor`: a CPU tensor, unless
+    `$MERGEBENCH_TORCH_KERNELS=1` asks for the device-agnostic torch formulas (the GPU
+    path), which lets the GPU arithmetic be checked on a machine without one."""
+    return tensor.device.type == "cpu" and os.environ.get("MERGEBENCH_TORCH_KERNELS") != "1"
+
+
 def default_threads() -> int:
     """Workers for `map`: `$MERGEBENCH_THREADS` if set, else torch's intra-op thread count
     (the number of physical cores unless configured otherwise)."""

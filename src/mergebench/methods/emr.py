@@ -25,7 +25,7 @@ from mergebench.methods.modulators import (
 from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
 from mergebench.selection import plan_keys
-from mergebench.stream import TaskVectorStream, TensorItem, sum_tasks
+from mergebench.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
 
 
 def elect(
@@ -120,7 +120,7 @@ class EMR(Method):
 
         def per_key(item: TensorItem) -> KeyModulators:
             taus, scratch = item.task_vectors, thread_scratch()
-            if self.elect and taus.device.type == "cpu":  # elect block by block, in the cache
+            if self.elect and numpy_kernels(taus):  # elect block by block, in the cache
                 return modulate_key(
                     taus, None, self.mask, self.rescaler, scratch, self.rescale,
                     block_unify=elect_block, task_sum=item.task_sum(),

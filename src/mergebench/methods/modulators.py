@@ -25,7 +25,13 @@ from mergebench.methods.base import Method, task_specific_tensors
 from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
 from mergebench.selection import KeyPlan
-from mergebench.stream import Scratch, TaskVectorStream, TensorItem, thread_scratch
+from mergebench.stream import (
+    Scratch,
+    TaskVectorStream,
+    TensorItem,
+    numpy_kernels,
+    thread_scratch,
+)
 from mergebench.tensors import pack_bits
 
 RESCALERS = ("tensor_mean", "global")
@@ -82,7 +88,7 @@ def modulate_key(
     On the CPU, `unified` may be None and computed block by block by `block_unify` from the
     task vectors and `task_sum` (EMR's election), while the block is in the cache.
     """
-    if task_vectors.device.type == "cpu":
+    if numpy_kernels(task_vectors):
         return _modulate_blocks(
             task_vectors, unified, mask, rescaler, scratch, rescale, block_unify, task_sum
         )

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from mergebench.methods.base import TaskVectorMethod, choice, fraction, number, sign
-from mergebench.stream import Scratch, TaskVectorStream, sum_tasks, thread_scratch
+from mergebench.stream import (
+    Scratch,
+    TaskVectorStream,
+    numpy_kernels,
+    sum_tasks,
+    thread_scratch,
+)
 from mergebench.topk import RadixSelect, kth_largest_abs_in_tensor
 
 AGGREGATES = ("sum", "mean")
@@ -132,7 +138,7 @@ class Ties(TaskVectorMethod):
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         thresholds = self.thresholds_for(task_vectors)
-        if task_vectors.device.type == "cpu" and task_vectors.is_contiguous():
+        if numpy_kernels(task_vectors) and task_vectors.is_contiguous():
             return _merge_blocks(
                 task_vectors, thresholds, self.aggregate, self.scaling, thread_scratch()
             )
