@@ -37,8 +37,10 @@ def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVect
 
     def transform(key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return torch.stack(
-            [drop_and_rescale(tau, p, rescale, g) for tau, g in zip(task_vectors, generators,
-                                                                     strict=True)]
+            [
+                drop_and_rescale(tau, p, rescale, g)
+                for tau, g in zip(task_vectors, generators, strict=True)
+            ]
         )
 
     return transform
@@ -47,12 +49,19 @@ def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVect
 class Dare(Method):
     name = "dare"
 
-    def __init__(self, base: str, drop: Any, rescale: Any, seed: Any,
-                 base_params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        base: str,
+        drop: Any,
+        rescale: Any,
+        seed: Any,
+        base_params: dict[str, Any] | None = None,
+    ) -> None:
         from mergebench.methods.registry import build_method
 
-        super().__init__(base=base, drop=drop, rescale=rescale, seed=seed,
-                         base_params=dict(base_params or {}))
+        super().__init__(
+            base=base, drop=drop, rescale=rescale, seed=seed, base_params=dict(base_params or {})
+        )
         self.drop = fraction(self.name, "drop", drop, low_open=False, high_open=True)
         self.rescale = flag(self.name, "rescale", rescale)
         if not isinstance(seed, int) or isinstance(seed, bool):
