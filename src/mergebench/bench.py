@@ -244,6 +244,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     plain.pop("hydra", None)
     progress = bool(plain.get("progress", True))
+    from mergebench.zoo import set_threads
+
+    set_threads(plain.get("threads"))
     ctx = _context(plain, progress)
     method_cfg = dict(plain["method"])
     name = str(method_cfg.pop("name"))

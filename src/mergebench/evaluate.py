@@ -77,7 +77,7 @@ def score_model(
     metric = data.metric(task)
     n = 0
     with torch.inference_mode():
-        for batch, labels in data.batches(task, split, batch_size):
+        for batch, labels in data.batches(task, split, batch_size, by_length=True):
             metric.update(data.family.logits(model, batch), labels)
             n += len(labels)
     value = float(metric.compute()) if n else float("nan")

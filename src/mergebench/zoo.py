@@ -64,6 +64,12 @@ def family_dir(cfg: Mapping[str, Any]) -> Path:
     return zoo_root((cfg.get("zoo") or {}).get("dir")) / str(cfg["model"]["name"])
 
 
+def set_threads(threads: int | None) -> None:
+    """Fix torch's CPU threads (`threads` config key); None keeps torch's default (all cores)."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -319,8 +325,7 @@ def ensure_zoo(
     directory = family_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     family, data = load_family(cfg_model, cfg_taskset, seed)
-    if zoo_cfg.get("threads"):
-        torch.set_num_threads(int(zoo_cfg["threads"]))
+    set_threads(cfg.get("threads"))
 
     with FileLock(str(directory / ".lock")):
         manifest = read_manifest(directory)

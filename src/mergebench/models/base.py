@@ -139,11 +139,19 @@ class LabeledData:
         return build_metric(self.metric_name(task), self.num_classes(task))
 
     def batches(
-        self, task: str, split: str, batch_size: int, order: np.ndarray | None = None
+        self,
+        task: str,
+        split: str,
+        batch_size: int,
+        order: np.ndarray | None = None,
+        by_length: bool = False,
     ) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """(encoded inputs, labels) batches of one split, in `order` if given."""
+        """(encoded inputs, labels) batches of one split, in `order` if given. `by_length`
+        groups texts of similar length (less padding: evaluation only, order-free metrics)."""
         part = self.splits(task).split(split)
         index = np.arange(len(part)) if order is None else order
+        if by_length and isinstance(part.inputs, list):
+            index = index[np.argsort([len(part.inputs[i]) for i in index], kind="stable")]
         for start in range(0, len(index), batch_size):
             idx = index[start : start + batch_size]
             if isinstance(part.inputs, list):
