@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", action="store_true", help="no zoo: perturbed copies")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
     parser.add_argument("--out", type=Path, help="write the table as Markdown here")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from omegaconf import OmegaConf
     from rich.console import Console
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 merge_pool(method, pool, progress=True, **params)
                 seconds = time.perf_counter() - start
             rows.append((name, variant, len(pool.tasks), seconds, rss.peak / 2**20))
+            print(f"{name}: {variant} took {seconds / 60:.1f} min", file=sys.stderr, flush=True)
 
     table = Table(title="data-dependent methods: merge cost (benchmark presets)")
     for column in ("set", "variant", "tasks", "minutes", "peak RSS MiB"):
