@@ -104,6 +104,9 @@ def test_frozen_batchnorm_keeps_statistics(vision):
     torch.nn.functional.cross_entropy(family.logits(model, batch), labels).backward()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # The multi-task model (never merged) lets its statistics adapt.
+    family.set_train_mode(model, multitask=True)
+    assert model.bn1.training
 
 
 def test_multitask_models_share_the_backbone(text):

@@ -44,7 +44,7 @@ ZOO_FORMAT = 2  # bump when training changes: old checkpoints are retrained
 # Hyperparameters a model config's `finetune` section may set (defaults in conf/model/*.yaml).
 FINETUNE_KEYS = (
     "epochs", "batch_size", "lr", "head_lr", "weight_decay", "warmup",
-    "multitask_epochs", "max_grad_norm",
+    "max_grad_norm", "multitask_epochs", "multitask_lr", "multitask_head_lr",
 )  # fmt: skip
 
 
@@ -99,6 +99,19 @@ def finetune_settings(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
     return hp
 
 
+def single_task_settings(hp: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hp.items() if not k.startswith("multitask_")}
+
+
+def multitask_settings(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The single-task settings with the multi-task overrides applied."""
+    out = single_task_settings(hp)
+    out.update(
+        epochs=hp["multitask_epochs"], lr=hp["multitask_lr"], head_lr=hp["multitask_head_lr"]
+    )
+    return out
+
+
 def task_signature(
     cfg_model: Mapping[str, Any], hp: Mapping[str, Any], seed: int, task: str, fingerprint: str
 ) -> str:
@@ -107,7 +120,7 @@ def task_signature(
             "format": ZOO_FORMAT,
             "family": cfg_model["name"],
             "options": _plain(cfg_model.get("options")) or {},
-            "finetune": {k: v for k, v in hp.items() if k != "multitask_epochs"},
+            "finetune": single_task_settings(hp),
             "seed": seed,
             "task": task,
             "data": fingerprint,
@@ -201,9 +214,9 @@ def _lightning_module(
 
         def train(self, mode: bool = True):
             super().train(mode)
-            if mode:  # Lightning calls train() after every validation; keep BN frozen
+            if mode:  # the family decides (the CNN keeps BatchNorm statistics frozen)
                 for model in self.models.values():
-                    family.set_train_mode(model)
+                    family.set_train_mode(model, multitask=len(models) > 1)
             return self
 
         def training_step(self, item, batch_idx):
@@ -356,7 +369,7 @@ def ensure_zoo(
                 "seed": seed,
                 "train_seed": task_seed,
                 "options": cfg_model.get("options") or {},
-                "finetune": {k: v for k, v in hp.items() if k != "multitask_epochs"},
+                "finetune": single_task_settings(hp),
                 "examples": {
                     s: data.num_examples(task, s) for s in ("train", "validation", "test")
                 },
@@ -386,7 +399,7 @@ def _ensure_multitask(
             "tasks": {
                 t: task_signature(cfg_model, hp, seed, t, data.fingerprint(t)) for t in tasks
             },
-            "multitask_epochs": hp["multitask_epochs"],
+            "multitask": multitask_settings(hp),
         }
     )
     folder = directory / "multitask" / name
@@ -395,7 +408,8 @@ def _ensure_multitask(
         return
     epochs = int(hp["multitask_epochs"])
     _say(f"{cfg_model['name']} multi-task model on {len(tasks)} tasks ({epochs} epochs)")
-    models, seconds = fit(family, data, tasks, hp, epochs, seed * 1_000_003 + 7, progress)
+    mt_hp = multitask_settings(hp)
+    models, seconds = fit(family, data, tasks, mt_hp, epochs, seed * 1_000_003 + 7, progress)
     state = models[tasks[0]].state_dict()
     save_atomic(
         {k: v for k, v in state.items() if not k.startswith(HEAD + ".")},
@@ -410,6 +424,7 @@ def _ensure_multitask(
         "folder": str(folder.relative_to(directory)),
         "tasks": tasks,
         "epochs": epochs,
+        "finetune": mt_hp,
         "seed": seed,
         "metrics": metrics,
         "train_seconds": round(seconds, 2),

@@ -55,7 +55,7 @@ class ZooFamily:
         """The packaged pretrained weights in this family's key names, head excluded."""
         raise NotImplementedError
 
-    def set_train_mode(self, model: nn.Module) -> None:
+    def set_train_mode(self, model: nn.Module, multitask: bool = False) -> None:
         """Training mode for fine-tuning (the CNN keeps BatchNorm statistics frozen)."""
         model.train()
 
