@@ -72,13 +72,15 @@ def main() -> int:
                 env,
             )
             print(name, report[f"zoo_{name}"], file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="mb-bench-") as tmp:
-        report["bench"] = timed(
-            [PY, "scripts/run_bench.py", "--db", f"{tmp}/results.sqlite", "--out", tmp,
-             f"zoo.dir={cache}", "zoo.build_missing=false"],
-            env,
-        )  # fmt: skip
-        report["leaderboard"] = json.loads((Path(tmp) / "leaderboard.json").read_text())
+    # --force: every run is timed even if the database already holds it; the results and
+    # the leaderboard land in outputs/ as with `make bench`.
+    out = ROOT / "outputs"
+    report["bench"] = timed(
+        [PY, "scripts/run_bench.py", "--force", "--db", str(out / "results.sqlite"),
+         "--out", str(out), f"zoo.dir={cache}", "zoo.build_missing=false"],
+        env,
+    )  # fmt: skip
+    report["leaderboard"] = json.loads((out / "leaderboard.json").read_text())
     print(json.dumps({k: v for k, v in report.items() if k != "leaderboard"}, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
