@@ -513,9 +513,17 @@ class HFLabeledData(LabeledData):
         return build_task_metric(self.metric_name(task), self.num_classes(task))
 
     def batches(
-        self, task: str, split: str, batch_size: int, order: np.ndarray | None = None
+        self,
+        task: str,
+        split: str,
+        batch_size: int,
+        order: np.ndarray | None = None,
+        by_length: bool = False,
     ) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """(encoded inputs, labels) batches of one split, in `order` if given."""
+        """(encoded inputs, labels) batches of one split, in `order` if given. `by_length` is
+        accepted for the evaluator's sake and ignored: rows are read lazily, and sorting them
+        by length would read every row first."""
+        del by_length
         inputs = self.family.tasks[task].inputs[split]
         labels = torch.as_tensor(self.labels(task, split))
         index = np.arange(len(labels)) if order is None else np.asarray(order)
