@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mergebench.errors import MergeBenchError
 
@@ -18,6 +18,13 @@ def conf_dir() -> Path:
     if not path.is_dir():
         raise MergeBenchError(f"{path}: configuration folder not found (set MERGEBENCH_CONF)")
     return path
+
+
+def to_plain(obj: Any) -> Any:
+    """OmegaConf containers to plain Python (a no-op for plain data)."""
+    if isinstance(obj, DictConfig | ListConfig):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
 
 
 def group_options(group: str) -> list[str]:

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from mergebench.config import to_plain as _plain  # noqa: E402
 from mergebench.errors import MergeBenchError  # noqa: E402
 from mergebench.evaluate import score_model  # noqa: E402
 from mergebench.models import LabeledData, ZooFamily, load_family  # noqa: E402
@@ -72,18 +73,6 @@ def set_threads(threads: int | None) -> None:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers to plain Python (a no-op for plain data)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
 
 
 def finetune_settings(cfg_model: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergebench.config import to_plain as _plain
 from mergebench.errors import MergeBenchError
 from mergebench.models.base import TaskInputs, ZooFamily
 from mergebench.models.hub import CanonicalSource, canonical_source, resolve_model
@@ -37,18 +38,6 @@ from mergebench.tasks.hf_datasets import (
 )
 from mergebench.tasks.splits import SPLITS
 from mergebench.tensors import open_checkpoint
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers to plain Python (a no-op for plain data)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
 
 
 class PaperFamily(ZooFamily):
