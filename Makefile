@@ -23,15 +23,16 @@ setup: $(STAMP)
 data:
 	@bash scripts/install_data.sh
 
-test: setup
+test: setup data
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: setup
+test-all: setup data
 	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/lint-imports
 
 zoo: setup data
 	$(VENV)/bin/mergebench-zoo

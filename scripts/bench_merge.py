@@ -194,8 +194,8 @@ def baseline_rss(threads: int) -> int:
 def run_verify(args: argparse.Namespace) -> None:
     import torch
 
+    from mergebench.engine.checkpoints import open_checkpoint
     from mergebench.results import load_result
-    from mergebench.tensors import open_checkpoint
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
@@ -264,7 +264,7 @@ def run_switch(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from mergebench.results import load_result
-    from mergebench.switching import TaskSwitcher
+    from mergebench.results.switching import TaskSwitcher
 
     result = load_result(args.artifact)
     model = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mergebench.leaderboard import load_boards, render
-from mergebench.records import RunRecord, TaskScore
-from mergebench.store import ResultsStore
+from mergebench.report.boards import load_boards, render
+from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.store import ResultsStore
 
 TASKS = [f"task{i}" for i in range(8)]
 LABELS = ["individual", "pretrained", "weight_averaging", "task_arithmetic", "ties", "emr"]
@@ -92,14 +92,14 @@ def main() -> None:
             s = timed(render, boards, fmt)
             rows.append((f"render {fmt}", f"{len(boards)} boards", f"{1000 * s:.0f} ms", ""))
 
-        from mergebench.plots import write_all_plots
+        from mergebench.report.plots import write_all_plots
 
         t0 = time.perf_counter()
         written = write_all_plots(boards, Path(tmp) / "plots")
         s = time.perf_counter() - t0
         rows.append(("write_all_plots", f"{len(written)} PNGs", f"{s:.2f} s", ""))
 
-        from mergebench.loggers import WandbLogger
+        from mergebench.report.wandb import WandbLogger
 
         os.environ.pop("WANDB_MODE", None)
         logger = WandbLogger(dir=Path(tmp) / "wb")

@@ -62,7 +62,7 @@ def main() -> int:
                 [
                     PY,
                     "-m",
-                    "mergebench.zoo",
+                    "mergebench.sources.zoo",
                     "--set",
                     name,
                     "--cache-dir",

@@ -43,7 +43,7 @@ def multirun(overrides: list[str]) -> None:
     share the loaded families and evaluation models)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from mergebench import bench
+    from mergebench.cli import bench
 
     GlobalHydra.instance().clear()
     argv = sys.argv
@@ -60,10 +60,10 @@ def multirun(overrides: list[str]) -> None:
 
 def write_leaderboard(db: str, out_dir: str) -> list[Path]:
     """Print the leaderboard and write it as Markdown, JSON, CSV and HTML, and the plots
-    into `<out_dir>/plots/` (mergebench.leaderboard, mergebench.plots)."""
-    from mergebench.leaderboard import load_boards, print_table
-    from mergebench.leaderboard import write_leaderboard as write
-    from mergebench.plots import write_all_plots
+    into `<out_dir>/plots/` (mergebench.report.boards, mergebench.report.plots)."""
+    from mergebench.report.boards import load_boards, print_table
+    from mergebench.report.boards import write_leaderboard as write
+    from mergebench.report.plots import write_all_plots
 
     boards = load_boards(db)
     print_table(boards)

@@ -26,7 +26,7 @@ SETS = {"text": "bench_text", "vision": "bench_vision"}
 
 def synthetic_pool(family, cfg_model, name: str, seed: int = 0):
     """Pretrained weights plus N(0, 1e-3) noise per task, each with a fresh random head."""
-    from mergebench.pool import ModelPool
+    from mergebench.engine.pool import ModelPool
 
     pre = family.pretrained_state()
     generator = torch.Generator().manual_seed(seed)
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from mergebench.api import merge_pool
-    from mergebench.bench import PeakRSS
-    from mergebench.models import load_family, zoo_pool
-    from mergebench.zoo import compose_config, family_dir
+    from mergebench.bench.job import PeakRSS
+    from mergebench.families import load_family, zoo_pool
+    from mergebench.sources.zoo import compose_config, family_dir
 
     rows = []
     for set_name in args.sets:

@@ -1,6 +1,6 @@
 """Tiny model families with synthetic inputs for the data-dependent methods' tests.
 
-A family here implements `mergebench.pool.TaskFamily` only: inputs per task and split, no
+A family here implements `mergebench.engine.pool.TaskFamily` only: inputs per task and split, no
 labels (the no-label test adds a data set that raises when a label is read).
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from mergebench.pool import ModelPool
+from mergebench.engine.pool import ModelPool
 
 HEAD = [r"classifier\..*"]
 

@@ -10,9 +10,9 @@ import torch
 from data_toys import mlp_pool
 
 from mergebench.api import merge_pool
-from mergebench.errors import MergeBenchError
 from mergebench.methods.adamerging import PLOT_FILE, prediction_entropy
 from mergebench.results import TaskConditionedResult, load_result
+from mergebench.util.errors import MergeBenchError
 
 FAST = dict(accelerator="cpu", batch_size=8)
 
@@ -190,7 +190,7 @@ class BatchNormNet(torch.nn.Module):
 def test_batchnorm_statistics_follow_the_coefficients():
     from data_toys import HEAD, ToyFamily
 
-    from mergebench.pool import ModelPool
+    from mergebench.engine.pool import ModelPool
 
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(5)

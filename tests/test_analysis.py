@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from mergebench.analysis import (
+from mergebench.api import merge_pool
+from mergebench.bench.analysis import (
     checkpoint_bytes,
     storage_report,
     task_sign_conflicts,
     weight_stats,
 )
-from mergebench.api import merge_pool
-from mergebench.pool import ModelPool
+from mergebench.engine.pool import ModelPool
 from mergebench.results import SingleModelResult
 
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 import mergebench
-from mergebench.errors import MergeBenchError
-from mergebench.pool import ModelPool
-from mergebench.selection import plan_keys
-from mergebench.tensors import open_checkpoint
+from mergebench.engine.checkpoints import open_checkpoint
+from mergebench.engine.keyplan import plan_keys
+from mergebench.engine.pool import ModelPool
+from mergebench.util.errors import MergeBenchError
 
 HEAD = [r"classifier\..*"]
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import mergebench
-from mergebench.cli import merge_main
+from mergebench.cli.merge import main as merge_main
 
 SCRIPT = Path(sys.executable).parent / "mergebench-merge"
 

@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from mergebench.config import conf_dir
-from mergebench.errors import MergeBenchError
-from mergebench.evaluate import evaluate
+from mergebench.data.hf import open_split, split_rows
+from mergebench.engine.keyplan import plan_keys
+from mergebench.evaluation import evaluate
+from mergebench.families import FAMILIES, uses_zoo
+from mergebench.families.clip import CLIPFamily
+from mergebench.families.clip_prompts import PROMPTS
 from mergebench.methods.registry import build_method
-from mergebench.models import FAMILIES, load_family, load_pool, uses_zoo
-from mergebench.models.clip import CLIPFamily
-from mergebench.models.clip_prompts import PROMPTS
-from mergebench.selection import plan_keys
-from mergebench.tasks.hf_datasets import open_split, split_rows
+from mergebench.sources import configured_pool, load_family, load_pool
+from mergebench.util.config import conf_dir
+from mergebench.util.errors import MergeBenchError
 
 TASKS = ("eurosat", "mnist")
 
@@ -104,7 +105,7 @@ def test_registry_and_configs_name_the_paper_checkpoints():
 
 def test_zero_shot_head_and_logits_match_clipmodel(world):
     family, data = load_family(*_model_taskset(clip_config(world)))
-    pool = family.build_pool(*_model_taskset(clip_config(world)))
+    pool = configured_pool(family, *_model_taskset(clip_config(world)))
     clip, tokenizer = reference_clip(world["pretrained"])
     prompts = PROMPTS["eurosat"]
     with torch.no_grad():
@@ -271,7 +272,7 @@ def test_offline_hub_ids_fail_in_one_line(world, monkeypatch, tmp_path):
     with pytest.raises(
         MergeBenchError, match=r"finetuned\.mnist.*tanganke/clip-vit-base-patch32_mnist"
     ):
-        family.build_pool(cfg.model, cfg.taskset)
+        configured_pool(family, cfg.model, cfg.taskset)
 
     cfg = clip_config(world, "taskset.data.eurosat.data_dir=null")
     family, data = load_family(cfg.model, cfg.taskset)
@@ -286,11 +287,11 @@ def test_bad_local_paths_and_config_name_the_key(world):
     cfg = clip_config(world, f"model.checkpoints.finetuned.mnist={world['root'] / 'nope'}")
     family, _ = load_family(cfg.model, cfg.taskset)
     with pytest.raises(MergeBenchError, match=r"model\.checkpoints\.finetuned\.mnist: .*nope"):
-        family.build_pool(cfg.model, cfg.taskset)
+        configured_pool(family, cfg.model, cfg.taskset)
     cfg = clip_config(world, "model.checkpoints.finetuned.mnist=null")
     family, _ = load_family(cfg.model, cfg.taskset)
     with pytest.raises(MergeBenchError, match=r"finetuned\.mnist: no fine-tuned checkpoint"):
-        family.build_pool(cfg.model, cfg.taskset)
+        configured_pool(family, cfg.model, cfg.taskset)
     cfg = clip_config(world, f"taskset.data.mnist.data_dir={world['root'] / 'missing'}")
     _, data = load_family(cfg.model, cfg.taskset)
     with pytest.raises(
@@ -311,7 +312,7 @@ def test_bad_local_paths_and_config_name_the_key(world):
 def test_bench_run_clip8_emr_on_local_copies(world, monkeypatch, capsys):
     """What `mergebench model=clip_vit_b32 taskset=clip8 method=emr` runs, in process: the
     reference rows come from the configured pool (no zoo), the run is stored."""
-    from mergebench import bench
+    from mergebench.bench import job as bench
 
     monkeypatch.setenv("MERGEBENCH_CACHE", str(world["root"] / "bench_cache"))
     store = world["root"] / "results.sqlite"
@@ -395,8 +396,8 @@ def test_fine_tuned_towers_beat_zero_shot_and_merge(world, tmp_path):
     import datasets
     from safetensors.torch import save_file
 
-    from mergebench.evaluate import average
-    from mergebench.models.paper import PoolReferences
+    from mergebench.evaluation import average
+    from mergebench.sources.configured import PoolReferences
 
     for i, (task, kind) in enumerate(zip(TASKS, ("rows", "columns"), strict=True)):
         datasets.DatasetDict(
@@ -405,7 +406,7 @@ def test_fine_tuned_towers_beat_zero_shot_and_merge(world, tmp_path):
     data_dirs = [f"taskset.data.{t}.data_dir={tmp_path / t}" for t in TASKS]
     cfg = clip_config(world, *data_dirs, "taskset.examples.validation=10")
     family, data = load_family(cfg.model, cfg.taskset)
-    pretrained = family.build_pool(cfg.model, cfg.taskset).pretrained.state_dict()
+    pretrained = configured_pool(family, cfg.model, cfg.taskset).pretrained.state_dict()
     towers = []
     for task in TASKS:
         torch.manual_seed(0)

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from mergebench import experiments
-from mergebench.config import conf_dir
-from mergebench.errors import MergeBenchError
-from mergebench.pool import ModelPool
-from mergebench.records import TaskScore
-from mergebench.store import ResultsStore
+from mergebench.bench import experiments
+from mergebench.engine.pool import ModelPool
+from mergebench.report.records import TaskScore
+from mergebench.report.store import ResultsStore
+from mergebench.util.config import conf_dir
+from mergebench.util.errors import MergeBenchError
 
 
 @pytest.fixture
@@ -72,8 +72,8 @@ def test_hparam_job_stores_val_tuned_rows_and_resumes(tiny_pool, tmp_path, monke
         calls.append(split)
         return FakeEvaluation(scores=[TaskScore(t, "accuracy", value, split) for t in "abc"])
 
-    monkeypatch.setattr("mergebench.evaluate.evaluate_timed", fake_evaluate)
-    monkeypatch.setattr("mergebench.evaluate.ModelCache", lambda data: None)
+    monkeypatch.setattr(experiments, "evaluate_timed", fake_evaluate)
+    monkeypatch.setattr(experiments, "ModelCache", lambda data: None)
     cfg = base_cfg(
         tmp_path,
         experiment_job="hparam",

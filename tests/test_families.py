@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebench.errors import MergeBenchError
-from mergebench.models import check_pairing, load_family
-from mergebench.models.base import HEAD
-from mergebench.pool import TaskFamily
+from mergebench.engine.pool import TaskFamily
+from mergebench.families import check_pairing
+from mergebench.families.base import HEAD
+from mergebench.sources import load_family
+from mergebench.util.errors import MergeBenchError
 
 TEXT_MODEL = {"name": "minilm", "exclude": [r"classifier\..*"], "options": {"max_length": 16}}
 TEXT_SET = {
@@ -40,7 +41,7 @@ def test_efficientnet_packaged_weights_recognise_a_cat():
     """The renamed ImageNet weights are the real ones: scikit-image's cat is an Egyptian cat."""
     from skimage.data import chelsea
 
-    from mergebench.models.efficientnet import EfficientNetLite0Family, imagenet_classifier
+    from mergebench.families.efficientnet import EfficientNetLite0Family, imagenet_classifier
 
     family = EfficientNetLite0Family({}, image_size=224)
     with torch.inference_mode():

@@ -9,9 +9,9 @@ from torch import nn
 
 import mergebench.methods.fisher as fisher_module
 from mergebench.api import merge_pool
-from mergebench.errors import MergeBenchError
+from mergebench.engine.pool import ModelPool
 from mergebench.methods.data_utils import InputsOnly
-from mergebench.pool import ModelPool
+from mergebench.util.errors import MergeBenchError
 
 
 class SoftmaxRegression(nn.Module):

@@ -14,13 +14,14 @@ from hydra import compose, initialize_config_dir
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import matthews_corrcoef
 
-from mergebench.config import conf_dir
-from mergebench.errors import MergeBenchError
-from mergebench.evaluate import evaluate
+from mergebench.data.hf import split_rows
+from mergebench.data.metrics import PearsonSpearman, build_task_metric
+from mergebench.engine.keyplan import plan_keys
+from mergebench.evaluation import evaluate
 from mergebench.methods.registry import build_method
-from mergebench.models import load_family, load_pool
-from mergebench.selection import plan_keys
-from mergebench.tasks.hf_datasets import PearsonSpearman, build_task_metric, split_rows
+from mergebench.sources import configured_pool, load_family, load_pool
+from mergebench.util.config import conf_dir
+from mergebench.util.errors import MergeBenchError
 
 GLUE = {
     "cola": (["sentence"], 2),
@@ -251,7 +252,7 @@ def test_roberta_without_configured_checkpoints_says_which(world):
         )
     family, _ = load_family(cfg.model, cfg.taskset)
     with pytest.raises(MergeBenchError) as err:
-        family.build_pool(cfg.model, cfg.taskset)
+        configured_pool(family, cfg.model, cfg.taskset)
     assert str(err.value).startswith("model.checkpoints.finetuned.rte: no fine-tuned checkpoint")
     # A RoBERTa checkpoint is not a GPT-2: the first missing key is named.
     wrong = text_config(
@@ -259,12 +260,12 @@ def test_roberta_without_configured_checkpoints_says_which(world):
     )
     family, _ = load_family(wrong.model, wrong.taskset)
     with pytest.raises(MergeBenchError, match=r"finetuned\.cola: .* lacks key 'transformer\."):
-        family.build_pool(wrong.model, wrong.taskset)
+        configured_pool(family, wrong.model, wrong.taskset)
 
 
 def test_bench_run_glue7_ties_on_local_copies(world, monkeypatch):
     """What `mergebench model=gpt2 taskset=glue7 method=ties` runs, in process."""
-    from mergebench import bench
+    from mergebench.bench import job as bench
 
     monkeypatch.setenv("MERGEBENCH_CACHE", str(world / "bench_cache"))
     cfg = text_config(

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from mergebench.api import merge_pool
-from mergebench.errors import MergeBenchError
-from mergebench.hparam import expand_grid, select_on_validation
-from mergebench.pool import ModelPool
-from mergebench.records import TaskScore
+from mergebench.bench.selection import expand_grid, select_on_validation
+from mergebench.engine.pool import ModelPool
+from mergebench.report.records import TaskScore
+from mergebench.util.errors import MergeBenchError
 
 
 def test_expand_grid() -> None:

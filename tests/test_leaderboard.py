@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from mergebench.leaderboard import build_boards, load_boards, main, render, write_leaderboard
-from mergebench.published import canonical_label, find_setting
-from mergebench.records import RunRecord, TaskScore
-from mergebench.store import ResultsStore
+from mergebench.cli.leaderboard import main
+from mergebench.report.boards import build_boards, load_boards, render, write_leaderboard
+from mergebench.report.published import canonical_label, find_setting
+from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.store import ResultsStore
 
 TASKS = ("a", "b")
 
@@ -199,7 +200,7 @@ def test_configured_paper_settings_get_published_numbers(model, taskset, setting
     """The names in conf/model and conf/taskset (what runs record) find the paper setting."""
     from omegaconf import OmegaConf
 
-    from mergebench.config import conf_dir
+    from mergebench.util.config import conf_dir
 
     name = OmegaConf.load(conf_dir() / "model" / f"{model}.yaml").name
     ts = OmegaConf.load(conf_dir() / "taskset" / f"{taskset}.yaml")

@@ -7,7 +7,7 @@ import torch
 from conftest import vector_pool
 
 import mergebench
-from mergebench.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError
 
 # Two tensors, three tasks, pretrained = 0 (so W_t = tau_t).
 #   A: t1 [2, -1, 3, 0, 1]  t2 [-1, -2, 1, 0, -1]  t3 [1, 1, -2, 0, 0]

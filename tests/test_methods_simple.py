@@ -7,8 +7,8 @@ import torch
 from conftest import vector_pool
 
 import mergebench
-from mergebench.errors import MergeBenchError
 from mergebench.methods.ties import keep_count
+from mergebench.util.errors import MergeBenchError
 
 # Three tasks over six entries, pretrained = 0, so W_t = tau_t.
 TIES_TAUS = {

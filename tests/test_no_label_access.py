@@ -8,9 +8,9 @@ import torch
 from data_toys import MLP, ToyFamily, mlp_pool
 
 from mergebench.api import merge_pool
-from mergebench.errors import MergeBenchError
+from mergebench.engine.pool import ModelPool
 from mergebench.methods.registry import METHODS, build_method
-from mergebench.pool import ModelPool
+from mergebench.util.errors import MergeBenchError
 
 PROTOCOL = {"build_model", "logits", "unlabeled_inputs"}
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mergebench import zoo
+from mergebench.cli import zoo as zoo_cli
+from mergebench.sources import zoo
+from mergebench.util.config import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["rt_sentiment", "bbc_news"]
@@ -42,7 +44,7 @@ def run_bench_module():
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("zoo")
-    assert zoo.main(["--set", "text", "--no-progress", *tiny(cache)]) == 0
+    assert zoo_cli.main(["--set", "text", "--no-progress", *tiny(cache)]) == 0
     return cache / "minilm"
 
 
@@ -71,13 +73,13 @@ def test_zoo_saves_checkpoints_with_metadata(tiny_zoo):
 
 def test_zoo_is_cached_and_deterministic(tiny_zoo, tmp_path):
     stamp = (tiny_zoo / f"{TASKS[0]}.safetensors").stat().st_mtime_ns
-    cfg = zoo.compose_config(["taskset=text", *tiny(tiny_zoo.parent)])
+    cfg = compose_config(["taskset=text", *tiny(tiny_zoo.parent)])
     zoo.ensure_zoo(cfg, progress=False)
     assert (tiny_zoo / f"{TASKS[0]}.safetensors").stat().st_mtime_ns == stamp, "reused"
     # Same seed and settings in a fresh cache: bit-identical fine-tuned weights.
     other = tmp_path / "again"
     overrides = [*tiny(other), f"taskset.tasks=[{TASKS[0]}]"]
-    assert zoo.main(["--set", "text", "--no-progress", "--no-multitask", *overrides]) == 0
+    assert zoo_cli.main(["--set", "text", "--no-progress", "--no-multitask", *overrides]) == 0
     a = load_file(str(tiny_zoo / f"{TASKS[0]}.safetensors"))
     b = load_file(str(other / "minilm" / f"{TASKS[0]}.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -106,7 +108,7 @@ def test_bench_sweep_stores_runs_and_writes_leaderboard(tiny_zoo, tmp_path, monk
         )
     assert rows["individual"]["normalized_average"] == pytest.approx(1.0)
 
-    from mergebench.store import ResultsStore
+    from mergebench.report.store import ResultsStore
 
     runs = {r["label"]: r for r in ResultsStore(db).runs()}
     assert runs["emr"]["merge_seconds"] > 0 and runs["emr"]["artifact_bytes"] > 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from mergebench.leaderboard import build_boards
-from mergebench.plots import (
+from mergebench.report.boards import build_boards
+from mergebench.report.plots import (
     ablation_rows,
     num_tasks_series,
     plot_emr_ablation,

@@ -120,7 +120,7 @@ def test_task_conditioned_methods_match_the_reference(checkpoints, method, param
                 assert torch.equal(mask, reference.masks[key][index]), f"{method} mask {key}"
     for task in TASKS:
         assert streamed.rescalers[task] == pytest.approx(reference.rescalers[task], rel=1e-12)
-        pre = mergebench.tensors.open_checkpoint(pretrained)
+        pre = mergebench.engine.checkpoints.open_checkpoint(pretrained)
         weights = streamed.state_dict(task)
         for key, uni in reference.unified.items():
             lam = torch.tensor(reference.rescalers[task], dtype=torch.float32).item()

@@ -8,9 +8,9 @@ from data_toys import HEAD, MLP, ToyFamily, mlp_pool
 from torch import nn
 
 from mergebench.api import merge_pool
-from mergebench.errors import MergeBenchError
+from mergebench.engine.pool import ModelPool
 from mergebench.methods.regmean import scale_off_diagonal
-from mergebench.pool import ModelPool
+from mergebench.util.errors import MergeBenchError
 
 
 class OneLinear(nn.Module):

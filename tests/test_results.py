@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import mergebench
-from mergebench.errors import MergeBenchError
-from mergebench.tensors import pack_bits, unpack_bits
+from mergebench.engine.bits import pack_bits, unpack_bits
+from mergebench.util.errors import MergeBenchError
 
 HEAD = [r"classifier\..*"]
 
@@ -120,7 +120,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, tiny_models, monkeypatch)
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mergebench.results._write_json", boom)
+    monkeypatch.setattr("mergebench.results.base._write_json", boom)
     with pytest.raises(OSError, match="disk full"):
         result.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

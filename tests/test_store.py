@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from mergebench.errors import MergeBenchError
-from mergebench.records import RunRecord, TaskScore
-from mergebench.store import ResultsStore, config_hash, record_hash
+from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.store import ResultsStore, config_hash, record_hash
+from mergebench.util.errors import MergeBenchError
 
 
 def make_record(label: str = "ties", scaling: float = 0.3, **kw) -> RunRecord:

@@ -14,17 +14,12 @@ from safetensors.torch import save_file
 import mergebench
 import mergebench.methods.modulators as modulators
 import mergebench.methods.ties as ties
-from mergebench.errors import MergeBenchError
+from mergebench.engine.bits import _pack_bits_torch, _unpack_bits_torch, pack_bits, unpack_bits
+from mergebench.engine.checkpoints import open_checkpoint
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import Scratch, TaskVectorStream, sum_tasks
 from mergebench.methods.emr import elect, elect_block
-from mergebench.pool import ModelPool
-from mergebench.stream import Scratch, TaskVectorStream, sum_tasks
-from mergebench.tensors import (
-    _pack_bits_torch,
-    _unpack_bits_torch,
-    open_checkpoint,
-    pack_bits,
-    unpack_bits,
-)
+from mergebench.util.errors import MergeBenchError
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +295,7 @@ def test_cuda_merges_match_cpu_merges(method, params):
 
 
 def test_radix_select_finds_the_exact_kth_largest_magnitude():
-    from mergebench.topk import kth_largest_abs
+    from mergebench.engine.topk import kth_largest_abs
 
     g = torch.Generator().manual_seed(0)
     for _ in range(20):

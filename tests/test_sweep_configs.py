@@ -10,7 +10,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from mergebench.config import conf_dir
+from mergebench.util.config import conf_dir
 
 
 @pytest.fixture

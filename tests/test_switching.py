@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import mergebench
-from mergebench.errors import MergeBenchError
-from mergebench.switching import TaskSwitcher
+from mergebench.results.switching import TaskSwitcher
+from mergebench.util.errors import MergeBenchError
 
 TASKS = ["a", "b", "c"]
 
@@ -136,7 +136,7 @@ def test_switching_back_after_other_weights_were_loaded():
 def test_the_evaluator_switches_task_conditioned_results_in_place():
     from types import SimpleNamespace
 
-    from mergebench.evaluate import ModelCache
+    from mergebench.evaluation import ModelCache
 
     data = SimpleNamespace(
         num_classes=lambda task: 3, family=SimpleNamespace(build_model=lambda task: TinyNet())

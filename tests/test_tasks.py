@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from mergebench.errors import MergeBenchError
-from mergebench.tasks import TASKS, SplitSizes, build_metric, get_task, load_raw, load_splits
-from mergebench.tasks.sources import RawData
-from mergebench.tasks.splits import make_splits
+from mergebench.data.embedded import (
+    TASKS,
+    SplitSizes,
+    build_metric,
+    get_task,
+    load_raw,
+    load_splits,
+)
+from mergebench.data.embedded.sources import RawData
+from mergebench.data.splits import make_splits
+from mergebench.util.errors import MergeBenchError
 
 TEXT = [n for n, t in TASKS.items() if t.modality == "text"]
 IMAGE = [n for n, t in TASKS.items() if t.modality == "image"]

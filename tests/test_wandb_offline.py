@@ -7,10 +7,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from mergebench.config import conf_dir
-from mergebench.errors import MergeBenchError
-from mergebench.leaderboard import build_boards
-from mergebench.loggers import (
+from mergebench.report.boards import build_boards
+from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.wandb import (
     NoLogger,
     WandbLogger,
     build_logger,
@@ -18,7 +17,8 @@ from mergebench.loggers import (
     resolve_mode,
     run_metrics,
 )
-from mergebench.records import RunRecord, TaskScore
+from mergebench.util.config import conf_dir
+from mergebench.util.errors import MergeBenchError
 
 
 def record(label: str, values: dict[str, float], method: str | None = None) -> RunRecord:
@@ -113,8 +113,8 @@ def test_logger_configs_build() -> None:
 
 
 def test_bench_hooks_log_next_to_the_store_with_its_leaderboard(tmp_path, monkeypatch) -> None:
-    from mergebench.loggers import log_with_leaderboard, logger_from_config
-    from mergebench.store import ResultsStore
+    from mergebench.report.store import ResultsStore
+    from mergebench.report.wandb import log_with_leaderboard, logger_from_config
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     db = tmp_path / "results" / "r.sqlite"

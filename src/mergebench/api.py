@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from mergebench.engine.checkpoints import CheckpointLike
+from mergebench.engine.pool import ModelPool
 from mergebench.methods.registry import build_method
-from mergebench.pool import ModelPool
 from mergebench.results import MergeResult
-from mergebench.tensors import CheckpointLike
 
 
 def merge(

@@ -31,7 +31,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.errors import MergeBenchError
+from mergebench.engine.keyplan import KeyPlan, plan_keys
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import TaskVectorStream
 from mergebench.methods.base import Method, choice, flag, fraction, number, sign, single_result
 from mergebench.methods.data_utils import (
     InputsOnly,
@@ -41,10 +43,8 @@ from mergebench.methods.data_utils import (
     load_task_model,
 )
 from mergebench.methods.ties import Ties, trim
-from mergebench.pool import ModelPool
 from mergebench.results import SingleModelResult
-from mergebench.selection import KeyPlan, plan_keys
-from mergebench.stream import TaskVectorStream
+from mergebench.util.errors import MergeBenchError
 
 # "bf16-true"/"16-true" would store the coefficients themselves in 16 bits, where an Adam step
 # of 1e-3 on 0.3 rounds away: only precisions that keep them in float32 or better.

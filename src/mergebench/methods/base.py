@@ -6,11 +6,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from mergebench.errors import MergeBenchError
-from mergebench.pool import ModelPool
+from mergebench.engine.keyplan import KeyPlan, plan_keys
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import TaskVectorStream, TensorItem, TransformFactory
 from mergebench.results import MergeResult, SingleModelResult
-from mergebench.selection import KeyPlan, plan_keys
-from mergebench.stream import TaskVectorStream, TensorItem, TransformFactory
+from mergebench.util.errors import MergeBenchError
 
 
 class Method:

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from mergebench.errors import MergeBenchError
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import TaskVectorTransform
 from mergebench.methods.base import Method, TaskVectorMethod, flag, fraction
-from mergebench.pool import ModelPool
+from mergebench.methods.registry import build_method
 from mergebench.results import SingleModelResult
-from mergebench.stream import TaskVectorTransform
+from mergebench.util.errors import MergeBenchError
 
 # Large odd constant: seeds for different tasks never collide for any practical `seed`.
 _TASK_STRIDE = 1_000_003
@@ -57,8 +58,6 @@ class Dare(Method):
         seed: Any,
         base_params: dict[str, Any] | None = None,
     ) -> None:
-        from mergebench.methods.registry import build_method
-
         super().__init__(
             base=base, drop=drop, rescale=rescale, seed=seed, base_params=dict(base_params or {})
         )

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergebench.errors import MergeBenchError
-from mergebench.pool import Batch, ModelPool, Split, TaskFamily
-from mergebench.selection import compile_patterns, is_excluded
+from mergebench.engine.keyplan import compile_patterns, is_excluded
+from mergebench.engine.pool import Batch, ModelPool, Split, TaskFamily
+from mergebench.util.errors import MergeBenchError
 
 # Keys that would mean a family handed labels to a merging method.
 LABEL_KEYS = frozenset({"label", "labels", "label_ids", "target", "targets", "y"})

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergebench.engine.keyplan import plan_keys
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
 from mergebench.methods.base import Method, choice, flag
 from mergebench.methods.modulators import (
     RESCALERS,
@@ -22,10 +25,7 @@ from mergebench.methods.modulators import (
     modulate_key,
     thread_scratch,
 )
-from mergebench.pool import ModelPool
 from mergebench.results import TaskConditionedResult
-from mergebench.selection import plan_keys
-from mergebench.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
 
 
 def elect(

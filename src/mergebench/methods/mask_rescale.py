@@ -6,13 +6,14 @@ from typing import Any
 
 import torch
 
-from mergebench.errors import MergeBenchError
+from mergebench.engine.keyplan import plan_keys
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import Method, choice, flag
 from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
-from mergebench.pool import ModelPool
+from mergebench.methods.registry import build_method
 from mergebench.results import SingleModelResult, TaskConditionedResult
-from mergebench.selection import plan_keys
-from mergebench.stream import TaskVectorStream, TensorItem
+from mergebench.util.errors import MergeBenchError
 
 
 class MaskRescale(Method):
@@ -27,8 +28,6 @@ class MaskRescale(Method):
         rescaler: str,
         base_params: dict[str, Any] | None = None,
     ) -> None:
-        from mergebench.methods.registry import build_method
-
         super().__init__(
             base=base,
             mask=mask,

@@ -21,18 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergebench.methods.base import Method, task_specific_tensors
-from mergebench.pool import ModelPool
-from mergebench.results import TaskConditionedResult
-from mergebench.selection import KeyPlan
-from mergebench.stream import (
+from mergebench.engine.bits import pack_bits
+from mergebench.engine.keyplan import KeyPlan
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import (
     Scratch,
     TaskVectorStream,
     TensorItem,
     numpy_kernels,
     thread_scratch,
 )
-from mergebench.tensors import pack_bits
+from mergebench.methods.base import Method, task_specific_tensors
+from mergebench.results import TaskConditionedResult
 
 RESCALERS = ("tensor_mean", "global")
 

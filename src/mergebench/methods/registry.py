@@ -1,36 +1,60 @@
 """One registry: the config name (`conf/method/<name>.yaml`) is the method's name everywhere.
 
-Defaults live in the YAML file, not in code; `build_method` rejects options the file does
-not declare, so a typo never passes silently.
+A method is its config file (every option with its default; defaults live in YAML, not in
+code) and its module `mergebench.methods.<name>`, which defines the `Method` subclass whose
+`name` is `<name>`. Adding a method is adding those two files. `build_method` rejects
+options the config does not declare, so a typo never passes silently.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
-from mergebench.config import load_group
-from mergebench.errors import MergeBenchError
-
-# name -> "module:Class", imported on first use (data-dependent methods pull in more).
-METHODS: dict[str, str] = {
-    "weight_averaging": "mergebench.methods.weight_averaging:WeightAveraging",
-    "task_arithmetic": "mergebench.methods.task_arithmetic:TaskArithmetic",
-    "ties": "mergebench.methods.ties:Ties",
-    "dare": "mergebench.methods.dare:Dare",
-    "emr": "mergebench.methods.emr:EMR",
-    "mask_rescale": "mergebench.methods.mask_rescale:MaskRescale",
-    "regmean": "mergebench.methods.regmean:RegMean",
-    "fisher": "mergebench.methods.fisher:Fisher",
-    "adamerging": "mergebench.methods.adamerging:AdaMerging",
-}
+from mergebench.methods.base import Method
+from mergebench.util.config import group_options, load_group
+from mergebench.util.errors import MergeBenchError
 
 
-def method_class(name: str) -> type:
+def method_names() -> list[str]:
+    """Every method with a config file, in alphabetical order."""
+    return group_options("method")
+
+
+class _Names:
+    """`METHODS`: the method names (a live view of `conf/method/`)."""
+
+    def __iter__(self):
+        return iter(method_names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in method_names()
+
+    def __len__(self) -> int:
+        return len(method_names())
+
+
+METHODS = _Names()
+
+
+def method_class(name: str) -> type[Method]:
     if name not in METHODS:
-        raise MergeBenchError(f"method: unknown method {name!r} (choose from {', '.join(METHODS)})")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+        raise MergeBenchError(
+            f"method: unknown method {name!r} (choose from {', '.join(method_names())})"
+        )
+    try:
+        module = importlib.import_module(f"mergebench.methods.{name}")
+    except ModuleNotFoundError as err:
+        raise MergeBenchError(
+            f"method {name}: no module mergebench.methods.{name} ({err})"
+        ) from None
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if issubclass(cls, Method) and getattr(cls, "name", None) == name:
+            return cls
+    raise MergeBenchError(
+        f"method {name}: mergebench.methods.{name} defines no Method named {name!r}"
+    )
 
 
 def method_defaults(name: str) -> dict[str, Any]:
@@ -40,7 +64,7 @@ def method_defaults(name: str) -> dict[str, Any]:
     return defaults
 
 
-def build_method(name: str, **params: Any):
+def build_method(name: str, **params: Any) -> Method:
     """Instantiate method `name` with its config defaults overridden by `params`."""
     defaults = method_defaults(name)
     unknown = sorted(set(params) - set(defaults))

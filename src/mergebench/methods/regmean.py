@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.errors import MergeBenchError
+from mergebench.engine.keyplan import plan_keys
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.stream import TaskVectorStream
 from mergebench.methods.base import Method, choice, fraction, single_result
 from mergebench.methods.data_utils import (
     InputsOnly,
@@ -34,10 +36,8 @@ from mergebench.methods.data_utils import (
     integer,
     load_task_model,
 )
-from mergebench.pool import ModelPool
 from mergebench.results import SingleModelResult
-from mergebench.selection import plan_keys
-from mergebench.stream import TaskVectorStream
+from mergebench.util.errors import MergeBenchError
 
 
 def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:

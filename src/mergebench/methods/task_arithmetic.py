@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from mergebench.engine.stream import TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod, number
-from mergebench.stream import TensorItem, sum_tasks
 
 
 class TaskArithmetic(TaskVectorMethod):

@@ -3,7 +3,7 @@
 Trim keeps, per task, the entries whose |value| is at least the `keep`-th largest, with
 `keep = max(1, floor(k * n + 0.5))` over `n` entries: over all merged tensors of the task
 together (`topk_scope=global`, exact even when streamed: two counting passes of a radix
-select, see `mergebench.topk`) or per tensor (`tensor`).
+select, see `mergebench.engine.topk`) or per tensor (`tensor`).
 
 Sums over tasks are added in task order (`sum_tasks`), so a streamed merge is bit-identical
 to an in-memory one. On the CPU the per-key arithmetic runs block by block in numpy
@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergebench.methods.base import TaskVectorMethod, choice, fraction, number, sign
-from mergebench.stream import (
+from mergebench.engine.stream import (
     Scratch,
     TaskVectorStream,
     numpy_kernels,
     sum_tasks,
     thread_scratch,
 )
-from mergebench.topk import RadixSelect, kth_largest_abs_in_tensor
+from mergebench.engine.topk import RadixSelect, kth_largest_abs_in_tensor
+from mergebench.methods.base import TaskVectorMethod, choice, fraction, number, sign
 
 AGGREGATES = ("sum", "mean")
 # Entries per block of the CPU kernel: the `[N, block]` work arrays stay in the core's cache.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mergebench.engine.stream import TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.stream import TensorItem, sum_tasks
 
 
 class WeightAveraging(TaskVectorMethod):

@@ -1,0 +1,329 @@
+"""`mergebench`: the Hydra app that runs one method on one family and task set of the offline
+zoo, evaluates every task with the common evaluator, stores the run, and prints its scores
+beside the reference rows (individual, multitask, pretrained).
+
+    mergebench                                        # EMR on the text set (MiniLM)
+    mergebench method=ties model=efficientnet_lite0 taskset=vision
+    mergebench -m +variant=glob(*) +experiment=bench_text,bench_vision   # what `make bench` runs
+
+In a multirun (the basic launcher runs jobs one after another in this process) the family,
+its data and the evaluation models are loaded once per task set and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from mergebench.api import merge_pool
+from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
+from mergebench.families.labeled import LabeledData
+from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.store import ResultsStore, record_hash
+from mergebench.report.wandb import current_sweep_id, log_with_leaderboard, logger_from_config
+from mergebench.results import artifact_bytes
+from mergebench.sources import REFERENCE_ROWS, CheckpointSource, open_source
+from mergebench.sources.zoo import set_threads
+from mergebench.util.hashing import stable_hash
+
+# ---------------------------------------------------------------------------- labels
+
+
+def default_label(method: str, params: Mapping[str, Any]) -> str:
+    """Leaderboard row name of a method variant, e.g. `dare (ties)`, `ties w/ M&R`,
+    `emr (elect+mask)` (the names the published table knows)."""
+    if method == "emr":
+        if not params.get("elect", True):
+            return (
+                "emr (mean)"
+                if params.get("mask", True) or params.get("rescale", True)
+                else "emr (mean only)"
+            )
+        mask, rescale = params.get("mask", True), params.get("rescale", True)
+        if mask and rescale:
+            return (
+                "emr"
+                if params.get("rescaler", "tensor_mean") == "tensor_mean"
+                else f"emr ({params['rescaler']})"
+            )
+        return {(False, False): "emr (elect)", (True, False): "emr (elect+mask)",
+                (False, True): "emr (elect+rescale)"}[(bool(mask), bool(rescale))]  # fmt: skip
+    if method == "mask_rescale":
+        return f"{params.get('base', '?')} w/ M&R"
+    if method == "dare":
+        return f"dare ({params.get('base', '?')})"
+    return method
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 5 ms from
+    /proc (ru_maxrss would report the largest value since the process started, which in a
+    multirun is an earlier job's)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:  # not Linux: the process-lifetime peak is the best we have
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+# ---------------------------------------------------------------------------- context
+
+
+@dataclass
+class Context:
+    """What a task set's jobs share in one process: the checkpoint source, its signature and
+    the evaluator's model cache (a multirun loads family and data once)."""
+
+    source: CheckpointSource
+    signature: str
+    cache: ModelCache
+
+    @property
+    def data(self) -> LabeledData:
+        return self.source.data
+
+
+_CONTEXTS: dict[str, Context] = {}
+
+
+def _context(cfg: Mapping[str, Any], progress: bool) -> Context:
+    """The source (zoo built or refreshed first when allowed) of this task set, once per process."""
+    key = stable_hash([cfg["model"], cfg["taskset"], cfg.get("seed", 0), cfg.get("zoo")])
+    if key not in _CONTEXTS:
+        source = open_source(cfg, progress=progress)
+        _CONTEXTS[key] = Context(source, source.signature(), ModelCache(source.data))
+    return _CONTEXTS[key]
+
+
+# ---------------------------------------------------------------------------- reference rows
+
+
+def reference_records(
+    cfg: Mapping[str, Any], ctx: Mapping[str, Any], progress: bool
+) -> list[RunRecord]:
+    """individual / multitask / pretrained rows, evaluated once per zoo and cached in
+    `<zoo>/references/<taskset>.json` (keyed by the zoo's signature and the split)."""
+    import json
+
+    taskset = str(cfg["taskset"]["name"])
+    split = str(cfg["eval"]["split"])
+    path = ctx.source.cache_dir() / "references" / f"{taskset}.json"
+    wanted = {"signature": ctx.signature, "split": split, "tasks": ctx.data.tasks}
+    cached: dict[str, Any] = {}
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            cached = {}
+    if {k: cached.get(k) for k in wanted} != wanted:
+        cached = {**wanted, "rows": {}}
+    kinds = list(ctx.source.reference_kinds())
+    for kind in kinds:
+        if kind in cached["rows"]:
+            continue
+        ev = evaluate_timed(ctx.source.reference(kind), ctx.data, split=split,
+                            batch_size=cfg["eval"].get("batch_size"), cache=ctx.cache,
+                            progress=progress)  # fmt: skip
+        cached["rows"][kind] = {
+            "scores": [asdict(s) for s in ev.scores],
+            "eval_seconds": ev.seconds,
+            "examples_per_second": ev.examples_per_second,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=2))
+        os.replace(tmp, path)
+    records = []
+    for kind in kinds:
+        row = cached["rows"][kind]
+        records.append(
+            RunRecord(
+                method=kind,
+                label=kind,
+                family=str(cfg["model"]["name"]),
+                taskset=taskset,
+                config=_reference_config(cfg, ctx, kind),
+                scores=[TaskScore(**s) for s in row["scores"]],
+                eval_seconds=row["eval_seconds"],
+                extra={
+                    "examples_per_second": row["examples_per_second"],
+                    "zoo": str(ctx.source.cache_dir()),
+                },
+            )
+        )
+    return records
+
+
+def _reference_config(cfg: Mapping[str, Any], ctx: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    return {
+        "reference": kind,
+        "model": cfg["model"],
+        "taskset": cfg["taskset"],
+        "seed": cfg.get("seed", 0),
+        "eval": {"split": cfg["eval"]["split"]},
+        "zoo_signature": ctx.signature,
+    }
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Merge, evaluate, store and print one method on one task set; returns a summary."""
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    plain.pop("hydra", None)
+    progress = bool(plain.get("progress", True))
+
+    set_threads(plain.get("threads"))
+    ctx = _context(plain, progress)
+    method_cfg = dict(plain["method"])
+    name = str(method_cfg.pop("name"))
+    label = plain.get("label") or default_label(name, method_cfg)
+    family, taskset = str(plain["model"]["name"]), str(plain["taskset"]["name"])
+    config = {**plain, "zoo_signature": ctx.signature}
+
+    store = _open_store(plain)
+    logger = logger_from_config(plain)  # a bad logger option fails before any work
+    if store is not None and not plain.get("force", False):
+        probe = RunRecord(
+            method=name, label=label, family=family, taskset=taskset, config=config, scores=[]
+        )
+        if store.has_run(record_hash(probe)):
+            print(f"{label} on {family}/{taskset}: already in {plain['store']['path']} "
+                  "(force=true to run again)", file=sys.stderr)  # fmt: skip
+            return {"label": label, "skipped": True}
+
+    references = reference_records(plain, ctx, progress) if plain.get("references", True) else []
+    pool = ctx.source.pool()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        result = merge_pool(
+            name, pool, device=plain.get("device", "cpu"), progress=progress, **method_cfg
+        )
+        merge_seconds = time.perf_counter() - start
+    size = _artifact_size(result, plain.get("save_result"), artifact_bytes)
+    ev = evaluate_timed(
+        result, ctx.data, split=plain["eval"]["split"], batch_size=plain["eval"].get("batch_size"),
+        cache=ctx.cache, progress=progress,
+    )  # fmt: skip
+    record = RunRecord(
+        method=name,
+        label=label,
+        family=family,
+        taskset=taskset,
+        config=config,
+        scores=ev.scores,
+        merge_seconds=merge_seconds,
+        eval_seconds=ev.seconds,
+        peak_rss_bytes=rss.peak,
+        artifact_bytes=size,
+        extra={"examples_per_second": ev.examples_per_second, "zoo": str(ctx.source.cache_dir())},
+    )
+    sweep = current_sweep_id()
+    if store is not None:
+        for ref in references:
+            if not store.has_run(record_hash(ref)):
+                store.add_run(ref, sweep_id=sweep)
+        store.add_run(record, sweep_id=sweep)
+    log_with_leaderboard(logger, record, (plain.get("store") or {}).get("path"), sweep)
+    print_table([*references, record], file=sys.stdout)
+    print(
+        f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "
+        f"{size / 2**20:.1f} MiB, evaluation {ev.seconds:.1f} s ({ev.examples_per_second:.0f} examples/s)"
+    )
+    return {
+        "label": label,
+        "scores": [asdict(s) for s in ev.scores],
+        "merge_seconds": merge_seconds,
+    }
+
+
+def _open_store(plain: Mapping[str, Any]):
+    path = (plain.get("store") or {}).get("path")
+    if not path:
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return ResultsStore(path)
+
+
+def _artifact_size(result: Any, save_to: str | None, measure) -> int:
+    """Bytes of the saved merge artifact (saved to `save_to`, or to a scratch folder)."""
+    if save_to:
+        return measure(result.save(save_to))
+    scratch = tempfile.mkdtemp(prefix="mergebench-artifact-")
+    try:
+        return measure(result.save(Path(scratch) / "result"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- table
+
+
+def print_table(records: Sequence[RunRecord], file: Any = None) -> None:
+    """Per-task scores (%) of each row, average, and normalized average vs `individual`."""
+    if not records:
+        return
+    tasks = [s.task for s in records[-1].scores]
+    individual = next((r.scores for r in records if r.method == "individual"), None)
+    first = records[-1]
+    table = Table(
+        title=f"{first.family} / {first.taskset} ({first.scores[0].split if first.scores else ''})"
+    )
+    table.add_column("method")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    table.add_column("avg", justify="right")
+    table.add_column("norm. avg", justify="right")
+    for r in records:
+        by_task = {s.task: s.value for s in r.scores}
+        norm = normalized_average(r.scores, individual) if individual else float("nan")
+        table.add_row(
+            r.label,
+            *[f"{100 * by_task[t]:.1f}" if t in by_task else "-" for t in tasks],
+            f"{100 * average(r.scores):.1f}",
+            f"{100 * norm:.1f}",
+            style="dim" if r.method in REFERENCE_ROWS else "bold",
+        )
+    Console(file=file or sys.stdout, width=max(100, 14 * (len(tasks) + 3))).print(table)

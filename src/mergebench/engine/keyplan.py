@@ -1,0 +1,107 @@
+"""Which keys are merged, copied from the pretrained model, or kept per task (methods.md).
+
+- merged: floating-point tensors of the pretrained model present with the same shape in
+  every fine-tuned model and not matched by an `exclude` regex;
+- copied: non-floating tensors (e.g. `position_ids`), taken from the pretrained model and
+  required to be equal in every model;
+- task-specific: keys matched by `exclude` (task heads): each task keeps its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from mergebench.engine.pool import ModelPool
+from mergebench.util.errors import MergeBenchError
+
+
+@dataclass
+class KeyPlan:
+    merged: list[str]
+    copied: list[str]
+    task_specific: dict[str, list[str]]
+    pretrained_excluded: list[str] = field(default_factory=list)
+
+
+def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise MergeBenchError(f"exclude: invalid regex {pattern!r} ({err})") from None
+    return compiled
+
+
+def is_excluded(key: str, patterns: list[re.Pattern[str]]) -> bool:
+    # fullmatch: `classifier\..*` must not catch `bert.classifier_proj.weight`.
+    return any(p.fullmatch(key) for p in patterns)
+
+
+def plan_keys(pool: ModelPool) -> KeyPlan:
+    """Classify every key of the pool, or raise naming the first offending key."""
+    patterns = compile_patterns(pool.exclude)
+    pre = pool.pretrained
+    merged: list[str] = []
+    copied: list[str] = []
+    pre_excluded: list[str] = []
+    for key in pre.keys():
+        if is_excluded(key, patterns):
+            pre_excluded.append(key)
+            continue
+        for task, ft in pool.finetuned.items():
+            if key not in ft:
+                raise MergeBenchError(
+                    f"{ft.name}: missing key {key!r} of {pre.name} (task {task!r}); "
+                    "if it is a task head, add it to exclude"
+                )
+            if ft.shape(key) != pre.shape(key):
+                raise MergeBenchError(
+                    f"key {key!r}: shape {list(ft.shape(key))} in {ft.name} "
+                    f"but {list(pre.shape(key))} in {pre.name}"
+                )
+        if pre.dtype(key).is_floating_point:
+            merged.append(key)
+        else:
+            _check_equal_integers(pool, key)
+            copied.append(key)
+
+    task_specific = {
+        task: [k for k in ft.keys() if is_excluded(k, patterns)]
+        for task, ft in pool.finetuned.items()
+    }
+    for task, ft in pool.finetuned.items():
+        extra = [k for k in ft.keys() if k not in pre and not is_excluded(k, patterns)]
+        if extra:
+            raise MergeBenchError(
+                f"{ft.name}: key {extra[0]!r} is not in {pre.name} (task {task!r}); "
+                "if it is a task head, add it to exclude"
+            )
+    if not pool.heads_separate:
+        expected = set(pre_excluded).union(*task_specific.values())
+        for task, keys in task_specific.items():
+            missing = sorted(expected - set(keys))
+            if missing:
+                raise MergeBenchError(
+                    f"{pool.finetuned[task].name}: task-specific key {missing[0]!r} is missing "
+                    f"(task {task!r} must supply its own head)"
+                )
+    if not merged:
+        raise MergeBenchError(
+            f"{pre.name}: no floating-point tensors left to merge (check the exclude patterns)"
+        )
+    return KeyPlan(merged, copied, task_specific, pre_excluded)
+
+
+def _check_equal_integers(pool: ModelPool, key: str) -> None:
+    reference = pool.pretrained.get(key)
+    for ft in pool.finetuned.values():
+        if not torch.equal(ft.get(key), reference):
+            raise MergeBenchError(
+                f"key {key!r}: non-floating tensor differs between {ft.name} and "
+                f"{pool.pretrained.name} (it is copied, so it must be equal)"
+            )

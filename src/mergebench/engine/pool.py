@@ -1,0 +1,90 @@
+"""The model pool: one model family, one task set, its checkpoints, and (optionally) its data.
+
+Methods receive a pool. Data-free methods only read checkpoints (`pretrained`, `finetuned`,
+`exclude`). Data-dependent methods additionally call `build_model`, `logits` and
+`unlabeled_inputs`; the pool never hands a method a label, so no method can read one.
+The evaluator is the only caller of `labeled_test_set`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from mergebench.engine.checkpoints import CheckpointLike, CheckpointSource, open_checkpoint
+from mergebench.util.errors import MergeBenchError
+
+Split = Literal["train", "validation", "test"]
+Batch = Mapping[str, torch.Tensor]
+
+
+@runtime_checkable
+class TaskFamily(Protocol):
+    """What a model family with data offers (the embedded zoo, CLIP, RoBERTa, GPT-2 ...)."""
+
+    def build_model(self, task: str) -> nn.Module:
+        """A runnable model for `task` (its head shape); weights are loaded by the caller."""
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Forward one batch of inputs (no labels inside) to `[batch, classes]` logits."""
+
+    def unlabeled_inputs(
+        self, task: str, split: Split, max_examples: int | None, batch_size: int
+    ) -> Iterable[Batch]:
+        """Batches of inputs only. Implementations must strip labels at the source."""
+
+
+@dataclass
+class ModelPool:
+    """Checkpoints of one family and task set, plus the family's data access if it has any."""
+
+    pretrained: CheckpointSource
+    finetuned: dict[str, CheckpointSource]
+    exclude: list[str] = field(default_factory=list)
+    # CLIP zero-shot: heads come from text prompts, so a task may lack the excluded keys.
+    heads_separate: bool = False
+    family: TaskFamily | None = None
+    name: str = "custom"
+    # The family's block regex (one group: the block number), for layer-wise methods (LiNeS).
+    layer_pattern: str | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.finetuned)
+
+    def require_family(self, method: str) -> TaskFamily:
+        if self.family is None:
+            raise MergeBenchError(
+                f"method {method!r} needs data, but pool {self.name!r} has no model family with "
+                "data (use a configured family such as model=minilm)"
+            )
+        return self.family
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        pretrained: CheckpointLike,
+        finetuned: Mapping[str, CheckpointLike],
+        exclude: Iterable[str] = (),
+        heads_separate: bool = False,
+        family: Any = None,
+        name: str = "custom",
+        layer_pattern: str | None = None,
+    ) -> ModelPool:
+        if not finetuned:
+            raise MergeBenchError("finetuned: at least one fine-tuned model is needed")
+        return cls(
+            pretrained=open_checkpoint(pretrained, role="pretrained"),
+            finetuned={
+                str(t): open_checkpoint(c, role=f"finetuned[{t}]") for t, c in finetuned.items()
+            },
+            exclude=list(exclude),
+            heads_separate=heads_separate,
+            family=family,
+            name=name,
+            layer_pattern=layer_pattern,
+        )

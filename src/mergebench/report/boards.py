@@ -1,0 +1,406 @@
+"""Leaderboards from the results store: methods x tasks, average, normalized average, rank.
+
+One board per (family, task set, set of tasks): runs that merged a different subset of tasks
+(the number-of-tasks experiment) are not comparable and get their own board. Within a
+board each row is a label (method or variant); when a label was run several times, the
+latest run wins. Normalized score = method / `individual` on the same task (the individual
+row of the same family, looked up per task, so subset boards are normalized too). Ranks
+order the merging methods by average; reference rows (individual, multitask, pretrained)
+are shown first and not ranked.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import html
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergebench.report.published import Setting, find_setting
+from mergebench.report.store import DEFAULT_DB, ResultsStore, canonical_config
+from mergebench.util.errors import MergeBenchError
+
+REFERENCE_ROWS = ("individual", "multitask", "pretrained")
+FORMATS = ("table", "markdown", "csv", "json", "html")
+_SUFFIX = {"markdown": ".md", "csv": ".csv", "json": ".json", "html": ".html", "table": ".txt"}
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    run_id: int
+    scores: dict[str, float | None]
+    normalized: dict[str, float | None]
+    average: float | None
+    normalized_average: float | None
+    rank: int | None = None
+    published_average: float | None = None
+    published_scores: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method in REFERENCE_ROWS
+
+
+@dataclass
+class Board:
+    family: str
+    taskset: str
+    tasks: list[str]
+    metrics: dict[str, str]  # task -> the metric shown (the first one the evaluator reported)
+    rows: list[Row]
+    published_setting: str | None = None
+
+    @property
+    def title(self) -> str:
+        return f"{self.family} / {self.taskset} ({len(self.tasks)} tasks)"
+
+    def row(self, label: str) -> Row | None:
+        return next((r for r in self.rows if r.label == label), None)
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = list(values)
+    if not vals or any(v is None for v in vals):
+        return None  # an incomplete row has no comparable average
+    return sum(vals) / len(vals)  # type: ignore[arg-type]
+
+
+def build_boards(score_rows: Sequence[dict[str, Any]]) -> list[Board]:
+    """Boards from `ResultsStore.scores()` rows (pure: no database access)."""
+    # run_id -> its identity and {task: {metric: value}} in reported order
+    runs: dict[int, dict[str, Any]] = {}
+    for s in score_rows:
+        run = runs.setdefault(
+            s["run_id"],
+            {k: s[k] for k in ("run_id", "method", "label", "family", "taskset")} | {"tasks": {}},
+        )
+        run["tasks"].setdefault(s["task"], {})[s["metric"]] = s["value"]
+
+    # Individual scores per (family, task, metric), latest run wins: the normalization base.
+    individual: dict[tuple[str, str, str], float | None] = {}
+    for run in sorted(runs.values(), key=lambda r: r["run_id"]):
+        if run["method"] == "individual":
+            for task, metrics in run["tasks"].items():
+                for metric, value in metrics.items():
+                    individual[(run["family"], task, metric)] = value
+
+    groups: dict[tuple[str, str, frozenset[str]], list[dict[str, Any]]] = {}
+    for run in sorted(runs.values(), key=lambda r: r["run_id"]):
+        key = (run["family"], run["taskset"], frozenset(run["tasks"]))
+        groups.setdefault(key, []).append(run)
+
+    boards = []
+    for (family, taskset, _), group in groups.items():
+        tasks = list(group[0]["tasks"])
+        metrics = {t: next(iter(group[0]["tasks"][t])) for t in tasks}
+        latest = {run["label"]: run for run in group}  # later runs overwrite earlier ones
+        setting = find_setting(family, taskset, len(tasks))
+        rows = [
+            _make_row(run, tasks, metrics, individual, family, setting) for run in latest.values()
+        ]
+        _rank(rows)
+        rows.sort(key=_row_order)
+        boards.append(
+            Board(family, taskset, tasks, metrics, rows, setting.key if setting else None)
+        )
+    boards.sort(key=lambda b: (b.family, b.taskset, -len(b.tasks)))
+    return boards
+
+
+def _make_row(
+    run: dict[str, Any],
+    tasks: list[str],
+    metrics: dict[str, str],
+    individual: dict[tuple[str, str, str], float | None],
+    family: str,
+    setting: Setting | None,
+) -> Row:
+    scores = {t: run["tasks"].get(t, {}).get(metrics[t]) for t in tasks}
+    normalized: dict[str, float | None] = {}
+    for t in tasks:
+        base = individual.get((family, t, metrics[t]))
+        value = scores[t]
+        normalized[t] = value / base if value is not None and base else None
+    row = Row(
+        label=run["label"],
+        method=run["method"],
+        run_id=run["run_id"],
+        scores=scores,
+        normalized=normalized,
+        average=_mean(scores.values()),
+        normalized_average=_mean(normalized.values()),
+    )
+    if setting is not None:
+        row.published_average = setting.average_for(row.label)
+        row.published_scores = {t: setting.task_score_for(row.label, t) for t in tasks}
+    return row
+
+
+def _rank(rows: list[Row]) -> None:
+    """Competition ranking (1, 2, 2, 4) of merging methods by average."""
+    ranked = sorted(
+        (r for r in rows if not r.is_reference and r.average is not None),
+        key=lambda r: -r.average,  # type: ignore[operator]
+    )
+    for i, row in enumerate(ranked):
+        prev = ranked[i - 1] if i else None
+        row.rank = prev.rank if prev and prev.average == row.average else i + 1
+
+
+def _row_order(row: Row) -> tuple[int, int, str]:
+    if row.is_reference:
+        return (0, REFERENCE_ROWS.index(row.method), row.label)
+    return (1, row.rank if row.rank is not None else 10**9, row.label)
+
+
+def load_boards(
+    db: str | os.PathLike[str] = DEFAULT_DB,
+    family: str | None = None,
+    taskset: str | None = None,
+    all_runs: bool = False,
+) -> list[Board]:
+    """Boards from the database at `db`. With `all_runs`, every run of a label is a row of
+    its own, named by the config values that tell the runs apart (a hyperparameter sweep)."""
+    path = Path(db)
+    if not path.is_file():
+        raise MergeBenchError(f"--db {path}: no results database there (run `make bench` first)")
+    store = ResultsStore(path)
+    rows = store.scores(family=family, taskset=taskset)
+    if all_runs:
+        names = variant_labels(store.runs(family=family, taskset=taskset))
+        rows = [r | {"label": names.get(r["run_id"], r["label"])} for r in rows]
+    return build_boards(rows)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(node, sort_keys=True)}
+
+
+def variant_labels(runs: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """run_id -> `label (key=value, ...)` for labels that several configs share, listing
+    only the config values that differ between them (e.g. `ties (method.k=0.1)`)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["family"], run["taskset"], run["label"]), []).append(run)
+    names: dict[int, str] = {}
+    for (_, _, label), group in groups.items():
+        if len(group) < 2:
+            continue
+        flat = [_flatten(canonical_config(r["config"])) for r in group]
+        keys = sorted({k for f in flat for k in f})
+        differing = [k for k in keys if len({f.get(k) for f in flat}) > 1]
+        for run, f in zip(group, flat, strict=True):
+            parts = [f"{k}={f.get(k, '-')}" for k in differing]
+            names[run["run_id"]] = f"{label} ({', '.join(parts)})" if parts else label
+    return names
+
+
+# -- rendering ------------------------------------------------------------------------------
+def _as_percent(board: Board) -> bool:
+    """Show values as percentages when every value is a fraction (accuracy, F1, MCC...)."""
+    values = [v for r in board.rows for v in r.scores.values() if v is not None]
+    return all(-1.0 <= v <= 1.0 for v in values)
+
+
+def _fmt(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+
+
+def _fmt_rank(rank: int | None) -> str:
+    return "—" if rank is None else str(rank)
+
+
+def _header(board: Board) -> list[str]:
+    cols = ["rank", "method", *board.tasks, "avg", "norm. avg"]
+    if board.published_setting:
+        cols.append("published avg")
+    return cols
+
+
+def _cells(board: Board, row: Row, percent: bool) -> list[str]:
+    cells = [_fmt_rank(row.rank), row.label]
+    cells += [_fmt(row.scores[t], percent) for t in board.tasks]
+    cells += [_fmt(row.average, percent), _fmt(row.normalized_average, True)]
+    if board.published_setting:
+        cells.append(_fmt(row.published_average, percent))
+    return cells
+
+
+def _caption(board: Board, percent: bool) -> str:
+    metrics = sorted(set(board.metrics.values()))
+    unit = "%" if percent else "raw values"
+    text = f"metric: {', '.join(metrics)} ({unit}); norm. avg: % of individual"
+    if board.published_setting:
+        text += f"; published: EMR-Merging paper, setting `{board.published_setting}`"
+    return text
+
+
+def to_markdown(boards: Sequence[Board]) -> str:
+    parts = ["# mergebench leaderboard", ""]
+    if not boards:
+        parts.append("No results stored yet.")
+    for board in boards:
+        percent = _as_percent(board)
+        header = _header(board)
+        parts += [f"## {board.title}", "", _caption(board, percent), ""]
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |")
+        for row in board.rows:
+            parts.append("| " + " | ".join(_cells(board, row, percent)) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def to_csv(boards: Sequence[Board]) -> str:
+    """Long format: one line per (board, row, task), plus an `average` line per row."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        ["family", "taskset", "num_tasks", "label", "method", "rank", "task", "metric",
+         "value", "normalized", "published"]
+    )  # fmt: skip
+    for b in boards:
+        for r in b.rows:
+            ident = [b.family, b.taskset, len(b.tasks), r.label, r.method, r.rank or ""]
+            for t in b.tasks:
+                writer.writerow(
+                    ident
+                    + [t, b.metrics[t], _csv(r.scores[t]), _csv(r.normalized[t]),
+                       _csv(r.published_scores.get(t))]
+                )  # fmt: skip
+            writer.writerow(
+                ident
+                + ["average", "", _csv(r.average), _csv(r.normalized_average),
+                   _csv(r.published_average)]
+            )  # fmt: skip
+    return buf.getvalue()
+
+
+def _csv(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def to_json(boards: Sequence[Board]) -> dict[str, Any]:
+    return {
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "boards": [asdict(b) | {"title": b.title} for b in boards],
+    }
+
+
+def to_html(boards: Sequence[Board]) -> str:
+    """A self-contained static page; cells are shaded by their normalized score."""
+    esc = html.escape
+    body = []
+    for board in boards:
+        percent = _as_percent(board)
+        body.append(
+            f"<h2>{esc(board.title)}</h2><p class='cap'>{esc(_caption(board, percent))}</p>"
+        )
+        body.append("<table><thead><tr>")
+        body += [f"<th>{esc(c)}</th>" for c in _header(board)]
+        body.append("</tr></thead><tbody>")
+        for row in board.rows:
+            cls = " class='ref'" if row.is_reference else ""
+            body.append(f"<tr{cls}>")
+            cells = _cells(board, row, percent)
+            for i, cell in enumerate(cells):
+                style = ""
+                if 2 <= i < 2 + len(board.tasks):
+                    n = row.normalized[board.tasks[i - 2]]
+                    if n is not None:
+                        shade = max(0.0, min(1.0, n))
+                        style = f" style='background: rgba(46, 139, 87, {0.6 * shade:.2f})'"
+                body.append(f"<td{style}>{esc(cell)}</td>")
+            body.append("</tr>")
+        body.append("</tbody></table>")
+    if not boards:
+        body.append("<p>No results stored yet.</p>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mergebench leaderboard</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:nth-child(2),th:nth-child(2){text-align:left}tr.ref{font-style:italic;color:#555}"
+        ".cap{color:#555}</style></head><body><h1>mergebench leaderboard</h1>"
+        + "".join(body)
+        + "</body></html>\n"
+    )
+
+
+def print_table(boards: Sequence[Board], file: Any = None) -> None:
+    """A terminal table per board (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file)
+    if not console.is_terminal:  # files and pipes: wide enough that task names fit
+        widest = max((len(b.tasks) for b in boards), default=0)
+        console = Console(file=file, width=max(100, 16 * (widest + 5)))
+    if not boards:
+        console.print("No results stored yet.")
+    for board in boards:
+        percent = _as_percent(board)
+        table = Table(title=board.title, caption=_caption(board, percent))
+        for i, col in enumerate(_header(board)):
+            table.add_column(col, justify="left" if i == 1 else "right")
+        for row in board.rows:
+            table.add_row(
+                *_cells(board, row, percent), style="italic dim" if row.is_reference else None
+            )
+        console.print(table)
+
+
+def render(boards: Sequence[Board], fmt: str) -> str:
+    if fmt == "markdown":
+        return to_markdown(boards)
+    if fmt == "csv":
+        return to_csv(boards)
+    if fmt == "json":
+        return json.dumps(to_json(boards), indent=2) + "\n"
+    if fmt == "html":
+        return to_html(boards)
+    if fmt == "table":
+        buf = io.StringIO()
+        print_table(boards, file=buf)
+        return buf.getvalue()
+    raise MergeBenchError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_leaderboard(
+    db: str | os.PathLike[str] = DEFAULT_DB,
+    out_dir: str | os.PathLike[str] = "outputs",
+    formats: Sequence[str] = ("markdown", "json"),
+    family: str | None = None,
+    taskset: str | None = None,
+    stem: str = "leaderboard",
+) -> dict[str, Path]:
+    """Write `<out_dir>/leaderboard.{md,json,...}` from the store; returns format -> path."""
+    boards = load_boards(db, family=family, taskset=taskset)
+    written = {}
+    for fmt in formats:
+        path = Path(out_dir) / f"{stem}{_SUFFIX.get(fmt, '.' + fmt)}"
+        atomic_write(path, render(boards, fmt))
+        written[fmt] = path
+    return written

@@ -1,0 +1,161 @@
+"""Fast task switching: put a live model into the weights of one task of a merge result, in
+place, without rebuilding the model or materializing a state dict.
+
+For a task-conditioned result (EMR, "X w/ M&R") each merged tensor becomes
+`W_pre + lam_t * M_t * tau_uni`, computed straight into the model's parameter with the same
+float32 arithmetic as `TaskConditionedResult.state_dict(task)`, so the weights are
+bit-identical to `model.load_state_dict(result.state_dict(task))`. The unified vector, the
+packed masks and (by default) the pretrained tensors are kept on the model's device, so a
+switch on a GPU moves no data over the bus. For a single-model result only the task's own
+tensors (its head) change between tasks.
+
+    switcher = TaskSwitcher(result, model)
+    for task in result.tasks:
+        switcher.switch(task)   # model now holds task's weights
+        evaluate(model, task)
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from mergebench.engine.bits import unpack_bits
+from mergebench.engine.stream import default_threads, single_threaded_ops
+from mergebench.results import MergeResult, SingleModelResult, TaskConditionedResult
+from mergebench.util.errors import MergeBenchError
+
+
+class TaskSwitcher:
+    """Switches `model` between the tasks of `result` in place."""
+
+    def __init__(
+        self, result: MergeResult, model: nn.Module, cache_pretrained: bool = True
+    ) -> None:
+        if not isinstance(result, (TaskConditionedResult, SingleModelResult)):
+            raise MergeBenchError(f"cannot switch tasks of a {type(result).__name__}")
+        self.result = result
+        self.model = model
+        # Every name load_state_dict would fill, tied weights included.
+        self._targets: dict[str, torch.Tensor] = model.state_dict(keep_vars=True)
+        self.task: str | None = None
+        self._device = _device_of(model)
+        if isinstance(result, TaskConditionedResult):
+            self._unified = {
+                k: v.to(self._device, torch.float32) for k, v in result.unified.items()
+            }
+            self._packed = (
+                None
+                if result.masks is None
+                else {k: v.to(self._device) for k, v in result.masks.items()}
+            )
+            self._pretrained = (
+                {k: self._pre(k) for k in result.unified} if cache_pretrained else None
+            )
+            largest = max((v.numel() for v in result.unified.values()), default=0)
+            self.threads = default_threads() if self._device.type == "cpu" else 1
+            self._work = [
+                torch.empty(largest, dtype=torch.float32, device=self._device)
+                for _ in range(self.threads)
+            ]
+
+    def switch(self, task: str) -> nn.Module:
+        """Load `task`'s weights into the model (in place) and return the model."""
+        if task not in self.result.tasks:
+            raise MergeBenchError(
+                f"task {task!r} is not in this result (tasks: {self.result.tasks})"
+            )
+        self._check_keys(task)
+        # Everything is written on every switch (the shared tensors cost little): whatever
+        # else was loaded into the model in between, it ends up holding exactly `task`.
+        with torch.no_grad():
+            for key, value in self._static().items():
+                self._assign(key, value)
+            if isinstance(self.result, TaskConditionedResult):
+                self._apply_all(task)
+            for key, value in self.result.task_specific.get(task, {}).items():
+                self._assign(key, value)
+        self.task = task
+        return self.model
+
+    # -- internals ---------------------------------------------------------------------------
+    def _apply_all(self, task: str) -> None:
+        keys = list(self.result.unified)
+        if self._device.type != "cpu" or self.threads == 1:
+            for key in keys:
+                self._apply_modulators(task, key, self._work[0])
+            return
+        # On the CPU, keys in parallel (numpy and torch release the GIL), one op thread each.
+        with single_threaded_ops(), ThreadPoolExecutor(self.threads) as pool:
+            chunks = [keys[i :: self.threads] for i in range(self.threads)]
+            futures = [
+                pool.submit(self._apply_keys, task, chunk, work)
+                for chunk, work in zip(chunks, self._work, strict=True)
+            ]
+            for future in futures:
+                future.result()
+
+    def _apply_keys(self, task: str, keys: list[str], work: torch.Tensor) -> None:
+        with torch.no_grad():
+            for key in keys:
+                self._apply_modulators(task, key, work)
+
+    def _static(self) -> dict[str, torch.Tensor]:
+        """Tensors that are the same for every task."""
+        result = self.result
+        if isinstance(result, SingleModelResult):
+            return result.shared
+        return {**result.pretrained_excluded, **result.copied}
+
+    def _pre(self, key: str) -> torch.Tensor:
+        return self.result.pretrained.get(key).to(self._device)
+
+    def _apply_modulators(self, task: str, key: str, work: torch.Tensor) -> None:
+        """`W = W_pre + lam_t * M_t * tau_uni`, as `TaskConditionedResult.state_dict` has it."""
+        result = self.result
+        unified = self._unified[key]
+        delta = work[: unified.numel()].view(unified.shape)
+        torch.mul(unified, result.rescalers[task], out=delta)  # float32 * float32(lam)
+        if self._packed is not None:
+            row = self._packed[key][result.tasks.index(task)]
+            mask = unpack_bits(row, tuple(unified.shape))
+            # x * 1 and x * 0 are exact either way; a uint8 view takes torch's fast path.
+            delta.mul_(mask.view(torch.uint8) if mask.device.type == "cpu" else mask)
+        pre = self._pretrained[key] if self._pretrained is not None else self._pre(key)
+        target = self._targets[key]
+        if pre.dtype == torch.float32 and target.dtype == torch.float32:
+            torch.add(pre, delta, out=target.data)  # no temporary: straight into the weights
+        else:
+            target.data.copy_((pre.to(torch.float32) + delta).to(pre.dtype))
+
+    def _assign(self, key: str, value: torch.Tensor) -> None:
+        target = self._targets[key]
+        if target.shape != value.shape:
+            raise MergeBenchError(
+                f"key {key!r}: the model has shape {list(target.shape)}, the result "
+                f"{list(value.shape)} (a task head of another size needs its own model)"
+            )
+        target.data.copy_(value)
+
+    def _check_keys(self, task: str) -> None:
+        result = self.result
+        expected = set(self._static())
+        expected |= set(result.task_specific.get(task, {}))
+        if isinstance(result, TaskConditionedResult):
+            expected |= set(result.unified)
+        missing = sorted(set(self._targets) - expected)
+        unexpected = sorted(expected - set(self._targets))
+        if missing or unexpected:
+            what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+            raise MergeBenchError(
+                f"task {task!r}: the result does not fit the model ({what}; "
+                f"{len(missing)} missing, {len(unexpected)} unexpected keys)"
+            )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.state_dict().values():
+        return tensor.device
+    return torch.device("cpu")

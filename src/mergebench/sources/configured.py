@@ -1,0 +1,150 @@
+"""`ConfiguredSource`: the paper settings' checkpoints, hub ids or local paths named in
+`model.checkpoints`, opened under the key names of the family's model.
+
+    name: gpt2
+    checkpoints:
+      pretrained: gpt2                  # hub id or local path
+      finetuned: {cola: tanganke/gpt2_cola, ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergebench.engine.checkpoints import open_checkpoint
+from mergebench.engine.keyplan import compile_patterns, is_excluded
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.renamed import CanonicalSource, canonical_source
+from mergebench.families import family_class, family_spec
+from mergebench.families.labeled import HFLabeledData
+from mergebench.families.paper import PaperFamily
+from mergebench.sources.hub import resolve_model
+from mergebench.util.config import to_plain
+from mergebench.util.errors import MergeBenchError
+from mergebench.util.hashing import stable_hash
+from mergebench.util.paths import cache_root
+
+
+def configured_family(
+    cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any], seed: int = 0
+) -> tuple[PaperFamily, HFLabeledData]:
+    """The family of a configured model, built from its resolved pretrained checkpoint."""
+    cls = family_class(str(cfg_model.get("name")))
+    cls.check_taskset(cfg_model, cfg_taskset)  # a wrong pairing fails before any download
+    checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
+    pretrained = resolve_model(checkpoints.get("pretrained"), "model.checkpoints.pretrained")
+    return cls.from_config(cfg_model, cfg_taskset, int(seed), pretrained)
+
+
+def configured_pool(
+    family: PaperFamily, cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]
+) -> ModelPool:
+    """The pool over `model.checkpoints`: pretrained backbone, one model per task."""
+    checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
+    finetuned_cfg = checkpoints.get("finetuned") or {}
+    heads = compile_patterns(family.head_patterns)
+    first = next(iter(family.tasks))
+    backbone = [k for k in family.model_keys(first) if not is_excluded(k, heads)]
+    pretrained = canonical_source(
+        open_checkpoint(family.pretrained_path, role="pretrained"),
+        backbone,
+        family.backbone_prefix,
+        "model.checkpoints.pretrained",
+    )
+    finetuned: dict[str, CanonicalSource] = {}
+    for task in family.tasks:
+        option = f"model.checkpoints.finetuned.{task}"
+        if not finetuned_cfg.get(task):
+            raise MergeBenchError(
+                f"{option}: no fine-tuned checkpoint configured for task {task!r} "
+                "(a hub id or a local path)"
+            )
+        path = resolve_model(finetuned_cfg[task], option)
+        computed = family.head_tensors(task)
+        keys = [k for k in family.model_keys(task) if k not in computed]
+        finetuned[task] = canonical_source(
+            open_checkpoint(path, role=f"finetuned[{task}]"),
+            keys,
+            family.backbone_prefix,
+            option,
+            extra=computed,
+        )
+    return ModelPool(
+        pretrained=pretrained,
+        finetuned=finetuned,
+        exclude=family.exclude_patterns(cfg_model),
+        heads_separate=family.heads_separate,
+        family=family,
+        name=f"{cfg_model.get('name')}/{cfg_taskset.get('name', 'custom')}",
+        layer_pattern=cfg_model.get("layer_pattern"),
+    )
+
+
+class PoolReferences:
+    """The reference rows of a configured pool, with the evaluator's `state_dict(task)`:
+    `individual` (each task's fine-tuned model) and `pretrained` (the pretrained backbone
+    with the task's own head). There is no multi-task model in these settings."""
+
+    def __init__(self, kind: str, pool: ModelPool) -> None:
+        if kind not in ("individual", "pretrained"):
+            raise MergeBenchError(
+                f"reference row {kind!r}: a paper setting has individual, pretrained"
+            )
+        self.kind = kind
+        self.pool = pool
+
+    def state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        own = self.pool.finetuned[task]
+        if self.kind == "individual":
+            return own.state_dict()
+        heads = compile_patterns(self.pool.exclude)
+        state = self.pool.pretrained.state_dict()
+        state.update({k: own.get(k) for k in own.keys() if is_excluded(k, heads)})
+        return state
+
+
+def _identity(files: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+class ConfiguredSource:
+    """A `CheckpointSource` over `model.checkpoints` (no zoo, no multi-task model)."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg_model, self.cfg_taskset = cfg["model"], cfg["taskset"]
+        self.seed = int(cfg.get("seed", 0))
+        if family_spec(str(self.cfg_model["name"])).source != "configured":
+            raise MergeBenchError(f"model.name: {self.cfg_model['name']!r} is a zoo family")
+        self.family, self.data = configured_family(self.cfg_model, self.cfg_taskset, self.seed)
+        self._pool = configured_pool(self.family, self.cfg_model, self.cfg_taskset)
+
+    def signature(self) -> str:
+        sources = {"pretrained": self._pool.pretrained, **self._pool.finetuned}
+        files = {name: _identity(src.source.files()) for name, src in sources.items()}
+        return stable_hash(
+            {"checkpoints": files, "taskset": to_plain(self.cfg_taskset), "seed": self.seed}
+        )
+
+    def cache_dir(self) -> Path:
+        return cache_root() / "paper" / str(self.cfg_model["name"])
+
+    def pool(self) -> ModelPool:
+        return self._pool
+
+    def reference_kinds(self) -> tuple[str, ...]:
+        return ("individual", "pretrained")
+
+    def reference(self, kind: str) -> PoolReferences:
+        return PoolReferences(kind, self._pool)
+
+
+__all__ = [
+    "ConfiguredSource",
+    "PoolReferences",
+    "configured_family",
+    "configured_pool",
+]

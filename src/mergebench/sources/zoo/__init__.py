@@ -1,0 +1,340 @@
+"""The offline model zoo: fine-tune one model per task, and one multi-task model, from the
+packaged pretrained weights, with Lightning; cache and reuse them.
+
+Layout of `<cache>/<family>/` (cache: `--cache-dir`, `zoo.dir`, `$MERGEBENCH_CACHE/zoo`, or
+`~/.cache/mergebench/zoo`):
+- `pretrained.safetensors`: the backbone as packaged (no head);
+- `<task>.safetensors`: the fine-tuned model of one task (backbone + `classifier.*`);
+- `multitask/<taskset>/backbone.safetensors` and `multitask/<taskset>/heads/<task>.safetensors`;
+- `zoo.json`: per checkpoint, its signature (hash of data fingerprint, seed, model options and
+  hyperparameters), data fingerprint, hyperparameters, validation and test metrics, seconds.
+A checkpoint is reused when its signature matches, so task sets that share tasks (the
+number-of-tasks experiment) share checkpoints; anything else is retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mergebench.engine.pool import ModelPool
+from mergebench.evaluation import score_model
+from mergebench.families import ZooFamily, embedded_family
+from mergebench.families.base import HEAD, head_keys
+from mergebench.families.labeled import LabeledData
+from mergebench.sources.zoo.references import ZooModels
+from mergebench.sources.zoo.train import fit
+from mergebench.util.config import to_plain as _plain
+from mergebench.util.errors import MergeBenchError
+from mergebench.util.fs import atomic_file, atomic_write_text
+from mergebench.util.hashing import stable_hash
+from mergebench.util.paths import cache_root
+
+ZOO_FORMAT = 2  # bump when training changes: old checkpoints are retrained
+# Hyperparameters a model config's `finetune` section may set (defaults in conf/model/*.yaml).
+FINETUNE_KEYS = (
+    "epochs", "batch_size", "lr", "head_lr", "weight_decay", "warmup",
+    "max_grad_norm", "multitask_epochs", "multitask_lr", "multitask_head_lr",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- locations
+
+
+def zoo_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where zoos live: the argument, else `$MERGEBENCH_CACHE/zoo`, else ~/.cache/mergebench/zoo."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return cache_root() / "zoo"
+
+
+def family_dir(cfg: Mapping[str, Any]) -> Path:
+    return zoo_root((cfg.get("zoo") or {}).get("dir")) / str(cfg["model"]["name"])
+
+
+def set_threads(threads: int | None) -> None:
+    """Fix torch's CPU threads (`threads` config key); None keeps torch's default (all cores)."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def finetune_settings(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
+    hp = dict(_plain(cfg_model.get("finetune")) or {})
+    unknown = sorted(set(hp) - set(FINETUNE_KEYS))
+    if unknown:
+        raise MergeBenchError(
+            f"model.finetune: unknown option {unknown[0]!r} (options: {', '.join(FINETUNE_KEYS)})"
+        )
+    missing = [k for k in FINETUNE_KEYS if k not in hp]
+    if missing:
+        raise MergeBenchError(f"model.finetune.{missing[0]}: missing")
+    return hp
+
+
+def single_task_settings(hp: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hp.items() if not k.startswith("multitask_")}
+
+
+def multitask_settings(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The single-task settings with the multi-task overrides applied."""
+    out = single_task_settings(hp)
+    out.update(
+        epochs=hp["multitask_epochs"], lr=hp["multitask_lr"], head_lr=hp["multitask_head_lr"]
+    )
+    return out
+
+
+def task_signature(
+    cfg_model: Mapping[str, Any], hp: Mapping[str, Any], seed: int, task: str, fingerprint: str
+) -> str:
+    return stable_hash(
+        {
+            "format": ZOO_FORMAT,
+            "family": cfg_model["name"],
+            "options": _plain(cfg_model.get("options")) or {},
+            "finetune": single_task_settings(hp),
+            "seed": seed,
+            "task": task,
+            "data": fingerprint,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------- io
+
+
+def save_atomic(
+    tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str] | None = None
+) -> None:
+    """safetensors via a temporary file and a rename: a crash never leaves half a checkpoint."""
+    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    atomic_file(path, lambda tmp: save_file(plain, str(tmp), metadata=dict(meta or {})))
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "zoo.json"
+    if not path.exists():
+        return {"format": ZOO_FORMAT, "tasks": {}, "multitask": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MergeBenchError(f"{path}: not valid JSON ({err.msg}); delete it to rebuild") from err
+    data.setdefault("tasks", {})
+    data.setdefault("multitask", {})
+    return data
+
+
+def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
+    atomic_write_text(directory / "zoo.json", json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _metrics(
+    model: torch.nn.Module, data: LabeledData, task: str, batch_size: int
+) -> dict[str, dict[str, float]]:
+    out = {}
+    for split in ("validation", "test"):
+        score, _ = score_model(model, data, task, split, batch_size)
+        out[split] = {score.metric: score.value}
+    return out
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def say(msg: str) -> None:
+    print(f"[mergebench-zoo] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_zoo(
+    cfg: Mapping[str, Any],
+    progress: bool = True,
+    force: bool = False,
+    multitask: bool | None = None,
+) -> Path:
+    """Build whatever part of the zoo for `cfg`'s family and task set is missing or stale;
+    return the family's zoo folder. `cfg` holds `model`, `taskset`, `seed` and `zoo`."""
+    from filelock import FileLock
+
+    cfg_model, cfg_taskset = _plain(cfg["model"]), _plain(cfg["taskset"])
+    seed = int(cfg.get("seed", 0))
+    zoo_cfg = _plain(cfg.get("zoo")) or {}
+    with_multitask = bool(zoo_cfg.get("multitask", True)) if multitask is None else multitask
+    hp = finetune_settings(cfg_model)
+    directory = family_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    family, data = embedded_family(cfg_model, cfg_taskset, seed)
+    set_threads(cfg.get("threads"))
+
+    with FileLock(str(directory / ".lock")):
+        manifest = read_manifest(directory)
+        pre = directory / "pretrained.safetensors"
+        if force or not pre.exists():
+            save_atomic(family.pretrained_state(), pre)
+        manifest["family"] = cfg_model["name"]
+        manifest["pretrained"] = {"file": pre.name, "source": type(family).__module__}
+
+        tasks = list(data.tasks)
+        for i, task in enumerate(tasks, 1):
+            sig = task_signature(cfg_model, hp, seed, task, data.fingerprint(task))
+            entry = manifest["tasks"].get(task, {})
+            path = directory / f"{task}.safetensors"
+            if not force and entry.get("signature") == sig and path.exists():
+                continue
+            say(f"{cfg_model['name']} [{i}/{len(tasks)}] fine-tuning {task} "
+                 f"({data.num_examples(task, 'train')} examples, {hp['epochs']} epochs)")  # fmt: skip
+            task_seed = seed * 1_000_003 + zlib.crc32(task.encode()) % 1_000_003
+            models, seconds = fit(family, data, [task], hp, int(hp["epochs"]), task_seed, progress)
+            model = models[task]
+            metrics = _metrics(model, data, task, family.eval_batch_size)
+            save_atomic(model.state_dict(), path, {"task": task, "signature": sig})
+            manifest["tasks"][task] = {
+                "signature": sig,
+                "file": path.name,
+                "data_fingerprint": data.fingerprint(task),
+                "seed": seed,
+                "train_seed": task_seed,
+                "options": cfg_model.get("options") or {},
+                "finetune": single_task_settings(hp),
+                "examples": {
+                    s: data.num_examples(task, s) for s in ("train", "validation", "test")
+                },
+                "metrics": metrics,
+                "train_seconds": round(seconds, 2),
+            }
+            write_manifest(directory, manifest)
+            say(
+                f"{task}: validation {metrics['validation']}, test {metrics['test']} ({seconds:.0f} s)"
+            )
+
+        if with_multitask:
+            _ensure_multitask(
+                directory, manifest, cfg_model, cfg_taskset, hp, seed, family, data, force, progress
+            )
+        write_manifest(directory, manifest)
+    return directory
+
+
+def _ensure_multitask(
+    directory, manifest, cfg_model, cfg_taskset, hp, seed, family, data, force, progress
+) -> None:
+    name = str(cfg_taskset.get("name", "custom"))
+    tasks = list(data.tasks)
+    sig = stable_hash(
+        {
+            "tasks": {
+                t: task_signature(cfg_model, hp, seed, t, data.fingerprint(t)) for t in tasks
+            },
+            "multitask": multitask_settings(hp),
+        }
+    )
+    folder = directory / "multitask" / name
+    entry = manifest["multitask"].get(name, {})
+    if not force and entry.get("signature") == sig and (folder / "backbone.safetensors").exists():
+        return
+    epochs = int(hp["multitask_epochs"])
+    say(f"{cfg_model['name']} multi-task model on {len(tasks)} tasks ({epochs} epochs)")
+    mt_hp = multitask_settings(hp)
+    models, seconds = fit(family, data, tasks, mt_hp, epochs, seed * 1_000_003 + 7, progress)
+    state = models[tasks[0]].state_dict()
+    save_atomic(
+        {k: v for k, v in state.items() if not k.startswith(HEAD + ".")},
+        folder / "backbone.safetensors",
+    )
+    metrics = {}
+    for task in tasks:
+        save_atomic(head_keys(models[task].state_dict()), folder / "heads" / f"{task}.safetensors")
+        metrics[task] = _metrics(models[task], data, task, family.eval_batch_size)
+    manifest["multitask"][name] = {
+        "signature": sig,
+        "folder": str(folder.relative_to(directory)),
+        "tasks": tasks,
+        "epochs": epochs,
+        "finetune": mt_hp,
+        "seed": seed,
+        "metrics": metrics,
+        "train_seconds": round(seconds, 2),
+    }
+    summary = ", ".join(f"{t}: {m['test']}" for t, m in metrics.items())
+    say(f"multi-task: test {summary} ({seconds:.0f} s)")
+
+
+# ---------------------------------------------------------------------------- the source
+
+
+def zoo_pool(
+    cfg_model: Mapping[str, Any],
+    cfg_taskset: Mapping[str, Any],
+    zoo_dir: str | Path,
+    family: ZooFamily,
+    data: LabeledData,
+) -> ModelPool:
+    """The pool over the zoo's checkpoints of an already loaded family."""
+    zoo_dir = Path(zoo_dir)
+    paths = [zoo_dir / "pretrained.safetensors"] + [
+        zoo_dir / f"{t}.safetensors" for t in data.tasks
+    ]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise MergeBenchError(
+            f"{missing[0]}: zoo checkpoint missing (build it with mergebench-zoo)"
+        )
+    return ModelPool.from_checkpoints(
+        zoo_dir / "pretrained.safetensors",
+        {t: zoo_dir / f"{t}.safetensors" for t in data.tasks},
+        exclude=list(cfg_model.get("exclude") or [rf"{HEAD}\..*"]),
+        family=family,
+        name=f"{cfg_model['name']}/{cfg_taskset.get('name', 'custom')}",
+        layer_pattern=cfg_model.get("layer_pattern"),
+    )
+
+
+class ZooSource:
+    """A `CheckpointSource` over the offline zoo, built (or refreshed) first when allowed."""
+
+    def __init__(self, cfg: Mapping[str, Any], progress: bool = True) -> None:
+        self.cfg_model, self.cfg_taskset = _plain(cfg["model"]), _plain(cfg["taskset"])
+        self.taskset = str(self.cfg_taskset["name"])
+        seed = int(cfg.get("seed", 0))
+        zoo = _plain(cfg.get("zoo")) or {}
+        self.directory = family_dir(cfg)
+        if zoo.get("build_missing", True):
+            ensure_zoo(cfg, progress=progress)
+        self.family, self.data = embedded_family(self.cfg_model, self.cfg_taskset, seed)
+        self.manifest = read_manifest(self.directory)
+        missing = [t for t in self.data.tasks if t not in self.manifest["tasks"]]
+        if missing:
+            raise MergeBenchError(
+                f"zoo.dir: no fine-tuned {missing[0]!r} in {self.directory} "
+                "(run mergebench-zoo, or set zoo.build_missing=true)"
+            )
+
+    def signature(self) -> str:
+        tasks = self.manifest["tasks"]
+        return stable_hash(
+            {
+                "tasks": {t: tasks[t]["signature"] for t in self.data.tasks},
+                "multitask": self.manifest["multitask"].get(self.taskset, {}).get("signature"),
+            }
+        )
+
+    def cache_dir(self) -> Path:
+        return self.directory
+
+    def pool(self) -> ModelPool:
+        return zoo_pool(self.cfg_model, self.cfg_taskset, self.directory, self.family, self.data)
+
+    def reference_kinds(self) -> tuple[str, ...]:
+        if self.taskset in self.manifest["multitask"]:
+            return ("individual", "multitask", "pretrained")
+        return ("individual", "pretrained")
+
+    def reference(self, kind: str) -> ZooModels:
+        return ZooModels(kind, self.directory, self.data.tasks, self.taskset)
