@@ -31,6 +31,17 @@ DATA_FREE_VARIANTS = [
     "emr_elect_rescale",
     "task_arithmetic_mr",
     "ties_mr",
+    # Methods papers compare EMR against (2024-2025), at their defaults.
+    "breadcrumbs",
+    "della",
+    "tall_masks",
+    "consensus",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "cart",
+    "lines",
+    "wudi",
 ]
 # Data-dependent methods (`--all`): their benchmark presets, conf/variant/<name>.yaml (fewer
 # examples / steps than the papers, to fit a 2-core CPU; costs in the README).

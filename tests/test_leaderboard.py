@@ -106,7 +106,7 @@ def test_missing_task_gives_no_average(tmp_path) -> None:
 def test_formats(db) -> None:
     boards = load_boards(db)
     md = render(boards, "markdown")
-    assert "## tiny / two (2 tasks)" in md and "| 1 | emr | 70.0 | 40.0 | 55.0 | 83.7 |" in md
+    assert "## tiny / two (2 tasks)" in md and "| 1 | emr | 70.0 | 40.0 | 55.0 | — | 83.7 |" in md
 
     rows = list(csv.DictReader(io.StringIO(render(boards, "csv"))))
     emr_avg = next(
@@ -208,3 +208,51 @@ def test_configured_paper_settings_get_published_numbers(model, taskset, setting
     assert (found.key if found else None) == setting
     if found and found.task_aliases:
         assert all(found.task_index(t) is not None for t in ts.tasks)
+
+
+def _outcomes(correct_a: int, correct_b: int, n: int = 200) -> dict:
+    """Accuracy outcomes whose first `correct_*` examples are right (labels all 1)."""
+    return {
+        task: {
+            "metric": "accuracy",
+            "classes": 2,
+            "pred": [1] * correct + [0] * (n - correct),
+            "label": [1] * n,
+        }
+        for task, correct in (("a", correct_a), ("b", correct_b))
+    }
+
+
+def test_boards_carry_intervals_ties_selection_and_cost(tmp_path) -> None:
+    store = ResultsStore(tmp_path / "s.sqlite")
+    rows = {"emr": (180, 170), "ties": (179, 170), "weight_averaging": (120, 100)}
+    for label, (ca, cb) in rows.items():
+        store.add_run(
+            RunRecord(
+                method=label, label=label, family="tiny", taskset="two",
+                config={"method": {"name": label}},
+                scores=[TaskScore("a", "accuracy", ca / 200), TaskScore("b", "accuracy", cb / 200)],
+                merge_seconds=1.5, peak_rss_bytes=3 * 2**20, artifact_bytes=2**20,
+                extra={"outcomes": _outcomes(ca, cb), "examples_per_second": 400.0,
+                       "selected": {"scaling": 0.5} if label == "ties" else {}},
+            )
+        )  # fmt: skip
+    (board,) = load_boards(tmp_path / "s.sqlite")
+    emr, ties, wa = board.row("emr"), board.row("ties"), board.row("weight_averaging")
+    # One example apart: tied with the best, sharing rank 1; averaging is clearly worse.
+    assert (emr.rank_label, ties.rank_label, wa.rank_label) == ("1=", "1=", "3")
+    assert emr.tied_with_best and ties.tied_with_best and wa.tied_with_best is False
+    low, high = emr.average_ci
+    assert low <= emr.average <= high and high - low > 0.01
+    assert set(emr.scores_ci) == {"a", "b"}
+    assert ties.selected == {"scaling": 0.5} and emr.selected == {}
+    assert emr.cost == {
+        "merge_seconds": 1.5, "peak_rss_mib": 3.0, "artifact_mib": 1.0,
+        "eval_examples_per_second": 400.0,
+    }  # fmt: skip
+    data = json.loads(render([board], "json"))["boards"][0]["rows"]
+    row = next(r for r in data if r["label"] == "ties")
+    assert row["tied_with_best"] is True and row["selected"] == {"scaling": 0.5}
+    assert len(row["average_ci"]) == 2 and set(row["cost"]) == set(emr.cost)
+    md = render([board], "markdown")
+    assert "| 1= | emr |" in md and "scaling=0.5" in md

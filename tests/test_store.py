@@ -1,14 +1,27 @@
-"""The SQLite results store: hashing, records, resume, concurrent writers."""
+"""The SQLite results store: hashing, records, resume, concurrent writers, opening for
+reading (read-only, never creating tables) and store URLs."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import ResultsStore, config_hash, record_hash
+from mergebench.report.store import (
+    ResultsStore,
+    SQLiteStore,
+    config_hash,
+    open_store,
+    record_hash,
+    redact_url,
+)
 from mergebench.util.errors import MergeBenchError
 
 
@@ -148,3 +161,112 @@ def test_concurrent_writers_lose_nothing(tmp_path) -> None:
     store = ResultsStore(path)
     assert len(store.runs()) == 60
     assert len(store.scores()) == 60 * 3
+
+
+# -- opening: URLs, read-only, databases mergebench did not create ------------------------
+def test_open_store_paths_and_urls(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(open_store("a.sqlite"), SQLiteStore)
+    assert open_store("sqlite:///rel/b.sqlite").path == Path("rel/b.sqlite")
+    assert (tmp_path / "rel" / "b.sqlite").is_file()
+    absolute = tmp_path / "abs.sqlite"
+    assert open_store(f"sqlite:///{absolute}").path == absolute  # sqlite:////tmp/...
+    store = open_store(tmp_path / "c.sqlite")
+    assert open_store(store) is store and ResultsStore is SQLiteStore
+    with pytest.raises(MergeBenchError, match="unknown scheme mysql://"):
+        open_store("mysql://u:pw@h/db")
+    with pytest.raises(MergeBenchError, match="sqlite:///relative/path"):
+        open_store("sqlite://")
+    assert redact_url("postgresql://me:secret@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert redact_url("postgresql://me@db/x") == "postgresql://me@db/x"
+
+
+def test_reading_an_empty_file_creates_nothing(tmp_path) -> None:
+    path = tmp_path / "empty.sqlite"
+    path.touch()
+    with pytest.raises(MergeBenchError, match="empty.sqlite: not a mergebench results database"):
+        open_store(path, readonly=True)
+    assert path.stat().st_size == 0
+
+
+def test_another_applications_database_is_left_alone(tmp_path) -> None:
+    path = tmp_path / "app.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE users (id INTEGER, name TEXT)")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    for readonly in (True, False):  # reading, and writing too: never add tables to it
+        with pytest.raises(MergeBenchError, match="not a mergebench results database.*users"):
+            open_store(path, readonly=readonly)
+    assert path.read_bytes() == before
+
+
+def test_readonly_store_reads_and_refuses_writes(tmp_path) -> None:
+    path = tmp_path / "r.sqlite"
+    ResultsStore(path).add_run(make_record())
+    reader = open_store(path, readonly=True)
+    assert [r["label"] for r in reader.runs()] == ["ties"]
+    assert reader.settings() == [("tiny", "two")]
+    with pytest.raises(MergeBenchError, match="read-only"):
+        reader.add_run(make_record("emr"))
+    with pytest.raises(MergeBenchError, match="no results database"):
+        open_store(tmp_path / "missing.sqlite", readonly=True)
+    assert not (tmp_path / "missing.sqlite").exists()
+
+
+# Subprocesses that only read the store skip the package's __init__ (it imports torch and
+# every method: seconds per process on a busy machine).
+_LIGHT_IMPORTS = (
+    "import importlib.util, sys, types\n"
+    "_pkg = types.ModuleType('mergebench')\n"
+    "_pkg.__path__ = list(importlib.util.find_spec('mergebench').submodule_search_locations)\n"
+    "sys.modules['mergebench'] = _pkg\n"
+)
+
+
+def _readonly_mount_run(folder: Path, code: str) -> subprocess.CompletedProcess:
+    """Run `code` with `folder` read-only: a private read-only bind mount as root (in its own
+    mount namespace), else file permissions."""
+    python = [sys.executable, "-c", _LIGHT_IMPORTS + code]
+    if os.geteuid() != 0:
+        for p in folder.iterdir():
+            p.chmod(0o444)
+        folder.chmod(0o555)
+        try:
+            return subprocess.run(python, capture_output=True, text=True, timeout=120)
+        finally:
+            folder.chmod(0o755)
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to make a read-only mount")
+    script = 'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(folder), *python],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "mount" in out.stderr and "permission denied" in out.stderr.lower():
+        pytest.skip(f"cannot make a read-only mount here: {out.stderr.strip()}")
+    return out
+
+
+def test_reads_a_database_on_a_read_only_mount(tmp_path) -> None:
+    folder = tmp_path / "ro"
+    store = ResultsStore(folder / "r.sqlite")
+    store.add_run(make_record())
+    store.add_run(make_record("emr"))
+    code = (
+        "import sys\n"
+        "from mergebench.report.store import open_store\n"
+        "try:\n"
+        f"    open({str(folder / 'probe')!r}, 'w')\n"
+        "    sys.exit('the folder is writable')\n"
+        "except OSError:\n"
+        "    pass\n"
+        f"s = open_store({str(folder / 'r.sqlite')!r}, readonly=True)\n"
+        "print(sorted(r['label'] for r in s.runs()), len(s.scores()))\n"
+    )
+    out = _readonly_mount_run(folder, code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['emr', 'ties'] 6"

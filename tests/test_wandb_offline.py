@@ -6,6 +6,7 @@ import json
 
 import pytest
 from omegaconf import OmegaConf
+from wandb_reader import read_offline_run
 
 from mergebench.report.boards import build_boards
 from mergebench.report.records import RunRecord, TaskScore
@@ -13,7 +14,6 @@ from mergebench.report.wandb import (
     NoLogger,
     WandbLogger,
     build_logger,
-    read_offline_run,
     resolve_mode,
     run_metrics,
 )

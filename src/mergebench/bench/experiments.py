@@ -27,21 +27,14 @@ from mergebench.bench.selection import select_on_validation
 from mergebench.evaluation import ModelCache, evaluate_timed
 from mergebench.report.boards import atomic_write
 from mergebench.report.plots import plot_storage, plot_weight_stats
-from mergebench.report.store import ResultsStore, config_hash
+from mergebench.report.store import config_hash, open_store
 from mergebench.report.wandb import build_logger, current_sweep_id
 from mergebench.sources import load_pool
 from mergebench.sources.zoo import ensure_zoo, family_dir
+from mergebench.util.config import to_plain
 from mergebench.util.errors import MergeBenchError
 
 JOBS = ("fig5", "hparam")
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
 
 
 def zoo_pool(cfg: Mapping[str, Any], progress: bool = True):
@@ -149,8 +142,14 @@ def run_hparam(cfg: Mapping[str, Any]) -> list[int]:
         raise MergeBenchError(
             "hparam.methods: list at least one method (with a grid in hparam.grids)"
         )
-    store_path = (cfg.get("store") or {}).get("path")
-    store = ResultsStore(store_path) if store_path else None
+    store_cfg = cfg.get("store") or {}
+    store_path = store_cfg.get("path")
+    target = store_cfg.get("url") or store_path
+    store = (
+        open_store(str(target), allow_network_fs=bool(store_cfg.get("allow_network_fs")))
+        if target
+        else None
+    )
     force = bool(cfg.get("force", False))
     progress = bool(cfg.get("progress", True))
     family, taskset = str(cfg["model"]["name"]), str(cfg["taskset"]["name"])
@@ -200,7 +199,7 @@ def run_hparam(cfg: Mapping[str, Any]) -> list[int]:
 
 def run(cfg: Any) -> Any:
     """Dispatch on `experiment_job` (set by the experiment presets)."""
-    plain = _plain(cfg)
+    plain = to_plain(cfg)
     job = plain.get("experiment_job")
     if job == "fig5":
         return run_fig5(plain)

@@ -12,6 +12,7 @@ its data and the evaluation models are loaded once per task set and reused.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -30,42 +31,15 @@ from rich.table import Table
 from mergebench.api import merge_pool
 from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
 from mergebench.families.labeled import LabeledData
+from mergebench.methods.registry import method_label
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import ResultsStore, record_hash
+from mergebench.report.store import open_store, record_hash
 from mergebench.report.wandb import current_sweep_id, log_with_leaderboard, logger_from_config
 from mergebench.results import artifact_bytes
 from mergebench.sources import REFERENCE_ROWS, CheckpointSource, open_source
 from mergebench.sources.zoo import set_threads
+from mergebench.util.fs import atomic_write_text
 from mergebench.util.hashing import stable_hash
-
-# ---------------------------------------------------------------------------- labels
-
-
-def default_label(method: str, params: Mapping[str, Any]) -> str:
-    """Leaderboard row name of a method variant, e.g. `dare (ties)`, `ties w/ M&R`,
-    `emr (elect+mask)` (the names the published table knows)."""
-    if method == "emr":
-        if not params.get("elect", True):
-            return (
-                "emr (mean)"
-                if params.get("mask", True) or params.get("rescale", True)
-                else "emr (mean only)"
-            )
-        mask, rescale = params.get("mask", True), params.get("rescale", True)
-        if mask and rescale:
-            return (
-                "emr"
-                if params.get("rescaler", "tensor_mean") == "tensor_mean"
-                else f"emr ({params['rescaler']})"
-            )
-        return {(False, False): "emr (elect)", (True, False): "emr (elect+mask)",
-                (False, True): "emr (elect+rescale)"}[(bool(mask), bool(rescale))]  # fmt: skip
-    if method == "mask_rescale":
-        return f"{params.get('base', '?')} w/ M&R"
-    if method == "dare":
-        return f"dare ({params.get('base', '?')})"
-    return method
-
 
 # ---------------------------------------------------------------------------- measuring
 
@@ -143,8 +117,6 @@ def reference_records(
 ) -> list[RunRecord]:
     """individual / multitask / pretrained rows, evaluated once per zoo and cached in
     `<zoo>/references/<taskset>.json` (keyed by the zoo's signature and the split)."""
-    import json
-
     taskset = str(cfg["taskset"]["name"])
     split = str(cfg["eval"]["split"])
     path = ctx.source.cache_dir() / "references" / f"{taskset}.json"
@@ -168,11 +140,9 @@ def reference_records(
             "scores": [asdict(s) for s in ev.scores],
             "eval_seconds": ev.seconds,
             "examples_per_second": ev.examples_per_second,
+            "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(cached))
     records = []
     for kind in kinds:
         row = cached["rows"][kind]
@@ -188,6 +158,7 @@ def reference_records(
                 extra={
                     "examples_per_second": row["examples_per_second"],
                     "zoo": str(ctx.source.cache_dir()),
+                    "outcomes": row.get("outcomes", {}),
                 },
             )
         )
@@ -219,7 +190,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     ctx = _context(plain, progress)
     method_cfg = dict(plain["method"])
     name = str(method_cfg.pop("name"))
-    label = plain.get("label") or default_label(name, method_cfg)
+    label = plain.get("label") or method_label(name, method_cfg)
     family, taskset = str(plain["model"]["name"]), str(plain["taskset"]["name"])
     config = {**plain, "zoo_signature": ctx.signature}
 
@@ -230,7 +201,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             method=name, label=label, family=family, taskset=taskset, config=config, scores=[]
         )
         if store.has_run(record_hash(probe)):
-            print(f"{label} on {family}/{taskset}: already in {plain['store']['path']} "
+            print(f"{label} on {family}/{taskset}: already in {store.location} "
                   "(force=true to run again)", file=sys.stderr)  # fmt: skip
             return {"label": label, "skipped": True}
 
@@ -258,7 +229,11 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         eval_seconds=ev.seconds,
         peak_rss_bytes=rss.peak,
         artifact_bytes=size,
-        extra={"examples_per_second": ev.examples_per_second, "zoo": str(ctx.source.cache_dir())},
+        extra={
+            "examples_per_second": ev.examples_per_second,
+            "zoo": str(ctx.source.cache_dir()),
+            "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
+        },
     )
     sweep = current_sweep_id()
     if store is not None:
@@ -266,7 +241,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             if not store.has_run(record_hash(ref)):
                 store.add_run(ref, sweep_id=sweep)
         store.add_run(record, sweep_id=sweep)
-    log_with_leaderboard(logger, record, (plain.get("store") or {}).get("path"), sweep)
+    log_with_leaderboard(logger, record, store, sweep)
     print_table([*references, record], file=sys.stdout)
     print(
         f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "
@@ -280,11 +255,13 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _open_store(plain: Mapping[str, Any]):
-    path = (plain.get("store") or {}).get("path")
-    if not path:
+    """The results store of `store.url` (SQLite path or URL, PostgreSQL URL), else of
+    `store.path`; None when both are null. Opened for writing: the schema is created."""
+    conf = plain.get("store") or {}
+    target = conf.get("url") or conf.get("path")
+    if not target:
         return None
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return ResultsStore(path)
+    return open_store(str(target), allow_network_fs=bool(conf.get("allow_network_fs", False)))
 
 
 def _artifact_size(result: Any, save_to: str | None, measure) -> int:

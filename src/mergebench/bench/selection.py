@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.records import RunRecord, TaskScore, average_score, primary_scores
 from mergebench.util.errors import MergeBenchError
 
 # (merge result, split) -> scores; the split is "validation" for every grid point and "test"
@@ -34,13 +34,10 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def mean_score(scores: Sequence[TaskScore]) -> float:
-    """Average of each task's first (primary) metric."""
-    primary: dict[str, float] = {}
-    for s in scores:
-        primary.setdefault(s.task, s.value)
-    if not primary:
+    """The run's average score on validation (`report.records.average_score`)."""
+    if not primary_scores(scores, split=None):
         raise MergeBenchError("hparam: the evaluator returned no scores")
-    return sum(primary.values()) / len(primary)
+    return average_score(scores, split=None)
 
 
 @dataclass

@@ -25,7 +25,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Methods x tasks leaderboards (average, normalized average, rank) "
         "from the mergebench results database.",
     )
-    parser.add_argument("--db", default=str(DEFAULT_DB), help="results database (%(default)s)")
+    parser.add_argument(
+        "--db",
+        dest="stores",
+        action="append",
+        metavar="PATH",
+        help=f"results database (SQLite file; default {DEFAULT_DB}); repeat to combine several",
+    )
+    parser.add_argument(
+        "--store",
+        dest="stores",
+        action="append",
+        metavar="URL",
+        help="results store: a path, sqlite:///path or postgresql://user@host:port/db; "
+        "repeatable, mixes with --db. A config stored in several counts once (latest wins)",
+    )
     parser.add_argument("--family", help="only this model family (e.g. minilm)")
     parser.add_argument("--taskset", help="only this task set")
     parser.add_argument("--format", default="table", choices=FORMATS)
@@ -39,13 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         boards = load_boards(
-            args.db, family=args.family, taskset=args.taskset, all_runs=args.all_runs
+            args.stores or [str(DEFAULT_DB)],
+            family=args.family,
+            taskset=args.taskset,
+            all_runs=args.all_runs,
+            strict=True,
         )
-        if (args.family or args.taskset) and not boards:
-            print(
-                f"no results for family={args.family} taskset={args.taskset} in {args.db}",
-                file=sys.stderr,
-            )
         if args.out:
             atomic_write(Path(args.out), render(boards, args.format))
             print(f"wrote {args.out}", file=sys.stderr)

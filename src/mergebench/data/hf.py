@@ -29,7 +29,7 @@ import numpy as np
 
 from mergebench.data.metrics import HF_METRICS, REGRESSION_METRIC
 from mergebench.data.splits import SPLITS
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, first_line
 
 # ------------------------------------------------------------------------------ what a task is
 
@@ -178,11 +178,6 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _local_folder(spec: DataSpec) -> Path:
     folder = Path(spec.data_dir).expanduser()
     if not folder.exists():
@@ -233,17 +228,17 @@ def open_split(spec: DataSpec, source_split: str):
         if "split" in str(err).lower():  # "Unknown split "x". Should be one of [...]"
             raise MergeBenchError(
                 f"{spec.where}.splits: {spec.label_text} has no split {source_split!r} "
-                f"({_first_line(err)})"
+                f"({first_line(err)})"
             ) from None
         raise MergeBenchError(
-            f"{spec.where}: cannot read {spec.label_text} ({_first_line(err)})"
+            f"{spec.where}: cannot read {spec.label_text} ({first_line(err)})"
         ) from None
     except Exception as err:  # datasets raises many types; the user needs one line
         if spec.data_dir:
             raise MergeBenchError(
-                f"{spec.where}.data_dir: cannot read {spec.data_dir} ({_first_line(err)})"
+                f"{spec.where}.data_dir: cannot read {spec.data_dir} ({first_line(err)})"
             ) from None
-        mode = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline() else _first_line(err)
+        mode = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline() else first_line(err)
         raise MergeBenchError(
             f"{spec.where}: data set {spec.label_text!r} is not available: {mode}; it needs a "
             f"network, or a local copy: {spec.where}.data_dir=/path"

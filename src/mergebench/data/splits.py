@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPLITS = ("train", "validation", "test")
+from mergebench.engine.pool import SPLITS
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     lead = tuple(packed.shape[:-1])
     if packed.device.type == "cpu":
         bits = np.unpackbits(packed.numpy(), axis=-1, count=numel, bitorder="little")
-        return torch.from_numpy(bits.view(np.bool_)).reshape(*lead, *shape)
+        return torch.from_numpy(bits.view(np.bool_)).reshape(lead + tuple(shape))
     return _unpack_bits_torch(packed, shape)
 
 
@@ -46,4 +46,4 @@ def _unpack_bits_torch(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
     numel = math.prod(shape)
     lead = tuple(packed.shape[:-1])
     bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.reshape(*lead, -1)[..., :numel].reshape(*lead, *shape)
+    return bits.reshape(*lead, -1)[..., :numel].reshape(lead + tuple(shape))

@@ -90,11 +90,25 @@ def plan_keys(pool: ModelPool) -> KeyPlan:
                     f"{pool.finetuned[task].name}: task-specific key {missing[0]!r} is missing "
                     f"(task {task!r} must supply its own head)"
                 )
+    _check_patterns_match(pool, patterns)
     if not merged:
         raise MergeBenchError(
             f"{pre.name}: no floating-point tensors left to merge (check the exclude patterns)"
         )
     return KeyPlan(merged, copied, task_specific, pre_excluded)
+
+
+def _check_patterns_match(pool: ModelPool, patterns: list[re.Pattern[str]]) -> None:
+    """A pattern that matches no key is a mistake (`classifier` alone, without `\\..*`,
+    would silently merge every head): name it."""
+    keys = set(pool.pretrained.keys()).union(*(ft.keys() for ft in pool.finetuned.values()))
+    for pattern in patterns:
+        if not any(pattern.fullmatch(k) for k in keys):
+            raise MergeBenchError(
+                f"exclude: pattern {pattern.pattern!r} matches no key (patterns match whole "
+                f"keys, e.g. {pattern.pattern + chr(92) + '..*'!r}; first keys: "
+                f"{', '.join(sorted(keys)[:3])})"
+            )
 
 
 def _check_equal_integers(pool: ModelPool, key: str) -> None:

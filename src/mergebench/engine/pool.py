@@ -19,6 +19,7 @@ from mergebench.engine.checkpoints import CheckpointLike, CheckpointSource, open
 from mergebench.util.errors import MergeBenchError
 
 Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 Batch = Mapping[str, torch.Tensor]
 
 

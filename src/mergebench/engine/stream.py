@@ -140,13 +140,6 @@ def _task_vectors_and_sum(
     return out
 
 
-def load_float(source, key: str) -> torch.Tensor:
-    tensor = source.get(key)
-    if not torch.isfinite(tensor).all():
-        raise MergeBenchError(f"{source.name}: tensor {key!r} has non-finite values (nan/inf)")
-    return tensor.to(torch.float32)
-
-
 @dataclass
 class _Loaded:
     """The raw float32 tensors of one key, on the CPU (possibly in a reused buffer)."""

@@ -9,15 +9,18 @@ task-conditioned alike), the zoo's reference rows, a user's own object.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
+from torchmetrics import Metric
 
-from mergebench.families.labeled import LabeledData
-from mergebench.report.records import TaskScore
+from mergebench.engine.pool import Batch
+from mergebench.report.records import TaskScore, average_score, primary_scores
+from mergebench.report.stats import Outcome
 from mergebench.results import TaskConditionedResult
 from mergebench.results.switching import TaskSwitcher
 
@@ -26,11 +29,50 @@ class PerTaskModels(Protocol):
     def state_dict(self, task: str) -> dict[str, torch.Tensor]: ...
 
 
+class EvalFamily(Protocol):
+    """What the evaluator needs of a model family."""
+
+    eval_batch_size: int
+
+    def build_model(self, task: str) -> nn.Module: ...
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+
+class EvalData(Protocol):
+    """The evaluator's side of a task set: labeled batches and metrics. Implemented by
+    `LabeledData` (embedded sets) and `HFLabeledData` (Hugging Face data sets);
+    `tests/test_evaluation_protocol.py` holds both to these signatures."""
+
+    family: EvalFamily
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    def num_classes(self, task: str) -> int: ...
+
+    def num_examples(self, task: str, split: str) -> int: ...
+
+    def metric(self, task: str) -> Metric: ...
+
+    def metric_name(self, task: str) -> str: ...
+
+    def indexed_batches(
+        self,
+        task: str,
+        split: str,
+        batch_size: int,
+        order: np.ndarray | None = None,
+        by_length: bool = False,
+    ) -> Iterator[tuple[Batch, torch.Tensor, np.ndarray]]: ...
+
+
 @dataclass(frozen=True)
 class Evaluation:
     scores: list[TaskScore]
     seconds: float
     examples: int
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
 
     @property
     def examples_per_second(self) -> float:
@@ -40,7 +82,7 @@ class Evaluation:
 class ModelCache:
     """One runnable model per head shape of a family, reused across tasks and runs."""
 
-    def __init__(self, data: LabeledData) -> None:
+    def __init__(self, data: EvalData) -> None:
         self.data = data
         self._models: dict[int, nn.Module] = {}
         self._switchers: dict[int, TaskSwitcher] = {}
@@ -69,24 +111,43 @@ class ModelCache:
         return switcher.switch(task)
 
 
-def score_model(
-    model: nn.Module, data: LabeledData, task: str, split: str, batch_size: int
-) -> tuple[TaskScore, int]:
-    """The task's metric of `model` on one split (the model is put in eval mode)."""
+def score_model_outcome(
+    model: nn.Module, data: EvalData, task: str, split: str, batch_size: int
+) -> tuple[TaskScore, Outcome]:
+    """The task's metric of `model` on one split, and every example's prediction (the model
+    is put in eval mode)."""
     model.eval()
     metric = data.metric(task)
-    n = 0
+    n = data.num_examples(task, split)
+    classes = data.num_classes(task)
+    regression = classes == 1
+    pred = np.zeros(n, dtype=np.float32 if regression else np.int64)
+    label = np.zeros(n, dtype=np.float32 if regression else np.int64)
+    seen = 0
     with torch.inference_mode():
-        for batch, labels in data.batches(task, split, batch_size, by_length=True):
-            metric.update(data.family.logits(model, batch), labels)
-            n += len(labels)
-    value = float(metric.compute()) if n else float("nan")
-    return TaskScore(task=task, metric=data.metric_name(task), value=value, split=split), n
+        for batch, labels, idx in data.indexed_batches(task, split, batch_size, by_length=True):
+            logits = data.family.logits(model, batch)
+            metric.update(logits, labels)
+            pred[idx] = (logits.reshape(-1) if regression else logits.argmax(dim=-1)).numpy()
+            label[idx] = labels.numpy()
+            seen += len(labels)
+    value = float(metric.compute()) if seen else float("nan")
+    name = data.metric_name(task)
+    score = TaskScore(task=task, metric=name, value=value, split=split)
+    return score, Outcome(name, pred[:seen], label[:seen], classes)
+
+
+def score_model(
+    model: nn.Module, data: EvalData, task: str, split: str, batch_size: int
+) -> tuple[TaskScore, int]:
+    """The task's metric of `model` on one split (the model is put in eval mode)."""
+    score, outcome = score_model_outcome(model, data, task, split, batch_size)
+    return score, len(outcome.label)
 
 
 def evaluate_timed(
     result: PerTaskModels,
-    data: LabeledData,
+    data: EvalData,
     tasks: Sequence[str] | None = None,
     split: str = "test",
     batch_size: int | None = None,
@@ -101,18 +162,20 @@ def evaluate_timed(
         from tqdm.auto import tqdm
 
         names = tqdm(list(names), desc="evaluating", unit="task", leave=False)
-    scores, total, start = [], 0, time.perf_counter()
+    scores, outcomes, total, start = [], {}, 0, time.perf_counter()
     for task in names:
         model = cache.model_with(task, result)
-        score, n = score_model(model, data, task, split, batch_size)
+        score, outcome = score_model_outcome(model, data, task, split, batch_size)
         scores.append(score)
-        total += n
-    return Evaluation(scores=scores, seconds=time.perf_counter() - start, examples=total)
+        outcomes[task] = outcome
+        total += len(outcome.label)
+    seconds = time.perf_counter() - start
+    return Evaluation(scores=scores, seconds=seconds, examples=total, outcomes=outcomes)
 
 
 def evaluate(
     result: PerTaskModels,
-    data: LabeledData,
+    data: EvalData,
     tasks: Sequence[str] | None = None,
     split: str = "test",
 ) -> list[TaskScore]:
@@ -121,11 +184,12 @@ def evaluate(
 
 
 def average(scores: Sequence[TaskScore]) -> float:
-    return sum(s.value for s in scores) / len(scores) if scores else float("nan")
+    """The run's average score (`mergebench.report.records.average_score`, any split)."""
+    return average_score(scores, split=None)
 
 
 def normalized_average(scores: Sequence[TaskScore], individual: Sequence[TaskScore]) -> float:
     """Mean over tasks of method / individual (the paper's normalized score)."""
-    ref = {s.task: s.value for s in individual}
-    ratios = [s.value / ref[s.task] for s in scores if ref.get(s.task)]
+    ref = primary_scores(individual, split=None)
+    ratios = [v / ref[t] for t, v in primary_scores(scores, split=None).items() if ref.get(t)]
     return sum(ratios) / len(ratios) if ratios else float("nan")

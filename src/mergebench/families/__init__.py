@@ -35,6 +35,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "clip_vit_l14": FamilySpec("mergebench.families.clip:CLIPFamily", "configured"),
     "roberta_base": FamilySpec("mergebench.families.hf_text:RobertaFamily", "configured"),
     "gpt2": FamilySpec("mergebench.families.hf_text:GPT2Family", "configured"),
+    "t0_3b_ia3": FamilySpec("mergebench.families.peft_adapters:IA3Family", "configured"),
+    "t5_lora": FamilySpec("mergebench.families.peft_adapters:LoRAFamily", "configured"),
+    "openclip_vit_b32": FamilySpec("mergebench.families.openclip:OpenCLIPFamily", "configured"),
+    "openclip_vit_b16": FamilySpec("mergebench.families.openclip:OpenCLIPFamily", "configured"),
+    "openclip_vit_l14": FamilySpec("mergebench.families.openclip:OpenCLIPFamily", "configured"),
+    "vit_b16_in21k": FamilySpec("mergebench.families.vit:ViTFamily", "configured"),
 }
 
 

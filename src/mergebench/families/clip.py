@@ -17,8 +17,6 @@ to the pool with every task's checkpoint, so merged models load like any other f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +33,10 @@ from mergebench.engine.renamed import canonical_source
 from mergebench.families.base import model_folder
 from mergebench.families.clip_prompts import PROMPTS, PromptSet
 from mergebench.families.paper import PaperFamily
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, first_line
+from mergebench.util.fs import atomic_file
+from mergebench.util.hashing import stable_hash
+from mergebench.util.paths import cache_root as mergebench_cache
 
 HEAD_FORMAT = 1
 
@@ -59,9 +60,7 @@ def cache_root(head_cache: str | os.PathLike[str] | None) -> Path:
     ~/.cache/mergebench/clip_heads."""
     if head_cache:
         return Path(head_cache).expanduser()
-    env = os.environ.get("MERGEBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mergebench"
-    return base / "clip_heads"
+    return mergebench_cache() / "clip_heads"
 
 
 def _inner(model: nn.Module, attribute: str) -> nn.Module:
@@ -169,7 +168,7 @@ class CLIPFamily(PaperFamily):
             "classnames": list(prompts.classnames),
             "templates": list(prompts.templates),
         }
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
+        return stable_hash(blob)[:32]
 
     def zeroshot_weights(self, task: str) -> torch.Tensor:
         """`[classes, projection_dim]`: logit_scale.exp() * the task's class embeddings."""
@@ -180,10 +179,8 @@ class CLIPFamily(PaperFamily):
         if path.is_file():
             return load_file(str(path))["weight"]
         weight = self.compute_zeroshot_weights(prompts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"weight": weight.contiguous()}, str(tmp), metadata={"task": task})
-        os.replace(tmp, path)  # a crash never leaves half a head behind
+        tensors = {"weight": weight.contiguous()}  # atomic: a crash never leaves half a head
+        atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"task": task}))
         return weight
 
     def _text_tower(self) -> tuple[nn.Module, nn.Module, float]:
@@ -250,7 +247,7 @@ def _image_processor(folder: Path, backend: str):
     try:
         return AutoImageProcessor.from_pretrained(str(folder), **kwargs)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise MergeBenchError(
             f"model.checkpoints.pretrained: no image processor in {folder} ({first})"
         ) from None

@@ -24,7 +24,7 @@ from mergebench.data.hf import DataSpec, class_names
 from mergebench.engine.pool import Batch
 from mergebench.families.base import model_folder
 from mergebench.families.paper import PaperFamily
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, first_line
 
 
 class HFTextFamily(PaperFamily):
@@ -50,7 +50,7 @@ class HFTextFamily(PaperFamily):
             self.config = AutoConfig.from_pretrained(str(folder))
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise MergeBenchError(
                 f"model.checkpoints.pretrained: cannot load the config and tokenizer of {folder} "
                 f"({first})"

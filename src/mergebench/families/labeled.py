@@ -68,6 +68,19 @@ class LabeledData:
     ) -> Iterator[tuple[Batch, torch.Tensor]]:
         """(encoded inputs, labels) batches of one split, in `order` if given. `by_length`
         groups texts of similar length (less padding: evaluation only, order-free metrics)."""
+        for batch, labels, _ in self.indexed_batches(task, split, batch_size, order, by_length):
+            yield batch, labels
+
+    def indexed_batches(
+        self,
+        task: str,
+        split: str,
+        batch_size: int,
+        order: np.ndarray | None = None,
+        by_length: bool = False,
+    ) -> Iterator[tuple[Batch, torch.Tensor, np.ndarray]]:
+        """`batches`, plus each batch's example indices in the split (the evaluator puts
+        predictions back in the data set's order with them)."""
         part = self.splits(task).split(split)
         index = np.arange(len(part)) if order is None else order
         if by_length and isinstance(part.inputs, list):
@@ -78,7 +91,8 @@ class LabeledData:
                 raw = [part.inputs[i] for i in idx]
             else:
                 raw = part.inputs[idx]
-            yield self.family.encode(raw), torch.as_tensor(part.labels[idx], dtype=torch.long)
+            labels = torch.as_tensor(part.labels[idx], dtype=torch.long)
+            yield self.family.encode(raw), labels, idx
 
 
 class HFLabeledData(LabeledData):
@@ -145,13 +159,24 @@ class HFLabeledData(LabeledData):
         """(encoded inputs, labels) batches of one split, in `order` if given. `by_length` is
         accepted for the evaluator's sake and ignored: rows are read lazily, and sorting them
         by length would read every row first."""
-        del by_length
+        for batch, labels, _ in self.indexed_batches(task, split, batch_size, order, by_length):
+            yield batch, labels
+
+    def indexed_batches(
+        self,
+        task: str,
+        split: str,
+        batch_size: int,
+        order: np.ndarray | None = None,
+        by_length: bool = False,
+    ) -> Iterator[tuple[Batch, torch.Tensor, np.ndarray]]:
+        del by_length  # rows are read lazily: sorting them by length would read every row
         inputs = self.family.tasks[task].inputs[split]
         labels = torch.as_tensor(self.labels(task, split))
         index = np.arange(len(labels)) if order is None else np.asarray(order)
         for start in range(0, len(index), batch_size):
             idx = index[start : start + batch_size]
-            yield self.family.encode(inputs[idx]), labels[idx]
+            yield self.family.encode(inputs[idx]), labels[idx], idx
 
 
 __all__ = ["HFLabeledData", "LabeledData"]

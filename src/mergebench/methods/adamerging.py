@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,12 @@ class MergedModels(nn.Module):
 
 class AdaMerging(Method):
     name = "adamerging"
+
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        """`adamerging`, or `adamerging++` with TIES-trimmed task vectors (`ties=true`)."""
+        return "adamerging++" if params.get("ties") else "adamerging"
+
     needs_data = True
 
     def __init__(

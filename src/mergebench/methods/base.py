@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -31,9 +33,15 @@ class Method:
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **self.params}
 
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        """The leaderboard row name of this method with `params` (defaults included): the
+        method names its own variants, so nothing downstream parses or guesses labels."""
+        return cls.name
+
 
 def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    if value not in allowed:
+    if isinstance(value, (list, dict, set)) or value not in allowed:
         raise MergeBenchError(f"{name}.{option}: {value!r} is not one of {list(allowed)}")
     return value
 
@@ -41,9 +49,11 @@ def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
 def fraction(
     name: str, option: str, value: Any, low_open: bool = True, high_open: bool = False
 ) -> float:
+    if isinstance(value, bool):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number")
     try:
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
     low_ok = value > 0 if low_open else value >= 0
     high_ok = value < 1 if high_open else value <= 1
@@ -53,11 +63,27 @@ def fraction(
     return value
 
 
+# Larger options overflow float32 weights (max 3.4e38) once multiplied by a task vector.
+NUMBER_LIMIT = 1e30
+
+
 def number(name: str, option: str, value: Any) -> float:
+    """A finite number of sensible size: nan, inf and |x| > 1e30 (which turn float32
+    weights into inf or nan) are errors naming the option."""
+    if isinstance(value, bool):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number")
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        result = float(value)
+    except (TypeError, ValueError, OverflowError):
         raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
+    if not math.isfinite(result):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a finite number")
+    if abs(result) > NUMBER_LIMIT:
+        raise MergeBenchError(
+            f"{name}.{option}: {value!r} is too large (|x| > {NUMBER_LIMIT:g} overflows "
+            "float32 weights)"
+        )
+    return result
 
 
 def flag(name: str, option: str, value: Any) -> bool:

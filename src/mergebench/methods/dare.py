@@ -8,6 +8,7 @@ in every pass a base method makes, e.g. TIES' global top-k).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorTransform
 from mergebench.methods.base import Method, TaskVectorMethod, flag, fraction
-from mergebench.methods.registry import build_method
+from mergebench.methods.registry import build_method, method_label
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 
@@ -49,6 +50,11 @@ def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVect
 
 class Dare(Method):
     name = "dare"
+
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        """`dare (<base label>)`, e.g. `dare (ties)`."""
+        return f"dare ({method_label(str(params.get('base')), params.get('base_params') or {})})"
 
     def __init__(
         self,

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from mergebench.engine.keyplan import compile_patterns, is_excluded
-from mergebench.engine.pool import Batch, ModelPool, Split, TaskFamily
+from mergebench.engine.pool import SPLITS, Batch, ModelPool, Split, TaskFamily
 from mergebench.util.errors import MergeBenchError
 
 # Keys that would mean a family handed labels to a merging method.
 LABEL_KEYS = frozenset({"label", "labels", "label_ids", "target", "targets", "y"})
-SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
 
 class InputsOnly:

@@ -8,6 +8,7 @@ uses `lam_t = 1`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,20 @@ def elect_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) ->
 class EMR(Method):
     name = "emr"
     task_conditioned = True
+
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        """`emr`, or the ablation of paper Table 8 it is: `emr (elect)`, `emr (elect+mask)`,
+        `emr (elect+rescale)`; `emr (mean)` without the election; `emr (global)` for
+        Algorithm 1's rescaler."""
+        mask, rescale = bool(params.get("mask", True)), bool(params.get("rescale", True))
+        if not params.get("elect", True):
+            return "emr (mean)" if mask or rescale else "emr (mean only)"
+        if mask and rescale:
+            rescaler = params.get("rescaler", "tensor_mean")
+            return "emr" if rescaler == "tensor_mean" else f"emr ({rescaler})"
+        parts = ["elect"] + (["mask"] if mask else []) + (["rescale"] if rescale else [])
+        return f"emr ({'+'.join(parts)})"
 
     def __init__(self, elect: Any, mask: Any, rescale: Any, rescaler: str) -> None:
         super().__init__(elect=elect, mask=mask, rescale=rescale, rescaler=rescaler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import Method, choice, flag
 from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
-from mergebench.methods.registry import build_method
+from mergebench.methods.registry import build_method, method_label
 from mergebench.results import SingleModelResult, TaskConditionedResult
 from mergebench.util.errors import MergeBenchError
 
@@ -19,6 +20,11 @@ from mergebench.util.errors import MergeBenchError
 class MaskRescale(Method):
     name = "mask_rescale"
     task_conditioned = True
+
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        """`<base label> w/ M&R` (paper Table 7), e.g. `ties w/ M&R`, `adamerging++ w/ M&R`."""
+        return f"{method_label(str(params.get('base')), params.get('base_params') or {})} w/ M&R"
 
     def __init__(
         self,

@@ -1,6 +1,8 @@
 """Mask & Rescale against a unified task vector: shared by EMR and "X w/ M&R".
 
-- Mask: `M_t = (tau_t * tau_uni > 0)`, one bit per entry per task (stored bit-packed).
+- Mask: `M_t = 1` where `tau_t` and `tau_uni` are both non-zero with the same sign, one bit
+  per entry per task (stored bit-packed). Signs are compared (`sgn(tau_t) * sgn(tau_uni) > 0`),
+  never the product `tau_t * tau_uni`, which underflows to 0 in float32 for tiny entries.
 - Rescale: one scalar per task,
   `tensor_mean`: `lam_t = sum_tensors mean|tau_t| / sum_tensors mean|M_t * tau_uni|`;
   `global`:      `lam_t = sum|tau_t| / sum|M_t * tau_uni|` over all merged entries.
@@ -40,17 +42,19 @@ RESCALERS = ("tensor_mean", "global")
 def task_masks(
     task_vectors: torch.Tensor, unified: torch.Tensor, scratch: Scratch | None = None
 ) -> torch.Tensor:
-    """`M_t = (tau_t * tau_uni > 0)` as bool `[N, *shape]` (in `scratch` buffers if given).
+    """`M_t = (sgn(tau_t) * sgn(tau_uni) > 0)` as bool `[N, *shape]` (in `scratch` buffers if
+    given). Signs are exactly -1, 0 or 1, so their product never underflows.
 
     With scratch, one task row at a time: the float product never exists for all N rows.
     """
+    unified_sign = torch.sign(unified)
     if scratch is None:
-        return task_vectors * unified > 0
+        return torch.sign(task_vectors) * unified_sign > 0
     device = task_vectors.device
     masks = scratch.get("masks", task_vectors.shape, torch.bool, device)
     product = scratch.get("product", unified.shape, torch.float32, device)
     for row, mask in zip(task_vectors, masks, strict=True):
-        torch.mul(row, unified, out=product)
+        torch.sign(row, out=product).mul_(unified_sign)
         torch.gt(product, 0, out=mask)
     return masks
 
@@ -139,8 +143,9 @@ def _modulate_blocks(
         p, m = product[:, : stop - start], bits[:, : stop - start]
         if total is not None:
             block_unify(t, total[start:stop], u)
-        if mask:
-            np.multiply(t, u, out=p)
+        if mask:  # signs, not the product t * u, which underflows for tiny entries
+            np.sign(t, out=p)
+            np.multiply(p, np.sign(u), out=p)
             np.greater(p, 0, out=m)
             packed[:, start // 8 : (stop + 7) // 8] = np.packbits(m, axis=-1, bitorder="little")
         if rescale:
@@ -213,24 +218,11 @@ class RescalerAccumulator:
         self.numerator += key.numerator
         self.denominator += key.denominator
 
-    def add(
-        self, task_vectors: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor | None
-    ) -> None:
-        """Statistics of one key from its task vectors, unified vector and bool masks."""
-        self.add_key(modulate_key(task_vectors, unified, masks is not None, self.mode))
-
     def rescalers(self) -> torch.Tensor:
         safe = torch.where(
             self.denominator > 0, self.denominator, torch.ones_like(self.denominator)
         )
         return torch.where(self.denominator > 0, self.numerator / safe, torch.zeros_like(safe))
-
-
-@dataclass
-class UnifiedItem:
-    key: str
-    task_vectors: torch.Tensor  # float32 [N, *shape]
-    unified: torch.Tensor  # float32 [*shape]
 
 
 def stream_mask_and_rescale(
@@ -251,27 +243,6 @@ def stream_mask_and_rescale(
     return assemble_result(
         method, pool, stream.plan, stream.map(per_key, method.name), mask, rescale, rescaler
     )
-
-
-def mask_and_rescale(
-    method: Method,
-    pool: ModelPool,
-    plan: KeyPlan,
-    items: Iterable[UnifiedItem],
-    mask: bool,
-    rescale: bool,
-    rescaler: str,
-) -> TaskConditionedResult:
-    """Build the task-conditioned result from unified vectors given key by key."""
-    scratch = Scratch()
-    keys = (
-        (
-            item.key,
-            modulate_key(item.task_vectors, item.unified, mask, rescaler, scratch, rescale),
-        )
-        for item in items
-    )
-    return assemble_result(method, pool, plan, keys, mask, rescale, rescaler)
 
 
 def assemble_result(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from mergebench.methods.base import Method
@@ -73,3 +74,8 @@ def build_method(name: str, **params: Any) -> Method:
             f"method {name}: unknown option {unknown[0]!r} (options: {', '.join(sorted(defaults))})"
         )
     return method_class(name)(**{**defaults, **params})
+
+
+def method_label(name: str, params: Mapping[str, Any] | None = None) -> str:
+    """The leaderboard label of method `name` with `params` over its defaults."""
+    return method_class(name).label({**method_defaults(name), **dict(params or {})})

@@ -23,10 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from mergebench.report.published import Setting, find_setting
-from mergebench.report.store import DEFAULT_DB, ResultsStore, canonical_config
+from mergebench.report.records import REFERENCE_ROWS
+from mergebench.report.stats import RESAMPLES, Outcome, bootstrap_rows, ranks_with_ties, tied
+from mergebench.report.store import (
+    DEFAULT_DB,
+    Store,
+    canonical_config,
+    combined_results,
+    is_url,
+    open_store,
+)
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.fs import atomic_write_text
 
-REFERENCE_ROWS = ("individual", "multitask", "pretrained")
 FORMATS = ("table", "markdown", "csv", "json", "html")
 _SUFFIX = {"markdown": ".md", "csv": ".csv", "json": ".json", "html": ".html", "table": ".txt"}
 
@@ -43,6 +52,13 @@ class Row:
     rank: int | None = None
     published_average: float | None = None
     published_scores: dict[str, float | None] = field(default_factory=dict)
+    # From the paired bootstrap over test examples (report/stats.py); None without outcomes.
+    rank_label: str | None = None  # "1", "2=" ...: rows sharing a rank are tied
+    average_ci: tuple[float, float] | None = None
+    scores_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    tied_with_best: bool | None = None
+    selected: dict[str, Any] = field(default_factory=dict)  # chosen on validation
+    cost: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def is_reference(self) -> bool:
@@ -161,23 +177,127 @@ def _row_order(row: Row) -> tuple[int, int, str]:
     return (1, row.rank if row.rank is not None else 10**9, row.label)
 
 
+StoreSpec = str | os.PathLike | Store
+
+
 def load_boards(
-    db: str | os.PathLike[str] = DEFAULT_DB,
+    db: StoreSpec | Sequence[StoreSpec] = DEFAULT_DB,
     family: str | None = None,
     taskset: str | None = None,
     all_runs: bool = False,
+    strict: bool = False,
 ) -> list[Board]:
-    """Boards from the database at `db`. With `all_runs`, every run of a label is a row of
-    its own, named by the config values that tell the runs apart (a hyperparameter sweep)."""
-    path = Path(db)
+    """Boards from the store at `db` (a path, a `sqlite:///` or `postgresql://` URL, or a
+    `Store`), or from the union of several stores: a config hash stored twice counts once,
+    the latest `created_at` winning. Stores are opened read-only: nothing is created, and a
+    database mergebench did not create is an error. With `all_runs`, every run of a label is a
+    row of its own, named by the config values that tell the runs apart (a hyperparameter
+    sweep). `strict`: a `family`/`taskset` filter that matches nothing while the stores hold
+    other results is an error naming what is stored (the CLI's `--family` typo check)."""
+    specs = [db] if isinstance(db, str | os.PathLike | Store) else list(db)
+    stores = [_open_for_reading(spec) for spec in specs]
+    rows, runs = combined_results(stores, family=family, taskset=taskset, with_runs=True)
+    if strict and not rows and (family or taskset):
+        _explain_empty(stores, family, taskset)
+    if all_runs:
+        names = variant_labels(runs)
+        rows = [r | {"label": names.get(r["run_id"], r["label"])} for r in rows]
+    boards = build_boards(rows)
+    attach_run_details(boards, runs)
+    return boards
+
+
+def attach_run_details(
+    boards: Sequence[Board], runs: Sequence[dict[str, Any]], resamples: int = RESAMPLES
+) -> None:
+    """Cost, selected hyperparameters and bootstrap statistics of every row, from the
+    stored runs (`Store.runs()` rows: columns plus decoded `config` and `extra`)."""
+    by_id = {r["run_id"]: r for r in runs}
+    for board in boards:
+        outcomes: dict[str, dict[str, Outcome]] = {}
+        for row in board.rows:
+            run = by_id.get(row.run_id)
+            if run is None:
+                continue
+            extra = run.get("extra") or {}
+            row.selected = dict(extra.get("selected") or {})
+            row.cost = _cost(run, extra)
+            stored = extra.get("outcomes") or {}
+            if all(t in stored for t in board.tasks):
+                outcomes[row.label] = {t: Outcome.from_json(stored[t]) for t in board.tasks}
+        _attach_statistics(board, outcomes, resamples)
+
+
+def _cost(run: dict[str, Any], extra: dict[str, Any]) -> dict[str, float | None]:
+    def mib(value: Any) -> float | None:
+        return round(value / 2**20, 1) if value else None
+
+    is_merge = run["method"] not in REFERENCE_ROWS
+    rate = extra.get("examples_per_second")
+    return {
+        "merge_seconds": round(run["merge_seconds"], 2)
+        if is_merge and run.get("merge_seconds")
+        else None,
+        "peak_rss_mib": mib(run.get("peak_rss_bytes")) if is_merge else None,
+        "artifact_mib": mib(run.get("artifact_bytes")) if is_merge else None,
+        "eval_examples_per_second": round(rate, 1) if isinstance(rate, int | float) else None,
+    }
+
+
+def _attach_statistics(
+    board: Board, outcomes: dict[str, dict[str, Outcome]], resamples: int
+) -> None:
+    if not outcomes:
+        return
+    try:
+        stats = bootstrap_rows(outcomes, board.tasks, resamples=resamples)
+    except ValueError:  # rows scored on different test sets: no paired statistics
+        return
+    for row in board.rows:
+        if row.label in stats:
+            row.average_ci = stats[row.label].average_ci
+            row.scores_ci = stats[row.label].scores_ci
+    ranked = [
+        r for r in board.rows if not r.is_reference and r.label in stats and r.average is not None
+    ]
+    if not ranked:
+        return
+    ranked.sort(key=lambda r: -r.average)  # type: ignore[operator]
+    draws = {r.label: stats[r.label].draws for r in ranked}
+    labels = ranks_with_ties(draws, [r.label for r in ranked])
+    best = draws[ranked[0].label]
+    for row in ranked:
+        row.rank_label = labels[row.label]
+        row.tied_with_best = row is ranked[0] or tied(draws[row.label], best)
+
+
+def _open_for_reading(spec: StoreSpec) -> Store:
+    if isinstance(spec, Store) or is_url(spec):
+        return open_store(spec, readonly=True)
+    path = Path(spec)
     if not path.is_file():
         raise MergeBenchError(f"--db {path}: no results database there (run `make bench` first)")
-    store = ResultsStore(path)
-    rows = store.scores(family=family, taskset=taskset)
-    if all_runs:
-        names = variant_labels(store.runs(family=family, taskset=taskset))
-        rows = [r | {"label": names.get(r["run_id"], r["label"])} for r in rows]
-    return build_boards(rows)
+    return open_store(path, readonly=True)
+
+
+def _explain_empty(stores: Sequence[Store], family: str | None, taskset: str | None) -> None:
+    """Raise a one-line error naming the families (or a family's task sets) that are stored,
+    when the stores hold any results at all."""
+    settings = sorted({s for store in stores for s in store.settings()})
+    if not settings:
+        return  # nothing stored yet: an empty board, not a typo
+    where = ", ".join(store.location for store in stores)
+    families = sorted({f for f, _ in settings})
+    if family and family not in families:
+        raise MergeBenchError(
+            f"no results for family {family!r} in {where}; families stored: " + ", ".join(families)
+        )
+    pairs = [(f, t) for f, t in settings if not family or f == family]
+    known = ", ".join(sorted({t if family else f"{f}/{t}" for f, t in pairs}))
+    raise MergeBenchError(
+        f"no test results for family {family or 'any'!r} taskset {taskset or 'any'!r} in "
+        f"{where}; task sets stored{f' for {family}' if family else ''}: {known}"
+    )
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -221,21 +341,53 @@ def _fmt(value: float | None, percent: bool) -> str:
     return f"{100 * value:.1f}" if percent else f"{value:.3f}"
 
 
-def _fmt_rank(rank: int | None) -> str:
-    return "—" if rank is None else str(rank)
+def _fmt_rank(row: Row) -> str:
+    if row.rank_label is not None:
+        return row.rank_label
+    return "—" if row.rank is None else str(row.rank)
+
+
+def _fmt_ci(ci: tuple[float, float] | None, percent: bool) -> str:
+    if ci is None:
+        return "—"
+    return f"{_fmt(ci[0], percent)}–{_fmt(ci[1], percent)}"
+
+
+def _fmt_cost(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+COST_COLUMNS = ("merge s", "peak RSS MiB", "artifact MiB", "eval ex/s")
 
 
 def _header(board: Board) -> list[str]:
-    cols = ["rank", "method", *board.tasks, "avg", "norm. avg"]
+    cols = ["rank", "method", *board.tasks, "avg", "95% CI", "norm. avg", "selected"]
+    cols += list(COST_COLUMNS)
     if board.published_setting:
         cols.append("published avg")
     return cols
 
 
+def _selected_text(row: Row) -> str:
+    return ", ".join(f"{k}={v}" for k, v in row.selected.items()) or "—"
+
+
 def _cells(board: Board, row: Row, percent: bool) -> list[str]:
-    cells = [_fmt_rank(row.rank), row.label]
+    cells = [_fmt_rank(row), row.label]
     cells += [_fmt(row.scores[t], percent) for t in board.tasks]
-    cells += [_fmt(row.average, percent), _fmt(row.normalized_average, True)]
+    cells += [
+        _fmt(row.average, percent),
+        _fmt_ci(row.average_ci, percent),
+        _fmt(row.normalized_average, True),
+        _selected_text(row),
+    ]
+    cost = row.cost
+    cells += [
+        _fmt_cost(cost.get("merge_seconds")),
+        _fmt_cost(cost.get("peak_rss_mib"), 0),
+        _fmt_cost(cost.get("artifact_mib")),
+        _fmt_cost(cost.get("eval_examples_per_second"), 0),
+    ]
     if board.published_setting:
         cells.append(_fmt(row.published_average, percent))
     return cells
@@ -244,7 +396,11 @@ def _cells(board: Board, row: Row, percent: bool) -> list[str]:
 def _caption(board: Board, percent: bool) -> str:
     metrics = sorted(set(board.metrics.values()))
     unit = "%" if percent else "raw values"
-    text = f"metric: {', '.join(metrics)} ({unit}); norm. avg: % of individual"
+    text = (
+        f"metric: {', '.join(metrics)} ({unit}); norm. avg: % of individual; 95% CI: paired "
+        f"bootstrap over test examples ({RESAMPLES} resamples); rank `k=`: tied (the 95% "
+        "interval of the paired difference contains 0)"
+    )
     if board.published_setting:
         text += f"; published: EMR-Merging paper, setting `{board.published_setting}`"
     return text
@@ -270,23 +426,32 @@ def to_csv(boards: Sequence[Board]) -> str:
     """Long format: one line per (board, row, task), plus an `average` line per row."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
+    cost_keys = ("merge_seconds", "peak_rss_mib", "artifact_mib", "eval_examples_per_second")
     writer.writerow(
-        ["family", "taskset", "num_tasks", "label", "method", "rank", "task", "metric",
-         "value", "normalized", "published"]
+        ["family", "taskset", "num_tasks", "label", "method", "rank", "tied_with_best",
+         "task", "metric", "value", "ci_low", "ci_high", "normalized", "published",
+         "selected", *cost_keys]
     )  # fmt: skip
     for b in boards:
         for r in b.rows:
-            ident = [b.family, b.taskset, len(b.tasks), r.label, r.method, r.rank or ""]
+            ident = [b.family, b.taskset, len(b.tasks), r.label, r.method, _fmt_rank(r),
+                     "" if r.tied_with_best is None else r.tied_with_best]  # fmt: skip
+            tail = [
+                json.dumps(r.selected, sort_keys=True),
+                *(_csv(r.cost.get(k)) for k in cost_keys),
+            ]
             for t in b.tasks:
+                low, high = r.scores_ci.get(t, (None, None))
                 writer.writerow(
                     ident
-                    + [t, b.metrics[t], _csv(r.scores[t]), _csv(r.normalized[t]),
-                       _csv(r.published_scores.get(t))]
+                    + [t, b.metrics[t], _csv(r.scores[t]), _csv(low), _csv(high),
+                       _csv(r.normalized[t]), _csv(r.published_scores.get(t)), *tail]
                 )  # fmt: skip
+            low, high = r.average_ci or (None, None)
             writer.writerow(
                 ident
-                + ["average", "", _csv(r.average), _csv(r.normalized_average),
-                   _csv(r.published_average)]
+                + ["average", "", _csv(r.average), _csv(low), _csv(high),
+                   _csv(r.normalized_average), _csv(r.published_average), *tail]
             )  # fmt: skip
     return buf.getvalue()
 
@@ -382,10 +547,7 @@ def render(boards: Sequence[Board], fmt: str) -> str:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_leaderboard(

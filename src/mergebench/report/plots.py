@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from mergebench.report.boards import Board, Row
 from mergebench.report.published import canonical_label, find_setting
+from mergebench.util.fs import atomic_file
 
 ABLATION_METHODS = ("emr", "mask_rescale")
 
@@ -27,13 +28,10 @@ def _slug(text: str) -> str:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
-    FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, out)  # never leave half a PNG behind
-    return out
+    FigureCanvasAgg(fig)  # atomic: never leave half a PNG behind
+    return atomic_file(
+        Path(path), lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    )
 
 
 def _pct(value: float | None) -> float:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# Rows that are not merges: the upper and lower references every board shows first.
+REFERENCE_ROWS = ("individual", "multitask", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,20 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def primary_scores(scores: Sequence[TaskScore], split: str | None = "test") -> dict[str, float]:
+    """Each task's primary score: its first reported metric on `split` (None: any split).
+
+    The one definition of "a task's score" for tables, W&B and hyperparameter selection."""
+    primary: dict[str, float] = {}
+    for s in scores:
+        if split is None or s.split == split:
+            primary.setdefault(s.task, s.value)
+    return primary
+
+
+def average_score(scores: Sequence[TaskScore], split: str | None = "test") -> float:
+    """The run's average: the mean over tasks of their primary scores (nan if none)."""
+    primary = primary_scores(scores, split)
+    return sum(primary.values()) / len(primary) if primary else float("nan")

@@ -14,7 +14,8 @@ from mergebench.engine.pool import ModelPool
 from mergebench.families import embedded_family, family_spec
 from mergebench.families.base import ZooFamily
 from mergebench.families.labeled import LabeledData
-from mergebench.sources.base import REFERENCE_ROWS, CheckpointSource, PerTaskModels
+from mergebench.report.records import REFERENCE_ROWS
+from mergebench.sources.base import CheckpointSource, PerTaskModels
 from mergebench.sources.configured import ConfiguredSource, configured_family, configured_pool
 from mergebench.sources.zoo import ZooSource, zoo_pool
 from mergebench.util.errors import MergeBenchError

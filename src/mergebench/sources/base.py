@@ -21,8 +21,6 @@ from mergebench.engine.pool import ModelPool
 from mergebench.families.base import ZooFamily
 from mergebench.families.labeled import LabeledData
 
-REFERENCE_ROWS = ("individual", "multitask", "pretrained")
-
 
 class PerTaskModels(Protocol):
     """Anything the evaluator can score: a full state dict per task."""

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mergebench.engine.checkpoints import open_checkpoint
+from mergebench.engine.checkpoints import CheckpointSource, open_checkpoint
 from mergebench.engine.keyplan import compile_patterns, is_excluded
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.renamed import CanonicalSource, canonical_source
@@ -40,12 +40,48 @@ def configured_family(
     return cls.from_config(cfg_model, cfg_taskset, int(seed), pretrained)
 
 
+@runtime_checkable
+class OwnPoolSources(Protocol):
+    """A family that opens its pool's readers itself (PEFT adapters: the pretrained side is
+    made from the adapters or the base model, each task's side reads its adapter)."""
+
+    def pool_sources(
+        self, finetuned: Mapping[str, Path]
+    ) -> tuple[CheckpointSource, dict[str, CheckpointSource]]:
+        """(pretrained reader, one reader per task) from the resolved task checkpoints."""
+
+
+def _finetuned_paths(family: PaperFamily, finetuned_cfg: Mapping[str, Any]) -> dict[str, Path]:
+    paths = {}
+    for task in family.tasks:
+        option = f"model.checkpoints.finetuned.{task}"
+        if not finetuned_cfg.get(task):
+            raise MergeBenchError(
+                f"{option}: no fine-tuned checkpoint configured for task {task!r} "
+                "(a hub id or a local path)"
+            )
+        paths[task] = resolve_model(finetuned_cfg[task], option)
+    return paths
+
+
 def configured_pool(
     family: PaperFamily, cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]
 ) -> ModelPool:
-    """The pool over `model.checkpoints`: pretrained backbone, one model per task."""
+    """The pool over `model.checkpoints`: pretrained backbone, one model per task (or the
+    readers an `OwnPoolSources` family opens from them)."""
     checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
     finetuned_cfg = checkpoints.get("finetuned") or {}
+    if isinstance(family, OwnPoolSources):
+        pretrained_src, finetuned_src = family.pool_sources(_finetuned_paths(family, finetuned_cfg))
+        return ModelPool(
+            pretrained=pretrained_src,
+            finetuned=finetuned_src,
+            exclude=family.exclude_patterns(cfg_model),
+            heads_separate=family.heads_separate,
+            family=family,
+            name=f"{cfg_model.get('name')}/{cfg_taskset.get('name', 'custom')}",
+            layer_pattern=cfg_model.get("layer_pattern"),
+        )
     heads = compile_patterns(family.head_patterns)
     first = next(iter(family.tasks))
     backbone = [k for k in family.model_keys(first) if not is_excluded(k, heads)]
@@ -107,6 +143,11 @@ class PoolReferences:
         return state
 
 
+def _files(source: CheckpointSource) -> list[Path]:
+    """The files behind a pool reader (a renamed view: its underlying checkpoint's)."""
+    return source.source.files() if isinstance(source, CanonicalSource) else source.files()
+
+
 def _identity(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
@@ -124,10 +165,12 @@ class ConfiguredSource:
 
     def signature(self) -> str:
         sources = {"pretrained": self._pool.pretrained, **self._pool.finetuned}
-        files = {name: _identity(src.source.files()) for name, src in sources.items()}
-        return stable_hash(
-            {"checkpoints": files, "taskset": to_plain(self.cfg_taskset), "seed": self.seed}
-        )
+        files = {name: _identity(_files(src)) for name, src in sources.items()}
+        signed: dict[str, Any] = {"checkpoints": files}
+        signed.update(taskset=to_plain(self.cfg_taskset), seed=self.seed)
+        if isinstance(self.family, OwnPoolSources):  # the base model is outside the pool
+            signed["base"] = _identity(open_checkpoint(self.family.pretrained_path).files())
+        return stable_hash(signed)
 
     def cache_dir(self) -> Path:
         return cache_root() / "paper" / str(self.cfg_model["name"])
@@ -144,6 +187,7 @@ class ConfiguredSource:
 
 __all__ = [
     "ConfiguredSource",
+    "OwnPoolSources",
     "PoolReferences",
     "configured_family",
     "configured_pool",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, first_line
 
 # Only what loading a model needs: configs, tokenizer and processor files, weights.
 _HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
@@ -40,11 +40,6 @@ def _looks_like_path(ref: str) -> bool:
     )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def resolve_model(ref: object, option: str) -> Path:
     """A local folder or file for `ref` (a path, or a hub id fetched into the hub cache)."""
     if ref is None or str(ref).strip() == "":
@@ -65,7 +60,7 @@ def resolve_model(ref: object, option: str) -> Path:
                 snapshot_download(text, allow_patterns=_HUB_FILES_TORCH, local_files_only=offline)
             )
     except Exception as err:  # the hub raises many types; the user needs one line
-        why = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else _first_line(err)
+        why = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else first_line(err)
         raise MergeBenchError(
             f"{option}: cannot get {text!r} from the Hugging Face hub: {why}; it needs a "
             f"network (with HF_HUB_OFFLINE=0), or a local path: {option}=/path/to/checkpoint"

@@ -1,0 +1,76 @@
+"""Model Breadcrumbs: per row, drop the largest outliers and the small entries (methods.md).
+
+Rows are slices along the last dimension (the tensor viewed as `(-1, shape[-1])`; a 1-D
+tensor is one row; a 0-D tensor is kept whole). Per task and row of `n` entries,
+`g = floor(outlier * n)`, `k = floor(density * n)`; the entries ranked `g+1 .. g+k` by
+|tau| descending (equal values: lower index first) are kept, the rest set to 0; ranks past
+`n` simply do not exist (`g + k > n` keeps `g+1 .. n`). Then
+`W = W_pre + scaling * sum_t crumbs(tau_t)`, the sum added in task order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mergebench.engine.stream import sum_tasks
+from mergebench.methods.base import TaskVectorMethod, fraction, number
+from mergebench.util.errors import MergeBenchError
+
+
+def finite_number(name: str, option: str, value: Any) -> float:
+    """`number`, but nan and inf are errors too."""
+    result = number(name, option, value)
+    if not math.isfinite(result):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a finite number")
+    return result
+
+
+def row_keep_range(n: int, density: float, outlier: float) -> tuple[int, int]:
+    """0-based `[start, stop)` of the kept ranks in a row of `n` entries."""
+    g = math.floor(outlier * n)
+    k = math.floor(density * n)
+    return min(g, n), min(g + k, n)
+
+
+def crumbs(task_vectors: torch.Tensor, density: float, outlier: float) -> torch.Tensor:
+    """Breadcrumbs mask applied to a stack `[N, *shape]` of task vectors (one per task).
+
+    Every task's tensor is cut into rows along its last dimension; the mask is computed row
+    by row (a stable descending sort of |tau| gives the ranks).
+    """
+    if task_vectors.dim() == 1:  # 0-D tensors: kept whole
+        return task_vectors.clone()
+    n = task_vectors.shape[-1]
+    start, stop = row_keep_range(n, density, outlier)
+    if n == 0 or start >= stop:
+        return torch.zeros_like(task_vectors)
+    rows = task_vectors.reshape(-1, n)
+    order = torch.sort(rows.abs(), dim=-1, descending=True, stable=True).indices
+    rank_kept = torch.zeros(n, dtype=torch.bool, device=rows.device)
+    rank_kept[start:stop] = True
+    keep = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+    keep.scatter_(-1, order, rank_kept.expand(rows.shape))
+    return (rows * keep).reshape(task_vectors.shape)
+
+
+def breadcrumbs_delta(
+    task_vectors: torch.Tensor, density: float, outlier: float, scaling: float
+) -> torch.Tensor:
+    """`scaling * sum_t crumbs(tau_t)` for one key (float32 in, float32 out)."""
+    return scaling * sum_tasks(crumbs(task_vectors, density, outlier))
+
+
+class Breadcrumbs(TaskVectorMethod):
+    name = "breadcrumbs"
+
+    def __init__(self, density: Any, outlier: Any, scaling: Any) -> None:
+        super().__init__(density=density, outlier=outlier, scaling=scaling)
+        self.density = fraction(self.name, "density", density)
+        self.outlier = fraction(self.name, "outlier", outlier, low_open=False, high_open=True)
+        self.scaling = finite_number(self.name, "scaling", scaling)
+
+    def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
+        return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling)

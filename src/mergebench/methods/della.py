@@ -1,0 +1,143 @@
+"""DELLA-Merging: MagPrune each task vector, elect, disjoint mean, scale (methods.md).
+
+MagPrune, per task, per row (the tensor viewed as `(shape[0], -1)`; a 1-D tensor is one
+row, a 0-D tensor a row of one entry) of `n` entries: rank `r_i` in `1..n` by |tau_i|
+ascending (stable), keep probability
+`q_i = (density - window/2) + window * (r_i - 1) / (n - 1)` (`density` when `n = 1`),
+`m_i ~ Bernoulli(q_i)`, `tau'_i = m_i * tau_i / q_i` (`m_i * tau_i` without `rescale`).
+`q` is computed in float64 and rounded to float32; `m_i = (u_i < q_i)` with `u` uniform
+float32 draws (`torch.rand`, the key's flat order) from a CPU `torch.Generator` seeded by
+`della_seed(seed, task index, key index)`, the key index being the key's position in the
+key plan's merged list: every key has its own generator, so keys run in parallel and a
+run is reproducible bit for bit.
+
+Elect: `gamma = +1 where sum_t tau'_t >= 0 else -1` (a zero sum is +); disjoint mean over
+the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
+`W = W_pre + scaling * delta`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergebench.engine.stream import TaskVectorStream, sum_tasks
+from mergebench.methods.base import TaskVectorMethod, flag, fraction, number
+from mergebench.util.errors import MergeBenchError
+
+
+def della_seed(seed: int, task_index: int, key_index: int) -> int:
+    """The generator seed of one (task, key): numpy's SeedSequence hash of the triple."""
+    state = np.random.SeedSequence([seed, task_index, key_index]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def keep_probabilities(task_vector: torch.Tensor, density: float, window: float) -> torch.Tensor:
+    """float32 `q` (same shape as `task_vector`): rank-based keep probabilities per row."""
+    rows = task_vector.reshape(task_vector.shape[0] if task_vector.dim() > 1 else 1, -1)
+    n = rows.shape[1]
+    if n <= 1:
+        return torch.full(task_vector.shape, density, dtype=torch.float32, device=rows.device)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)  # ascending |tau|
+    ranks = torch.empty_like(order)  # 0-based: r_i - 1
+    ranks.scatter_(1, order, torch.arange(n, device=rows.device).expand(rows.shape))
+    low = density - window / 2
+    q = low + window * ranks.to(torch.float64) / (n - 1)
+    return q.to(torch.float32).reshape(task_vector.shape)
+
+
+def magprune(
+    task_vector: torch.Tensor,
+    density: float,
+    window: float,
+    rescale: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MagPrune one task's tensor with draws from `generator` (a CPU generator)."""
+    if task_vector.numel() == 0:
+        return task_vector.clone()
+    q = keep_probabilities(task_vector, density, window)
+    draws = torch.rand(task_vector.shape, generator=generator).to(task_vector.device)
+    keep = draws < q
+    kept = task_vector * keep
+    return kept / q if rescale else kept
+
+
+def elect_and_disjoint_mean(pruned: torch.Tensor) -> torch.Tensor:
+    """`gamma = +1 where sum_t >= 0 else -1`; mean of the non-zero entries that agree."""
+    total = sum_tasks(pruned)
+    gamma = torch.where(total >= 0, 1.0, -1.0).to(pruned.dtype)
+    agree = pruned * gamma > 0  # gamma is +-1: the product is exact, never underflows
+    agreeing = sum_tasks(pruned * agree)
+    count = agree.sum(dim=0)
+    return torch.where(count > 0, agreeing / count.clamp(min=1), torch.zeros_like(agreeing))
+
+
+def della_delta(
+    task_vectors: torch.Tensor,
+    key_index: int,
+    density: float,
+    window: float,
+    rescale: bool,
+    scaling: float,
+    seed: int,
+) -> torch.Tensor:
+    """`scaling * delta` of one key from its float32 task-vector stack `[N, *shape]`."""
+    pruned = torch.stack(
+        [
+            magprune(
+                tau,
+                density,
+                window,
+                rescale,
+                torch.Generator().manual_seed(della_seed(seed, t, key_index)),
+            )
+            for t, tau in enumerate(task_vectors)
+        ]
+    )
+    return scaling * elect_and_disjoint_mean(pruned)
+
+
+class Della(TaskVectorMethod):
+    name = "della"
+
+    def __init__(self, density: Any, window: Any, scaling: Any, rescale: Any, seed: Any) -> None:
+        super().__init__(
+            density=density, window=window, scaling=scaling, rescale=rescale, seed=seed
+        )
+        self.density = fraction(self.name, "density", density)
+        self.window = number(self.name, "window", window)
+        if not (math.isfinite(self.window) and self.window >= 0):
+            raise MergeBenchError(f"{self.name}.window: {window!r} must be a number >= 0")
+        low, high = self.density - self.window / 2, self.density + self.window / 2
+        if not (low > 0 and high <= 1):
+            raise MergeBenchError(
+                f"{self.name}.window: density ± window/2 = [{low:g}, {high:g}] "
+                "must lie inside (0, 1]"
+            )
+        self.scaling = number(self.name, "scaling", scaling)
+        if not math.isfinite(self.scaling):
+            raise MergeBenchError(f"{self.name}.scaling: {scaling!r} is not a finite number")
+        self.rescale = flag(self.name, "rescale", rescale)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise MergeBenchError(f"{self.name}.seed: {seed!r} is not an integer >= 0")
+        self.seed = seed
+        self._key_index: dict[str, int] = {}
+
+    def prepare(self, stream: TaskVectorStream) -> None:
+        # Read-only while the workers run: each key finds its own generator seed.
+        self._key_index = {key: i for i, key in enumerate(stream.plan.merged)}
+
+    def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
+        return della_delta(
+            task_vectors,
+            self._key_index[key],
+            self.density,
+            self.window,
+            self.rescale,
+            self.scaling,
+            self.seed,
+        )

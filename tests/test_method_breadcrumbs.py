@@ -1,0 +1,154 @@
+"""Model Breadcrumbs (methods.md): hand-computed rows, edge cases, the in-memory reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mergebench
+from mergebench.methods.breadcrumbs import crumbs, row_keep_range
+from mergebench.reference.breadcrumbs import breadcrumbs_reference
+from mergebench.util.errors import MergeBenchError
+
+
+def merge(pre, finetuned, **params):
+    return mergebench.merge("breadcrumbs", pre, finetuned, progress=False, **params).state_dict()
+
+
+def test_one_row_keeps_ranks_g_plus_1_to_g_plus_k_with_stable_ties():
+    # n = 10, outlier 0.1 -> g = 1, density 0.3 -> k = 3: keep ranks 2, 3, 4.
+    # |tau| descending: 4 (i1) r1, 3 (i5) r2, 2 (i2) r3, 2 (i3) r4, 2 (i8) r5, ...
+    # The three 2s tie: the lower indices (2, 3) come first, so i8 is dropped.
+    row = torch.tensor([0.5, -4.0, 2.0, 2.0, 1.0, -3.0, 0.0, 1.0, 2.0, 0.25])
+    out = crumbs(row[None], density=0.3, outlier=0.1)[0]
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 2.0, 2.0, 0.0, -3.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_rows_run_along_the_last_dimension():
+    # n = 4: g = floor(0.25 * 4) = 1, k = floor(0.5 * 4) = 2 -> ranks 2, 3 of each row.
+    tau = torch.tensor([[1.0, -5.0, 3.0, 2.0], [0.1, 0.2, -0.4, 0.3]])
+    expected = torch.tensor([[0.0, 0.0, 3.0, 2.0], [0.0, 0.2, 0.0, 0.3]])
+    assert torch.equal(crumbs(tau[None], 0.5, 0.25)[0], expected)
+    # A 4-D convolution: rows are the kernel width (last dim), here 4 entries each.
+    conv = tau.reshape(2, 1, 1, 4)
+    assert torch.equal(crumbs(conv[None], 0.5, 0.25)[0], expected.reshape(2, 1, 1, 4))
+
+
+def test_merge_sums_the_crumbs_of_every_task_and_scales():
+    pre = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0])}
+    # g = 1, k = 2 per task: keep the 2nd and 3rd largest |tau|.
+    finetuned = {
+        "a": {"w": torch.tensor([5.0, 3.0, -1.0, 2.0])},  # tau [4, 2, -2, 1] -> [0, 2, -2, 0]
+        "b": {"w": torch.tensor([1.0, 0.0, 4.0, 2.5])},  # tau [0, -1, 3, 1.5] -> [0, -1, 0, 1.5]
+    }
+    out = merge(pre, finetuned, density=0.5, outlier=0.25, scaling=2.0)["w"]
+    # sum [0, 1, -2, 1.5] * 2 + 1
+    assert torch.equal(out, torch.tensor([1.0, 3.0, -3.0, 4.0]))
+
+
+def test_defaults_are_density_0_1_outlier_0_01_scaling_1():
+    # n = 100: g = 1, k = 10 -> ranks 2..11 of |tau| = 100, 99, ..., 1 (index i has 100 - i).
+    tau = torch.arange(100, 0, -1, dtype=torch.float32)
+    out = merge({"w": torch.zeros(100)}, {"a": {"w": tau}})["w"]
+    expected = torch.zeros(100)
+    expected[1:11] = tau[1:11]
+    assert torch.equal(out, expected)
+
+
+def test_row_shorter_than_one_over_density_keeps_nothing():
+    # density 0.1 on rows of 9 entries: k = floor(0.9) = 0, the whole tensor is dropped.
+    assert row_keep_range(9, 0.1, 0.01) == (0, 0)
+    pre = {"w": torch.full((3, 9), 0.5), "b": torch.zeros(9)}
+    g = torch.Generator().manual_seed(0)
+    finetuned = {
+        t: {k: v + torch.randn(v.shape, generator=g) for k, v in pre.items()} for t in "ab"
+    }
+    out = merge(pre, finetuned)
+    assert torch.equal(out["w"], pre["w"])
+    assert torch.equal(out["b"], pre["b"])
+
+
+def test_outlier_cut_plus_kept_past_the_row_keeps_to_its_end():
+    # n = 4, outlier 0.3 -> g = 1, density 0.9 -> k = 3: ranks 2..4 (rank 5 does not exist).
+    assert row_keep_range(4, 0.9, 0.3) == (1, 4)
+    tau = torch.tensor([[-1.0, 4.0, 2.0, 3.0]])
+    assert torch.equal(crumbs(tau, 0.9, 0.3)[0], torch.tensor([-1.0, 0.0, 2.0, 3.0]))
+
+
+def test_zero_dimensional_tensor_is_kept_whole():
+    pre = {"s": torch.tensor(1.0), "w": torch.zeros(4)}
+    finetuned = {
+        "a": {"s": torch.tensor(3.0), "w": torch.tensor([1.0, 2.0, 3.0, 4.0])},
+        "b": {"s": torch.tensor(-0.5), "w": torch.zeros(4)},
+    }
+    out = merge(pre, finetuned, density=0.5, outlier=0.0, scaling=0.5)
+    assert torch.equal(out["s"], torch.tensor(1.0 + 0.5 * (2.0 - 1.5)))
+    assert torch.equal(out["w"], torch.tensor([0.0, 0.0, 1.5, 2.0]))
+
+
+@pytest.fixture(scope="module")
+def random_pool():
+    g = torch.Generator().manual_seed(11)
+    pre = {
+        "embed.weight": torch.randn(40, 64, generator=g),
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "norm.weight": torch.ones(64),
+        "short.bias": torch.zeros(7),  # rows shorter than 1/density
+        "scale": torch.tensor(0.5),
+        "half.weight": torch.randn(12, 30, generator=g).to(torch.float16),
+        "position_ids": torch.arange(5),
+        "head.weight": torch.randn(3, 64, generator=g),
+    }
+    finetuned = {}
+    for task in ("a", "b", "c", "d"):
+        ft = {}
+        for key, value in pre.items():
+            if value.is_floating_point():
+                # Coarse steps give many exact ties in |tau|.
+                step = torch.randint(-3, 4, value.shape, generator=g).float() * 0.25
+                ft[key] = (value.float() + step).to(value.dtype)
+            else:
+                ft[key] = value.clone()
+        finetuned[task] = ft
+    return pre, finetuned
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"density": 0.3, "outlier": 0.1, "scaling": 0.7}, {"density": 0.95, "outlier": 0.2}],
+)
+def test_streamed_merge_is_bit_identical_to_the_reference(random_pool, params):
+    pre, finetuned = random_pool
+    exclude = [r"head\..*"]
+    out = mergebench.merge(
+        "breadcrumbs", pre, finetuned, exclude=exclude, progress=False, **params
+    ).state_dict("a")
+    expected = breadcrumbs_reference(pre, finetuned, exclude=exclude, **params)
+    assert set(expected) == {k for k in pre if pre[k].is_floating_point() and k != "head.weight"}
+    for key, value in expected.items():
+        assert out[key].dtype == pre[key].dtype
+        assert torch.equal(out[key], value), key
+    assert torch.equal(out["head.weight"], finetuned["a"]["head.weight"])
+    assert torch.equal(out["position_ids"], pre["position_ids"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("density", 0.0),
+        ("density", 1.5),
+        ("density", math.nan),
+        ("outlier", 1.0),
+        ("outlier", -0.1),
+        ("outlier", math.nan),
+        ("scaling", math.inf),
+        ("scaling", math.nan),
+        ("scaling", "big"),
+    ],
+)
+def test_bad_options_are_errors_naming_the_option(option, value):
+    pre, finetuned = {"w": torch.zeros(3)}, {"a": {"w": torch.ones(3)}}
+    with pytest.raises(MergeBenchError, match=f"breadcrumbs.{option}"):
+        merge(pre, finetuned, **{option: value})
