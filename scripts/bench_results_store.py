@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mergebench.report.boards import load_boards, render
+from mergebench.report.boards import load_boards
 from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.render import render
 from mergebench.report.store import ResultsStore
 
 TASKS = [f"task{i}" for i in range(8)]

@@ -71,15 +71,18 @@ def multirun(overrides: list[str]) -> None:
 
 def write_leaderboard(db: str, out_dir: str) -> list[Path]:
     """Print the leaderboard and write it as Markdown, JSON, CSV and HTML, and the plots
-    into `<out_dir>/plots/` (mergebench.report.boards, mergebench.report.plots)."""
-    from mergebench.report.boards import load_boards, print_table
-    from mergebench.report.boards import write_leaderboard as write
+    into `<out_dir>/plots/` (mergebench.report.render, mergebench.report.plots)."""
+    from mergebench.report.boards import load_boards
     from mergebench.report.plots import write_all_plots
+    from mergebench.report.render import print_table
+    from mergebench.report.render import write_leaderboard as write
 
     boards = load_boards(db)
     print_table(boards)
-    written = write(db, out_dir=out_dir, formats=("markdown", "json", "csv", "html"))
-    return [*written.values(), *write_all_plots(boards, Path(out_dir) / "plots")]
+    plots = write_all_plots(boards, Path(out_dir) / "plots")  # first: the HTML embeds them
+    formats = ("markdown", "json", "csv", "html")
+    written = write(db, out_dir=out_dir, formats=formats, plot_dir=Path(out_dir) / "plots")
+    return [*written.values(), *plots]
 
 
 def main(argv: list[str] | None = None) -> int:

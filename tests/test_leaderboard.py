@@ -9,9 +9,10 @@ import json
 import pytest
 
 from mergebench.cli.leaderboard import main
-from mergebench.report.boards import build_boards, load_boards, render, write_leaderboard
+from mergebench.report.boards import build_boards, load_boards
 from mergebench.report.published import canonical_label, find_setting
 from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.render import render, write_leaderboard
 from mergebench.report.store import ResultsStore
 
 TASKS = ("a", "b")
@@ -130,7 +131,7 @@ def test_cli_formats_filters_and_errors(db, tmp_path, capsys) -> None:
 
     out = tmp_path / "lb.html"
     assert main(["--db", str(db), "--format", "html", "--out", str(out)]) == 0
-    assert "<table>" in out.read_text()
+    assert "<table class='board'>" in out.read_text()
 
     assert main(["--db", str(tmp_path / "missing.sqlite")]) == 2
     assert "missing.sqlite" in capsys.readouterr().err

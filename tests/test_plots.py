@@ -8,6 +8,7 @@ from PIL import Image
 from mergebench.report.boards import build_boards
 from mergebench.report.plots import (
     ablation_rows,
+    mask_rescale_pairs,
     num_tasks_series,
     plot_emr_ablation,
     plot_heatmap,
@@ -39,13 +40,17 @@ def boards():
         ("task_arithmetic", "task_arithmetic", TASKS, [0.6, 0.5, 0.7, 0.8]),
         ("ties", "ties", TASKS, [0.65, 0.5, 0.75, 0.8]),
         ("emr", "emr", TASKS, [0.85, 0.7, 0.9, 0.97]),
-        ("emr w/o mask", "emr", TASKS, [0.6, 0.5, 0.7, 0.8]),
+        ("emr (elect+rescale)", "emr", TASKS, [0.6, 0.5, 0.7, 0.8]),
+        ("emr (elect)", "emr", TASKS, [0.55, 0.45, 0.6, 0.7]),
         ("ties w/ M&R", "mask_rescale", TASKS, [0.8, 0.6, 0.85, 0.9]),
         ("emr", "emr", TASKS[:2], [0.9, 0.75]),
         ("ties", "ties", TASKS[:2], [0.7, 0.6]),
         ("emr", "emr", TASKS[:3], [0.88, 0.72, 0.92]),
     ]
-    return build_boards(score_rows(runs))
+    boards = build_boards(score_rows(runs))
+    # What the store's runs give the board (attach_run_details): the M&R row's base label.
+    boards[0].row("ties w/ M&R").base_label = "ties"
+    return boards
 
 
 def _is_png(path, min_size=(200, 150)) -> None:
@@ -64,18 +69,25 @@ def test_bars_and_heatmap(boards, tmp_path) -> None:
     _is_png(plot_heatmap(full, tmp_path / "heat_raw.png", normalized=False))
 
 
-def test_ablation_rows_pick_emr_variants_and_mr_bases(boards, tmp_path) -> None:
-    labels = [r.label for r in ablation_rows(boards[0])]
-    assert set(labels) == {"emr", "emr w/o mask", "ties w/ M&R", "ties"}
+def test_ablation_in_table8_order_and_mr_paired_by_base_label(boards, tmp_path) -> None:
+    # Table 8's order (Elect, E+M, E+R, EMR), whatever the scores; E+M is missing here.
+    assert [r.label for r in ablation_rows(boards[0])] == [
+        "emr (elect)",
+        "emr (elect+rescale)",
+        "emr",
+    ]
+    pairs = [(a.label, b.label) for a, b in mask_rescale_pairs(boards[0])]
+    assert pairs == [("ties", "ties w/ M&R")]
     _is_png(plot_emr_ablation(boards[0], tmp_path / "abl.png"))
 
 
 def test_num_tasks_series_and_plot(boards, tmp_path) -> None:
     series = num_tasks_series(boards, "clip-vit-b32")
+    # Normalized by each task's individual score: subsets of tasks compare fairly.
     assert series["emr"] == [
-        (2, pytest.approx(0.825)),
-        (3, pytest.approx((0.88 + 0.72 + 0.92) / 3)),
-        (4, pytest.approx((0.85 + 0.7 + 0.9 + 0.97) / 4)),
+        (2, pytest.approx((0.9 / 0.9 + 0.75 / 0.8) / 2)),
+        (3, pytest.approx((0.88 / 0.9 + 0.72 / 0.8 + 0.92 / 0.95) / 3)),
+        (4, pytest.approx((0.85 / 0.9 + 0.7 / 0.8 + 0.9 / 0.95 + 0.97 / 0.99) / 4)),
     ]
     assert [n for n, _ in series["ties"]] == [2, 4]
     assert "individual" not in series
@@ -91,3 +103,11 @@ def test_write_all_plots(boards, tmp_path) -> None:
     assert "clip-vit-b32_num_tasks.png" in names
     assert all(p.exists() for p in written)
     assert not list((tmp_path / "plots").glob(".*"))
+
+
+def test_no_colour_repeats_and_references_are_grey(boards) -> None:
+    from mergebench.report.plots import REFERENCE_GREY, row_colors
+
+    colors = row_colors(boards[0].rows)
+    assert len(set(map(str, colors.values()))) == len(colors)
+    assert colors["individual"] == REFERENCE_GREY[0]

@@ -132,3 +132,20 @@ def test_bench_hooks_log_next_to_the_store_with_its_leaderboard(tmp_path, monkey
     assert len(list((tmp_path / "results" / "wandb").glob("offline-run-*"))) == 1
     with pytest.raises(MergeBenchError, match="logger.mode"):
         logger_from_config({"logger": {"name": "wandb", "mode": "online-ish"}})
+
+
+def test_leaderboard_logs_stored_runs_without_recomputing(tmp_path, monkeypatch) -> None:
+    from mergebench.cli.leaderboard import main
+    from mergebench.report.store import ResultsStore
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    store = ResultsStore(tmp_path / "r.sqlite")
+    store.add_run(record("individual", {"a": 0.8, "b": 0.4}))
+    store.add_run(record("ties", {"a": 0.6, "b": 0.3}))
+    out = tmp_path / "wb"
+    assert main(["--db", str(tmp_path / "r.sqlite"), "--format", "json", "--out",
+                 str(tmp_path / "b.json"), "--wandb", "--wandb-dir", str(out)]) == 0  # fmt: skip
+    runs = [read_offline_run(d) for d in sorted((out / "wandb").glob("offline-run-*"))]
+    assert sorted(r.config["mergebench"]["label"] for r in runs) == ["individual", "ties"]
+    ties = next(r for r in runs if r.config["mergebench"]["label"] == "ties")
+    assert ties.summary["test/a/accuracy"] == 0.6  # the stored score, not recomputed

@@ -25,8 +25,8 @@ from mergebench.api import merge_pool
 from mergebench.bench.analysis import StorageReport, TaskWeightStats, storage_report, weight_stats
 from mergebench.bench.selection import select_on_validation
 from mergebench.evaluation import ModelCache, evaluate_timed
-from mergebench.report.boards import atomic_write
 from mergebench.report.plots import plot_storage, plot_weight_stats
+from mergebench.report.render import atomic_write
 from mergebench.report.store import config_hash, open_store
 from mergebench.report.wandb import build_logger, current_sweep_id
 from mergebench.sources import load_pool

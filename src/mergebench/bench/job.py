@@ -29,9 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mergebench.api import merge_pool
+from mergebench.bench.protocol import Selection, select
 from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
 from mergebench.families.labeled import LabeledData
-from mergebench.methods.registry import method_label
+from mergebench.methods.registry import method_base_label, variant_label
 from mergebench.report.records import RunRecord, TaskScore
 from mergebench.report.store import open_store, record_hash
 from mergebench.report.wandb import current_sweep_id, log_with_leaderboard, logger_from_config
@@ -190,7 +191,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     ctx = _context(plain, progress)
     method_cfg = dict(plain["method"])
     name = str(method_cfg.pop("name"))
-    label = plain.get("label") or method_label(name, method_cfg)
+    method_cfg.pop("search", None)  # the protocol's grid (protocol.select), not an option
+    label = plain.get("label") or variant_label(name, method_cfg)
     family, taskset = str(plain["model"]["name"]), str(plain["taskset"]["name"])
     config = {**plain, "zoo_signature": ctx.signature}
 
@@ -207,10 +209,20 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     references = reference_records(plain, ctx, progress) if plain.get("references", True) else []
     pool = ctx.source.pool()
+    device = str(plain.get("device", "cpu"))
+    selection, selection_seconds = Selection(), 0.0
+    if (plain.get("protocol") or {}).get("select", True):
+        start = time.perf_counter()
+        selection = select(
+            name, method_cfg, pool,
+            lambda r: evaluate_timed(r, ctx.data, split="validation", cache=ctx.cache).scores,
+            device=device, say=lambda line: print(line, file=sys.stderr, flush=True),
+        )  # fmt: skip
+        selection_seconds = time.perf_counter() - start
     with PeakRSS() as rss:
         start = time.perf_counter()
         result = merge_pool(
-            name, pool, device=plain.get("device", "cpu"), progress=progress, **method_cfg
+            name, pool, device=device, progress=progress, **{**method_cfg, **selection.selected}
         )
         merge_seconds = time.perf_counter() - start
     size = _artifact_size(result, plain.get("save_result"), artifact_bytes)
@@ -233,6 +245,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             "examples_per_second": ev.examples_per_second,
             "zoo": str(ctx.source.cache_dir()),
             "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
+            "base_label": method_base_label(name, method_cfg),
+            "selected": selection.selected,
+            "selection": {**selection.to_json(), "seconds": round(selection_seconds, 2)},
         },
     )
     sweep = current_sweep_id()

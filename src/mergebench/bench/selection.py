@@ -15,6 +15,7 @@ from typing import Any
 
 from mergebench.report.records import RunRecord, TaskScore, average_score, primary_scores
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.progress import track
 
 # (merge result, split) -> scores; the split is "validation" for every grid point and "test"
 # only for the selected one.
@@ -94,13 +95,11 @@ def select_on_validation(
     """
     import time
 
-    from tqdm.auto import tqdm
-
     base = dict(base_params or {})
     points = expand_grid(grid)
     candidates: list[Candidate] = []
     best, best_result = None, None  # keep the best merge instead of merging it again
-    for point in tqdm(points, desc=f"{method}: validation grid", disable=not progress or None):
+    for point in track(points, f"{method}: validation grid", enabled=progress, unit="point"):
         params = {**base, **point}
         start = time.perf_counter()
         result = merge_fn(params)

@@ -7,16 +7,32 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergebench.report.boards import (
-    DEFAULT_DB,
-    FORMATS,
-    atomic_write,
-    load_boards,
-    print_table,
-    render,
-)
+from mergebench.report.boards import DEFAULT_DB, Board, load_boards
 from mergebench.report.plots import write_all_plots
+from mergebench.report.render import FORMATS, atomic_write, print_table, render
+from mergebench.report.store import open_store
+from mergebench.report.wandb import RunLogger, WandbLogger
 from mergebench.util.errors import MergeBenchError
+
+
+def log_stored_runs(
+    stores: Sequence[str],
+    boards: Sequence[Board],
+    family: str | None,
+    taskset: str | None,
+    logger: RunLogger,
+) -> int:
+    """Log every stored run of the stores (scores, cost, config as stored) with the boards;
+    returns how many runs were logged."""
+    count = 0
+    for spec in stores:
+        store = open_store(spec, readonly=True)
+        for run in store.runs(family=family, taskset=taskset):
+            record = store.get_record(run["run_id"])
+            record.extra.pop("outcomes", None)  # per-example predictions stay in the store
+            logger.log_run(record, boards, sweep_id=run.get("sweep_id"))
+            count += 1
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write to this file instead of standard output")
     parser.add_argument("--plots", metavar="DIR", help="also write the PNG plots into DIR")
     parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log every stored run (and the boards) to W&B without recomputing anything; "
+        "offline unless WANDB_MODE says otherwise (files under --wandb-dir)",
+    )
+    parser.add_argument("--wandb-project", default="mergebench")
+    parser.add_argument("--wandb-dir", default="outputs", help="where offline W&B runs go")
+    parser.add_argument(
         "--all-runs",
         action="store_true",
         help="a row per stored run, not per label (hyperparameter sweeps)",
@@ -59,16 +83,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             all_runs=args.all_runs,
             strict=True,
         )
+        if args.plots:
+            if Path(args.plots).exists() and not Path(args.plots).is_dir():
+                raise MergeBenchError(f"--plots {args.plots}: exists and is not a folder")
+            for path in write_all_plots(boards, args.plots):
+                print(f"wrote {path}", file=sys.stderr)
         if args.out:
-            atomic_write(Path(args.out), render(boards, args.format))
+            atomic_write(Path(args.out), render(boards, args.format, args.plots))
             print(f"wrote {args.out}", file=sys.stderr)
         elif args.format == "table":
             print_table(boards)
         else:
-            sys.stdout.write(render(boards, args.format))
-        if args.plots:
-            for path in write_all_plots(boards, args.plots):
-                print(f"wrote {path}", file=sys.stderr)
+            sys.stdout.write(render(boards, args.format, args.plots))
+        if args.wandb:
+            logged = log_stored_runs(
+                args.stores or [str(DEFAULT_DB)], boards, args.family, args.taskset,
+                WandbLogger(project=args.wandb_project, dir=args.wandb_dir),
+            )  # fmt: skip
+            print(f"logged {logged} stored runs to W&B ({args.wandb_dir})", file=sys.stderr)
     except MergeBenchError as exc:
         print(f"mergebench-leaderboard: error: {exc}", file=sys.stderr)
         return 2

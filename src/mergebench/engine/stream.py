@@ -31,15 +31,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mergebench.engine.keyplan import KeyPlan, plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.progress import stage
 
 # A transform rewrites the task vectors of one key (DARE's drop-and-rescale). A factory makes
 # a fresh one per pass so that random transforms replay identically in every pass.
@@ -317,11 +317,8 @@ class TaskVectorStream:
         pin = self.device.type == "cuda"
         return [_BufferSet(len(self.tasks), max_numel, pin) for _ in range(count)]
 
-    def _bar(self, description: str, total: int) -> tqdm:
-        return tqdm(
-            total=total, desc=description, unit="tensor", leave=False,
-            disable=not self.progress or None,
-        )  # fmt: skip
+    def _bar(self, description: str, total: int) -> Any:
+        return stage(total, description, enabled=self.progress, unit="tensor")
 
     def _load(self, key: str, buffers: _BufferSet | None) -> _Loaded:
         """Read one key of every checkpoint as float32 (runs in the reader thread)."""

@@ -8,6 +8,7 @@ task-conditioned alike), the zoo's reference rows, a user's own object.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from mergebench.report.records import TaskScore, average_score, primary_scores
 from mergebench.report.stats import Outcome
 from mergebench.results import TaskConditionedResult
 from mergebench.results.switching import TaskSwitcher
+from mergebench.util.progress import on_terminal, track
 
 
 class PerTaskModels(Protocol):
@@ -158,17 +160,18 @@ def evaluate_timed(
     cache = cache or ModelCache(data)
     batch_size = batch_size or data.family.eval_batch_size
     names: Iterable[str] = tasks if tasks is not None else data.tasks
-    if progress:
-        from tqdm.auto import tqdm
-
-        names = tqdm(list(names), desc="evaluating", unit="task", leave=False)
     scores, outcomes, total, start = [], {}, 0, time.perf_counter()
-    for task in names:
+    for task in track(names, "evaluating", enabled=progress and on_terminal(), unit="task"):
+        began = time.perf_counter()
         model = cache.model_with(task, result)
         score, outcome = score_model_outcome(model, data, task, split, batch_size)
         scores.append(score)
         outcomes[task] = outcome
         total += len(outcome.label)
+        if progress and not on_terminal():  # logs: one plain line per task
+            print(f"evaluated {task} ({split}): {score.metric} {score.value:.4f}, "
+                  f"{len(outcome.label)} examples in {time.perf_counter() - began:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
     seconds = time.perf_counter() - start
     return Evaluation(scores=scores, seconds=seconds, examples=total, outcomes=outcomes)
 

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mergebench.engine.keyplan import KeyPlan, plan_keys
 from mergebench.engine.pool import ModelPool
@@ -46,6 +45,7 @@ from mergebench.methods.data_utils import (
 from mergebench.methods.ties import Ties, trim
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.progress import stage
 
 # "bf16-true"/"16-true" would store the coefficients themselves in 16 bits, where an Adam step
 # of 1e-3 on 0.3 rounds away: only precisions that keep them in float32 or better.
@@ -154,6 +154,8 @@ class MergedModels(nn.Module):
 
 class AdaMerging(Method):
     name = "adamerging"
+
+    label_options = ("ties",)
 
     @classmethod
     def label(cls, params: Mapping[str, Any]) -> str:
@@ -278,15 +280,15 @@ class AdaMerging(Method):
             for task in tasks
         ]
         history: list[float] = []
-        steps = tqdm(range(self.steps), desc=self.name, disable=not self.progress or None)
-        for _ in steps:
-            entropies = model([next(s) for s in streams])
-            loss = entropies.sum()
-            optimizer.zero_grad()
-            fabric.backward(loss)
-            optimizer.step()
-            history.append(float(loss.detach()))
-            steps.set_postfix(entropy=f"{history[-1]:.4f}")
+        with stage(self.steps, self.name, enabled=self.progress, unit="step") as bar:
+            for _ in range(self.steps):
+                entropies = model([next(s) for s in streams])
+                loss = entropies.sum()
+                optimizer.zero_grad()
+                fabric.backward(loss)
+                optimizer.step()
+                history.append(float(loss.detach()))
+                bar.update()
         module.to("cpu")
         return history
 

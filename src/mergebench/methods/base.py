@@ -33,11 +33,24 @@ class Method:
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **self.params}
 
+    # Options that `label` already spells out (EMR's ablation flags, a base method's name):
+    # a run's full label lists every other option that differs from its default.
+    label_options: ClassVar[tuple[str, ...]] = ()
+    # The option that only multiplies the merged task vector (`W_pre + s * delta`), if any:
+    # the selection protocol merges once at 1 and rescales for the other values.
+    post_scaling: ClassVar[str | None] = None
+
     @classmethod
     def label(cls, params: Mapping[str, Any]) -> str:
         """The leaderboard row name of this method with `params` (defaults included): the
         method names its own variants, so nothing downstream parses or guesses labels."""
         return cls.name
+
+    @classmethod
+    def base_label(cls, params: Mapping[str, Any]) -> str | None:
+        """The label of the method this one is built on top of ("X" of "X w/ M&R"), so that
+        reports can pair them without parsing labels; None for a standalone method."""
+        return None
 
 
 def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:

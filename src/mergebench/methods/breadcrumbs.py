@@ -65,6 +65,7 @@ def breadcrumbs_delta(
 
 class Breadcrumbs(TaskVectorMethod):
     name = "breadcrumbs"
+    post_scaling = "scaling"
 
     def __init__(self, density: Any, outlier: Any, scaling: Any) -> None:
         super().__init__(density=density, outlier=outlier, scaling=scaling)

@@ -40,6 +40,7 @@ def consensus_vector(
 
 class Consensus(TaskVectorMethod):
     name = "consensus"
+    post_scaling = "scaling"
 
     def __init__(self, base: str, threshold: Any, k: Any, scaling: Any) -> None:
         self.base = choice(self.name, "base", base, BASES)

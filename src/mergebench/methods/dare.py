@@ -51,6 +51,8 @@ def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVect
 class Dare(Method):
     name = "dare"
 
+    label_options = ("base",)
+
     @classmethod
     def label(cls, params: Mapping[str, Any]) -> str:
         """`dare (<base label>)`, e.g. `dare (ties)`."""

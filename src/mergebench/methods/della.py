@@ -103,6 +103,7 @@ def della_delta(
 
 class Della(TaskVectorMethod):
     name = "della"
+    post_scaling = "scaling"
 
     def __init__(self, density: Any, window: Any, scaling: Any, rescale: Any, seed: Any) -> None:
         super().__init__(

@@ -99,6 +99,8 @@ class EMR(Method):
     name = "emr"
     task_conditioned = True
 
+    label_options = ("elect", "mask", "rescale", "rescaler")
+
     @classmethod
     def label(cls, params: Mapping[str, Any]) -> str:
         """`emr`, or the ablation of paper Table 8 it is: `emr (elect)`, `emr (elect+mask)`,

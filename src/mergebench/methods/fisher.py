@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool, Split
@@ -38,6 +37,7 @@ from mergebench.methods.data_utils import (
 )
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.progress import track
 
 
 @contextmanager
@@ -98,9 +98,7 @@ def diagonal_fisher(
     examples = 0
     batches = data.batches(task, split, num_examples, batch_size, device)
     with sparse_embedding_grads(model):
-        for batch in tqdm(
-            batches, desc=f"fisher: {task}", leave=False, disable=not progress or None
-        ):
+        for batch in track(batches, f"fisher: {task}", enabled=progress, unit="batch"):
             for i in range(batch_size_of(batch)):
                 example = {k: v[i : i + 1] for k, v in batch.items()}
                 outputs = data.logits(model, example).float()[0]
@@ -147,7 +145,7 @@ class Fisher(Method):
         numerator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
         denominator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
         norms: dict[str, float] = {}
-        for task in tqdm(pool.tasks, desc="fisher", disable=not self.progress or None):
+        for task in track(pool.tasks, "fisher", enabled=self.progress, unit="task"):
             model = load_task_model(pool, data, task, device, self.name)
             fisher, _ = diagonal_fisher(
                 data,

@@ -38,6 +38,7 @@ def iso_c_delta(task_vectors: torch.Tensor, task_sum: torch.Tensor | None = None
 
 class IsoC(TaskVectorMethod):
     name = "iso_c"
+    post_scaling = "scaling"
 
     def __init__(self, scaling: Any) -> None:
         super().__init__(scaling=scaling)

@@ -88,6 +88,7 @@ def iso_cts_delta(
 
 class IsoCTS(TaskVectorMethod):
     name = "iso_cts"
+    post_scaling = "scaling"
 
     def __init__(self, scaling: Any, common_fraction: Any) -> None:
         super().__init__(scaling=scaling, common_fraction=common_fraction)

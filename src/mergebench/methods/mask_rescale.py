@@ -21,10 +21,16 @@ class MaskRescale(Method):
     name = "mask_rescale"
     task_conditioned = True
 
+    label_options = ("base",)
+
     @classmethod
     def label(cls, params: Mapping[str, Any]) -> str:
         """`<base label> w/ M&R` (paper Table 7), e.g. `ties w/ M&R`, `adamerging++ w/ M&R`."""
-        return f"{method_label(str(params.get('base')), params.get('base_params') or {})} w/ M&R"
+        return f"{cls.base_label(params)} w/ M&R"
+
+    @classmethod
+    def base_label(cls, params: Mapping[str, Any]) -> str:
+        return method_label(str(params.get("base")), params.get("base_params") or {})
 
     def __init__(
         self,

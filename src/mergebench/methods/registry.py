@@ -62,11 +62,32 @@ def method_defaults(name: str) -> dict[str, Any]:
     method_class(name)  # unknown names fail here with the list of methods
     defaults = load_group("method", name)
     defaults.pop("name", None)
+    defaults.pop("search", None)  # the benchmark's validation grid, not an option
     return defaults
 
 
+def method_search(name: str) -> dict[str, Any]:
+    """The options (and values) the benchmark selects on validation for method `name`:
+    its config's `search:` section (empty for tuning-free methods)."""
+    method_class(name)
+    search = load_group("method", name).get("search") or {}
+    if not isinstance(search, dict):
+        raise MergeBenchError(f"conf/method/{name}.yaml: search must be a mapping of option lists")
+    options = set(method_defaults(name))
+    for option, values in search.items():
+        names = values if option == "per_task" else {option: values}
+        for key, grid in names.items() if isinstance(names, dict) else []:
+            if key not in options:
+                raise MergeBenchError(f"conf/method/{name}.yaml: search.{key} is not an option")
+            if not isinstance(grid, list) or not grid:
+                raise MergeBenchError(f"conf/method/{name}.yaml: search.{key} must be a list")
+    return search
+
+
 def build_method(name: str, **params: Any) -> Method:
-    """Instantiate method `name` with its config defaults overridden by `params`."""
+    """Instantiate method `name` with its config defaults overridden by `params` (a
+    composed Hydra config also carries the benchmark's `search` grid: not an option)."""
+    params = {k: v for k, v in params.items() if k != "search"}
     defaults = method_defaults(name)
     unknown = sorted(set(params) - set(defaults))
     if unknown:
@@ -76,6 +97,48 @@ def build_method(name: str, **params: Any) -> Method:
     return method_class(name)(**{**defaults, **params})
 
 
+def method_base_label(name: str, params: Mapping[str, Any] | None = None) -> str | None:
+    """The label of the method that `name` is built on (for "X w/ M&R": X's), else None."""
+    return method_class(name).base_label({**method_defaults(name), **dict(params or {})})
+
+
 def method_label(name: str, params: Mapping[str, Any] | None = None) -> str:
     """The leaderboard label of method `name` with `params` over its defaults."""
     return method_class(name).label({**method_defaults(name), **dict(params or {})})
+
+
+def _setting(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def non_default_settings(name: str, params: Mapping[str, Any] | None = None) -> list[str]:
+    """`option=value` for every option of `params` that differs from method `name`'s
+    default and that its label does not already spell out; a base method's options as
+    `base_params.option=value` against the base's own defaults."""
+    cls = method_class(name)
+    defaults = method_defaults(name)
+    full = {**defaults, **dict(params or {})}
+    out = []
+    for option, value in full.items():
+        if option in cls.label_options:
+            continue
+        if option == "base_params" and "base" in full:
+            base = str(full["base"])
+            nested = non_default_settings(base, value or {})
+            base_cls = method_class(base)
+            out += [
+                f"base_params.{item}"
+                for item in nested
+                if item.split("=", 1)[0] not in base_cls.label_options
+            ]
+        elif value != defaults.get(option):
+            out.append(f"{option}={_setting(value)}")
+    return out
+
+
+def variant_label(name: str, params: Mapping[str, Any] | None = None) -> str:
+    """The label of a run: the method's own label, plus its non-default settings, e.g.
+    `ties (k=0.1, scaling=0.5)`; a run at the defaults is just `ties`."""
+    settings = non_default_settings(name, params)
+    label = method_label(name, params)
+    return f"{label} ({', '.join(settings)})" if settings else label

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
@@ -38,6 +37,7 @@ from mergebench.methods.data_utils import (
 )
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.progress import track
 
 
 def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -142,7 +142,7 @@ class RegMean(Method):
         rhs: dict[str, torch.Tensor] = {}
         reached: dict[str, int] = {}  # layer -> number of tasks whose inputs reached it
         rows_per_task: dict[str, int] = {}
-        for task in tqdm(pool.tasks, desc="regmean: grams", disable=not self.progress or None):
+        for task in track(pool.tasks, "regmean: grams", enabled=self.progress, unit="task"):
             model = load_task_model(pool, data, task, device, self.name)
             modules = dict(model.named_modules())
             collector = GramCollector({name: modules[name] for name in transposed})

@@ -12,6 +12,7 @@ from mergebench.methods.base import TaskVectorMethod, number
 
 class TaskArithmetic(TaskVectorMethod):
     name = "task_arithmetic"
+    post_scaling = "scaling"
 
     def __init__(self, scaling: Any) -> None:
         super().__init__(scaling=scaling)

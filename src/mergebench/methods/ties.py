@@ -103,6 +103,7 @@ def _merge_blocks(
 
 class Ties(TaskVectorMethod):
     name = "ties"
+    post_scaling = "scaling"
 
     def __init__(self, k: Any, scaling: Any, aggregate: str, topk_scope: str) -> None:
         super().__init__(k=k, scaling=scaling, aggregate=aggregate, topk_scope=topk_scope)

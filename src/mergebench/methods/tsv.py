@@ -59,6 +59,7 @@ def tsv_delta(task_vectors: torch.Tensor) -> torch.Tensor:
 
 class TSV(TaskVectorMethod):
     name = "tsv"
+    post_scaling = "scaling"
 
     def __init__(self, scaling: Any) -> None:
         super().__init__(scaling=scaling)

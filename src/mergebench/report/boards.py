@@ -11,14 +11,10 @@ are shown first and not ranked.
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import html
-import io
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +30,6 @@ from mergebench.report.store import (
     open_store,
 )
 from mergebench.util.errors import MergeBenchError
-from mergebench.util.fs import atomic_write_text
-
-FORMATS = ("table", "markdown", "csv", "json", "html")
-_SUFFIX = {"markdown": ".md", "csv": ".csv", "json": ".json", "html": ".html", "table": ".txt"}
 
 
 @dataclass
@@ -58,6 +50,7 @@ class Row:
     scores_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     tied_with_best: bool | None = None
     selected: dict[str, Any] = field(default_factory=dict)  # chosen on validation
+    base_label: str | None = None  # "X" of an "X w/ M&R" row (named by the method)
     cost: dict[str, float | None] = field(default_factory=dict)
 
     @property
@@ -221,6 +214,7 @@ def attach_run_details(
                 continue
             extra = run.get("extra") or {}
             row.selected = dict(extra.get("selected") or {})
+            row.base_label = extra.get("base_label")
             row.cost = _cost(run, extra)
             stored = extra.get("outcomes") or {}
             if all(t in stored for t in board.tasks):
@@ -326,243 +320,3 @@ def variant_labels(runs: Sequence[dict[str, Any]]) -> dict[int, str]:
             parts = [f"{k}={f.get(k, '-')}" for k in differing]
             names[run["run_id"]] = f"{label} ({', '.join(parts)})" if parts else label
     return names
-
-
-# -- rendering ------------------------------------------------------------------------------
-def _as_percent(board: Board) -> bool:
-    """Show values as percentages when every value is a fraction (accuracy, F1, MCC...)."""
-    values = [v for r in board.rows for v in r.scores.values() if v is not None]
-    return all(-1.0 <= v <= 1.0 for v in values)
-
-
-def _fmt(value: float | None, percent: bool) -> str:
-    if value is None:
-        return "—"
-    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
-
-
-def _fmt_rank(row: Row) -> str:
-    if row.rank_label is not None:
-        return row.rank_label
-    return "—" if row.rank is None else str(row.rank)
-
-
-def _fmt_ci(ci: tuple[float, float] | None, percent: bool) -> str:
-    if ci is None:
-        return "—"
-    return f"{_fmt(ci[0], percent)}–{_fmt(ci[1], percent)}"
-
-
-def _fmt_cost(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-COST_COLUMNS = ("merge s", "peak RSS MiB", "artifact MiB", "eval ex/s")
-
-
-def _header(board: Board) -> list[str]:
-    cols = ["rank", "method", *board.tasks, "avg", "95% CI", "norm. avg", "selected"]
-    cols += list(COST_COLUMNS)
-    if board.published_setting:
-        cols.append("published avg")
-    return cols
-
-
-def _selected_text(row: Row) -> str:
-    return ", ".join(f"{k}={v}" for k, v in row.selected.items()) or "—"
-
-
-def _cells(board: Board, row: Row, percent: bool) -> list[str]:
-    cells = [_fmt_rank(row), row.label]
-    cells += [_fmt(row.scores[t], percent) for t in board.tasks]
-    cells += [
-        _fmt(row.average, percent),
-        _fmt_ci(row.average_ci, percent),
-        _fmt(row.normalized_average, True),
-        _selected_text(row),
-    ]
-    cost = row.cost
-    cells += [
-        _fmt_cost(cost.get("merge_seconds")),
-        _fmt_cost(cost.get("peak_rss_mib"), 0),
-        _fmt_cost(cost.get("artifact_mib")),
-        _fmt_cost(cost.get("eval_examples_per_second"), 0),
-    ]
-    if board.published_setting:
-        cells.append(_fmt(row.published_average, percent))
-    return cells
-
-
-def _caption(board: Board, percent: bool) -> str:
-    metrics = sorted(set(board.metrics.values()))
-    unit = "%" if percent else "raw values"
-    text = (
-        f"metric: {', '.join(metrics)} ({unit}); norm. avg: % of individual; 95% CI: paired "
-        f"bootstrap over test examples ({RESAMPLES} resamples); rank `k=`: tied (the 95% "
-        "interval of the paired difference contains 0)"
-    )
-    if board.published_setting:
-        text += f"; published: EMR-Merging paper, setting `{board.published_setting}`"
-    return text
-
-
-def to_markdown(boards: Sequence[Board]) -> str:
-    parts = ["# mergebench leaderboard", ""]
-    if not boards:
-        parts.append("No results stored yet.")
-    for board in boards:
-        percent = _as_percent(board)
-        header = _header(board)
-        parts += [f"## {board.title}", "", _caption(board, percent), ""]
-        parts.append("| " + " | ".join(header) + " |")
-        parts.append("| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |")
-        for row in board.rows:
-            parts.append("| " + " | ".join(_cells(board, row, percent)) + " |")
-        parts.append("")
-    return "\n".join(parts)
-
-
-def to_csv(boards: Sequence[Board]) -> str:
-    """Long format: one line per (board, row, task), plus an `average` line per row."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    cost_keys = ("merge_seconds", "peak_rss_mib", "artifact_mib", "eval_examples_per_second")
-    writer.writerow(
-        ["family", "taskset", "num_tasks", "label", "method", "rank", "tied_with_best",
-         "task", "metric", "value", "ci_low", "ci_high", "normalized", "published",
-         "selected", *cost_keys]
-    )  # fmt: skip
-    for b in boards:
-        for r in b.rows:
-            ident = [b.family, b.taskset, len(b.tasks), r.label, r.method, _fmt_rank(r),
-                     "" if r.tied_with_best is None else r.tied_with_best]  # fmt: skip
-            tail = [
-                json.dumps(r.selected, sort_keys=True),
-                *(_csv(r.cost.get(k)) for k in cost_keys),
-            ]
-            for t in b.tasks:
-                low, high = r.scores_ci.get(t, (None, None))
-                writer.writerow(
-                    ident
-                    + [t, b.metrics[t], _csv(r.scores[t]), _csv(low), _csv(high),
-                       _csv(r.normalized[t]), _csv(r.published_scores.get(t)), *tail]
-                )  # fmt: skip
-            low, high = r.average_ci or (None, None)
-            writer.writerow(
-                ident
-                + ["average", "", _csv(r.average), _csv(low), _csv(high),
-                   _csv(r.normalized_average), _csv(r.published_average), *tail]
-            )  # fmt: skip
-    return buf.getvalue()
-
-
-def _csv(value: float | None) -> str:
-    return "" if value is None else repr(value)
-
-
-def to_json(boards: Sequence[Board]) -> dict[str, Any]:
-    return {
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "boards": [asdict(b) | {"title": b.title} for b in boards],
-    }
-
-
-def to_html(boards: Sequence[Board]) -> str:
-    """A self-contained static page; cells are shaded by their normalized score."""
-    esc = html.escape
-    body = []
-    for board in boards:
-        percent = _as_percent(board)
-        body.append(
-            f"<h2>{esc(board.title)}</h2><p class='cap'>{esc(_caption(board, percent))}</p>"
-        )
-        body.append("<table><thead><tr>")
-        body += [f"<th>{esc(c)}</th>" for c in _header(board)]
-        body.append("</tr></thead><tbody>")
-        for row in board.rows:
-            cls = " class='ref'" if row.is_reference else ""
-            body.append(f"<tr{cls}>")
-            cells = _cells(board, row, percent)
-            for i, cell in enumerate(cells):
-                style = ""
-                if 2 <= i < 2 + len(board.tasks):
-                    n = row.normalized[board.tasks[i - 2]]
-                    if n is not None:
-                        shade = max(0.0, min(1.0, n))
-                        style = f" style='background: rgba(46, 139, 87, {0.6 * shade:.2f})'"
-                body.append(f"<td{style}>{esc(cell)}</td>")
-            body.append("</tr>")
-        body.append("</tbody></table>")
-    if not boards:
-        body.append("<p>No results stored yet.</p>")
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>mergebench leaderboard</title>"
-        "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "td:nth-child(2),th:nth-child(2){text-align:left}tr.ref{font-style:italic;color:#555}"
-        ".cap{color:#555}</style></head><body><h1>mergebench leaderboard</h1>"
-        + "".join(body)
-        + "</body></html>\n"
-    )
-
-
-def print_table(boards: Sequence[Board], file: Any = None) -> None:
-    """A terminal table per board (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(file=file)
-    if not console.is_terminal:  # files and pipes: wide enough that task names fit
-        widest = max((len(b.tasks) for b in boards), default=0)
-        console = Console(file=file, width=max(100, 16 * (widest + 5)))
-    if not boards:
-        console.print("No results stored yet.")
-    for board in boards:
-        percent = _as_percent(board)
-        table = Table(title=board.title, caption=_caption(board, percent))
-        for i, col in enumerate(_header(board)):
-            table.add_column(col, justify="left" if i == 1 else "right")
-        for row in board.rows:
-            table.add_row(
-                *_cells(board, row, percent), style="italic dim" if row.is_reference else None
-            )
-        console.print(table)
-
-
-def render(boards: Sequence[Board], fmt: str) -> str:
-    if fmt == "markdown":
-        return to_markdown(boards)
-    if fmt == "csv":
-        return to_csv(boards)
-    if fmt == "json":
-        return json.dumps(to_json(boards), indent=2) + "\n"
-    if fmt == "html":
-        return to_html(boards)
-    if fmt == "table":
-        buf = io.StringIO()
-        print_table(boards, file=buf)
-        return buf.getvalue()
-    raise MergeBenchError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    atomic_write_text(path, text)
-
-
-def write_leaderboard(
-    db: str | os.PathLike[str] = DEFAULT_DB,
-    out_dir: str | os.PathLike[str] = "outputs",
-    formats: Sequence[str] = ("markdown", "json"),
-    family: str | None = None,
-    taskset: str | None = None,
-    stem: str = "leaderboard",
-) -> dict[str, Path]:
-    """Write `<out_dir>/leaderboard.{md,json,...}` from the store; returns format -> path."""
-    boards = load_boards(db, family=family, taskset=taskset)
-    written = {}
-    for fmt in formats:
-        path = Path(out_dir) / f"{stem}{_SUFFIX.get(fmt, '.' + fmt)}"
-        atomic_write(path, render(boards, fmt))
-        written[fmt] = path
-    return written

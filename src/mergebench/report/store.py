@@ -51,6 +51,7 @@ VOLATILE_KEYS = frozenset(
         "outputs",
         "save_result",
         "progress",
+        "threads",
         "device",
         "wandb",
         "sweep_id",

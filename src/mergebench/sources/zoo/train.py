@@ -16,6 +16,7 @@ import torch
 
 from mergebench.families.base import HEAD, ZooFamily
 from mergebench.families.labeled import LabeledData
+from mergebench.util.progress import on_terminal
 
 
 class TaskBatches(torch.utils.data.IterableDataset):
@@ -139,7 +140,7 @@ def fit(
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=progress and on_terminal(),  # logs: no \r bars
         num_sanity_val_steps=0,
         limit_val_batches=0,
         gradient_clip_val=hp.get("max_grad_norm"),

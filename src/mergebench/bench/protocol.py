@@ -1,0 +1,182 @@
+"""The benchmark's selection protocol: hyperparameters chosen on the validation split.
+
+Each method's config may hold a `search:` section (`conf/method/<name>.yaml`): the values of
+options that its paper selects on validation data. The benchmark merges at every grid point,
+scores the validation split, keeps the best average (the first on a tie), and the job then
+evaluates that pick once on the test split. Options the user set away from their default
+are fixed, not searched. Tuning-free methods (EMR) have no `search` and run as they are.
+
+    search:
+      scaling: [0.1, 0.2, ...]              # a joint grid over options
+      per_task: {threshold: [0.2, 0.3]}     # chosen per task by that task's validation score
+
+Structure is used where it is exact: a method whose `scaling` only multiplies the merged
+task vector (`Method.post_scaling`) is merged once per point of its other options at
+scaling 1, and each scaling is `W_pre + lam * (W_1 - W_pre)`. The pick is merged again at
+its exact values for the test evaluation.
+
+A method built on another (`X w/ M&R`, `dare (X)`) first takes X's selected values.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergebench.api import merge_pool
+from mergebench.engine.keyplan import plan_keys
+from mergebench.engine.pool import ModelPool
+from mergebench.methods.registry import method_class, method_defaults, method_search
+from mergebench.report.records import TaskScore, average_score, primary_scores
+from mergebench.results import MergeResult, SingleModelResult
+from mergebench.util.errors import MergeBenchError
+
+# result -> validation scores
+Validate = Callable[[MergeResult], list[TaskScore]]
+
+
+@dataclass
+class Selection:
+    """What the protocol chose, and every validation average it saw."""
+
+    selected: dict[str, Any] = field(default_factory=dict)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    merges: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"selected": self.selected, "candidates": self.candidates, "merges": self.merges}
+
+
+def _grid(options: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    names = list(options)
+    return [
+        dict(zip(names, values, strict=True)) for values in itertools.product(*options.values())
+    ]
+
+
+def searchable(name: str, params: Mapping[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
+    """The joint grid and the per-task options of method `name` that the protocol may
+    search: those whose value in `params` is still the config's default."""
+    search = method_search(name)
+    defaults = method_defaults(name)
+    grid = {
+        o: list(v)
+        for o, v in search.items()
+        if o != "per_task" and params.get(o, defaults.get(o)) == defaults.get(o)
+    }
+    per_task = {
+        o: list(v)
+        for o, v in (search.get("per_task") or {}).items()
+        if params.get(o, defaults.get(o)) == defaults.get(o)
+    }
+    return grid, per_task
+
+
+def _scaled(
+    result: MergeResult, pool: ModelPool, keys: list[str], factor: float
+) -> SingleModelResult:
+    """`W_pre + factor * (W - W_pre)` on the merged keys of a single-model result."""
+    assert isinstance(result, SingleModelResult)
+    shared = dict(result.shared)
+    for key in keys:
+        pre = pool.pretrained.get(key)
+        merged = result.shared[key]
+        delta = merged.to(torch.float32) - pre.to(torch.float32)
+        shared[key] = (pre.to(torch.float32) + factor * delta).to(merged.dtype)
+    return SingleModelResult(result.method, dict(result.params), list(result.tasks), shared,
+                             result.task_specific, dict(result.extra))  # fmt: skip
+
+
+def select(
+    name: str,
+    params: Mapping[str, Any],
+    pool: ModelPool,
+    validate: Validate,
+    device: str = "cpu",
+    say: Callable[[str], None] = lambda _: None,
+) -> Selection:
+    """Choose method `name`'s searchable options on validation; returns the values."""
+    params = dict(params)
+    selection = Selection()
+    cls = method_class(name)
+    # A method on top of another first takes the base's own selection.
+    if "base" in cls.label_options and "base" in params:
+        base = str(params["base"])
+        base_sel = select(base, dict(params.get("base_params") or {}), pool, validate, device, say)
+        if base_sel.selected:
+            merged_base = {**dict(params.get("base_params") or {}), **base_sel.selected}
+            params["base_params"] = merged_base
+            selection.selected["base_params"] = merged_base
+        selection.merges += base_sel.merges
+    grid, per_task = searchable(name, params)
+    if not grid and not per_task:
+        return selection
+
+    def score(values: Mapping[str, Any], result: MergeResult) -> tuple[float, dict[str, float]]:
+        scores = validate(result)
+        entry = {"params": dict(values), "validation_average": average_score(scores, None)}
+        selection.candidates.append(entry)
+        return entry["validation_average"], primary_scores(scores, None)
+
+    if per_task and grid:
+        raise MergeBenchError(f"{name}.search: per-task options cannot be combined with a grid")
+    if per_task:
+        _select_per_task(name, params, pool, per_task, selection, score, device, say)
+        return selection
+    post = cls.post_scaling if cls.post_scaling in grid else None
+    outer = {o: v for o, v in grid.items() if o != post}
+    keys = plan_keys(pool).merged if post else []
+    best: tuple[float, dict[str, Any]] | None = None
+    for point in _grid(outer):
+        if post:  # one merge at scaling 1 serves every scaling of this point
+            result = merge_pool(name, pool, device=device, progress=False,
+                                **{**params, **point, post: 1.0})  # fmt: skip
+            selection.merges += 1
+            for factor in grid[post]:
+                values = {**point, post: factor}
+                average, _ = score(values, _scaled(result, pool, keys, float(factor)))
+                if best is None or average > best[0]:
+                    best = (average, values)
+            continue
+        result = merge_pool(name, pool, device=device, progress=False, **{**params, **point})
+        selection.merges += 1
+        average, _ = score(point, result)
+        if best is None or average > best[0]:
+            best = (average, dict(point))
+    if best is not None:
+        selection.selected.update(best[1])
+        say(f"{name}: selected {best[1]} on validation (average {best[0]:.4f}, "
+            f"{selection.merges} merges)")  # fmt: skip
+    return selection
+
+
+def _select_per_task(
+    name: str,
+    params: dict[str, Any],
+    pool: ModelPool,
+    per_task: dict[str, list],
+    selection: Selection,
+    score: Callable[[Mapping[str, Any], MergeResult], tuple[float, dict[str, float]]],
+    device: str,
+    say: Callable[[str], None],
+) -> None:
+    """Each task takes the value under which its own validation score is best (the first
+    maximum on a tie), as TALL masks pick their thresholds."""
+    if len(per_task) != 1:
+        raise MergeBenchError(f"{name}.search.per_task: one option at most")
+    ((option, values),) = per_task.items()
+    seen: list[tuple[Any, dict[str, float]]] = []
+    for value in values:
+        result = merge_pool(name, pool, device=device, progress=False, **{**params, option: value})
+        selection.merges += 1
+        seen.append((value, score({option: value}, result)[1]))
+    choice = {}
+    for task in pool.tasks:
+        best = max(range(len(seen)), key=lambda i: (seen[i][1].get(task, float("-inf")), -i))
+        choice[task] = seen[best][0]
+    selection.selected[option] = choice
+    say(f"{name}: selected {option} per task {choice} on validation")

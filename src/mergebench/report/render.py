@@ -1,0 +1,349 @@
+"""Leaderboards rendered: terminal table, Markdown, CSV, JSON and a sortable HTML page with
+the plots embedded; `write_leaderboard` writes them from the store."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mergebench.report.boards import DEFAULT_DB, Board, Row, load_boards
+from mergebench.report.plots import plot_stem
+from mergebench.report.stats import RESAMPLES
+from mergebench.util.errors import MergeBenchError
+from mergebench.util.fs import atomic_write_text
+
+FORMATS = ("table", "markdown", "csv", "json", "html")
+_SUFFIX = {"markdown": ".md", "csv": ".csv", "json": ".json", "html": ".html", "table": ".txt"}
+
+
+def _as_percent(board: Board) -> bool:
+    """Show values as percentages when every value is a fraction (accuracy, F1, MCC...)."""
+    values = [v for r in board.rows for v in r.scores.values() if v is not None]
+    return all(-1.0 <= v <= 1.0 for v in values)
+
+
+def _fmt(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+
+
+def _fmt_rank(row: Row) -> str:
+    if row.rank_label is not None:
+        return row.rank_label
+    return "—" if row.rank is None else str(row.rank)
+
+
+def _fmt_ci(ci: tuple[float, float] | None, percent: bool) -> str:
+    if ci is None:
+        return "—"
+    return f"{_fmt(ci[0], percent)}–{_fmt(ci[1], percent)}"
+
+
+def _fmt_cost(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+COST_COLUMNS = ("merge s", "peak RSS MiB", "artifact MiB", "eval ex/s")
+
+
+def _header(board: Board) -> list[str]:
+    cols = ["rank", "method", *board.tasks, "avg", "95% CI", "norm. avg", "selected"]
+    cols += list(COST_COLUMNS)
+    if board.published_setting:
+        cols.append("published avg")
+    return cols
+
+
+def _selected_text(row: Row) -> str:
+    return ", ".join(f"{k}={v}" for k, v in row.selected.items()) or "—"
+
+
+def _cells(board: Board, row: Row, percent: bool) -> list[str]:
+    cells = [_fmt_rank(row), row.label]
+    cells += [_fmt(row.scores[t], percent) for t in board.tasks]
+    cells += [
+        _fmt(row.average, percent),
+        _fmt_ci(row.average_ci, percent),
+        _fmt(row.normalized_average, True),
+        _selected_text(row),
+    ]
+    cost = row.cost
+    cells += [
+        _fmt_cost(cost.get("merge_seconds")),
+        _fmt_cost(cost.get("peak_rss_mib"), 0),
+        _fmt_cost(cost.get("artifact_mib")),
+        _fmt_cost(cost.get("eval_examples_per_second"), 0),
+    ]
+    if board.published_setting:
+        cells.append(_fmt(row.published_average, percent))
+    return cells
+
+
+def _caption(board: Board, percent: bool) -> str:
+    metrics = sorted(set(board.metrics.values()))
+    unit = "%" if percent else "raw values"
+    text = (
+        f"metric: {', '.join(metrics)} ({unit}); norm. avg: % of individual; 95% CI: paired "
+        f"bootstrap over test examples ({RESAMPLES} resamples); rank `k=`: tied (the 95% "
+        "interval of the paired difference contains 0)"
+    )
+    if board.published_setting:
+        text += f"; published: EMR-Merging paper, setting `{board.published_setting}`"
+    return text
+
+
+def to_markdown(boards: Sequence[Board]) -> str:
+    parts = ["# mergebench leaderboard", ""]
+    if not boards:
+        parts.append("No results stored yet.")
+    for board in boards:
+        percent = _as_percent(board)
+        header = _header(board)
+        parts += [f"## {board.title}", "", _caption(board, percent), ""]
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |")
+        for row in board.rows:
+            parts.append("| " + " | ".join(_cells(board, row, percent)) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def to_csv(boards: Sequence[Board]) -> str:
+    """Long format: one line per (board, row, task), plus an `average` line per row."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    cost_keys = ("merge_seconds", "peak_rss_mib", "artifact_mib", "eval_examples_per_second")
+    writer.writerow(
+        ["family", "taskset", "num_tasks", "label", "method", "rank", "tied_with_best",
+         "task", "metric", "value", "ci_low", "ci_high", "normalized", "published",
+         "selected", *cost_keys]
+    )  # fmt: skip
+    for b in boards:
+        for r in b.rows:
+            ident = [b.family, b.taskset, len(b.tasks), r.label, r.method, _fmt_rank(r),
+                     "" if r.tied_with_best is None else r.tied_with_best]  # fmt: skip
+            tail = [
+                json.dumps(r.selected, sort_keys=True),
+                *(_csv(r.cost.get(k)) for k in cost_keys),
+            ]
+            for t in b.tasks:
+                low, high = r.scores_ci.get(t, (None, None))
+                writer.writerow(
+                    ident
+                    + [t, b.metrics[t], _csv(r.scores[t]), _csv(low), _csv(high),
+                       _csv(r.normalized[t]), _csv(r.published_scores.get(t)), *tail]
+                )  # fmt: skip
+            low, high = r.average_ci or (None, None)
+            writer.writerow(
+                ident
+                + ["average", "", _csv(r.average), _csv(low), _csv(high),
+                   _csv(r.normalized_average), _csv(r.published_average), *tail]
+            )  # fmt: skip
+    return buf.getvalue()
+
+
+def _csv(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def to_json(boards: Sequence[Board]) -> dict[str, Any]:
+    return {
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "boards": [asdict(b) | {"title": b.title} for b in boards],
+    }
+
+
+_SORT_SCRIPT = """
+document.querySelectorAll('table.board th').forEach((th, col) => {
+  th.addEventListener('click', () => {
+    const body = th.closest('table').tBodies[0];
+    const rows = Array.from(body.rows).filter(r => !r.classList.contains('ref'));
+    const refs = Array.from(body.rows).filter(r => r.classList.contains('ref'));
+    const asc = th.dataset.dir !== 'asc';
+    th.closest('tr').querySelectorAll('th').forEach(h => delete h.dataset.dir);
+    th.dataset.dir = asc ? 'asc' : 'desc';
+    const key = r => {
+      const c = r.cells[col];
+      const v = parseFloat(c.dataset.sort ?? c.textContent);
+      return isNaN(v) ? c.textContent : v;
+    };
+    rows.sort((a, b) => {
+      const x = key(a), y = key(b);
+      const d = (typeof x === 'number' && typeof y === 'number') ? x - y : String(x).localeCompare(String(y));
+      return asc ? d : -d;
+    });
+    refs.concat(rows).forEach(r => body.appendChild(r));
+  });
+});
+"""
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
+    "table{border-collapse:collapse;margin-bottom:1em}"
+    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}"
+    "th{cursor:pointer;background:#f3f3f3}th[data-dir=asc]::after{content:' \\25B2'}"
+    "th[data-dir=desc]::after{content:' \\25BC'}"
+    "td:nth-child(2),th:nth-child(2){text-align:left}tr.ref td{font-style:italic;color:#666}"
+    "small{color:#777}.cap{color:#555;max-width:70em}.plots img{max-width:48%;margin:4px}"
+)
+
+
+def _shade(value: float | None, low: float, high: float) -> str:
+    """Background of a normalized score on the board's own range (not on 0-100)."""
+    if value is None or high <= low:
+        return ""
+    alpha = 0.08 + 0.6 * max(0.0, min(1.0, (value - low) / (high - low)))
+    return f" style='background: rgba(46, 139, 87, {alpha:.2f})'"
+
+
+def _plot_images(board: Board, plot_dir: Path | None) -> list[str]:
+    if plot_dir is None or not plot_dir.is_dir():
+        return []
+    images = []
+    for png in sorted(plot_dir.glob(f"{plot_stem(board)}_*.png")):
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        images.append(f"<img alt='{html.escape(png.name)}' src='data:image/png;base64,{data}'>")
+    return images
+
+
+def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = None) -> str:
+    """A self-contained page: per board a sortable table (click a header) of per-task scores
+    with their 95% intervals, shaded by normalized score on the board's own range, the
+    average, cost and selected values; the board's plots embedded below it."""
+    esc = html.escape
+    folder = Path(plot_dir) if plot_dir else None
+    body = []
+    for board in boards:
+        percent = _as_percent(board)
+        body.append(
+            f"<h2>{esc(board.title)}</h2><p class='cap'>{esc(_caption(board, percent))}</p>"
+        )
+        header = ["rank", "method", *board.tasks, "avg", "norm. avg", "tied with best",
+                  "selected", *COST_COLUMNS]  # fmt: skip
+        body.append("<table class='board'><thead><tr>")
+        body += [f"<th>{esc(c)}</th>" for c in header]
+        body.append("</tr></thead><tbody>")
+        normalized = [
+            v
+            for r in board.rows
+            if not r.is_reference
+            for v in r.normalized.values()
+            if v is not None
+        ]
+        low, high = (min(normalized), max(normalized)) if normalized else (0.0, 1.0)
+        for row in board.rows:
+            body.append("<tr class='ref'>" if row.is_reference else "<tr>")
+            rank = row.rank_label or (str(row.rank) if row.rank else "")
+            body.append(f"<td data-sort='{esc(rank.rstrip('='))}'>{esc(rank or '—')}</td>")
+            body.append(f"<td>{esc(row.label)}</td>")
+            for task in board.tasks:
+                value, ci = row.scores[task], row.scores_ci.get(task)
+                sub = f"<br><small>{esc(_fmt_ci(ci, percent))}</small>" if ci else ""
+                norm = row.normalized[task]
+                title = f" title='{100 * norm:.1f}% of individual'" if norm is not None else ""
+                body.append(
+                    f"<td data-sort='{value if value is not None else ''}'"
+                    f"{_shade(norm, low, high)}{title}>{esc(_fmt(value, percent))}{sub}</td>"
+                )
+            sub = (
+                f"<br><small>{esc(_fmt_ci(row.average_ci, percent))}</small>"
+                if row.average_ci
+                else ""
+            )
+            body.append(f"<td data-sort='{row.average if row.average is not None else ''}'>"
+                        f"<b>{esc(_fmt(row.average, percent))}</b>{sub}</td>")  # fmt: skip
+            body.append(f"<td>{esc(_fmt(row.normalized_average, True))}</td>")
+            tied = "" if row.tied_with_best is None else ("yes" if row.tied_with_best else "no")
+            body.append(f"<td>{tied}</td><td>{esc(_selected_text(row))}</td>")
+            cost = row.cost
+            for key, digits in (("merge_seconds", 1), ("peak_rss_mib", 0), ("artifact_mib", 1),
+                                ("eval_examples_per_second", 0)):  # fmt: skip
+                body.append(f"<td>{esc(_fmt_cost(cost.get(key), digits))}</td>")
+            body.append("</tr>")
+        body.append("</tbody></table>")
+        images = _plot_images(board, folder)
+        if images:
+            body.append("<div class='plots'>" + "".join(images) + "</div>")
+    if not boards:
+        body.append("<p>No results stored yet.</p>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mergebench leaderboard</title>"
+        f"<style>{_STYLE}</style></head><body><h1>mergebench leaderboard</h1>"
+        + "".join(body)
+        + f"<script>{_SORT_SCRIPT}</script></body></html>\n"
+    )
+
+
+def print_table(boards: Sequence[Board], file: Any = None) -> None:
+    """A terminal table per board (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file)
+    if not console.is_terminal:  # files and pipes: wide enough that task names fit
+        widest = max((len(b.tasks) for b in boards), default=0)
+        console = Console(file=file, width=max(100, 16 * (widest + 5)))
+    if not boards:
+        console.print("No results stored yet.")
+    for board in boards:
+        percent = _as_percent(board)
+        table = Table(title=board.title, caption=_caption(board, percent))
+        for i, col in enumerate(_header(board)):
+            table.add_column(col, justify="left" if i == 1 else "right")
+        for row in board.rows:
+            table.add_row(
+                *_cells(board, row, percent), style="italic dim" if row.is_reference else None
+            )
+        console.print(table)
+
+
+def render(
+    boards: Sequence[Board], fmt: str, plot_dir: str | os.PathLike[str] | None = None
+) -> str:
+    if fmt == "markdown":
+        return to_markdown(boards)
+    if fmt == "csv":
+        return to_csv(boards)
+    if fmt == "json":
+        return json.dumps(to_json(boards), indent=2) + "\n"
+    if fmt == "html":
+        return to_html(boards, plot_dir)
+    if fmt == "table":
+        buf = io.StringIO()
+        print_table(boards, file=buf)
+        return buf.getvalue()
+    raise MergeBenchError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    atomic_write_text(path, text)
+
+
+def write_leaderboard(
+    db: str | os.PathLike[str] = DEFAULT_DB,
+    out_dir: str | os.PathLike[str] = "outputs",
+    formats: Sequence[str] = ("markdown", "json"),
+    family: str | None = None,
+    taskset: str | None = None,
+    stem: str = "leaderboard",
+    plot_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Path]:
+    """Write `<out_dir>/leaderboard.{md,json,...}` from the store; returns format -> path."""
+    boards = load_boards(db, family=family, taskset=taskset)
+    written = {}
+    for fmt in formats:
+        path = Path(out_dir) / f"{stem}{_SUFFIX.get(fmt, '.' + fmt)}"
+        atomic_write(path, render(boards, fmt, plot_dir))
+        written[fmt] = path
+    return written
