@@ -58,15 +58,15 @@ def test_rescaled_merge_matches_a_direct_merge(pool):
 
 
 def test_ties_searches_k_times_scaling_with_one_merge_per_k(pool):
-    target = mergebench.merge_pool("ties", pool, progress=False, k=0.3, scaling=0.6)
+    target = mergebench.merge_pool("ties", pool, progress=False, k=0.3, scaling=0.7)
     selection = select("ties", {}, pool, closeness_to(target.state_dict("a")))
-    assert selection.selected == {"k": 0.3, "scaling": 0.6}
-    assert selection.merges == 3 and len(selection.candidates) == 30
+    assert selection.selected == {"k": 0.3, "scaling": 0.7}
+    assert selection.merges == 3 and len(selection.candidates) == 15
 
 
 def test_options_the_user_set_are_fixed_not_searched():
     grid, per_task = searchable("ties", {"k": 0.1, "scaling": 0.3})
-    assert grid == {"scaling": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}  # k is fixed
+    assert grid == {"scaling": [0.1, 0.3, 0.5, 0.7, 1.0]}  # k is fixed
     assert searchable("task_arithmetic", {"scaling": 0.5}) == ({}, {})
     assert searchable("emr", {}) == ({}, {})  # tuning-free
 
@@ -87,7 +87,13 @@ def test_tall_masks_pick_each_tasks_threshold_by_its_own_score(pool):
 
 
 def test_mask_rescale_takes_its_base_methods_selection(pool):
-    target = mergebench.merge_pool("ties", pool, progress=False, k=0.1, scaling=0.9)
+    target = mergebench.merge_pool("ties", pool, progress=False, k=0.1, scaling=1.0)
     validate = closeness_to(target.state_dict("a"))
-    selection = select("mask_rescale", {"base": "ties", "base_params": None}, pool, validate)
-    assert selection.selected == {"base_params": {"k": 0.1, "scaling": 0.9}}
+    memo: dict = {}
+    selection = select("mask_rescale", {"base": "ties", "base_params": None}, pool, validate,
+                       memo=memo)  # fmt: skip
+    assert selection.selected == {"base_params": {"k": 0.1, "scaling": 1.0}}
+    # The base's selection is kept: `ties` itself is not searched again.
+    calls = len(validate.calls)
+    assert select("ties", {}, pool, validate, memo=memo).selected == {"k": 0.1, "scaling": 1.0}
+    assert len(validate.calls) == calls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 
@@ -118,10 +119,11 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, tiny_models, monkeypatch)
     result = mergebench.merge("emr", pre, finetuned, exclude=HEAD, progress=False)
 
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("mergebench.results.base._write_json", boom)
-    with pytest.raises(OSError, match="disk full"):
+    # A failed write is now a MergeBenchError naming the folder (one line in the CLI).
+    monkeypatch.setattr("mergebench.results.base._manifest", boom)
+    with pytest.raises(MergeBenchError, match="no space left on device"):
         result.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

@@ -9,8 +9,9 @@ import torch
 
 from mergebench.engine.checkpoints import CheckpointLike
 from mergebench.engine.pool import ModelPool
-from mergebench.methods.registry import build_method
+from mergebench.methods.registry import build_method, method_defaults
 from mergebench.results import MergeResult
+from mergebench.util.errors import MergeBenchError
 
 
 def merge(
@@ -28,6 +29,16 @@ def merge(
     `exclude` lists regexes of task-specific keys (heads): each task keeps its own.
     `params` override the method's defaults from `conf/method/<method>.yaml`.
     """
+    device = check_device(device)
+    exclude = check_exclude(exclude)
+    if not isinstance(finetuned, Mapping) or not finetuned:
+        raise MergeBenchError(
+            f"finetuned: expected a mapping {{task: checkpoint}}, got {type(finetuned).__name__}"
+        )
+    for task in finetuned:
+        if not isinstance(task, str) or not task.strip():
+            raise MergeBenchError(f"finetuned: task names must be non-empty strings, got {task!r}")
+    check_params(method, params)  # before any checkpoint is read
     pool = ModelPool.from_checkpoints(pretrained, finetuned, exclude, heads_separate)
     return merge_pool(method, pool, device=device, progress=progress, **params)
 
@@ -39,6 +50,63 @@ def merge_pool(
     progress: bool = True,
     **params: Any,
 ) -> MergeResult:
+    device = check_device(device)
+    check_params(method, params)
     instance = build_method(method, **params)
     instance.device, instance.progress = device, progress
     return instance.merge(pool)
+
+
+def check_device(device: Any) -> str | torch.device:
+    """A torch device this machine has: `device=tpu` or `cuda` without a GPU fail here, in
+    one line, not deep inside the first tensor operation."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MergeBenchError(
+            f"device: {device!r} is not a torch device (use cpu, cuda, cuda:1, mps)"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeBenchError(f"device: {device!r} requested but no CUDA GPU is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise MergeBenchError(
+                f"device: {device!r} does not exist ({torch.cuda.device_count()} GPUs)"
+            )
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MergeBenchError(f"device: {device!r} requested but MPS is not available")
+    elif parsed.type != "cpu":
+        raise MergeBenchError(f"device: {device!r} is not supported (use cpu, cuda, cuda:1, mps)")
+    return device
+
+
+def check_exclude(exclude: Any) -> list[str]:
+    """A list of regexes: a bare string would be split into one-character patterns."""
+    if isinstance(exclude, str):
+        raise MergeBenchError(
+            f"exclude: expected a list of regexes, got the string {exclude!r}; "
+            f"write exclude=[{exclude}] on the command line, exclude=[{exclude!r}] in Python"
+        )
+    try:
+        patterns = list(exclude)
+    except TypeError:
+        raise MergeBenchError(
+            f"exclude: expected a list of regexes, got {type(exclude).__name__}"
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise MergeBenchError(f"exclude: {pattern!r} is not a regex string")
+    return patterns
+
+
+def check_params(method: str, params: Mapping[str, Any]) -> None:
+    """Options that hold a mapping (`base_params`, any default that is a mapping) must be
+    given a mapping: `method.base_params=k` fails here, not deep in the method."""
+    defaults = method_defaults(method)
+    for option, value in params.items():
+        wants_mapping = option.endswith("_params") or isinstance(defaults.get(option), Mapping)
+        if wants_mapping and value is not None and not isinstance(value, Mapping):
+            raise MergeBenchError(
+                f"{method}.{option}: expected a mapping like {{k: 0.1}}, got {value!r}"
+            )

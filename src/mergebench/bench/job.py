@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,8 @@ class Context:
     source: CheckpointSource
     signature: str
     cache: ModelCache
+    # Validation selections of this pool, shared by the jobs of a multirun.
+    selections: dict[str, Selection] = field(default_factory=dict)
 
     @property
     def data(self) -> LabeledData:
@@ -217,6 +219,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             name, method_cfg, pool,
             lambda r: evaluate_timed(r, ctx.data, split="validation", cache=ctx.cache).scores,
             device=device, say=lambda line: print(line, file=sys.stderr, flush=True),
+            memo=ctx.selections,
         )  # fmt: skip
         selection_seconds = time.perf_counter() - start
     with PeakRSS() as rss:

@@ -34,6 +34,7 @@ from mergebench.methods.registry import method_class, method_defaults, method_se
 from mergebench.report.records import TaskScore, average_score, primary_scores
 from mergebench.results import MergeResult, SingleModelResult
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.hashing import stable_hash
 
 # result -> validation scores
 Validate = Callable[[MergeResult], list[TaskScore]]
@@ -98,15 +99,38 @@ def select(
     validate: Validate,
     device: str = "cpu",
     say: Callable[[str], None] = lambda _: None,
+    memo: dict[str, Selection] | None = None,
 ) -> Selection:
-    """Choose method `name`'s searchable options on validation; returns the values."""
+    """Choose method `name`'s searchable options on validation; returns the values.
+
+    `memo` keeps selections by method and options (give one per pool): a multirun then
+    selects TIES once for `ties`, `dare (ties)` and `ties w/ M&R`."""
+    key = stable_hash([name, dict(params)])
+    if memo is not None and key in memo:
+        return memo[key]
+    selection = _select(name, params, pool, validate, device, say, memo)
+    if memo is not None:
+        memo[key] = selection
+    return selection
+
+
+def _select(
+    name: str,
+    params: Mapping[str, Any],
+    pool: ModelPool,
+    validate: Validate,
+    device: str,
+    say: Callable[[str], None],
+    memo: dict[str, Selection] | None,
+) -> Selection:
     params = dict(params)
     selection = Selection()
     cls = method_class(name)
     # A method on top of another first takes the base's own selection.
     if "base" in cls.label_options and "base" in params:
         base = str(params["base"])
-        base_sel = select(base, dict(params.get("base_params") or {}), pool, validate, device, say)
+        base_params = dict(params.get("base_params") or {})
+        base_sel = select(base, base_params, pool, validate, device, say, memo)
         if base_sel.selected:
             merged_base = {**dict(params.get("base_params") or {}), **base_sel.selected}
             params["base_params"] = merged_base

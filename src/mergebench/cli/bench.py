@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mergebench.bench.job import run
-from mergebench.cli.common import fail, run_hydra_app
+from mergebench.cli.common import check_top_level_keys, fail, run_hydra_app
 from mergebench.util.config import conf_dir
 from mergebench.util.errors import MergeBenchError
 
@@ -21,6 +21,7 @@ from mergebench.util.errors import MergeBenchError
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def _app(cfg: DictConfig) -> dict[str, Any]:
     try:
+        check_top_level_keys(cfg)  # `+k=0.1` must be method.k=0.1
         return run(cfg)
     except MergeBenchError as exc:
         fail("mergebench", str(exc))

@@ -1,34 +1,109 @@
-"""What every entry point shares: a user error is one line on stderr and exit code 2."""
+"""What every entry point shares: a user error is one line on stderr and exit code 2;
+Ctrl-C is one line and exit code 130."""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.config import group_options, load_group
+from mergebench.util.errors import MergeBenchError, first_line
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# `python -m mergebench.cli.<module>` has the module's file as argv[0].
+_PROGRAMS = {
+    "": "mergebench",
+    "-c": "mergebench",
+    "bench.py": "mergebench",
+    "merge.py": "mergebench-merge",
+    "experiments.py": "mergebench-experiment",
+}
 
 
 def fail(program: str, message: str) -> NoReturn:
-    print(f"{program}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    print(f"{program}: error: {first_line(Exception(message))}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
-def run_hydra_app(app: Callable[[], Any]) -> None:
-    """Run a Hydra app; Hydra's own errors (bad override, missing value) exit 1: make them 2."""
+def run_hydra_app(app: Callable[[], Any], program: str | None = None) -> None:
+    """Run a Hydra app. Hydra's own errors (bad override, missing value, unknown config) and
+    ours become one line `<program>: error: ...` and exit 2 (Hydra prints several lines and
+    exits 1); Ctrl-C becomes `<program>: interrupted` and exit 130, not a traceback."""
+    program = program or _PROGRAMS.get(Path(sys.argv[0]).name, Path(sys.argv[0]).name)
+    # Hydra prints (not raises) errors unless HYDRA_FULL_ERROR is set: let them reach us.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
     except SystemExit as exit_:
         if exit_.code not in (0, None):
-            sys.exit(2)
+            sys.exit(exit_.code if exit_.code == EXIT_INTERRUPTED else EXIT_USAGE)
         raise
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except MergeBenchError as err:
+        fail(program, str(err))
+    except Exception as err:
+        if not _is_config_error(err):
+            raise  # a bug: keep its traceback
+        fail(program, _config_message(err))
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _is_config_error(err: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(err, HydraException | OmegaConfBaseException)
+
+
+_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+
+
+def _config_message(err: BaseException) -> str:
+    text = str(err).strip()
+    override = getattr(err, "override", None)  # hydra's OverrideParseException
+    if isinstance(override, str):
+        reason = text.splitlines()[0] if text else "cannot parse it"
+        return f"{override}: not a valid override ({reason})"
+    match = _OVERRIDE.search(text)
+    if match:
+        key = match.group(1)
+        if "." in key:
+            return f"{key}: no such setting"
+        return f"{key}: no such setting (a method option goes under method., e.g. method.{key}=...)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    message = lines[0]
+    if message.startswith("In '") and "': " in message:  # "In 'merge': Could not find ..."
+        message = message.split("': ", 1)[1]
+    if len(lines) > 1 and lines[1].startswith("Available options"):
+        options = []
+        for line in lines[2:]:
+            if line.endswith(":"):
+                break
+            options.append(line)
+        message += f" (choose from {', '.join(options)})"
+    return message
 
 
 def method_params(method_cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     params = OmegaConf.to_container(method_cfg, resolve=True)
-    assert isinstance(params, dict)
+    if not isinstance(params, dict) or "name" not in params:
+        raise MergeBenchError("method: expected a method config (method=<name>)")
     return str(params.pop("name")), params
 
 
@@ -37,3 +112,74 @@ def require_values(cfg: DictConfig, keys: tuple[str, ...]) -> None:
     for key in keys:
         if OmegaConf.is_missing(cfg, key):
             raise MergeBenchError(f"{key}: missing value (add {key}=... to the command line)")
+
+
+def method_options() -> dict[str, list[str]]:
+    """Option name -> the methods that have it (from `conf/method/*.yaml`)."""
+    owners: dict[str, list[str]] = {}
+    for name in group_options("method"):
+        for option in load_group("method", name):
+            if option != "name":
+                owners.setdefault(option, []).append(name)
+    return owners
+
+
+def hydra_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra app (empty outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def check_top_level_keys(
+    cfg: DictConfig,
+    known: Collection[str] | None = None,
+    overrides: Sequence[str] | None = None,
+) -> None:
+    """A method option given at the top level (`+k=0.1`, as Hydra's hint suggests) would be
+    ignored silently: make it an error saying `method.k=0.1`.
+
+    `known`: the app's top-level keys; any other key of `cfg` is then an error too (the
+    `mergebench-merge` app). Without it (the `mergebench` app, whose experiments add keys),
+    only keys added with `+`/`++` on the command line that name a method option fail.
+    Call it first thing in the app, e.g. `check_top_level_keys(cfg)` in `cli/bench.py`."""
+    selected = str(cfg.method.name) if "method" in cfg and "name" in cfg.method else None
+    owners = method_options()
+
+    def complain(key: str, value: str) -> NoReturn:
+        methods = owners[key]
+        if selected in methods:
+            raise MergeBenchError(
+                f"{key}: is an option of method {selected}, not a top-level setting; "
+                f"write method.{key}={value}"
+            )
+        raise MergeBenchError(
+            f"{key}: is not a top-level setting; it is an option of method "
+            f"{', '.join(methods)} (write method={methods[0]} method.{key}={value})"
+        )
+
+    values: dict[str, str] = {}
+    added: list[str] = []
+    for override in hydra_overrides() if overrides is None else overrides:
+        forced = override.startswith("++")  # may set an existing key: only checked with known
+        if not override.startswith("+") or (forced and known is None):
+            continue
+        key, _, value = override.lstrip("+").partition("=")
+        key = key.split("@")[0]
+        if "." not in key and "/" not in key:
+            added.append(key)
+            values[key] = value
+    for key in added:
+        if key in owners and (known is None or key not in known):
+            complain(key, values[key])
+    if known is not None:
+        for key in cfg:
+            if key in known:
+                continue
+            if key in owners:
+                complain(str(key), values.get(str(key), "..."))
+            raise MergeBenchError(
+                f"{key}: not a setting of this command (settings: {', '.join(sorted(known))})"
+            )

@@ -5,42 +5,86 @@ from __future__ import annotations
 import time
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from mergebench.api import merge
-from mergebench.cli.common import fail, method_params, require_values, run_hydra_app
+from mergebench.cli.common import (
+    check_top_level_keys,
+    fail,
+    method_params,
+    require_values,
+    run_hydra_app,
+)
 from mergebench.results import artifact_bytes
 from mergebench.util.config import conf_dir
 from mergebench.util.errors import MergeBenchError
 
 CONF = str(conf_dir())
+PROGRAM = "mergebench-merge"
+KEYS = (
+    "method",
+    "pretrained",
+    "finetuned",
+    "exclude",
+    "heads_separate",
+    "output_dir",
+    "device",
+    "progress",
+)
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise MergeBenchError(f"{key}: {value!r} is not true/false")
+    return value
+
+
+def _path(cfg: DictConfig, key: str) -> str:
+    value = cfg[key]
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, bool) or not isinstance(value, str | int | float) or not str(value):
+        raise MergeBenchError(f"{key}: expected a path, got {value!r}")
+    return str(value)
 
 
 @hydra.main(version_base=None, config_path=CONF, config_name="merge")
 def _merge_app(cfg: DictConfig) -> None:
     try:
+        check_top_level_keys(cfg, known=KEYS)
         require_values(cfg, ("pretrained", "finetuned", "output_dir"))
         name, params = method_params(cfg.method)
+        if not isinstance(cfg.finetuned, DictConfig) or not cfg.finetuned:
+            raise MergeBenchError(
+                f"finetuned: expected a mapping {{task: path}}, e.g. "
+                f"'finetuned={{a: a.safetensors, b: b.safetensors}}', got {cfg.finetuned!r}"
+            )
         finetuned = OmegaConf.to_container(cfg.finetuned, resolve=True)
-        if not isinstance(finetuned, dict) or not finetuned:
-            raise MergeBenchError("finetuned: expected a mapping {task: path}")
+        assert isinstance(finetuned, dict)
+        for task, path in finetuned.items():
+            if not isinstance(path, str | int | float) or isinstance(path, bool):
+                raise MergeBenchError(f"finetuned.{task}: expected a path, got {path!r}")
+        exclude = cfg.exclude
+        if isinstance(exclude, ListConfig):
+            exclude = OmegaConf.to_container(exclude, resolve=True)
         start = time.perf_counter()
         result = merge(
             name,
-            pretrained=str(cfg.pretrained),
+            pretrained=_path(cfg, "pretrained"),
             finetuned={str(t): str(p) for t, p in finetuned.items()},
-            exclude=list(cfg.exclude),
-            heads_separate=bool(cfg.heads_separate),
+            exclude=exclude if exclude is not None else [],
+            heads_separate=_flag(cfg, "heads_separate"),
             device=str(cfg.device),
-            progress=bool(cfg.progress),
+            progress=_flag(cfg, "progress"),
             **params,
         )
         merged_s = time.perf_counter() - start
-        out = result.save(str(cfg.output_dir))
+        out = result.save(_path(cfg, "output_dir"))
     except MergeBenchError as err:
-        fail("mergebench-merge", str(err))
+        fail(PROGRAM, str(err))
         return
     table = Table(title=f"{name}: {len(result.tasks)} tasks -> {out}")
     table.add_column("task")
@@ -54,4 +98,8 @@ def _merge_app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_hydra_app(_merge_app)
+    run_hydra_app(_merge_app, PROGRAM)
+
+
+if __name__ == "__main__":
+    main()

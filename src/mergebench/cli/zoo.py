@@ -33,12 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. seed=1")
     args = parser.parse_args(argv)
     try:
-        for name in args.sets:
-            family = load_group("taskset", name).get("family")
-            overrides = [f"taskset={name}", f"model={family}", *args.overrides]
+        # `--set text seed=1` hands the override to --set: move KEY=VALUE items back.
+        args.overrides = [s for s in args.sets if "=" in s] + list(args.overrides)
+        args.sets = [s for s in args.sets if "=" not in s]
+        families = {name: load_group("taskset", name).get("family") for name in args.sets}
+        configs = {}
+        for name in args.sets:  # every set and override checked before any training starts
+            overrides = [f"taskset={name}", f"model={families[name]}", *args.overrides]
             if args.cache_dir:
                 overrides.append(f"zoo.dir={args.cache_dir}")
-            cfg = compose_config(overrides)
+            configs[name] = compose_config(overrides)
+        for name, cfg in configs.items():
             start = time.perf_counter()
             directory = ensure_zoo(
                 cfg, progress=not args.no_progress, force=args.force,

@@ -13,8 +13,10 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import threading
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -168,12 +170,15 @@ class SafetensorsSource(CheckpointSource):
     threads can read at once without sharing a file position.
     """
 
-    def __init__(self, paths: list[Path], name: str) -> None:
+    def __init__(
+        self, paths: list[Path], name: str, weight_map: Mapping[str, Path] | None = None
+    ) -> None:
         self.name = name
         self._paths = paths
         self._files = []
         self._entries: dict[str, _Entry] = {}
         for index, path in enumerate(paths):
+            _require_regular_file(path)
             try:
                 handle = open(path, "rb")  # noqa: SIM115 - kept open for the source's lifetime
             except FileNotFoundError:
@@ -182,7 +187,14 @@ class SafetensorsSource(CheckpointSource):
                 raise MergeBenchError(f"{path}: cannot open checkpoint ({err})") from None
             self._files.append(handle)
             for key, entry in _read_header(handle, path, index).items():
+                if key in self._entries:
+                    raise MergeBenchError(
+                        f"{path}: tensor {key!r} is also in {paths[self._entries[key].file]} "
+                        "(a key must live in one shard only)"
+                    )
                 self._entries[key] = entry
+        if weight_map is not None:
+            _check_weight_map(weight_map, {k: paths[e.file] for k, e in self._entries.items()})
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -272,6 +284,7 @@ def _read_header(handle, path: Path, file_index: int) -> dict[str, _Entry]:
         raise bad("header is not a JSON object")
     data_start = 8 + header_len
     entries: dict[str, _Entry] = {}
+    spans: list[tuple[int, int, str]] = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -289,6 +302,15 @@ def _read_header(handle, path: Path, file_index: int) -> dict[str, _Entry]:
         if end - begin != math.prod(shape) * itemsize:
             raise bad(f"tensor {key!r}: {end - begin} bytes for shape {list(shape)} of {code}")
         entries[key] = _Entry(file_index, code, dtype, shape, data_start + begin, end - begin)
+        if end > begin:
+            spans.append((begin, end, key))
+    spans.sort()
+    reach, owner = 0, ""
+    for begin, end, key in spans:
+        if begin < reach:
+            raise bad(f"tensors {owner!r} and {key!r} overlap")
+        if end > reach:
+            reach, owner = end, key
     return entries
 
 
@@ -316,17 +338,43 @@ def _pread_exact(handle, buffer: memoryview, offset: int) -> None:
         buffer, offset = buffer[count:], offset + count
 
 
+def _require_regular_file(path: Path) -> None:
+    """A FIFO, socket or device would block a reader forever or stream garbage: refuse it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MergeBenchError(f"{path}: checkpoint file not found") from None
+    except OSError as err:
+        raise MergeBenchError(f"{path}: cannot open checkpoint ({err.strerror or err})") from None
+    if stat.S_ISDIR(mode):
+        raise MergeBenchError(f"{path}: is a folder, expected a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise MergeBenchError(f"{path}: not a regular file (a pipe or device?); not read")
+
+
+def _unsafe_pickle_message(path: Path) -> str:
+    return (
+        f"{path}: holds Python code or objects besides tensors, so it was not loaded "
+        "(loading it could run that code); if you trust it, convert it once to safetensors: "
+        f"mergebench-convert --trust-pickle {path} {path.with_suffix('.safetensors')}"
+    )
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """`torch.load` that never unpickles arbitrary objects, memory-mapped when possible."""
-    if not path.is_file():
-        raise MergeBenchError(f"{path}: checkpoint file not found")
+    _require_regular_file(path)
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own advice would be wrong here
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise MergeBenchError(_unsafe_pickle_message(path)) from None
+        raise MergeBenchError(f"{path}: not a readable torch file ({_first(err)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError) as err:
         raise MergeBenchError(
-            f"{path}: cannot load as a torch state dict with weights_only=True ({first})"
+            f"{path}: cannot load as a torch state dict with weights_only=True ({_first(err)})"
         ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]  # Lightning / many training scripts wrap it once
@@ -335,13 +383,29 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _first(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class TorchFileSource(StateDictSource):
     """One or several (sharded) torch `.pt/.bin` state dict files."""
 
-    def __init__(self, paths: list[Path], name: str) -> None:
+    def __init__(
+        self, paths: list[Path], name: str, weight_map: Mapping[str, Path] | None = None
+    ) -> None:
         state: dict[str, torch.Tensor] = {}
+        owner: dict[str, Path] = {}
         for path in paths:
-            state.update(_torch_load(path))
+            for key, tensor in _torch_load(path).items():
+                if key in state:
+                    raise MergeBenchError(
+                        f"{path}: tensor {key!r} is also in {owner[key]} "
+                        "(a key must live in one shard only)"
+                    )
+                state[key], owner[key] = tensor, path
+        if weight_map is not None:
+            _check_weight_map(weight_map, owner)
         super().__init__(state, name=name)
         self._paths = paths
 
@@ -349,13 +413,38 @@ class TorchFileSource(StateDictSource):
         return list(self._paths)
 
 
-def _shards_from_index(index_file: Path) -> list[Path]:
+def _shards_from_index(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The shard files of an index (each a plain name inside the index's folder) and the
+    shard each key must come from."""
+    _require_regular_file(index_file)
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise MergeBenchError(f"{index_file}: not a valid shard index ({err})") from None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise MergeBenchError(f"{index_file}: not a valid shard index ({_first(err)})") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and isinstance(k, str) for k, v in weight_map.items()
+    ):
+        raise MergeBenchError(f"{index_file}: weight_map must map tensor names to shard files")
+    for shard in set(weight_map.values()):
+        parts = Path(shard).parts
+        if not shard or Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+            raise MergeBenchError(
+                f"{index_file}: shard {shard!r} is outside the index's folder; not read"
+            )
     shards = sorted(set(weight_map.values()))
-    return [index_file.parent / shard for shard in shards]
+    where = {key: index_file.parent / shard for key, shard in weight_map.items()}
+    return [index_file.parent / shard for shard in shards], where
+
+
+def _check_weight_map(weight_map: Mapping[str, Path], found: Mapping[str, Path]) -> None:
+    """Every key of the index must be in the shard the index names, and nowhere else."""
+    for key, shard in weight_map.items():
+        if key not in found:
+            raise MergeBenchError(f"{shard}: lacks tensor {key!r}, which the shard index lists")
+        if found[key] != shard:
+            raise MergeBenchError(
+                f"{found[key]}: holds tensor {key!r}, which the shard index puts in {shard.name}"
+            )
 
 
 def _open_path(path: Path, role: str) -> CheckpointSource:
@@ -372,10 +461,13 @@ def _open_path(path: Path, role: str) -> CheckpointSource:
         )
     if not path.exists():
         raise MergeBenchError(f"{path}: checkpoint not found ({role})")
+    _require_regular_file(path)
     if path.name.endswith(".safetensors.index.json"):
-        return SafetensorsSource(_shards_from_index(path), name)
+        shards, where = _shards_from_index(path)
+        return SafetensorsSource(shards, name, weight_map=where)
     if path.name.endswith(".index.json"):
-        return TorchFileSource(_shards_from_index(path), name)
+        shards, where = _shards_from_index(path)
+        return TorchFileSource(shards, name, weight_map=where)
     if path.suffix == ".safetensors":
         return SafetensorsSource([path], name)
     if path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:

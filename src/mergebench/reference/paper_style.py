@@ -236,7 +236,11 @@ def _mask_and_rescale(
     n = task_vectors.shape[0]
     # One bool mask per task over the whole vector: tau_t and tau_uni non-zero, same sign
     # (signs compared, as methods.md says: the product would underflow for tiny entries).
-    masks = [torch.sign(tau) * torch.sign(unified) > 0 for tau in task_vectors] if params["mask"] else None
+    masks = (
+        [torch.sign(tau) * torch.sign(unified) > 0 for tau in task_vectors]
+        if params["mask"]
+        else None
+    )
     result.unified = layout.unflatten(unified)
     if masks is not None:
         result.masks = {

@@ -10,17 +10,25 @@ On disk (a folder, written atomically):
   masks are off), `copied.safetensors` (non-float keys), `task_specific.safetensors`, and the
   pretrained weights by reference (path + sha256 checked on load) or, for an in-memory
   pretrained model, `pretrained.safetensors`;
-- both: `result.json` (method, parameters, tasks, rescalers, version).
+- both: `result.json` (method, parameters, tasks, rescalers, version) with, since format
+  version 2, a manifest (sha256 and size of every file written) and a checksum of its own
+  content; `load_result` refuses a folder whose files or `result.json` changed since.
+
+Saving never deletes what this library did not write: a result goes into a missing folder,
+an empty one, or one holding an earlier result (recognised by its `result.json`); files of
+the earlier result are replaced, anything else in the folder is left alone. Loading never
+runs code (safetensors and JSON only).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +44,23 @@ from mergebench.engine.checkpoints import (
     open_checkpoint,
 )
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.fs import TEMP_MARKER, make_marked_temp_dir, remove_stale_temp_dirs
 from mergebench.util.version import __version__
 
 FORMAT = "mergebench-result"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest + checksum, task-specific keys "<task index>::<key>"
 _SEP = "::"
+_META = "result.json"
+# Files a version-1 result (no manifest) may hold: the only ones a save may replace there.
+_V1_FILES = (
+    "model.safetensors",
+    "task_specific.safetensors",
+    "unified.safetensors",
+    "masks.safetensors",
+    "copied.safetensors",
+    "pretrained.safetensors",
+    _META,
+)
 
 
 class MergeResult:
@@ -95,12 +115,14 @@ class SingleModelResult(MergeResult):
         return state
 
     def save(self, directory: str | Path) -> Path:
-        def write(tmp: Path) -> None:
-            save_file(_contiguous(self.shared), tmp / "model.safetensors")
-            _save_task_specific(self.task_specific, tmp)
-            _write_json(tmp / "result.json", self._metadata())
+        meta = self._metadata()
 
-        return _atomic_write(Path(directory), write)
+        def write(tmp: Path) -> dict[str, Any]:
+            save_file(_contiguous(self.shared), tmp / "model.safetensors")
+            _save_task_specific(self.task_specific, self.tasks, tmp)
+            return meta
+
+        return _atomic_write(_output_dir(directory), write)
 
 
 @dataclass
@@ -158,17 +180,23 @@ class TaskConditionedResult(MergeResult):
         meta["masked"] = self.masks is not None
         meta["shapes"] = {k: list(v.shape) for k, v in self.unified.items()}
         files = self.pretrained.files()
+        _check_rescalers(self.rescalers, self.tasks, "result")
 
-        def write(tmp: Path) -> None:
+        def write(tmp: Path) -> dict[str, Any]:
+            meta["pretrained_digest"] = pretrained_digest(self.pretrained, list(self.unified))
             save_file(_contiguous(self.unified), tmp / "unified.safetensors")
             if self.masks is not None:
-                save_file(_contiguous(self.masks), tmp / "masks.safetensors")
+                save_file(
+                    _contiguous(self.masks),
+                    tmp / "masks.safetensors",
+                    metadata={"tasks": json.dumps(self.tasks)},
+                )
             save_file(
                 _contiguous({**self.copied, **self.pretrained_excluded}),
                 tmp / "copied.safetensors",
                 metadata={"pretrained_excluded": json.dumps(list(self.pretrained_excluded))},
             )
-            _save_task_specific(self.task_specific, tmp)
+            _save_task_specific(self.task_specific, self.tasks, tmp)
             if files:
                 meta["pretrained"] = {
                     "files": [str(f.resolve()) for f in files],
@@ -180,9 +208,9 @@ class TaskConditionedResult(MergeResult):
                     _contiguous(self.pretrained.state_dict(keys)), tmp / "pretrained.safetensors"
                 )
                 meta["pretrained"] = {"embedded": "pretrained.safetensors"}
-            _write_json(tmp / "result.json", meta)
+            return meta
 
-        return _atomic_write(Path(directory), write)
+        return _atomic_write(_output_dir(directory), write)
 
 
 def load_result(
@@ -191,45 +219,61 @@ def load_result(
     verify: bool = True,
 ) -> MergeResult:
     """Load a saved result. A task-conditioned result finds its pretrained weights by the
-    recorded path (checked by sha256 unless `verify=False`) unless `pretrained` is given."""
-    directory = Path(directory)
-    meta_path = directory / "result.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise MergeBenchError(f"{meta_path}: not found (not a mergebench result folder)") from None
-    except ValueError as err:
-        raise MergeBenchError(f"{meta_path}: invalid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
+    recorded path (checked by sha256 unless `verify=False`) unless `pretrained` is given
+    (then checked against the recorded digest of the pretrained weights unless `verify=False`).
+
+    Every file is checked against the manifest (size always, sha256 unless `verify=False`);
+    any mismatch, and any inconsistency between the files, is a `MergeBenchError` naming the
+    file."""
+    directory = Path(directory).expanduser()
+    meta_path = directory / _META
+    if directory.exists() and not directory.is_dir():
+        raise MergeBenchError(f"{directory}: is a file, not a mergebench result folder")
+    meta = _read_meta(meta_path)
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MergeBenchError(f"{meta_path}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
         raise MergeBenchError(
-            f"{meta_path}: not a mergebench result (format={meta.get('format')!r})"
+            f"{meta_path}: format version {version} is newer than this mergebench reads "
+            f"({FORMAT_VERSION}); upgrade mergebench"
         )
-    common = dict(
-        method=meta["method"],
-        params=meta["params"],
-        tasks=meta["tasks"],
-        extra=meta.get("extra", {}),
-    )
-    task_specific = _load_task_specific(directory, meta["tasks"])
-    if meta["kind"] == "single":
-        shared = open_checkpoint(directory / "model.safetensors", role="result").state_dict()
+    if version >= 2:
+        _check_manifest(directory, meta, verify)
+    tasks = _tasks(meta, meta_path)
+    for key, kind in (("params", dict), ("extra", dict), ("method", str)):
+        value = meta.get(key, {} if kind is dict else None)
+        if not isinstance(value, kind):
+            raise MergeBenchError(
+                f"{meta_path}: {key!r} is {type(value).__name__}, expected {kind.__name__}"
+            )
+    common = dict(method=meta["method"], params=meta.get("params", {}), tasks=tasks,
+                  extra=meta.get("extra", {}))  # fmt: skip
+    task_specific = _load_task_specific(directory, tasks, version)
+    kind = meta.get("kind")
+    if kind == "single":
+        shared = _open_result_file(directory, "model.safetensors").state_dict()
         return SingleModelResult(shared=shared, task_specific=task_specific, **common)
-    if meta["kind"] != "task_conditioned":
-        raise MergeBenchError(f"{meta_path}: unknown result kind {meta['kind']!r}")
-    copied_src = open_checkpoint(directory / "copied.safetensors", role="result")
+    if kind != "task_conditioned":
+        raise MergeBenchError(f"{meta_path}: unknown result kind {kind!r}")
+    copied_src = _open_result_file(directory, "copied.safetensors")
     excluded_keys = set(_safetensors_metadata_list(directory / "copied.safetensors"))
     copied_all = copied_src.state_dict()
-    unified = open_checkpoint(directory / "unified.safetensors", role="result").state_dict()
-    masks = (
-        open_checkpoint(directory / "masks.safetensors", role="result").state_dict()
-        if meta.get("masked", True)
-        else None
-    )
+    unified = _open_result_file(directory, "unified.safetensors").state_dict()
+    _check_shapes(meta, unified, meta_path)
+    masked = meta.get("masked", True)
+    masks = None
+    if masked:
+        masks = _open_result_file(directory, "masks.safetensors").state_dict()
+        _check_masks(directory / "masks.safetensors", masks, unified, tasks, version)
+    rescalers = _check_rescalers(meta.get("rescalers"), tasks, str(meta_path))
+    pre = _resolve_pretrained(directory, meta, pretrained, verify)
+    _check_pretrained(pre, unified, meta, pretrained is not None and verify)
     return TaskConditionedResult(
-        pretrained=_resolve_pretrained(directory, meta, pretrained, verify),
+        pretrained=pre,
         unified=unified,
         masks=masks,
-        rescalers={t: float(v) for t, v in meta["rescalers"].items()},
+        rescalers=rescalers,
         copied={k: v for k, v in copied_all.items() if k not in excluded_keys},
         pretrained_excluded={k: v for k, v in copied_all.items() if k in excluded_keys},
         task_specific=task_specific,
@@ -238,7 +282,15 @@ def load_result(
 
 
 def artifact_bytes(directory: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+    """Bytes of a saved result: the files its manifest lists (other files beside it, e.g.
+    the user's notes, do not count), or every file of a folder without a manifest."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / _META).read_text())
+        files = meta["manifest"]["files"]
+        return (directory / _META).stat().st_size + sum(int(f["size"]) for f in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -249,48 +301,290 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def pretrained_digest(source: CheckpointSource, keys: list[str]) -> str:
+    """sha256 of the pretrained tensors a task-conditioned result adds its deltas to (key,
+    dtype, shape and bytes, in key order): whatever file format they come in."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        tensor = source.get(key).detach().to("cpu").contiguous()
+        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 # --- helpers --------------------------------------------------------------------------------
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in tensors.items()}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def _meta_checksum(meta: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _save_task_specific(task_specific: dict[str, dict[str, torch.Tensor]], tmp: Path) -> None:
-    flat = {f"{t}{_SEP}{k}": v for t, tensors in task_specific.items() for k, v in tensors.items()}
-    if flat:
-        save_file(_contiguous(flat), tmp / "task_specific.safetensors")
+def _json_text(meta: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(meta, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    except ValueError:
+        raise MergeBenchError(
+            "result: a parameter or rescaler is nan or inf; refusing to save it"
+        ) from None
 
 
-def _load_task_specific(directory: Path, tasks: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    path = directory / "task_specific.safetensors"
-    out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
-    if path.exists():
-        for name, tensor in open_checkpoint(path, role="result").state_dict().items():
-            task, key = name.split(_SEP, 1)
-            out[task][key] = tensor
+def _check_rescalers(rescalers: Any, tasks: list[str], where: str) -> dict[str, float]:
+    if not isinstance(rescalers, Mapping):
+        raise MergeBenchError(f"{where}: rescalers missing or not a mapping {{task: number}}")
+    if set(rescalers) != set(tasks):
+        extra = sorted(set(rescalers) - set(tasks))
+        missing = sorted(set(tasks) - set(rescalers))
+        raise MergeBenchError(
+            f"{where}: rescalers do not match the tasks (unknown: {extra}, missing: {missing})"
+        )
+    out: dict[str, float] = {}
+    for task in tasks:
+        value = rescalers[task]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MergeBenchError(f"{where}: rescaler of task {task!r} is {value!r}, not a number")
+        if not math.isfinite(value):
+            raise MergeBenchError(f"{where}: rescaler of task {task!r} is {value}, not finite")
+        out[task] = float(value)
     return out
 
 
-def _safetensors_metadata_list(path: Path) -> list[str]:
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise MergeBenchError(f"{meta_path}: not found (not a mergebench result folder)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MergeBenchError(f"{meta_path}: invalid JSON ({err})") from None
+    except OSError as err:
+        raise MergeBenchError(f"{meta_path}: cannot read ({err.strerror or err})") from None
+    if not isinstance(meta, dict):
+        raise MergeBenchError(
+            f"{meta_path}: not a mergebench result (a JSON {type(meta).__name__}, not an object)"
+        )
+    if meta.get("format") != FORMAT:
+        raise MergeBenchError(
+            f"{meta_path}: not a mergebench result (format={meta.get('format')!r})"
+        )
+    return meta
+
+
+def _tasks(meta: Mapping[str, Any], meta_path: Path) -> list[str]:
+    tasks = meta.get("tasks")
+    if (
+        not isinstance(tasks, list)
+        or not tasks
+        or not all(isinstance(t, str) and t for t in tasks)
+        or len(set(tasks)) != len(tasks)
+    ):
+        raise MergeBenchError(f"{meta_path}: 'tasks' must be a non-empty list of distinct names")
+    if not isinstance(meta.get("method"), str):
+        raise MergeBenchError(f"{meta_path}: 'method' missing")
+    return list(tasks)
+
+
+def _check_manifest(directory: Path, meta: Mapping[str, Any], verify: bool) -> None:
+    meta_path = directory / _META
+    try:
+        expected = meta["checksum"]
+        recorded = _meta_checksum(meta)
+    except KeyError:
+        raise MergeBenchError(f"{meta_path}: checksum missing (edited by hand?)") from None
+    except ValueError:
+        raise MergeBenchError(f"{meta_path}: holds nan or inf (edited by hand?)") from None
+    if expected != recorded:
+        raise MergeBenchError(
+            f"{meta_path}: content changed since the result was saved (checksum mismatch)"
+        )
+    files = (
+        meta.get("manifest", {}).get("files") if isinstance(meta.get("manifest"), dict) else None
+    )
+    if not isinstance(files, dict):
+        raise MergeBenchError(f"{meta_path}: manifest missing")
+    for name, info in files.items():
+        path = directory / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise MergeBenchError(f"{meta_path}: manifest names {name!r}, not a file name")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise MergeBenchError(f"{path}: missing from the result folder") from None
+        if not path.is_file() or size != info.get("size"):
+            raise MergeBenchError(
+                f"{path}: changed since the result was saved ({size} bytes, "
+                f"manifest says {info.get('size')})"
+            )
+        if verify and sha256_file(path) != info.get("sha256"):
+            raise MergeBenchError(f"{path}: changed since the result was saved (sha256 mismatch)")
+
+
+def _open_result_file(directory: Path, name: str) -> CheckpointSource:
+    path = directory / name
+    if not path.is_file():
+        raise MergeBenchError(f"{path}: missing from the result folder")
+    return open_checkpoint(path, role="result")
+
+
+def _check_shapes(meta: Mapping[str, Any], unified: Mapping[str, torch.Tensor], meta_path: Path):
+    shapes = meta.get("shapes")
+    if shapes is None:
+        return
+    if not isinstance(shapes, dict) or set(shapes) != set(unified):
+        raise MergeBenchError(f"{meta_path}: 'shapes' do not match unified.safetensors")
+    for key, shape in shapes.items():
+        if list(unified[key].shape) != shape:
+            raise MergeBenchError(
+                f"{meta_path}: {key!r} has shape {list(unified[key].shape)} in "
+                f"unified.safetensors, {shape} recorded"
+            )
+
+
+def _check_masks(
+    path: Path,
+    masks: Mapping[str, torch.Tensor],
+    unified: Mapping[str, torch.Tensor],
+    tasks: list[str],
+    version: int,
+) -> None:
+    if set(masks) != set(unified):
+        missing = sorted(set(unified) - set(masks))
+        raise MergeBenchError(f"{path}: masks do not match the merged keys (missing {missing[:3]})")
+    for key, packed in masks.items():
+        want = (len(tasks), math.ceil(unified[key].numel() / 8))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
+            raise MergeBenchError(
+                f"{path}: mask of {key!r} is {packed.dtype} {list(packed.shape)}, "
+                f"expected uint8 {list(want)} ({len(tasks)} tasks)"
+            )
+    if version >= 2:
+        recorded = _safetensors_metadata_json(path, "tasks")
+        if recorded is not None and recorded != tasks:
+            raise MergeBenchError(f"{path}: written for tasks {recorded}, result.json says {tasks}")
+
+
+def _check_pretrained(
+    pre: CheckpointSource,
+    unified: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    digest: bool,
+) -> None:
+    for key, tensor in unified.items():
+        if key not in pre:
+            raise MergeBenchError(f"{pre.name}: no tensor {key!r}, which the result merged")
+        if tuple(pre.shape(key)) != tuple(tensor.shape):
+            raise MergeBenchError(
+                f"{pre.name}: tensor {key!r} has shape {list(pre.shape(key))}, "
+                f"the result needs {list(tensor.shape)}"
+            )
+    recorded = meta.get("pretrained_digest")
+    if digest and recorded is not None and pretrained_digest(pre, list(unified)) != recorded:
+        raise MergeBenchError(
+            f"{pre.name}: not the pretrained model this result was merged from "
+            "(its weights differ); pass the original, or verify=False"
+        )
+
+
+def _save_task_specific(
+    task_specific: dict[str, dict[str, torch.Tensor]], tasks: list[str], tmp: Path
+) -> None:
+    """Keys `"<task index>::<key>"`: task names may hold anything, `::` included."""
+    flat = {}
+    for task, tensors in task_specific.items():
+        if task not in tasks:
+            raise MergeBenchError(f"result: task-specific tensors of unknown task {task!r}")
+        for key, value in tensors.items():
+            flat[f"{tasks.index(task)}{_SEP}{key}"] = value
+    if flat:
+        save_file(
+            _contiguous(flat),
+            tmp / "task_specific.safetensors",
+            metadata={"tasks": json.dumps(tasks)},
+        )
+
+
+def _load_task_specific(
+    directory: Path, tasks: list[str], version: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    path = directory / "task_specific.safetensors"
+    out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
+    if not path.exists():
+        return out
+    if version >= 2:
+        recorded = _safetensors_metadata_json(path, "tasks")
+        if recorded is not None and recorded != tasks:
+            raise MergeBenchError(f"{path}: written for tasks {recorded}, result.json says {tasks}")
+    for name, tensor in open_checkpoint(path, role="result").state_dict().items():
+        task, key = _split_task_key(name, tasks, version, path)
+        out[task][key] = tensor
+    return out
+
+
+def _split_task_key(name: str, tasks: list[str], version: int, path: Path) -> tuple[str, str]:
+    if version >= 2:
+        index, sep, key = name.partition(_SEP)
+        if sep and index.isdigit() and int(index) < len(tasks):
+            return tasks[int(index)], key
+        raise MergeBenchError(f"{path}: tensor {name!r} belongs to no task of the result")
+    # Version 1 wrote "<task>::<key>": a task name holding "::" can make that ambiguous.
+    owners = [t for t in tasks if name.startswith(t + _SEP)]
+    if len(owners) == 1:
+        return owners[0], name[len(owners[0]) + len(_SEP) :]
+    if not owners:
+        raise MergeBenchError(f"{path}: tensor {name!r} belongs to no task of the result")
+    raise MergeBenchError(
+        f"{path}: tensor {name!r} could belong to tasks {owners} (a version-1 result with "
+        "'::' in task names); save it again with this version"
+    )
+
+
+def _safetensors_metadata_json(path: Path, field_name: str) -> Any:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads((handle.metadata() or {}).get("pretrained_excluded", "[]"))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(field_name)
+        return None if text is None else json.loads(text)
+    except Exception as err:  # safetensors raises its own error types
+        raise MergeBenchError(f"{path}: unreadable metadata ({err})") from None
+
+
+def _safetensors_metadata_list(path: Path) -> list[str]:
+    value = _safetensors_metadata_json(path, "pretrained_excluded")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        raise MergeBenchError(f"{path}: malformed 'pretrained_excluded' metadata")
+    return value
 
 
 def _resolve_pretrained(directory: Path, meta: dict[str, Any], override, verify: bool):
     if override is not None:
         return open_checkpoint(override, role="pretrained")
     info = meta.get("pretrained", {})
+    meta_path = directory / _META
+    if not isinstance(info, dict):
+        raise MergeBenchError(f"{meta_path}: malformed 'pretrained' entry")
     if "embedded" in info:
-        return open_checkpoint(directory / info["embedded"], role="pretrained")
-    files = [Path(f) for f in info.get("files", [])]
-    if not files:
-        raise MergeBenchError(f"{directory / 'result.json'}: no pretrained reference recorded")
-    for path, expected in zip(files, info.get("sha256", []), strict=True):
+        if info["embedded"] != "pretrained.safetensors":
+            raise MergeBenchError(f"{meta_path}: malformed 'pretrained' entry")
+        return _open_result_file(directory, "pretrained.safetensors")
+    files = info.get("files", [])
+    hashes = info.get("sha256", [])
+    if (
+        not isinstance(files, list)
+        or not isinstance(hashes, list)
+        or len(files) != len(hashes)
+        or not all(isinstance(f, str) for f in files)
+    ):
+        raise MergeBenchError(f"{meta_path}: malformed 'pretrained' entry")
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise MergeBenchError(f"{meta_path}: no pretrained reference recorded")
+    for path, expected in zip(paths, hashes, strict=True):
         if not path.exists():
             raise MergeBenchError(
                 f"{path}: pretrained checkpoint of {directory} not found; pass pretrained=..."
@@ -299,32 +593,141 @@ def _resolve_pretrained(directory: Path, meta: dict[str, Any], override, verify:
             raise MergeBenchError(
                 f"{path}: pretrained checkpoint changed since {directory} was saved (sha256 mismatch)"
             )
-    if len(files) == 1:
-        return open_checkpoint(files[0], role="pretrained")
-    if all(f.suffix == ".safetensors" for f in files):
-        return SafetensorsSource(files, name=f"pretrained ({files[0].parent})")
-    return TorchFileSource(files, name=f"pretrained ({files[0].parent})")
+    if len(paths) == 1:
+        return open_checkpoint(paths[0], role="pretrained")
+    if all(f.suffix == ".safetensors" for f in paths):
+        return SafetensorsSource(paths, name=f"pretrained ({paths[0].parent})")
+    return TorchFileSource(paths, name=f"pretrained ({paths[0].parent})")
 
 
-def _atomic_write(directory: Path, write) -> Path:
-    """Write into a sibling temp folder, then swap it in: never a half-written artifact."""
-    directory = directory.expanduser()
-    if directory.exists() and any(directory.iterdir()) and not (directory / "result.json").exists():
-        raise MergeBenchError(
-            f"{directory}: exists and is not a mergebench result; refusing to overwrite it"
-        )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+# --- saving ---------------------------------------------------------------------------------
+def _output_dir(directory: str | Path) -> Path:
+    if not str(directory).strip():
+        raise MergeBenchError("output folder: empty path")
+    path = Path(directory).expanduser()
+    if path.name in ("", ".", ".."):  # "." has no name to make sibling temp folders from
+        path = Path(os.path.abspath(path))
+    if not path.name:
+        raise MergeBenchError(f"{directory}: cannot save a result as the file-system root")
+    return path
+
+
+def _owned_files(directory: Path) -> set[str] | None:
+    """Names in `directory` that an earlier save wrote (may be replaced or removed), or None
+    for a missing folder. A non-empty folder without our result is an error."""
+    if not directory.exists() and not directory.is_symlink():
+        return None
+    if not directory.is_dir():
+        raise MergeBenchError(f"{directory}: exists and is not a folder; refusing to overwrite it")
+    entries = {p.name for p in directory.iterdir()}
+    if not entries:
+        return set()
+    refuse = MergeBenchError(
+        f"{directory}: not empty and not a mergebench result; refusing to write into it "
+        "(choose a new or empty folder)"
+    )
     try:
-        write(tmp)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        meta = json.loads((directory / _META).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise refuse from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise refuse
+    manifest = meta.get("manifest")
+    if meta.get("format_version", 1) == 1 and manifest is None:
+        return {name for name in _V1_FILES if (directory / name).is_file()}
+    try:
+        listed = {str(name) for name in manifest["files"]}
+        if meta.get("checksum") != _meta_checksum(meta):
+            raise ValueError
+    except (TypeError, KeyError, ValueError):
+        raise MergeBenchError(
+            f"{directory / _META}: edited since it was saved; refusing to replace the folder's "
+            "files (remove them yourself, or choose another folder)"
+        ) from None
+    return {name for name in listed | {_META} if Path(name).name == name and name in entries}
+
+
+def _manifest(tmp: Path) -> dict[str, Any]:
+    files = sorted(p.name for p in tmp.iterdir() if p.name not in (_META, TEMP_MARKER))
+    return {
+        "files": {
+            name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+            for name in files
+        }
+    }
+
+
+def _atomic_write(directory: Path, write: Callable[[Path], dict[str, Any]]) -> Path:
+    """Write the result into a marked sibling temp folder, then move it into place.
+
+    A missing folder is renamed into place; a folder holding only an earlier result is
+    swapped whole (readers never see half an artifact). An empty folder, or one that also
+    holds other files (the user's notes), keeps them: the new files are moved in,
+    `result.json` last, and then the files only the old manifest lists are removed. Temp folders of a killed earlier save are removed first."""
+    try:
+        old_files = _owned_files(directory)
+        parent = directory.parent
+        for ancestor in (parent, *parent.parents):
+            if ancestor.exists():
+                if not ancestor.is_dir():
+                    raise MergeBenchError(
+                        f"{directory}: cannot save the result ({ancestor} is a file, not a folder)"
+                    )
+                break
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(parent, directory.name)
+        tmp = make_marked_temp_dir(parent, f".{directory.name}.tmp-")
+    except OSError as err:
+        raise _save_error(directory, err) from None
+    try:
+        meta = dict(write(tmp))
+        meta["manifest"] = _manifest(tmp)
+        meta["checksum"] = _meta_checksum(json.loads(_json_text(meta)))
+        (tmp / _META).write_text(_json_text(meta))
+        new_files = set(meta["manifest"]["files"]) | {_META}
+        entries = set() if old_files is None else {p.name for p in directory.iterdir()}
+        if old_files is None:
+            (tmp / TEMP_MARKER).unlink()
+            os.replace(tmp, directory)
+        elif entries and entries <= old_files and not _holds_cwd(directory):
+            old = make_marked_temp_dir(parent, f".{directory.name}.old-")
             os.replace(directory, old / "x")
+            (tmp / TEMP_MARKER).unlink()
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, directory)
+            clash = sorted((new_files & entries) - old_files)
+            if clash:
+                raise MergeBenchError(
+                    f"{directory / clash[0]}: not written by mergebench; refusing to overwrite it"
+                )
+            for name in sorted(new_files - {_META}) + [_META]:
+                os.replace(tmp / name, directory / name)
+            for name in sorted(old_files - new_files):
+                (directory / name).unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(directory, err) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _holds_cwd(directory: Path) -> bool:
+    """Whether the process works inside `directory` (swapping it would strand the process)."""
+    try:
+        cwd = Path.cwd().resolve()
+        return cwd == directory.resolve() or directory.resolve() in cwd.parents
+    except OSError:
+        return True
+
+
+def _save_error(directory: Path, err: OSError) -> MergeBenchError:
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    elif err.errno == errno.EROFS:
+        reason = "read-only file system"
+    return MergeBenchError(f"{directory}: cannot save the result ({reason})")

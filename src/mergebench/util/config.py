@@ -51,7 +51,13 @@ def compose_config(overrides: Sequence[str], config_name: str = "config") -> Dic
     """The Hydra config of the `mergebench` app with `overrides` (no Hydra run folder)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override: one line
+        text = " ".join(str(err).split())
+        raise MergeBenchError(f"override: {text[:300]}") from None

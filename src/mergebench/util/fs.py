@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -81,3 +82,62 @@ def publish_tree(root: Path) -> None:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --- marked temporary folders (cleaned up after a killed process) ---------------------------
+TEMP_MARKER = ".mergebench-temp"  # a file inside every temporary folder we create: "pid host"
+
+
+def make_marked_temp_dir(parent: Path, prefix: str) -> Path:
+    """`make_temp_dir` plus our marker file (owner PID and host), so that a later run can
+    recognise the folder as ours, and left behind by a process that no longer exists."""
+    tmp = make_temp_dir(parent, prefix)
+    (tmp / TEMP_MARKER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _is_stale(folder: Path) -> bool:
+    """True only for a folder holding our marker whose owner is certainly gone: its PID is
+    dead on this host (folders of other hosts are never touched)."""
+    marker = folder / TEMP_MARKER
+    try:
+        if folder.is_symlink() or not folder.is_dir() or not marker.is_file():
+            return False
+        pid_text, host = marker.read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False  # another machine's save on shared storage: it may still be running
+    if pid == os.getpid():
+        return False
+    return not _pid_alive(pid)
+
+
+def remove_stale_temp_dirs(parent: Path, name: str) -> list[Path]:
+    """Remove `.<name>.tmp-*` / `.<name>.old-*` folders in `parent` left by a killed save:
+    only those with our marker inside whose owner process is dead. Returns what went."""
+    removed: list[Path] = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(f".{name}.tmp-") or entry.name.startswith(f".{name}.old-")):
+            continue
+        if _is_stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
