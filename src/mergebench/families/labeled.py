@@ -148,20 +148,6 @@ class HFLabeledData(LabeledData):
     def metric(self, task: str) -> Metric:
         return build_task_metric(self.metric_name(task), self.num_classes(task))
 
-    def batches(
-        self,
-        task: str,
-        split: str,
-        batch_size: int,
-        order: np.ndarray | None = None,
-        by_length: bool = False,
-    ) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """(encoded inputs, labels) batches of one split, in `order` if given. `by_length` is
-        accepted for the evaluator's sake and ignored: rows are read lazily, and sorting them
-        by length would read every row first."""
-        for batch, labels, _ in self.indexed_batches(task, split, batch_size, order, by_length):
-            yield batch, labels
-
     def indexed_batches(
         self,
         task: str,

@@ -44,7 +44,12 @@ from mergebench.engine.checkpoints import (
     open_checkpoint,
 )
 from mergebench.util.errors import MergeBenchError
-from mergebench.util.fs import TEMP_MARKER, make_marked_temp_dir, remove_stale_temp_dirs
+from mergebench.util.fs import (
+    TEMP_MARKER,
+    make_marked_temp_dir,
+    publish_tree,
+    remove_stale_temp_dirs,
+)
 from mergebench.util.version import __version__
 
 FORMAT = "mergebench-result"
@@ -684,6 +689,7 @@ def _atomic_write(directory: Path, write: Callable[[Path], dict[str, Any]]) -> P
         meta["manifest"] = _manifest(tmp)
         meta["checksum"] = _meta_checksum(json.loads(_json_text(meta)))
         (tmp / _META).write_text(_json_text(meta))
+        publish_tree(tmp)  # safetensors writes 0600 files: give them the umask's permissions
         new_files = set(meta["manifest"]["files"]) | {_META}
         entries = set() if old_files is None else {p.name for p in directory.iterdir()}
         if old_files is None:
