@@ -11,7 +11,8 @@ import pytest
 from mergebench.cli.leaderboard import main
 from mergebench.report.boards import load_boards
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import ResultsStore, open_store
+from mergebench.report.store import ResultsStore
+from mergebench.report.stores import open_store
 
 pytest_plugins = ["conftest_postgres"]  # the postgres_url fixture
 

@@ -18,10 +18,10 @@ from mergebench.report.store import (
     ResultsStore,
     SQLiteStore,
     config_hash,
-    open_store,
     record_hash,
     redact_url,
 )
+from mergebench.report.stores import open_store
 from mergebench.util.errors import MergeBenchError
 
 
@@ -258,7 +258,7 @@ def test_reads_a_database_on_a_read_only_mount(tmp_path) -> None:
     store.add_run(make_record("emr"))
     code = (
         "import sys\n"
-        "from mergebench.report.store import open_store\n"
+        "from mergebench.report.stores import open_store\n"
         "try:\n"
         f"    open({str(folder / 'probe')!r}, 'w')\n"
         "    sys.exit('the folder is writable')\n"

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import config_hash, open_store, record_hash
+from mergebench.report.store import config_hash, record_hash
+from mergebench.report.stores import open_store
 from mergebench.util.errors import MergeBenchError
 
 pytest_plugins = ["conftest_postgres"]  # the postgres_server and postgres_url fixtures
@@ -131,7 +132,7 @@ _WRITER = textwrap.dedent(
     sys.modules["mergebench"] = pkg
 
     from mergebench.report.records import RunRecord, TaskScore
-    from mergebench.report.store import open_store
+    from mergebench.report.stores import open_store
 
     url, worker = sys.argv[1], int(sys.argv[2])
     runs, stride = int(sys.argv[3]), int(sys.argv[4])

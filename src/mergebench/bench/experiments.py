@@ -27,7 +27,8 @@ from mergebench.bench.selection import select_on_validation
 from mergebench.evaluation import ModelCache, evaluate_timed
 from mergebench.report.plots import plot_storage, plot_weight_stats
 from mergebench.report.render import atomic_write
-from mergebench.report.store import config_hash, open_store
+from mergebench.report.store import config_hash
+from mergebench.report.stores import open_store
 from mergebench.report.wandb import build_logger, current_sweep_id
 from mergebench.sources import load_pool
 from mergebench.sources.zoo import ensure_zoo, family_dir

@@ -34,7 +34,8 @@ from mergebench.evaluation import ModelCache, average, evaluate_timed, normalize
 from mergebench.families.labeled import LabeledData
 from mergebench.methods.registry import method_base_label, variant_label
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import open_store, record_hash
+from mergebench.report.store import record_hash
+from mergebench.report.stores import open_store
 from mergebench.report.wandb import current_sweep_id, log_with_leaderboard, logger_from_config
 from mergebench.results import artifact_bytes
 from mergebench.sources import REFERENCE_ROWS, CheckpointSource, open_source

@@ -10,7 +10,7 @@ from pathlib import Path
 from mergebench.report.boards import DEFAULT_DB, Board, load_boards
 from mergebench.report.plots import write_all_plots
 from mergebench.report.render import FORMATS, atomic_write, print_table, render
-from mergebench.report.store import open_store
+from mergebench.report.stores import open_store
 from mergebench.report.wandb import RunLogger, WandbLogger
 from mergebench.util.errors import MergeBenchError
 

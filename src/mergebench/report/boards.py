@@ -27,8 +27,8 @@ from mergebench.report.store import (
     canonical_config,
     combined_results,
     is_url,
-    open_store,
 )
+from mergebench.report.stores import open_store
 from mergebench.util.errors import MergeBenchError
 
 

@@ -645,7 +645,7 @@ ResultsStore = SQLiteStore  # the name existing code and tests use
 
 
 # -- choosing a backend -------------------------------------------------------------------
-_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
 
 
 def redact_url(url: str) -> str:
@@ -674,38 +674,6 @@ def sqlite_path(url: str) -> Path:
             f"store {url}: expected sqlite:///relative/path or sqlite:////absolute/path"
         )
     return Path(unquote(rest[1:]))
-
-
-def open_store(
-    target: str | os.PathLike[str] | Store = DEFAULT_DB,
-    *,
-    readonly: bool = False,
-    allow_network_fs: bool = False,
-    timeout_s: float = 60.0,
-) -> Store:
-    """The store at a path (SQLite), `sqlite:///path` or `postgresql://user@host:port/db`.
-
-    `readonly` opens an existing store for reading only (never creates a table); otherwise
-    the schema is created if missing. A `Store` is returned as it is.
-    """
-    if isinstance(target, Store):
-        return target
-    if not is_url(target):
-        return SQLiteStore(target, timeout_s, readonly=readonly, allow_network_fs=allow_network_fs)
-    text = str(target)
-    scheme = text.split("://", 1)[0].lower()
-    if scheme in _POSTGRES_SCHEMES:
-        from mergebench.report.store_postgres import PostgresStore
-
-        return PostgresStore(text, readonly=readonly, timeout_s=timeout_s)
-    if scheme == "sqlite":
-        return SQLiteStore(
-            sqlite_path(text), timeout_s, readonly=readonly, allow_network_fs=allow_network_fs
-        )
-    raise MergeBenchError(
-        f"store {redact_url(text)}: unknown scheme {scheme}://; expected a path, "
-        "sqlite:///path or postgresql://user@host:port/db"
-    )
 
 
 def combined_results(

@@ -148,7 +148,13 @@ def fit(
     )
     start = time.perf_counter()
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0)
-    trainer.fit(module, train_dataloaders=loader)
+    threads_before = torch.get_num_threads()
+    if hp.get("threads"):  # a fixed count: the same weights bit for bit on any machine
+        torch.set_num_threads(int(hp["threads"]))
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        torch.set_num_threads(threads_before)
     for model in models.values():
         model.eval()
     return models, time.perf_counter() - start
