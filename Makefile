@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup test test-all lint bench bench-all zoo data clean
+.PHONY: setup test test-all lint bench bench-all zoo data clean mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,14 @@ bench: zoo
 
 bench-all: zoo
 	$(PY) scripts/run_bench.py --all
+
+# Mutation testing (not part of CI; docs/mutation.md): mutmut over the methods, kernels, key
+# plan, store hashing and label guard ([tool.mutmut] in pyproject.toml), in mutants/.
+# Long: about an hour on 2 cores. `mutmut results` lists survivors, `mutmut show NAME` one.
+MUTATION_JOBS ?= 2
+mutation: setup
+	$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS)
+	$(VENV)/bin/mutmut results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

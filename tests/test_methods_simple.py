@@ -64,6 +64,10 @@ def test_task_arithmetic_scales_the_sum_of_task_vectors():
         (0.15, 10, 2),
         (0.149, 10, 1),
         (1.0, 7, 7),
+        # Even integer parts: banker's rounding (round) would round these halves down.
+        (0.25, 10, 3),
+        (0.25, 18, 5),
+        (0.125, 20, 3),
     ],
 )
 def test_keep_count_rounds_half_up_and_keeps_at_least_one(k, n, keep):
@@ -111,10 +115,12 @@ def test_ties_global_threshold_matches_a_full_sort_on_random_data():
         "ties", pre, finetuned, k=0.1, scaling=1.0, aggregate="sum", progress=False
     ).state_dict()
     # Reference: trim each task on its flattened vector with an explicit sort.
+    # n = 300 + 40 * 7 = 580 entries per task; keep = floor(0.1 * 580 + 0.5) = 58.
     trimmed = []
     for ft in finetuned.values():
         flat = torch.cat([ft["a"].reshape(-1), ft["b"].reshape(-1)])
-        keep = keep_count(0.1, flat.numel())
+        assert flat.numel() == 580
+        keep = 58
         threshold = flat.abs().sort(descending=True).values[keep - 1]
         trimmed.append(flat * (flat.abs() >= threshold))
     stack = torch.stack(trimmed)

@@ -3,7 +3,6 @@ reading (read-only, never creating tables) and store URLs."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
 import sqlite3
@@ -142,24 +141,37 @@ def test_wal_mode(tmp_path) -> None:
     con.close()
 
 
-def _writer(path: str, worker: int, n: int) -> None:
-    store = ResultsStore(path)
-    for i in range(n):
-        store.add_run(make_record(label=f"w{worker}", scaling=float(i)))
+_WRITER = """
+import sys
+from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.store import ResultsStore
+path, worker, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+store = ResultsStore(path)
+for i in range(n):
+    store.add_run(RunRecord(
+        method="ties", label=f"w{worker}", family="minilm", taskset="text",
+        config={"method": {"name": "ties", "scaling": float(i)}, "worker": worker},
+        scores=[TaskScore(t, "accuracy", 0.5) for t in ("a", "b", "c")],
+    ))
+"""
 
 
 def test_concurrent_writers_lose_nothing(tmp_path) -> None:
+    """Four writer processes at once. Separate interpreters that never import torch (no
+    fork after torch is loaded: that can hang on a busy machine)."""
     path = str(tmp_path / "r.sqlite")
-    # fork: children reuse the imported modules (spawn would re-import torch in each)
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_writer, args=(path, w, 15)) for w in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    ResultsStore(path)  # the schema exists before the writers race
+    code = _LIGHT_IMPORTS + _WRITER
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, path, str(w), "15"], stderr=subprocess.PIPE)
+        for w in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     store = ResultsStore(path)
-    assert len(store.runs()) == 60
+    runs = store.runs()
+    assert len(runs) == 60
+    assert {r["label"] for r in runs} == {"w0", "w1", "w2", "w3"}
     assert len(store.scores()) == 60 * 3
 
 

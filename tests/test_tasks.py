@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,12 +17,38 @@ from mergebench.data.embedded import (
     load_raw,
     load_splits,
 )
-from mergebench.data.embedded.sources import RawData
+from mergebench.data.embedded.sources import (
+    FASHION_MNIST_DEFAULT,
+    FASHION_MNIST_ENV,
+    RawData,
+)
 from mergebench.data.splits import make_splits
 from mergebench.util.errors import MergeBenchError
 
 TEXT = [n for n, t in TASKS.items() if t.modality == "text"]
 IMAGE = [n for n, t in TASKS.items() if t.modality == "image"]
+
+
+FASHION_MNIST_FILES = [
+    f"{part}-{kind}-ubyte.gz"
+    for part in ("train", "t10k")
+    for kind in ("images-idx3", "labels-idx1")
+]
+
+
+def needs_fashion_mnist(name: str) -> None:
+    """Skip (with the reason) a test of `fashion_mnist` where Debian's Fashion-MNIST is missing:
+    `make test` installs it first (`make data`), which needs root and apt-get."""
+    if name != "fashion_mnist":
+        return
+    root = Path(os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DEFAULT))
+    missing = [f for f in FASHION_MNIST_FILES if not (root / f).is_file()]
+    if missing:
+        pytest.skip(
+            f"Debian's Fashion-MNIST is missing ({missing[0]} not in {root}) and `make data` "
+            "could not install it (needs root: apt-get install dataset-fashion-mnist); or set "
+            f"{FASHION_MNIST_ENV} to a folder with its IDX .gz files"
+        )
 
 
 def toy(n: int = 100, classes: int = 4) -> RawData:
@@ -35,6 +64,7 @@ def test_task_sets_have_enough_tasks():
 
 @pytest.mark.parametrize("name", list(TASKS))
 def test_every_task_loads_real_data(name):
+    needs_fashion_mnist(name)
     raw = load_raw(name)
     assert len(raw) == len(raw.labels) >= 200
     counts = np.bincount(raw.labels, minlength=len(raw.classes))
@@ -47,13 +77,25 @@ def test_every_task_loads_real_data(name):
         assert raw.inputs.max() > 200, "images scaled to 0-255"
 
 
-def test_default_sets_have_300_test_examples_where_data_allows():
-    for name in TEXT:
+@pytest.mark.parametrize("name", TEXT + IMAGE)
+def test_default_sets_have_300_test_examples_where_data_allows(name):
+    needs_fashion_mnist(name)
+    if name in TEXT:
         splits = load_splits(name, 600, 100, 400, 0)
         assert len(splits.test) >= 300, name
-    for name in IMAGE:
+    else:
         splits = load_splits(name, 1000, 100, 400, 0)
         assert len(splits.test) >= (300 if name != "faces" else 60), name
+
+
+def test_missing_fashion_mnist_skips_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))  # an empty folder
+    with pytest.raises(pytest.skip.Exception, match="Fashion-MNIST is missing .*make data"):
+        needs_fashion_mnist("fashion_mnist")
+    needs_fashion_mnist("mnist")  # other tasks never skip
+    for f in FASHION_MNIST_FILES:
+        (tmp_path / f).write_bytes(b"")
+    needs_fashion_mnist("fashion_mnist")  # present: runs
 
 
 def test_splits_are_disjoint_stratified_and_seeded():
