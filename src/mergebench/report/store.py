@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from mergebench.report.records import RunRecord, TaskScore
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.hashing import stable_hash
 
 DEFAULT_DB = Path("outputs") / "results.sqlite"
 
@@ -141,8 +141,7 @@ def config_hash(config: Mapping[str, Any], label: str | None = None) -> str:
     payload: dict[str, Any] = {"config": canonical_config(config)}
     if label is not None:
         payload["label"] = label
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return stable_hash(payload)  # canonical JSON: the same digest as stores written before
 
 
 def record_hash(record: RunRecord) -> str:

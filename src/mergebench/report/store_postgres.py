@@ -29,7 +29,7 @@ from mergebench.report.store import (
     record_hash,
     redact_url,
 )
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, first_line
 
 # First key of every advisory lock mergebench takes ("mb"), so that its locks do not collide
 # with another application's in the same database; the second is hashtext(config hash), or
@@ -120,15 +120,15 @@ class PostgresStore(Store):
                 application_name="mergebench",
             )
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MergeBenchError(f"store {self.location}: cannot connect ({first})") from exc
+            raise MergeBenchError(
+                f"store {self.location}: cannot connect ({first_line(exc)})"
+            ) from exc
         try:
             if self.readonly:
                 con.read_only = True
             yield con
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MergeBenchError(f"store {self.location}: {first}") from exc
+            raise MergeBenchError(f"store {self.location}: {first_line(exc)}") from exc
         finally:
             con.close()
 
