@@ -90,9 +90,9 @@ def write_leaderboard(db: str, out_dir: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--sets", nargs="+", default=list(SETS), help=f"of {', '.join(SETS)}")
     parser.add_argument(
-        "--variants", nargs="+", default=DATA_FREE_VARIANTS, choices=ALL_DATA_FREE,
+        "--variants", nargs="+", default=DATA_FREE_VARIANTS,
         help="data-free variants to run (default: the eleven of the EMR paper's tables)",
     )  # fmt: skip
     parser.add_argument(
@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs", help="leaderboard folder")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
+    # `--variants emr threads=1` hands the override to --variants: move KEY=VALUE items back.
+    listed = [*args.sets, *args.variants]
+    args.overrides = [v for v in listed if "=" in v] + list(args.overrides)
+    args.sets = [s for s in args.sets if "=" not in s]
+    args.variants = [v for v in args.variants if "=" not in v]
+    if any(s not in SETS for s in args.sets):
+        parser.error(f"--sets: choose from {', '.join(SETS)}")
 
     common = [
         "+experiment=" + ",".join(SETS[s] for s in args.sets),
@@ -113,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         *args.overrides,
     ]
     start = time.perf_counter()
+    unknown = [v for v in args.variants if v not in ALL_DATA_FREE]
+    if unknown:
+        parser.error(
+            f"--variants: unknown variant {unknown[0]!r} (choose from {', '.join(ALL_DATA_FREE)})"
+        )
     variants = list(args.variants)
     if args.all:
         variants += [v for v in NEW_METHOD_VARIANTS if v not in variants]

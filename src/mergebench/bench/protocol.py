@@ -105,7 +105,7 @@ def select(
 
     `memo` keeps selections by method and options (give one per pool): a multirun then
     selects TIES once for `ties`, `dare (ties)` and `ties w/ M&R`."""
-    key = stable_hash([name, dict(params)])
+    key = stable_hash([name, {**method_defaults(name), **dict(params)}])  # defaults: one key
     if memo is not None and key in memo:
         return memo[key]
     selection = _select(name, params, pool, validate, device, say, memo)

@@ -207,7 +207,7 @@ def plot_emr_ablation(board: Board, path: str | os.PathLike[str]) -> Path | None
                 ]
             ax.set_xlim(-1, 2 * len(pairs) - 1)
             ax.set_title("Masks & rescalers on X (Table 7)")
-            ax.legend(fontsize="small", loc="lower right")
+            ax.legend(fontsize="small", loc="best")
         marks = [(x, _pct(v)) for x, v in published if v is not None]
         if marks:
             ax.scatter([x for x, _ in marks], [y for _, y in marks], marker="_", s=300,

@@ -64,8 +64,14 @@ def _header(board: Board) -> list[str]:
     return cols
 
 
+def _setting_text(value: Any) -> str:
+    if isinstance(value, dict):  # e.g. base_params, or a per-task threshold
+        return "(" + ", ".join(f"{k}={_setting_text(v)}" for k, v in value.items()) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _selected_text(row: Row) -> str:
-    return ", ".join(f"{k}={v}" for k, v in row.selected.items()) or "—"
+    return ", ".join(f"{k}={_setting_text(v)}" for k, v in row.selected.items()) or "—"
 
 
 def _cells(board: Board, row: Row, percent: bool) -> list[str]:
@@ -194,6 +200,7 @@ _STYLE = (
     "th{cursor:pointer;background:#f3f3f3}th[data-dir=asc]::after{content:' \\25B2'}"
     "th[data-dir=desc]::after{content:' \\25BC'}"
     "td:nth-child(2),th:nth-child(2){text-align:left}tr.ref td{font-style:italic;color:#666}"
+    "td.sel{text-align:left;white-space:normal;max-width:16em;font-size:85%}"
     "small{color:#777}.cap{color:#555;max-width:70em}.plots img{max-width:48%;margin:4px}"
 )
 
@@ -264,7 +271,7 @@ def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = N
                         f"<b>{esc(_fmt(row.average, percent))}</b>{sub}</td>")  # fmt: skip
             body.append(f"<td>{esc(_fmt(row.normalized_average, True))}</td>")
             tied = "" if row.tied_with_best is None else ("yes" if row.tied_with_best else "no")
-            body.append(f"<td>{tied}</td><td>{esc(_selected_text(row))}</td>")
+            body.append(f"<td>{tied}</td><td class='sel'>{esc(_selected_text(row))}</td>")
             cost = row.cost
             for key, digits in (("merge_seconds", 1), ("peak_rss_mib", 0), ("artifact_mib", 1),
                                 ("eval_examples_per_second", 0)):  # fmt: skip
