@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import svd_pools
 import torch
 
 import mergebench
@@ -17,30 +18,21 @@ from mergebench.util.errors import MergeBenchError
 HEAD = r"head\..*"
 
 
+SHAPES = {
+    "embed.weight": (10, 4),
+    "layer.weight": (6, 6),
+    "layer.bias": (6,),
+    "out.weight": (4, 9),
+    "conv.weight": (3, 2, 2, 2),
+    "position_ids": (5,),
+    "head.weight": (2, 4),
+}
+
+
 def random_pool(seed: int = 0, num_tasks: int = 3, scale: float = 0.1):
     """Matrices (square, tall, wide), 1-D and 4-D tensors, an integer buffer and a head
     that is task-specific (its shape differs per task)."""
-    g = torch.Generator().manual_seed(seed)
-    pre = {
-        "embed.weight": torch.randn(10, 4, generator=g),
-        "layer.weight": torch.randn(6, 6, generator=g),
-        "layer.bias": torch.randn(6, generator=g),
-        "out.weight": torch.randn(4, 9, generator=g),
-        "conv.weight": torch.randn(3, 2, 2, 2, generator=g),
-        "position_ids": torch.arange(5),
-        "head.weight": torch.randn(2, 4, generator=g),
-    }
-    finetuned = {}
-    for t in range(num_tasks):
-        ft = {}
-        for key, value in pre.items():
-            if value.is_floating_point():
-                ft[key] = value + scale * torch.randn(value.shape, generator=g)
-            else:
-                ft[key] = value.clone()
-        ft["head.weight"] = torch.randn(2 + t, 4, generator=g)
-        finetuned[f"task{t}"] = ft
-    return pre, finetuned
+    return svd_pools.random_pool(SHAPES, seed, num_tasks, scale)
 
 
 def merge(pre, finetuned, **params):
