@@ -10,7 +10,7 @@ them into our unit (a fraction in [0, 1], as torchmetrics reports).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 def norm(name: str) -> str:
@@ -124,168 +124,124 @@ _GLUE8_ALIASES = (
     ("rte",),
 )
 
+_VIT_B32_8 = Setting(
+    key="vit-b32-8",
+    n_tasks=8,
+    title="CLIP ViT-B/32, eight vision tasks (EMR-Merging Tables 1, 7, 8)",
+    families=(
+        "clip-vit-b32",
+        "clip-vit-base-patch32",
+        "openai/clip-vit-base-patch32",
+        "ViT-B-32",
+        "vit-b32",
+        "clip_b32",
+    ),
+    tasksets=_VISION8_NAMES,
+    unit="percent",
+    average={
+        "individual": 90.5,
+        "multitask": 88.9,
+        "weight_averaging": 65.8,
+        "fisher": 68.3,
+        "regmean": 71.8,
+        "task_arithmetic": 70.1,
+        "ties": 73.6,
+        "adamerging": 80.1,
+        "adamerging++": 81.1,
+        "emr": 88.7,
+        "emr (elect)": 59.3,
+        "emr (elect+mask)": 86.8,
+        "emr (elect+rescale)": 71.9,
+        "task_arithmetic w/ M&R": 76.9,
+        "ties w/ M&R": 78.6,
+        "adamerging++ w/ M&R": 87.7,
+    },
+    tasks=_VISION8_TASKS,
+    task_aliases=_VISION8_ALIASES,
+    per_task={
+        "individual": (75.3, 77.7, 96.1, 99.7, 97.5, 98.7, 99.7, 79.4),
+        "emr": (75.2, 72.8, 93.5, 99.5, 96.9, 98.1, 99.6, 74.4),
+    },
+    num_tasks={
+        "emr": {2: 77.5, 3: 82.8, 4: 86.7, 5: 88.6, 6: 89.9, 7: 91.0, 8: 88.7},
+        "ties": {2: 68.7, 3: 72.0, 4: 75.5, 5: 73.0, 6: 72.8, 7: 75.9, 8: 72.4},
+    },
+)
+
+
+_VIT_L14_8 = Setting(
+    key="vit-l14-8",
+    n_tasks=8,
+    title="CLIP ViT-L/14, eight vision tasks (EMR-Merging Table 2)",
+    families=(
+        "clip-vit-l14",
+        "clip-vit-large-patch14",
+        "openai/clip-vit-large-patch14",
+        "ViT-L-14",
+        "vit-l14",
+        "clip_l14",
+    ),
+    tasksets=_VISION8_NAMES,
+    unit="percent",
+    average={
+        "individual": 94.2,
+        "multitask": 93.5,
+        "weight_averaging": 79.6,
+        "fisher": 82.2,
+        "regmean": 83.7,
+        "task_arithmetic": 84.5,
+        "ties": 86.0,
+        "adamerging": 90.8,
+        "adamerging++": 91.0,
+        "emr": 93.7,
+    },
+)
+
+
+_VIT_B16_30 = Setting(
+    key="vit-b16-30",
+    n_tasks=30,
+    title="ViT-B/16 (ImageNet-21k), thirty vision tasks (EMR-Merging Table 3)",
+    families=("vit-b16", "vit-b16-in21k", "google/vit-base-patch16-224-in21k", "vit_b16"),
+    tasksets=("vision30", "thirty", "30tasks"),
+    unit="percent",
+    average={
+        "individual": 93.02,
+        "weight_averaging": 42.52,
+        "regmean": 68.14,
+        "task_arithmetic": 48.89,
+        "ties": 37.53,
+        "adamerging": 60.25,
+        "emr": 89.54,
+    },
+)
+
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        key="vit-b32-8",
-        n_tasks=8,
-        title="CLIP ViT-B/32, eight vision tasks (EMR-Merging Tables 1, 7, 8)",
-        families=(
-            "clip-vit-b32",
-            "clip-vit-base-patch32",
-            "openai/clip-vit-base-patch32",
-            "ViT-B-32",
-            "vit-b32",
-            "clip_b32",
-        ),
-        tasksets=_VISION8_NAMES,
-        unit="percent",
-        average={
-            "individual": 90.5,
-            "multitask": 88.9,
-            "weight_averaging": 65.8,
-            "fisher": 68.3,
-            "regmean": 71.8,
-            "task_arithmetic": 70.1,
-            "ties": 73.6,
-            "adamerging": 80.1,
-            "adamerging++": 81.1,
-            "emr": 88.7,
-            "emr (elect)": 59.3,
-            "emr (elect+mask)": 86.8,
-            "emr (elect+rescale)": 71.9,
-            "task_arithmetic w/ M&R": 76.9,
-            "ties w/ M&R": 78.6,
-            "adamerging++ w/ M&R": 87.7,
-        },
-        tasks=_VISION8_TASKS,
-        task_aliases=_VISION8_ALIASES,
-        per_task={
-            "individual": (75.3, 77.7, 96.1, 99.7, 97.5, 98.7, 99.7, 79.4),
-            "emr": (75.2, 72.8, 93.5, 99.5, 96.9, 98.1, 99.6, 74.4),
-        },
-        num_tasks={
-            "emr": {2: 77.5, 3: 82.8, 4: 86.7, 5: 88.6, 6: 89.9, 7: 91.0, 8: 88.7},
-            "ties": {2: 68.7, 3: 72.0, 4: 75.5, 5: 73.0, 6: 72.8, 7: 75.9, 8: 72.4},
-        },
-    ),
-    Setting(
-        key="vit-l14-8",
-        n_tasks=8,
-        title="CLIP ViT-L/14, eight vision tasks (EMR-Merging Table 2)",
-        families=(
-            "clip-vit-l14",
-            "clip-vit-large-patch14",
-            "openai/clip-vit-large-patch14",
-            "ViT-L-14",
-            "vit-l14",
-            "clip_l14",
-        ),
-        tasksets=_VISION8_NAMES,
-        unit="percent",
-        average={
-            "individual": 94.2,
-            "multitask": 93.5,
-            "weight_averaging": 79.6,
-            "fisher": 82.2,
-            "regmean": 83.7,
-            "task_arithmetic": 84.5,
-            "ties": 86.0,
-            "adamerging": 90.8,
-            "adamerging++": 91.0,
-            "emr": 93.7,
-        },
-    ),
-    Setting(
-        key="vit-b16-30",
-        n_tasks=30,
-        title="ViT-B/16 (ImageNet-21k), thirty vision tasks (EMR-Merging Table 3)",
-        families=("vit-b16", "vit-b16-in21k", "google/vit-base-patch16-224-in21k", "vit_b16"),
-        tasksets=("vision30", "thirty", "30tasks"),
-        unit="percent",
-        average={
-            "individual": 93.02,
-            "weight_averaging": 42.52,
-            "regmean": 68.14,
-            "task_arithmetic": 48.89,
-            "ties": 37.53,
-            "adamerging": 60.25,
-            "emr": 89.54,
-        },
-    ),
-    # The paper's own CLIP setting: task_vectors' open_clip checkpoints (families openclip_*);
-    # the same numbers as vit-b32-8 / vit-l14-8, which our Hugging Face CLIP families match.
-    Setting(
+    _VIT_B32_8,
+    _VIT_L14_8,
+    # The paper's own CLIP setting: task_vectors' open_clip checkpoints (families openclip_*),
+    # with the same published numbers as the Hugging Face CLIP families above.
+    replace(
+        _VIT_B32_8,
         key="openclip-vit-b32-8",
-        n_tasks=8,
         title="open_clip ViT-B-32 (task_vectors checkpoints), eight vision tasks (EMR-Merging Tables 1, 7, 8)",
         families=("openclip_vit_b32", "openclip-vit-b32", "open_clip ViT-B-32"),
-        tasksets=_VISION8_NAMES,
-        unit="percent",
-        average={
-            "individual": 90.5,
-            "multitask": 88.9,
-            "weight_averaging": 65.8,
-            "fisher": 68.3,
-            "regmean": 71.8,
-            "task_arithmetic": 70.1,
-            "ties": 73.6,
-            "adamerging": 80.1,
-            "adamerging++": 81.1,
-            "emr": 88.7,
-            "emr (elect)": 59.3,
-            "emr (elect+mask)": 86.8,
-            "emr (elect+rescale)": 71.9,
-            "task_arithmetic w/ M&R": 76.9,
-            "ties w/ M&R": 78.6,
-            "adamerging++ w/ M&R": 87.7,
-        },
-        tasks=_VISION8_TASKS,
-        task_aliases=_VISION8_ALIASES,
-        per_task={
-            "individual": (75.3, 77.7, 96.1, 99.7, 97.5, 98.7, 99.7, 79.4),
-            "emr": (75.2, 72.8, 93.5, 99.5, 96.9, 98.1, 99.6, 74.4),
-        },
-        num_tasks={
-            "emr": {2: 77.5, 3: 82.8, 4: 86.7, 5: 88.6, 6: 89.9, 7: 91.0, 8: 88.7},
-            "ties": {2: 68.7, 3: 72.0, 4: 75.5, 5: 73.0, 6: 72.8, 7: 75.9, 8: 72.4},
-        },
     ),
-    Setting(
+    replace(
+        _VIT_L14_8,
         key="openclip-vit-l14-8",
-        n_tasks=8,
         title="open_clip ViT-L-14 (task_vectors checkpoints), eight vision tasks (EMR-Merging Table 2)",
         families=("openclip_vit_l14", "openclip-vit-l14", "open_clip ViT-L-14"),
-        tasksets=_VISION8_NAMES,
-        unit="percent",
-        average={
-            "individual": 94.2,
-            "multitask": 93.5,
-            "weight_averaging": 79.6,
-            "fisher": 82.2,
-            "regmean": 83.7,
-            "task_arithmetic": 84.5,
-            "ties": 86.0,
-            "adamerging": 90.8,
-            "adamerging++": 91.0,
-            "emr": 93.7,
-        },
     ),
-    Setting(
+    _VIT_B16_30,
+    # Our own fine-tuned checkpoints of the thirty tasks (the paper's are not public).
+    replace(
+        _VIT_B16_30,
         key="vit-b16-in21k-30",
-        n_tasks=30,
         title="timm ViT-B/16 (ImageNet-21k), thirty vision tasks (EMR-Merging Table 3; our own fine-tuned checkpoints)",
         families=("vit_b16_in21k",),
         tasksets=("vit30",),
-        unit="percent",
-        average={
-            "individual": 93.02,
-            "weight_averaging": 42.52,
-            "regmean": 68.14,
-            "task_arithmetic": 48.89,
-            "ties": 37.53,
-            "adamerging": 60.25,
-            "emr": 89.54,
-        },
     ),
     Setting(
         key="roberta-glue8",
