@@ -47,12 +47,12 @@ def test_task_arithmetic_scaling_selected_with_one_merge(pool):
 
 
 def test_rescaled_merge_matches_a_direct_merge(pool):
-    from mergebench.bench.protocol import _scaled
+    from mergebench.bench.protocol import _Rescaled
     from mergebench.engine.keyplan import plan_keys
 
     at_one = mergebench.merge_pool("ties", pool, progress=False, scaling=1.0)
     direct = mergebench.merge_pool("ties", pool, progress=False, scaling=0.7)
-    scaled = _scaled(at_one, pool, plan_keys(pool).merged, 0.7)
+    scaled = _Rescaled(at_one, pool, plan_keys(pool).merged).at(0.7)
     for key, value in direct.state_dict("a").items():
         assert torch.allclose(scaled.state_dict("a")[key], value, atol=1e-6), key
 

@@ -77,19 +77,23 @@ def searchable(name: str, params: Mapping[str, Any]) -> tuple[dict[str, list], d
     return grid, per_task
 
 
-def _scaled(
-    result: MergeResult, pool: ModelPool, keys: list[str], factor: float
-) -> SingleModelResult:
-    """`W_pre + factor * (W - W_pre)` on the merged keys of a single-model result."""
-    assert isinstance(result, SingleModelResult)
-    shared = dict(result.shared)
-    for key in keys:
-        pre = pool.pretrained.get(key)
-        merged = result.shared[key]
-        delta = merged.to(torch.float32) - pre.to(torch.float32)
-        shared[key] = (pre.to(torch.float32) + factor * delta).to(merged.dtype)
-    return SingleModelResult(result.method, dict(result.params), list(result.tasks), shared,
-                             result.task_specific, dict(result.extra))  # fmt: skip
+class _Rescaled:
+    """`W_pre + factor * (W_1 - W_pre)` on the merged keys of a single-model result merged at
+    scaling 1, for any factor: the pretrained weights and the deltas are read once."""
+
+    def __init__(self, result: MergeResult, pool: ModelPool, keys: list[str]) -> None:
+        assert isinstance(result, SingleModelResult)
+        self.result = result
+        self.pre = {k: pool.pretrained.get(k).to(torch.float32) for k in keys}
+        self.delta = {k: result.shared[k].to(torch.float32) - self.pre[k] for k in keys}
+
+    def at(self, factor: float) -> SingleModelResult:
+        result = self.result
+        shared = dict(result.shared)
+        for key, delta in self.delta.items():
+            shared[key] = (self.pre[key] + factor * delta).to(result.shared[key].dtype)
+        return SingleModelResult(result.method, dict(result.params), list(result.tasks), shared,
+                                 result.task_specific, dict(result.extra))  # fmt: skip
 
 
 def select(
@@ -160,9 +164,10 @@ def _select(
             result = merge_pool(name, pool, device=device, progress=False,
                                 **{**params, **point, post: 1.0})  # fmt: skip
             selection.merges += 1
+            rescaled = _Rescaled(result, pool, keys)
             for factor in grid[post]:
                 values = {**point, post: factor}
-                average, _ = score(values, _scaled(result, pool, keys, float(factor)))
+                average, _ = score(values, rescaled.at(float(factor)))
                 if best is None or average > best[0]:
                     best = (average, values)
             continue
