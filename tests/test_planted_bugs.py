@@ -108,7 +108,7 @@ class FakeJob:
             lambda cfg, progress: job.Context(source, self.signature, cache=None),
         )
         monkeypatch.setattr(job, "merge_pool", self._merge)
-        monkeypatch.setattr(job, "_artifact_size", lambda result, save_to, measure: 0)
+        monkeypatch.setattr(job, "_artifact_size", lambda result, measure: 0)
         monkeypatch.setattr(job, "evaluate_timed", self._evaluate)
         monkeypatch.setattr(job, "log_with_leaderboard", lambda *args, **kwargs: None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,13 @@ import torch
 from mergebench.engine.checkpoints import CheckpointLike
 from mergebench.engine.pool import ModelPool
 from mergebench.methods.registry import build_method, method_defaults
-from mergebench.results import MergeResult
+from mergebench.results import (
+    DEFAULT_SHARD_BYTES,
+    ArtifactTarget,
+    MergeResult,
+    parse_size,
+    stream_result,
+)
 from mergebench.util.errors import MergeBenchError
 
 
@@ -22,12 +29,18 @@ def merge(
     heads_separate: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    output_dir: str | Path | None = None,
+    shard_size: int | str = DEFAULT_SHARD_BYTES,
     **params: Any,
 ) -> MergeResult:
     """Merge `finetuned` models (task name -> path or state dict) into one result.
 
     `exclude` lists regexes of task-specific keys (heads): each task keeps its own.
     `params` override the method's defaults from `conf/method/<method>.yaml`.
+    With `output_dir`, the artifact is written there (atomically, in safetensors shards of
+    at most `shard_size`) as the merge goes, data-free methods writing each tensor as it is
+    finished, and the result returned reads from those files: memory holds a few tensors
+    per task, not the merged model.
     """
     device = check_device(device)
     exclude = check_exclude(exclude)
@@ -39,8 +52,11 @@ def merge(
         if not isinstance(task, str) or not task.strip():
             raise MergeBenchError(f"finetuned: task names must be non-empty strings, got {task!r}")
     check_params(method, params)  # before any checkpoint is read
+    if output_dir is not None:
+        parse_size(shard_size)  # a bad size fails before any checkpoint is read
     pool = ModelPool.from_checkpoints(pretrained, finetuned, exclude, heads_separate)
-    return merge_pool(method, pool, device=device, progress=progress, **params)
+    return merge_pool(method, pool, device=device, progress=progress, output_dir=output_dir,
+                      shard_size=shard_size, **params)  # fmt: skip
 
 
 def merge_pool(
@@ -48,13 +64,26 @@ def merge_pool(
     pool: ModelPool,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    output_dir: str | Path | None = None,
+    shard_size: int | str = DEFAULT_SHARD_BYTES,
     **params: Any,
 ) -> MergeResult:
+    """`merge` on an opened pool (see there)."""
     device = check_device(device)
     check_params(method, params)
     instance = build_method(method, **params)
     instance.device, instance.progress = device, progress
-    return instance.merge(pool)
+    if output_dir is None:
+        return instance.merge(pool)
+
+    def merge_into(target: ArtifactTarget) -> MergeResult:
+        instance.target = target
+        try:
+            return instance.merge(pool)
+        finally:
+            instance.target = None
+
+    return stream_result(output_dir, merge_into, shard_size)
 
 
 def check_device(device: Any) -> str | torch.device:

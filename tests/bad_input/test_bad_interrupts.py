@@ -37,12 +37,12 @@ if phase == "merge":
     stream.TaskVectorStream.map = slow_map
 else:
     from mergebench.results import base
-    real_save = base.save_file
+    real_save = base.write_tensors
     def slow_save(*args, **kwargs):
         real_save(*args, **kwargs)
         mark()
         time.sleep(60)
-    base.save_file = slow_save
+    base.write_tensors = slow_save
 
 from mergebench.cli.merge import main
 sys.argv = ["mergebench-merge", "progress=false", *argv]

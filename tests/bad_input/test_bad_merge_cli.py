@@ -102,15 +102,18 @@ def test_output_dir_below_a_file(merge_cli):
     ("code", "says"), [(errno.EROFS, "read-only file system"), (errno.ENOSPC, "no space left")]
 )
 def test_read_only_or_full_disk(work, merge_cli, monkeypatch, code, says):
-    import mergebench.results.base as base
+    import mergebench.results.shards as shards
 
-    real = base.save_file
+    real = shards._pwrite_all
+    calls = []
 
     def failing(*args, **kwargs):
-        real(*args, **kwargs)  # half a file written, then the device refuses
+        calls.append(1)
+        if len(calls) < 3:  # the headers and a tensor written, then the device refuses
+            return real(*args, **kwargs)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(base, "save_file", failing)
+    monkeypatch.setattr(shards, "_pwrite_all", failing)
     outcome = merge_cli(*BASE, "output_dir=out")
     assert_one_line_error(outcome, "out: cannot save the result", says)
     assert not (work / "out").exists()
@@ -267,3 +270,10 @@ def test_output_dir_with_a_hand_edited_result(work, merge_cli):
     outcome = merge_cli(*BASE, "output_dir=out")
     assert_one_line_error(outcome, "result.json: edited since it was saved")
     assert tree_hash(work / "out") == before
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5MB", "[1,2]"])
+def test_bad_shard_size(work, merge_cli, value):
+    outcome = merge_cli(*BASE, f"shard_size={value}", "output_dir=out")
+    assert_one_line_error(outcome, "shard_size:")
+    assert not (work / "out").exists()

@@ -223,13 +223,16 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             memo=ctx.selections,
         )  # fmt: skip
         selection_seconds = time.perf_counter() - start
+    save_to = plain.get("save_result")
     with PeakRSS() as rss:
         start = time.perf_counter()
+        # With `save_result`, the artifact is written as the merge goes and read back lazily.
         result = merge_pool(
-            name, pool, device=device, progress=progress, **{**method_cfg, **selection.selected}
-        )
+            name, pool, device=device, progress=progress, output_dir=save_to or None,
+            **{**method_cfg, **selection.selected},
+        )  # fmt: skip
         merge_seconds = time.perf_counter() - start
-    size = _artifact_size(result, plain.get("save_result"), artifact_bytes)
+    size = artifact_bytes(save_to) if save_to else _artifact_size(result, artifact_bytes)
     ev = evaluate_timed(
         result, ctx.data, split=plain["eval"]["split"], batch_size=plain["eval"].get("batch_size"),
         cache=ctx.cache, progress=progress,
@@ -283,10 +286,8 @@ def _open_store(plain: Mapping[str, Any]):
     return open_store(str(target), allow_network_fs=bool(conf.get("allow_network_fs", False)))
 
 
-def _artifact_size(result: Any, save_to: str | None, measure) -> int:
-    """Bytes of the saved merge artifact (saved to `save_to`, or to a scratch folder)."""
-    if save_to:
-        return measure(result.save(save_to))
+def _artifact_size(result: Any, measure) -> int:
+    """Bytes of the merge artifact, saved to a scratch folder to measure them."""
     scratch = tempfile.mkdtemp(prefix="mergebench-artifact-")
     try:
         return measure(result.save(Path(scratch) / "result"))

@@ -17,7 +17,7 @@ from mergebench.cli.common import (
     require_values,
     run_hydra_app,
 )
-from mergebench.results import artifact_bytes
+from mergebench.results import artifact_bytes, parse_size
 from mergebench.util.config import conf_dir
 from mergebench.util.errors import MergeBenchError
 
@@ -30,6 +30,7 @@ KEYS = (
     "exclude",
     "heads_separate",
     "output_dir",
+    "shard_size",
     "device",
     "progress",
 )
@@ -40,6 +41,13 @@ def _flag(cfg: DictConfig, key: str) -> bool:
     if not isinstance(value, bool):
         raise MergeBenchError(f"{key}: {value!r} is not true/false")
     return value
+
+
+def _shard_size(cfg: DictConfig) -> int:
+    value = cfg.get("shard_size", "4GB")
+    if isinstance(value, DictConfig | ListConfig):
+        raise MergeBenchError(f"shard_size: expected a size like 2GB, got {value!r}")
+    return parse_size(value, "shard_size")
 
 
 def _path(cfg: DictConfig, key: str) -> str:
@@ -70,6 +78,7 @@ def _merge_app(cfg: DictConfig) -> None:
         exclude = cfg.exclude
         if isinstance(exclude, ListConfig):
             exclude = OmegaConf.to_container(exclude, resolve=True)
+        out = _path(cfg, "output_dir")
         start = time.perf_counter()
         result = merge(
             name,
@@ -79,10 +88,11 @@ def _merge_app(cfg: DictConfig) -> None:
             heads_separate=_flag(cfg, "heads_separate"),
             device=str(cfg.device),
             progress=_flag(cfg, "progress"),
+            output_dir=out,
+            shard_size=_shard_size(cfg),
             **params,
         )
         merged_s = time.perf_counter() - start
-        out = result.save(_path(cfg, "output_dir"))
     except MergeBenchError as err:
         fail(PROGRAM, str(err))
         return

@@ -413,7 +413,7 @@ class TorchFileSource(StateDictSource):
         return list(self._paths)
 
 
-def _shards_from_index(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
+def shards_from_index(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
     """The shard files of an index (each a plain name inside the index's folder) and the
     shard each key must come from."""
     _require_regular_file(index_file)
@@ -463,10 +463,10 @@ def _open_path(path: Path, role: str) -> CheckpointSource:
         raise MergeBenchError(f"{path}: checkpoint not found ({role})")
     _require_regular_file(path)
     if path.name.endswith(".safetensors.index.json"):
-        shards, where = _shards_from_index(path)
+        shards, where = shards_from_index(path)
         return SafetensorsSource(shards, name, weight_map=where)
     if path.name.endswith(".index.json"):
-        shards, where = _shards_from_index(path)
+        shards, where = shards_from_index(path)
         return TorchFileSource(shards, name, weight_map=where)
     if path.suffix == ".safetensors":
         return SafetensorsSource([path], name)

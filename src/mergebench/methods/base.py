@@ -10,8 +10,9 @@ import torch
 
 from mergebench.engine.keyplan import KeyPlan, plan_keys
 from mergebench.engine.pool import ModelPool
-from mergebench.engine.stream import TaskVectorStream, TensorItem, TransformFactory
-from mergebench.results import MergeResult, SingleModelResult
+from mergebench.engine.stream import TaskVectorStream, TensorItem, TransformFactory, thread_scratch
+from mergebench.results import ArtifactTarget, MergeResult, SingleModelResult
+from mergebench.results.shards import Entry
 from mergebench.util.errors import MergeBenchError
 
 
@@ -26,6 +27,8 @@ class Method:
         self.params = dict(params)  # as configured: recorded with every result
         self.device: str | torch.device = "cpu"
         self.progress = True
+        # Where a data-free method streams its outputs as keys finish (None: in memory).
+        self.target: ArtifactTarget | None = None
 
     def merge(self, pool: ModelPool) -> MergeResult:
         raise NotImplementedError
@@ -138,6 +141,9 @@ class TaskVectorMethod(Method):
         )
         self.prepare(stream)
 
+        if self.target is not None:
+            return self._merge_into(self.target, pool, stream)
+
         # Outputs allocated up front, before any worker runs: the per-key temporaries of the
         # workers then never sit between kept outputs on the heap (less RSS, measured).
         pre = pool.pretrained
@@ -153,6 +159,42 @@ class TaskVectorMethod(Method):
         # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
         shared = dict(stream.map(merge_item, self.name))
         return single_result(self, pool, stream.plan, shared)
+
+    def _merge_into(
+        self, target: ArtifactTarget, pool: ModelPool, stream: TaskVectorStream
+    ) -> SingleModelResult:
+        """The same merge, each key written into the artifact as it finishes (by the worker
+        that computed it) from a reused buffer: memory holds a few keys, not the model."""
+        plan, pre = stream.plan, pool.pretrained
+        keys = [*plan.pretrained_excluded, *plan.merged, *plan.copied]
+        writer = target.writer("model", [Entry(k, pre.shape(k), pre.dtype(k)) for k in keys])
+        try:
+
+            def merge_item(item: TensorItem) -> None:
+                delta = self.merge_item(item)
+                out = thread_scratch().get("merged output", item.pretrained.shape, item.dtype,
+                                           torch.device("cpu"))  # fmt: skip
+                if out.dtype == torch.float32 and delta.device == out.device:
+                    torch.add(item.pretrained, delta, out=out)
+                else:
+                    out.copy_(item.pretrained + delta)
+                writer.write(item.key, out)
+
+            for _ in stream.map(merge_item, self.name):
+                pass
+            for key in [*plan.pretrained_excluded, *plan.copied]:
+                writer.write(key, pre.get(key))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return SingleModelResult(
+            method=self.name,
+            params=dict(self.params),
+            tasks=pool.tasks,
+            shared=target.tensors("model"),
+            task_specific=task_specific_tensors(pool, plan),
+        )
 
 
 def single_result(

@@ -83,6 +83,7 @@ class Dare(Method):
 
     def merge(self, pool: ModelPool) -> SingleModelResult:
         self.base.device, self.base.progress = self.device, self.progress
+        self.base.target = self.target
         n = len(pool.tasks)
         result = self.base.merge(
             pool, transform_factory=lambda: make_dropper(n, self.drop, self.rescale, self.seed)

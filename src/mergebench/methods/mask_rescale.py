@@ -13,7 +13,7 @@ from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import Method, choice, flag
 from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
 from mergebench.methods.registry import build_method, method_label
-from mergebench.results import SingleModelResult, TaskConditionedResult
+from mergebench.results import MergeResult, SingleModelResult, TaskConditionedResult
 from mergebench.util.errors import MergeBenchError
 
 
@@ -62,7 +62,17 @@ class MaskRescale(Method):
 
     def merge(self, pool: ModelPool) -> TaskConditionedResult:
         self.base.device, self.base.progress = self.device, self.progress
-        merged = self.base.merge(pool)
+        if self.target is None or self.base.needs_data:
+            return self._mask_and_rescale(pool, self.base.merge(pool))
+        # Streamed: the base model goes to a scratch folder and is read back key by key.
+        with self.target.scratch() as scratch:
+            self.base.target = scratch
+            try:
+                return self._mask_and_rescale(pool, self.base.merge(pool))
+            finally:
+                self.base.target = None
+
+    def _mask_and_rescale(self, pool: ModelPool, merged: MergeResult) -> TaskConditionedResult:
         assert isinstance(merged, SingleModelResult)
         stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
 

@@ -17,7 +17,9 @@ on how many keys were processed at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +36,8 @@ from mergebench.engine.stream import (
     thread_scratch,
 )
 from mergebench.methods.base import Method, task_specific_tensors
-from mergebench.results import TaskConditionedResult
+from mergebench.results import ArtifactTarget, LazyTensors, TaskConditionedResult
+from mergebench.results.shards import Entry
 
 RESCALERS = ("tensor_mean", "global")
 
@@ -257,13 +260,18 @@ def assemble_result(
     """The task-conditioned result from per-key modulators, added up in key order."""
     tasks = pool.tasks
     accumulator = RescalerAccumulator(len(tasks), rescaler)
-    unified: dict[str, torch.Tensor] = {}
-    packed: dict[str, torch.Tensor] = {}
-    for key, modulators in keys:
-        accumulator.add_key(modulators)
-        unified[key] = modulators.unified
-        if modulators.packed is not None:
-            packed[key] = modulators.packed
+    unified: Mapping[str, torch.Tensor]
+    packed: Mapping[str, torch.Tensor]
+    target = method.target
+    if target is None:
+        unified, packed = {}, {}
+        for key, modulators in keys:
+            accumulator.add_key(modulators)
+            unified[key] = modulators.unified
+            if modulators.packed is not None:
+                packed[key] = modulators.packed
+    else:  # written into the artifact key by key, in key order
+        unified, packed = _stream_modulators(target, pool, plan, keys, accumulator, mask)
     if rescale:
         values = accumulator.rescalers()
         rescalers = {t: float(v) for t, v in zip(tasks, values, strict=True)}
@@ -284,3 +292,37 @@ def assemble_result(
         pretrained_excluded={k: pool.pretrained.get(k) for k in plan.pretrained_excluded},
         extra=extra,
     )
+
+
+def _stream_modulators(
+    target: ArtifactTarget,
+    pool: ModelPool,
+    plan: KeyPlan,
+    keys: Iterable[tuple[str, KeyModulators]],
+    accumulator: RescalerAccumulator,
+    mask: bool,
+) -> tuple[LazyTensors, Mapping[str, torch.Tensor]]:
+    pre, n = pool.pretrained, len(pool.tasks)
+    shapes = {k: tuple(pre.shape(k)) for k in plan.merged}
+    unified = target.writer("unified", [Entry(k, s, torch.float32) for k, s in shapes.items()])
+    masks = None
+    if mask:
+        masks = target.writer(
+            "masks",
+            [Entry(k, (n, math.ceil(math.prod(s) / 8)), torch.uint8) for k, s in shapes.items()],
+            metadata={"tasks": json.dumps(pool.tasks)},
+        )
+    writers = [w for w in (unified, masks) if w is not None]
+    try:
+        for key, modulators in keys:
+            accumulator.add_key(modulators)
+            unified.write(key, modulators.unified)
+            if masks is not None:
+                masks.write(key, modulators.packed)
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    return target.tensors("unified"), target.tensors("masks") if mask else {}

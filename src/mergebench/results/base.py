@@ -2,17 +2,23 @@
 
 Both answer `state_dict(task)`, so the evaluator never needs to know which kind it holds.
 
-On disk (a folder, written atomically):
-- single model: `model.safetensors` (the full shared state dict) and, when tasks have their
-  own heads, `task_specific.safetensors` (keys `"<task>::<key>"`);
-- task-conditioned: `unified.safetensors` (float32 `tau_uni` per merged key),
-  `masks.safetensors` (uint8 `[N, ceil(numel/8)]` per key, 8 entries per byte; absent when
-  masks are off), `copied.safetensors` (non-float keys), `task_specific.safetensors`, and the
-  pretrained weights by reference (path + sha256 checked on load) or, for an in-memory
-  pretrained model, `pretrained.safetensors`;
+On disk (a folder, written atomically), each part a set of safetensors shards with a Hugging
+Face index (`<part>.safetensors` when one shard holds it, else `<part>-00001-of-0000n`, and
+`<part>.safetensors.index.json`; see `shards.py`):
+- single model: `model` (the full shared state dict) and, when tasks have their own heads,
+  `task_specific` (keys `"<task index>::<key>"`);
+- task-conditioned: `unified` (float32 `tau_uni` per merged key), `masks` (uint8
+  `[N, ceil(numel/8)]` per key, 8 entries per byte; absent when masks are off), `copied`
+  (non-float keys), `task_specific`, and the pretrained weights by reference (path + sha256
+  checked on load) or, for an in-memory pretrained model, `pretrained`;
 - both: `result.json` (method, parameters, tasks, rescalers, version) with, since format
   version 2, a manifest (sha256 and size of every file written) and a checksum of its own
   content; `load_result` refuses a folder whose files or `result.json` changed since.
+
+Tensors are written one at a time (`shards.ShardedWriter`) and loaded lazily
+(`shards.LazyTensors`): saving or loading a result holds a few tensors, not a model. A
+streamed merge (`stream_result`) writes its outputs straight into the artifact as keys
+finish.
 
 Saving never deletes what this library did not write: a result goes into a missing folder,
 an empty one, or one holding an earlier result (recognised by its `result.json`); files of
@@ -28,13 +34,13 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mergebench.engine.bits import unpack_bits
 from mergebench.engine.checkpoints import (
@@ -42,6 +48,17 @@ from mergebench.engine.checkpoints import (
     SafetensorsSource,
     TorchFileSource,
     open_checkpoint,
+)
+from mergebench.results.shards import (
+    DEFAULT_SHARD_BYTES,
+    Entry,
+    LazyTensors,
+    ShardedWriter,
+    entries_of,
+    open_stem,
+    parse_size,
+    shape_of,
+    write_tensors,
 )
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import (
@@ -53,7 +70,8 @@ from mergebench.util.fs import (
 from mergebench.util.version import __version__
 
 FORMAT = "mergebench-result"
-FORMAT_VERSION = 2  # 2: manifest + checksum, task-specific keys "<task index>::<key>"
+# 2: manifest + checksum, task-specific keys "<task index>::<key>"; 3: sharded parts + index
+FORMAT_VERSION = 3
 _SEP = "::"
 _META = "result.json"
 # Files a version-1 result (no manifest) may hold: the only ones a save may replace there.
@@ -80,8 +98,26 @@ class MergeResult:
     def state_dict(self, task: str | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, shard_size: int | str = DEFAULT_SHARD_BYTES) -> Path:
+        """Write the result into `directory` atomically, tensor by tensor, in shards of at
+        most `shard_size` (bytes, or `"2GB"`, `"500MiB"`)."""
+        shard_bytes = parse_size(shard_size)
+
+        def write(tmp: Path) -> dict[str, Any]:
+            self.write_tensors(tmp, shard_bytes)
+            return self.describe()
+
+        return _atomic_write(_output_dir(directory), write)
+
+    def write_tensors(
+        self, folder: Path, shard_bytes: int, done: frozenset[str] | set[str] = frozenset()
+    ) -> None:
+        """Write every tensor part not in `done` (parts a streamed merge already wrote)."""
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """`result.json`'s content (the manifest is added when the files are complete)."""
+        return self._metadata()
 
     def _check_task(self, task: str | None) -> None:
         if task is not None and task not in self.tasks:
@@ -107,7 +143,7 @@ class SingleModelResult(MergeResult):
     method: str
     params: dict[str, Any]
     tasks: list[str]
-    shared: dict[str, torch.Tensor]
+    shared: Mapping[str, torch.Tensor]  # a dict, or `LazyTensors` read from the files
     task_specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     kind: str = "single"
@@ -119,15 +155,13 @@ class SingleModelResult(MergeResult):
             state.update(self.task_specific.get(task, {}))
         return state
 
-    def save(self, directory: str | Path) -> Path:
-        meta = self._metadata()
-
-        def write(tmp: Path) -> dict[str, Any]:
-            save_file(_contiguous(self.shared), tmp / "model.safetensors")
-            _save_task_specific(self.task_specific, self.tasks, tmp)
-            return meta
-
-        return _atomic_write(_output_dir(directory), write)
+    def write_tensors(
+        self, folder: Path, shard_bytes: int, done: frozenset[str] | set[str] = frozenset()
+    ) -> None:
+        if "model" not in done:
+            write_tensors(folder, "model", entries_of(self.shared), self.shared.__getitem__,
+                          shard_bytes)  # fmt: skip
+        _save_task_specific(self.task_specific, self.tasks, folder, shard_bytes)
 
 
 @dataclass
@@ -138,8 +172,8 @@ class TaskConditionedResult(MergeResult):
     params: dict[str, Any]
     tasks: list[str]
     pretrained: CheckpointSource
-    unified: dict[str, torch.Tensor]  # float32 tau_uni per merged key
-    masks: dict[str, torch.Tensor] | None  # packed uint8 [N, nbytes] per key; None = all ones
+    unified: Mapping[str, torch.Tensor]  # float32 tau_uni per merged key (dict or lazy)
+    masks: Mapping[str, torch.Tensor] | None  # packed uint8 [N, nbytes] per key; None = all ones
     rescalers: dict[str, float]
     copied: dict[str, torch.Tensor]
     task_specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -152,7 +186,7 @@ class TaskConditionedResult(MergeResult):
         if self.masks is None:
             return None
         row = self.masks[key][self.tasks.index(task)]
-        return unpack_bits(row, tuple(self.unified[key].shape))
+        return unpack_bits(row, shape_of(self.unified, key))
 
     def task_delta(self, task: str, key: str) -> torch.Tensor:
         """`lam_t * M_t * tau_uni` in float32."""
@@ -179,43 +213,92 @@ class TaskConditionedResult(MergeResult):
         state.update(self.task_specific.get(task, {}))
         return state
 
-    def save(self, directory: str | Path) -> Path:
+    def describe(self) -> dict[str, Any]:
         meta = self._metadata()
-        meta["rescalers"] = self.rescalers
+        meta["rescalers"] = _check_rescalers(self.rescalers, self.tasks, "result")
         meta["masked"] = self.masks is not None
-        meta["shapes"] = {k: list(v.shape) for k, v in self.unified.items()}
+        meta["shapes"] = {k: list(shape_of(self.unified, k)) for k in self.unified}
+        meta["pretrained_digest"] = pretrained_digest(self.pretrained, list(self.unified))
         files = self.pretrained.files()
+        if files:
+            meta["pretrained"] = {
+                "files": [str(f.resolve()) for f in files],
+                "sha256": [sha256_file(f) for f in files],
+            }
+        else:
+            meta["pretrained"] = {"embedded": "pretrained"}
+        return meta
+
+    def write_tensors(
+        self, folder: Path, shard_bytes: int, done: frozenset[str] | set[str] = frozenset()
+    ) -> None:
         _check_rescalers(self.rescalers, self.tasks, "result")
+        if "unified" not in done:
+            write_tensors(folder, "unified", entries_of(self.unified), self.unified.__getitem__,
+                          shard_bytes)  # fmt: skip
+        if self.masks is not None and "masks" not in done:
+            write_tensors(folder, "masks", entries_of(self.masks), self.masks.__getitem__,
+                          shard_bytes, metadata={"tasks": json.dumps(self.tasks)})  # fmt: skip
+        copied = {**self.copied, **self.pretrained_excluded}
+        write_tensors(folder, "copied", entries_of(copied), copied.__getitem__, shard_bytes,
+                      metadata={"pretrained_excluded": json.dumps(list(self.pretrained_excluded))})  # fmt: skip
+        _save_task_specific(self.task_specific, self.tasks, folder, shard_bytes)
+        if not self.pretrained.files():  # an in-memory pretrained model travels with the result
+            keys = list(self.unified)
+            entries = [
+                Entry(k, tuple(self.pretrained.shape(k)), self.pretrained.dtype(k)) for k in keys
+            ]
+            write_tensors(folder, "pretrained", entries, self.pretrained.get, shard_bytes)
 
-        def write(tmp: Path) -> dict[str, Any]:
-            meta["pretrained_digest"] = pretrained_digest(self.pretrained, list(self.unified))
-            save_file(_contiguous(self.unified), tmp / "unified.safetensors")
-            if self.masks is not None:
-                save_file(
-                    _contiguous(self.masks),
-                    tmp / "masks.safetensors",
-                    metadata={"tasks": json.dumps(self.tasks)},
-                )
-            save_file(
-                _contiguous({**self.copied, **self.pretrained_excluded}),
-                tmp / "copied.safetensors",
-                metadata={"pretrained_excluded": json.dumps(list(self.pretrained_excluded))},
-            )
-            _save_task_specific(self.task_specific, self.tasks, tmp)
-            if files:
-                meta["pretrained"] = {
-                    "files": [str(f.resolve()) for f in files],
-                    "sha256": [sha256_file(f) for f in files],
-                }
-            else:
-                keys = list(self.unified)
-                save_file(
-                    _contiguous(self.pretrained.state_dict(keys)), tmp / "pretrained.safetensors"
-                )
-                meta["pretrained"] = {"embedded": "pretrained.safetensors"}
-            return meta
 
-        return _atomic_write(_output_dir(directory), write)
+class ArtifactTarget:
+    """Where a streamed merge writes its parts: the result's temp folder, being built."""
+
+    def __init__(self, folder: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.folder = folder
+        self.shard_bytes = shard_bytes
+        self.done: set[str] = set()
+
+    def writer(
+        self, stem: str, entries: list[Entry], metadata: Mapping[str, str] | None = None
+    ) -> ShardedWriter:
+        if stem in self.done:
+            raise MergeBenchError(f"result part {stem!r} written twice")
+        self.done.add(stem)
+        return ShardedWriter(self.folder, stem, entries, self.shard_bytes, metadata)
+
+    def tensors(self, stem: str) -> LazyTensors:
+        """A finished part, read back lazily."""
+        return LazyTensors(open_stem(self.folder, stem))
+
+    @contextmanager
+    def scratch(self) -> Iterator[ArtifactTarget]:
+        """A temporary target beside this one for an intermediate model (M&R's base merge),
+        removed afterwards; a killed process leaves a marked folder the next save removes."""
+        folder = make_marked_temp_dir(self.folder.parent, f"{self.folder.name}.scratch-")
+        try:
+            yield ArtifactTarget(folder, self.shard_bytes)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def stream_result(
+    directory: str | Path,
+    merge: Callable[[ArtifactTarget], MergeResult],
+    shard_size: int | str = DEFAULT_SHARD_BYTES,
+) -> MergeResult:
+    """Run `merge(target)` writing into a temp folder beside `directory`, complete the parts
+    it did not stream, publish the folder atomically, and load it back lazily."""
+    shard_bytes = parse_size(shard_size)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        target = ArtifactTarget(tmp, shard_bytes)
+        result = merge(target)
+        result.write_tensors(tmp, shard_bytes, done=target.done)
+        return result.describe()
+
+    out = _atomic_write(_output_dir(directory), write)
+    return load_result(out, verify=False)
 
 
 def load_result(
@@ -257,20 +340,21 @@ def load_result(
     task_specific = _load_task_specific(directory, tasks, version)
     kind = meta.get("kind")
     if kind == "single":
-        shared = _open_result_file(directory, "model.safetensors").state_dict()
+        shared = LazyTensors(_open_part(directory, "model", version))
         return SingleModelResult(shared=shared, task_specific=task_specific, **common)
     if kind != "task_conditioned":
         raise MergeBenchError(f"{meta_path}: unknown result kind {kind!r}")
-    copied_src = _open_result_file(directory, "copied.safetensors")
-    excluded_keys = set(_safetensors_metadata_list(directory / "copied.safetensors"))
-    copied_all = copied_src.state_dict()
-    unified = _open_result_file(directory, "unified.safetensors").state_dict()
+    copied_src = _open_part(directory, "copied", version)
+    excluded_keys = set(_metadata_list(copied_src))
+    copied_all = copied_src.state_dict()  # non-float keys and excluded ones: small
+    unified = LazyTensors(_open_part(directory, "unified", version))
     _check_shapes(meta, unified, meta_path)
     masked = meta.get("masked", True)
     masks = None
     if masked:
-        masks = _open_result_file(directory, "masks.safetensors").state_dict()
-        _check_masks(directory / "masks.safetensors", masks, unified, tasks, version)
+        masks_src = _open_part(directory, "masks", version)
+        masks = LazyTensors(masks_src)
+        _check_masks(masks_src, masks, unified, tasks, version)
     rescalers = _check_rescalers(meta.get("rescalers"), tasks, str(meta_path))
     pre = _resolve_pretrained(directory, meta, pretrained, verify)
     _check_pretrained(pre, unified, meta, pretrained is not None and verify)
@@ -319,10 +403,6 @@ def pretrained_digest(source: CheckpointSource, keys: list[str]) -> str:
 
 
 # --- helpers --------------------------------------------------------------------------------
-def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
-
-
 def _meta_checksum(meta: Mapping[str, Any]) -> str:
     body = {k: v for k, v in meta.items() if k != "checksum"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -427,11 +507,15 @@ def _check_manifest(directory: Path, meta: Mapping[str, Any], verify: bool) -> N
             raise MergeBenchError(f"{path}: changed since the result was saved (sha256 mismatch)")
 
 
-def _open_result_file(directory: Path, name: str) -> CheckpointSource:
-    path = directory / name
-    if not path.is_file():
-        raise MergeBenchError(f"{path}: missing from the result folder")
-    return open_checkpoint(path, role="result")
+def _open_part(directory: Path, stem: str, version: int = FORMAT_VERSION) -> SafetensorsSource:
+    """A part of a result: its shards through the index, or (before format version 3,
+    which introduced shards) its one file."""
+    if version < 3:
+        path = directory / f"{stem}.safetensors"
+        if not path.is_file():
+            raise MergeBenchError(f"{path}: missing from the result folder")
+        return SafetensorsSource([path], f"result ({path})")
+    return open_stem(directory, stem)
 
 
 def _check_shapes(meta: Mapping[str, Any], unified: Mapping[str, torch.Tensor], meta_path: Path):
@@ -439,36 +523,41 @@ def _check_shapes(meta: Mapping[str, Any], unified: Mapping[str, torch.Tensor], 
     if shapes is None:
         return
     if not isinstance(shapes, dict) or set(shapes) != set(unified):
-        raise MergeBenchError(f"{meta_path}: 'shapes' do not match unified.safetensors")
+        raise MergeBenchError(f"{meta_path}: 'shapes' do not match the unified tensors")
     for key, shape in shapes.items():
-        if list(unified[key].shape) != shape:
+        if list(shape_of(unified, key)) != shape:
             raise MergeBenchError(
-                f"{meta_path}: {key!r} has shape {list(unified[key].shape)} in "
-                f"unified.safetensors, {shape} recorded"
+                f"{meta_path}: {key!r} has shape {list(shape_of(unified, key))} in "
+                f"the unified tensors, {shape} recorded"
             )
 
 
 def _check_masks(
-    path: Path,
-    masks: Mapping[str, torch.Tensor],
+    source: SafetensorsSource,
+    masks: LazyTensors,
     unified: Mapping[str, torch.Tensor],
     tasks: list[str],
     version: int,
 ) -> None:
+    path = source.files()[0]
     if set(masks) != set(unified):
         missing = sorted(set(unified) - set(masks))
         raise MergeBenchError(f"{path}: masks do not match the merged keys (missing {missing[:3]})")
-    for key, packed in masks.items():
-        want = (len(tasks), math.ceil(unified[key].numel() / 8))
-        if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
+    for key in masks:
+        want = (len(tasks), math.ceil(math.prod(shape_of(unified, key)) / 8))
+        dtype, shape = masks.dtype(key), masks.shape(key)
+        if dtype != torch.uint8 or tuple(shape) != want:
             raise MergeBenchError(
-                f"{path}: mask of {key!r} is {packed.dtype} {list(packed.shape)}, "
+                f"{path}: mask of {key!r} is {dtype} {list(shape)}, "
                 f"expected uint8 {list(want)} ({len(tasks)} tasks)"
             )
     if version >= 2:
-        recorded = _safetensors_metadata_json(path, "tasks")
-        if recorded is not None and recorded != tasks:
-            raise MergeBenchError(f"{path}: written for tasks {recorded}, result.json says {tasks}")
+        for shard in source.files():
+            recorded = _safetensors_metadata_json(shard, "tasks")
+            if recorded is not None and recorded != tasks:
+                raise MergeBenchError(
+                    f"{shard}: written for tasks {recorded}, result.json says {tasks}"
+                )
 
 
 def _check_pretrained(
@@ -477,13 +566,14 @@ def _check_pretrained(
     meta: Mapping[str, Any],
     digest: bool,
 ) -> None:
-    for key, tensor in unified.items():
+    for key in unified:
         if key not in pre:
             raise MergeBenchError(f"{pre.name}: no tensor {key!r}, which the result merged")
-        if tuple(pre.shape(key)) != tuple(tensor.shape):
+        shape = shape_of(unified, key)
+        if tuple(pre.shape(key)) != tuple(shape):
             raise MergeBenchError(
                 f"{pre.name}: tensor {key!r} has shape {list(pre.shape(key))}, "
-                f"the result needs {list(tensor.shape)}"
+                f"the result needs {list(shape)}"
             )
     recorded = meta.get("pretrained_digest")
     if digest and recorded is not None and pretrained_digest(pre, list(unified)) != recorded:
@@ -494,35 +584,42 @@ def _check_pretrained(
 
 
 def _save_task_specific(
-    task_specific: dict[str, dict[str, torch.Tensor]], tasks: list[str], tmp: Path
+    task_specific: Mapping[str, Mapping[str, torch.Tensor]],
+    tasks: list[str],
+    folder: Path,
+    shard_bytes: int,
 ) -> None:
     """Keys `"<task index>::<key>"`: task names may hold anything, `::` included."""
-    flat = {}
+    flat: dict[str, torch.Tensor] = {}
     for task, tensors in task_specific.items():
         if task not in tasks:
             raise MergeBenchError(f"result: task-specific tensors of unknown task {task!r}")
         for key, value in tensors.items():
             flat[f"{tasks.index(task)}{_SEP}{key}"] = value
     if flat:
-        save_file(
-            _contiguous(flat),
-            tmp / "task_specific.safetensors",
-            metadata={"tasks": json.dumps(tasks)},
-        )
+        write_tensors(folder, "task_specific", entries_of(flat), flat.__getitem__, shard_bytes,
+                      metadata={"tasks": json.dumps(tasks)})  # fmt: skip
 
 
 def _load_task_specific(
     directory: Path, tasks: list[str], version: int
 ) -> dict[str, dict[str, torch.Tensor]]:
-    path = directory / "task_specific.safetensors"
     out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
-    if not path.exists():
+    if (
+        not (directory / "task_specific.safetensors").exists()
+        and not (directory / "task_specific.safetensors.index.json").exists()
+    ):
         return out
+    source = _open_part(directory, "task_specific", version)
     if version >= 2:
-        recorded = _safetensors_metadata_json(path, "tasks")
-        if recorded is not None and recorded != tasks:
-            raise MergeBenchError(f"{path}: written for tasks {recorded}, result.json says {tasks}")
-    for name, tensor in open_checkpoint(path, role="result").state_dict().items():
+        for shard in source.files():
+            recorded = _safetensors_metadata_json(shard, "tasks")
+            if recorded is not None and recorded != tasks:
+                raise MergeBenchError(
+                    f"{shard}: written for tasks {recorded}, result.json says {tasks}"
+                )
+    path = source.files()[0]
+    for name, tensor in source.state_dict().items():  # heads: small
         task, key = _split_task_key(name, tasks, version, path)
         out[task][key] = tensor
     return out
@@ -557,7 +654,8 @@ def _safetensors_metadata_json(path: Path, field_name: str) -> Any:
         raise MergeBenchError(f"{path}: unreadable metadata ({err})") from None
 
 
-def _safetensors_metadata_list(path: Path) -> list[str]:
+def _metadata_list(source: SafetensorsSource) -> list[str]:
+    path = source.files()[0]
     value = _safetensors_metadata_json(path, "pretrained_excluded")
     if value is None:
         return []
@@ -574,9 +672,9 @@ def _resolve_pretrained(directory: Path, meta: dict[str, Any], override, verify:
     if not isinstance(info, dict):
         raise MergeBenchError(f"{meta_path}: malformed 'pretrained' entry")
     if "embedded" in info:
-        if info["embedded"] != "pretrained.safetensors":
+        if info["embedded"] not in ("pretrained", "pretrained.safetensors"):  # v3, v2
             raise MergeBenchError(f"{meta_path}: malformed 'pretrained' entry")
-        return _open_result_file(directory, "pretrained.safetensors")
+        return _open_part(directory, "pretrained", 2 if info["embedded"].endswith("s") else 3)
     files = info.get("files", [])
     hashes = info.get("sha256", [])
     if (

@@ -17,6 +17,8 @@ tensors (its head) change between tasks.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 from mergebench.engine.bits import unpack_bits
 from mergebench.engine.stream import default_threads, single_threaded_ops
 from mergebench.results import MergeResult, SingleModelResult, TaskConditionedResult
+from mergebench.results.shards import LazyTensors, shape_of
 from mergebench.util.errors import MergeBenchError
 
 
@@ -32,8 +35,10 @@ class TaskSwitcher:
     """Switches `model` between the tasks of `result` in place."""
 
     def __init__(
-        self, result: MergeResult, model: nn.Module, cache_pretrained: bool = True
+        self, result: MergeResult, model: nn.Module, cache_pretrained: bool | None = None
     ) -> None:
+        """`cache_pretrained`: keep the pretrained merged tensors on the model's device
+        (default: yes, unless the result is read from files on the CPU)."""
         if not isinstance(result, (TaskConditionedResult, SingleModelResult)):
             raise MergeBenchError(f"cannot switch tasks of a {type(result).__name__}")
         self.result = result
@@ -43,18 +48,29 @@ class TaskSwitcher:
         self.task: str | None = None
         self._device = _device_of(model)
         if isinstance(result, TaskConditionedResult):
-            self._unified = {
-                k: v.to(self._device, torch.float32) for k, v in result.unified.items()
-            }
-            self._packed = (
+            # A result loaded from files stays there on the CPU: each switch reads its tensors
+            # (from the page cache), so the switcher holds no model-sized copies. Elsewhere
+            # the tensors are kept on the model's device, so a switch moves no data.
+            from_files = isinstance(result.unified, LazyTensors) and self._device.type == "cpu"
+            self._unified: Mapping[str, torch.Tensor] = (
+                result.unified
+                if from_files
+                else {k: v.to(self._device, torch.float32) for k, v in result.unified.items()}
+            )
+            self._packed: Mapping[str, torch.Tensor] | None = (
                 None
                 if result.masks is None
+                else result.masks
+                if from_files
                 else {k: v.to(self._device) for k, v in result.masks.items()}
             )
+            if cache_pretrained is None:
+                cache_pretrained = not from_files
             self._pretrained = (
                 {k: self._pre(k) for k in result.unified} if cache_pretrained else None
             )
-            largest = max((v.numel() for v in result.unified.values()), default=0)
+            largest = max((math.prod(shape_of(result.unified, k)) for k in result.unified),
+                          default=0)  # fmt: skip
             self.threads = default_threads() if self._device.type == "cpu" else 1
             self._work = [
                 torch.empty(largest, dtype=torch.float32, device=self._device)

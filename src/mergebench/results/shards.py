@@ -1,0 +1,315 @@
+"""Sharded safetensors written tensor by tensor, and read back lazily.
+
+A merge knows every output tensor's key, shape and dtype before it computes any of them
+(they are the pretrained model's). `ShardedWriter` therefore lays the shards out up front:
+it assigns keys to shards in order, writes each shard's safetensors header, sizes the file,
+and then each finished tensor is written at its offset with `pwrite` (any thread, any
+order). Nothing but the tensor being written is held in memory, whatever the model's depth.
+
+Files of a stem `model`: `model.safetensors` when one shard holds everything, otherwise
+`model-00001-of-00003.safetensors`, ...; always `model.safetensors.index.json` in the
+Hugging Face layout (`{"metadata": {"total_size": ...}, "weight_map": {key: file}}`), so a
+result's shards open with `transformers`/`safetensors` tooling as well as with ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergebench.engine.checkpoints import CheckpointSource, SafetensorsSource, shards_from_index
+from mergebench.util.errors import MergeBenchError
+
+# Shards of at most this many bytes unless told otherwise (Hugging Face's default is 5 GB).
+DEFAULT_SHARD_BYTES = 4 * 10**9
+
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(value: int | str, option: str = "shard_size") -> int:
+    """Bytes from `123`, `"500MB"`, `"2GiB"` (decimal and binary units, case-insensitive)."""
+    if isinstance(value, bool):
+        raise MergeBenchError(f"{option}: {value!r} is not a size (use e.g. 2GB or 500MiB)")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise MergeBenchError(f"{option}: {value!r} is not a size (use e.g. 2GB or 500MiB)")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise MergeBenchError(f"{option}: {value!r} must be a positive size")
+    return size
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def shard_file_names(stem: str, count: int) -> list[str]:
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def index_name(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
+
+
+class ShardedWriter:
+    """Writes the tensors `entries` into `folder/<stem>*.safetensors`, one call per tensor.
+
+    `write` may be called from several threads and in any order; `close` checks that every
+    entry was written and writes the index. Files are sized when the writer opens, so a
+    partly written artifact is never mistaken for a whole one: only `close` makes the
+    index, and the result's manifest comes after that.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        stem: str,
+        entries: Sequence[Entry],
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.stem = stem
+        self._entries = {e.key: e for e in entries}
+        if len(self._entries) != len(entries):
+            raise MergeBenchError(f"{stem}: the same key twice in one artifact")
+        groups = _group(entries, shard_bytes)
+        self.files = shard_file_names(stem, len(groups))
+        self._where: dict[str, tuple[int, int]] = {}  # key -> (shard, absolute offset)
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        try:
+            for shard, group in enumerate(groups):
+                header, data_start = _header(group, metadata)
+                fd = os.open(
+                    self.folder / self.files[shard], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644
+                )
+                self._fds.append(fd)
+                _pwrite_all(fd, memoryview(header), 0)
+                offset = data_start
+                for entry in group:
+                    self._where[entry.key] = (shard, offset)
+                    offset += entry.nbytes
+                os.ftruncate(fd, offset)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            raise MergeBenchError(f"{self.stem}: {key!r} is not a tensor of this artifact")
+        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+            raise MergeBenchError(
+                f"{self.stem}: {key!r} is {tensor.dtype} {list(tensor.shape)}, the artifact "
+                f"laid out {entry.dtype} {list(entry.shape)}"
+            )
+        shard, offset = self._where[key]
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            _pwrite_all(self._fds[shard], memoryview(data.reshape(-1).view(torch.uint8).numpy()),
+                        offset)  # fmt: skip
+        with self._lock:
+            self._written.add(key)
+
+    def close(self) -> list[str]:
+        """Check every tensor was written, close the shards, write the index; the file
+        names written, index last."""
+        missing = [k for k in self._entries if k not in self._written]
+        self._close_fds()
+        if missing:
+            raise MergeBenchError(
+                f"{self.stem}: {len(missing)} tensors never written ({missing[0]!r}, ...)"
+            )
+        weight_map = {key: self.files[shard] for key, (shard, _) in self._where.items()}
+        total = sum(e.nbytes for e in self._entries.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / index_name(self.stem)).write_text(json.dumps(index, indent=1) + "\n")
+        return [*self.files, index_name(self.stem)]
+
+    def abort(self) -> None:
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_tensors(
+    folder: Path,
+    stem: str,
+    entries: Sequence[Entry],
+    get: Callable[[str], torch.Tensor],
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Write `get(key)` for every entry, one tensor in memory at a time."""
+    with ShardedWriter(folder, stem, entries, shard_bytes, metadata) as writer:
+        for entry in entries:
+            writer.write(entry.key, get(entry.key))
+    return writer.files
+
+
+def entries_of(
+    tensors: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None
+) -> list[Entry]:
+    """Entries of a mapping, without reading a lazy one."""
+    shape = getattr(tensors, "shape", None)
+    dtype = getattr(tensors, "dtype", None)
+    out = []
+    for key in tensors if keys is None else keys:
+        if callable(shape) and callable(dtype):  # LazyTensors
+            out.append(Entry(key, tuple(shape(key)), dtype(key)))
+        else:
+            tensor = tensors[key]
+            out.append(Entry(key, tuple(tensor.shape), tensor.dtype))
+    return out
+
+
+def open_stem(folder: Path, stem: str, role: str = "result") -> SafetensorsSource:
+    """The shards of `stem` in `folder` (through its index), or the single file of an
+    artifact written before shards existed."""
+    index = folder / index_name(stem)
+    if index.is_file():
+        shards, where = shards_from_index(index)
+        if shards:  # an empty part has one tensor-less file, which its index cannot name
+            return SafetensorsSource(shards, f"{role} ({index})", weight_map=where)
+    single = folder / f"{stem}.safetensors"
+    if not single.is_file():
+        raise MergeBenchError(f"{single}: missing from the result folder")
+    return SafetensorsSource([single], f"{role} ({single})")
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only mapping whose tensors are read from the files on each access: a loaded
+    result holds file handles, not a model's worth of memory."""
+
+    def __init__(self, source: CheckpointSource, keys: Iterable[str] | None = None) -> None:
+        self.source = source
+        self._keys = list(source.keys()) if keys is None else list(keys)
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self.source.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.source.shape(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.source.dtype(key)
+
+    def files(self) -> list[Path]:
+        return self.source.files()
+
+    def __repr__(self) -> str:
+        return f"LazyTensors({len(self._keys)} tensors from {self.source.name})"
+
+
+def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if isinstance(tensors, LazyTensors):
+        return tensors.shape(key)
+    return tuple(tensors[key].shape)
+
+
+def dtype_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
+    if isinstance(tensors, LazyTensors):
+        return tensors.dtype(key)
+    return tensors[key].dtype
+
+
+# --- layout ---------------------------------------------------------------------------------
+def _group(entries: Sequence[Entry], shard_bytes: int) -> list[list[Entry]]:
+    """Keys in order into shards of at most `shard_bytes` (a bigger tensor gets its own)."""
+    groups: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if groups[-1] and size + entry.nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    return groups
+
+
+def _header(group: Sequence[Entry], metadata: Mapping[str, str] | None) -> tuple[bytes, int]:
+    """The safetensors header (length prefix, JSON padded to 8 bytes) and where data starts."""
+    body: dict[str, object] = {}
+    if metadata:
+        body["__metadata__"] = dict(metadata)
+    offset = 0
+    for entry in group:
+        code = _DTYPE_CODES.get(entry.dtype)
+        if code is None:
+            raise MergeBenchError(
+                f"{entry.key!r}: dtype {entry.dtype} cannot be saved as safetensors"
+            )
+        body[entry.key] = {"dtype": code, "shape": list(entry.shape),
+                           "data_offsets": [offset, offset + entry.nbytes]}  # fmt: skip
+        offset += entry.nbytes
+    text = json.dumps(body, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, 8 + len(text)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B")
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
