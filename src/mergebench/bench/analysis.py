@@ -24,7 +24,7 @@ import torch
 
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
-from mergebench.results import MergeResult
+from mergebench.results import LazyTensors, MergeResult
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,8 @@ def task_sign_conflicts(
 def tensor_bytes(tensors: Mapping[str, torch.Tensor] | None) -> int:
     if not tensors:
         return 0
+    if isinstance(tensors, LazyTensors):  # sizes from the file headers, nothing read
+        return checkpoint_bytes(tensors.source, list(tensors))
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
