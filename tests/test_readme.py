@@ -23,9 +23,11 @@ def test_readme_python_example_runs(tmp_path, tiny_models, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(python_blocks()[0], str(README), "exec"), namespace)
-    r, r2 = namespace["r"], namespace["r2"]
+    r, r2, r3 = namespace["r"], namespace["r2"], namespace["r3"]
     assert r.tasks == ["a", "b"]
     for task in r.tasks:
         for key, value in r.state_dict(task).items():
             assert (r2.state_dict(task)[key] == value).all(), key
+            assert (r3.state_dict(task)[key] == value).all(), key
+    assert (tmp_path / "out_streamed" / "unified.safetensors.index.json").exists()
     assert (tmp_path / "out" / "masks.safetensors").exists()

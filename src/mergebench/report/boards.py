@@ -7,13 +7,21 @@ latest run wins. Normalized score = method / `individual` on the same task (the 
 row of the same family, looked up per task, so subset boards are normalized too). Ranks
 order the merging methods by average; reference rows (individual, multitask, pretrained)
 are shown first and not ranked.
+
+Seeds: the top-level config key `seed` picks the zoo's data splits and fine-tuning, so runs
+of one label under several seeds are repeats of the benchmark on independent zoos. A row's
+main numbers (scores, normalized scores, intervals, rank) stay those of the label's latest
+run, whatever its seed; beside them `seeds`, `seed_mean` and `seed_std` summarize the
+label's latest run per seed on the same board (same family, task set and set of tasks).
+A run whose config has no `seed` counts as seed 0 (the config default).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +60,14 @@ class Row:
     selected: dict[str, Any] = field(default_factory=dict)  # chosen on validation
     base_label: str | None = None  # "X" of an "X w/ M&R" row (named by the method)
     cost: dict[str, float | None] = field(default_factory=dict)
+    # Across zoo seeds: the label's latest run per seed on this board (`_seed_statistics`).
+    # Mean and sample std (ddof=1) of those runs' averages and per-task scores; the mean is
+    # None when any of those runs lacks the value, the std also with fewer than 2 seeds.
+    seeds: list[int] = field(default_factory=list)
+    seed_mean: float | None = None
+    seed_std: float | None = None
+    scores_seed_mean: dict[str, float | None] = field(default_factory=dict)
+    scores_seed_std: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def is_reference(self) -> bool:
@@ -74,6 +90,12 @@ class Board:
     def row(self, label: str) -> Row | None:
         return next((r for r in self.rows if r.label == label), None)
 
+    @property
+    def multi_seed(self) -> bool:
+        """Whether any row was run under two or more seeds (then renderers show the seed
+        columns; a single-seed board renders as it always did)."""
+        return any(len(r.seeds) > 1 for r in self.rows)
+
 
 def _mean(values: Iterable[float | None]) -> float | None:
     vals = list(values)
@@ -82,8 +104,39 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(vals) / len(vals)  # type: ignore[arg-type]
 
 
-def build_boards(score_rows: Sequence[dict[str, Any]]) -> list[Board]:
-    """Boards from `ResultsStore.scores()` rows (pure: no database access)."""
+def seed_mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1) across seeds: (None, None) when there is
+    no value or any is missing, std None with a single value."""
+    if not values or any(v is None for v in values):
+        return None, None
+    vals = [float(v) for v in values]  # type: ignore[arg-type]
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def run_seed(run: Mapping[str, Any]) -> int:
+    """The zoo seed of a `Store.runs()` row: its config's top-level `seed`, 0 when absent
+    (the default of conf/config.yaml) or not an integer."""
+    seed = (run.get("config") or {}).get("seed")
+    if isinstance(seed, bool):
+        return 0
+    if isinstance(seed, int):
+        return seed
+    if isinstance(seed, float) and seed.is_integer():
+        return int(seed)
+    try:
+        return int(str(seed))
+    except ValueError:
+        return 0
+
+
+def build_boards(
+    score_rows: Sequence[dict[str, Any]], seeds: Mapping[int, int] | None = None
+) -> list[Board]:
+    """Boards from `ResultsStore.scores()` rows (pure: no database access). `seeds` maps
+    run id -> zoo seed (`run_seed` of each stored run); runs it lacks count as seed 0."""
     # run_id -> its identity and {task: {metric: value}} in reported order
     runs: dict[int, dict[str, Any]] = {}
     for s in score_rows:
@@ -115,6 +168,7 @@ def build_boards(score_rows: Sequence[dict[str, Any]]) -> list[Board]:
         rows = [
             _make_row(run, tasks, metrics, individual, family, setting) for run in latest.values()
         ]
+        _seed_statistics(rows, group, tasks, metrics, seeds or {})
         _rank(rows)
         rows.sort(key=_row_order)
         boards.append(
@@ -151,6 +205,31 @@ def _make_row(
         row.published_average = setting.average_for(row.label)
         row.published_scores = {t: setting.task_score_for(row.label, t) for t in tasks}
     return row
+
+
+def _seed_statistics(
+    rows: Sequence[Row],
+    group: Sequence[dict[str, Any]],
+    tasks: list[str],
+    metrics: dict[str, str],
+    seeds: Mapping[int, int],
+) -> None:
+    """Per row: the label's latest run of each seed within the board's runs (`group`, in run
+    order, so a rerun of a seed replaces that seed's value), their mean and sample std."""
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in group:
+        per_seed.setdefault(run["label"], {})[seeds.get(run["run_id"], 0)] = run
+    for row in rows:
+        by_seed = per_seed.get(row.label, {})
+        row.seeds = sorted(by_seed)
+        scores = [
+            {t: by_seed[s]["tasks"].get(t, {}).get(metrics[t]) for t in tasks} for s in row.seeds
+        ]
+        row.seed_mean, row.seed_std = seed_mean_std([_mean(sc.values()) for sc in scores])
+        for t in tasks:
+            row.scores_seed_mean[t], row.scores_seed_std[t] = seed_mean_std(
+                [sc[t] for sc in scores]
+            )
 
 
 def _rank(rows: list[Row]) -> None:
@@ -195,7 +274,7 @@ def load_boards(
     if all_runs:
         names = variant_labels(runs)
         rows = [r | {"label": names.get(r["run_id"], r["label"])} for r in rows]
-    boards = build_boards(rows)
+    boards = build_boards(rows, seeds={r["run_id"]: run_seed(r) for r in runs})
     attach_run_details(boards, runs)
     return boards
 

@@ -49,15 +49,31 @@ def _fmt_ci(ci: tuple[float, float] | None, percent: bool) -> str:
     return f"{_fmt(ci[0], percent)}–{_fmt(ci[1], percent)}"
 
 
+def _fmt_seeds(mean: float | None, std: float | None, n: int, percent: bool) -> str:
+    """`mean ± std (n seeds)` across zoo seeds; no `± std` with one seed."""
+    if not n:
+        return "—"
+    spread = f" ± {_fmt(std, percent)}" if std is not None else ""
+    return f"{_fmt(mean, percent)}{spread} ({n} seed{'s' if n > 1 else ''})"
+
+
+def _fmt_row_seeds(row: Row, percent: bool) -> str:
+    return _fmt_seeds(row.seed_mean, row.seed_std, len(row.seeds), percent)
+
+
 def _fmt_cost(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
 COST_COLUMNS = ("merge s", "peak RSS MiB", "artifact MiB", "eval ex/s")
+SEEDS_COLUMN = "seeds mean ± std"  # shown only on boards with a row run under 2+ seeds
 
 
 def _header(board: Board) -> list[str]:
-    cols = ["rank", "method", *board.tasks, "avg", "95% CI", "norm. avg", "selected"]
+    cols = ["rank", "method", *board.tasks, "avg", "95% CI"]
+    if board.multi_seed:
+        cols.append(SEEDS_COLUMN)
+    cols += ["norm. avg", "selected"]
     cols += list(COST_COLUMNS)
     if board.published_setting:
         cols.append("published avg")
@@ -77,12 +93,10 @@ def _selected_text(row: Row) -> str:
 def _cells(board: Board, row: Row, percent: bool) -> list[str]:
     cells = [_fmt_rank(row), row.label]
     cells += [_fmt(row.scores[t], percent) for t in board.tasks]
-    cells += [
-        _fmt(row.average, percent),
-        _fmt_ci(row.average_ci, percent),
-        _fmt(row.normalized_average, True),
-        _selected_text(row),
-    ]
+    cells += [_fmt(row.average, percent), _fmt_ci(row.average_ci, percent)]
+    if board.multi_seed:
+        cells.append(_fmt_row_seeds(row, percent))
+    cells += [_fmt(row.normalized_average, True), _selected_text(row)]
     cost = row.cost
     cells += [
         _fmt_cost(cost.get("merge_seconds")),
@@ -103,6 +117,11 @@ def _caption(board: Board, percent: bool) -> str:
         f"bootstrap over test examples ({RESAMPLES} resamples); rank `k=`: tied (the 95% "
         "interval of the paired difference contains 0)"
     )
+    if board.multi_seed:
+        text += (
+            "; seeds: mean ± sample std (n−1) of the average over zoo seeds (data splits and "
+            "fine-tuning), the latest run of each seed; the other columns are the latest run's"
+        )
     if board.published_setting:
         text += f"; published: EMR-Merging paper, setting `{board.published_setting}`"
     return text
@@ -129,9 +148,12 @@ def to_csv(boards: Sequence[Board]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     cost_keys = ("merge_seconds", "peak_rss_mib", "artifact_mib", "eval_examples_per_second")
+    # Seed columns (beside the interval) only when some board has a row run under 2+ seeds.
+    seeded = any(b.multi_seed for b in boards)
+    seed_cols = ["seed_mean", "seed_std", "seeds"] if seeded else []
     writer.writerow(
         ["family", "taskset", "num_tasks", "label", "method", "rank", "tied_with_best",
-         "task", "metric", "value", "ci_low", "ci_high", "normalized", "published",
+         "task", "metric", "value", "ci_low", "ci_high", *seed_cols, "normalized", "published",
          "selected", *cost_keys]
     )  # fmt: skip
     for b in boards:
@@ -142,17 +164,22 @@ def to_csv(boards: Sequence[Board]) -> str:
                 json.dumps(r.selected, sort_keys=True),
                 *(_csv(r.cost.get(k)) for k in cost_keys),
             ]
+            seeds = " ".join(str(s) for s in r.seeds)
             for t in b.tasks:
                 low, high = r.scores_ci.get(t, (None, None))
+                spread = [_csv(r.scores_seed_mean.get(t)), _csv(r.scores_seed_std.get(t)), seeds]
                 writer.writerow(
                     ident
                     + [t, b.metrics[t], _csv(r.scores[t]), _csv(low), _csv(high),
+                       *(spread if seeded else []),
                        _csv(r.normalized[t]), _csv(r.published_scores.get(t)), *tail]
                 )  # fmt: skip
             low, high = r.average_ci or (None, None)
+            spread = [_csv(r.seed_mean), _csv(r.seed_std), seeds]
             writer.writerow(
                 ident
                 + ["average", "", _csv(r.average), _csv(low), _csv(high),
+                   *(spread if seeded else []),
                    _csv(r.normalized_average), _csv(r.published_average), *tail]
             )  # fmt: skip
     return buf.getvalue()
@@ -226,7 +253,9 @@ def _plot_images(board: Board, plot_dir: Path | None) -> list[str]:
 def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = None) -> str:
     """A self-contained page: per board a sortable table (click a header) of per-task scores
     with their 95% intervals, shaded by normalized score on the board's own range, the
-    average, cost and selected values; the board's plots embedded below it."""
+    average, cost and selected values; on a board with a row run under 2+ seeds, a seeds
+    column (sorting by the mean) and the per-task spread under each score; the board's
+    plots embedded below it."""
     esc = html.escape
     folder = Path(plot_dir) if plot_dir else None
     body = []
@@ -235,8 +264,9 @@ def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = N
         body.append(
             f"<h2>{esc(board.title)}</h2><p class='cap'>{esc(_caption(board, percent))}</p>"
         )
-        header = ["rank", "method", *board.tasks, "avg", "norm. avg", "tied with best",
-                  "selected", *COST_COLUMNS]  # fmt: skip
+        seeded = board.multi_seed
+        header = ["rank", "method", *board.tasks, "avg", *([SEEDS_COLUMN] if seeded else []),
+                  "norm. avg", "tied with best", "selected", *COST_COLUMNS]  # fmt: skip
         body.append("<table class='board'><thead><tr>")
         body += [f"<th>{esc(c)}</th>" for c in header]
         body.append("</tr></thead><tbody>")
@@ -256,6 +286,14 @@ def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = N
             for task in board.tasks:
                 value, ci = row.scores[task], row.scores_ci.get(task)
                 sub = f"<br><small>{esc(_fmt_ci(ci, percent))}</small>" if ci else ""
+                if seeded and row.seeds:
+                    spread = _fmt_seeds(
+                        row.scores_seed_mean.get(task),
+                        row.scores_seed_std.get(task),
+                        len(row.seeds),
+                        percent,
+                    )
+                    sub += f"<br><small>seeds {esc(spread)}</small>"
                 norm = row.normalized[task]
                 title = f" title='{100 * norm:.1f}% of individual'" if norm is not None else ""
                 body.append(
@@ -269,6 +307,9 @@ def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = N
             )
             body.append(f"<td data-sort='{row.average if row.average is not None else ''}'>"
                         f"<b>{esc(_fmt(row.average, percent))}</b>{sub}</td>")  # fmt: skip
+            if seeded:
+                mean = "" if row.seed_mean is None else row.seed_mean
+                body.append(f"<td data-sort='{mean}'>{esc(_fmt_row_seeds(row, percent))}</td>")
             body.append(f"<td>{esc(_fmt(row.normalized_average, True))}</td>")
             tied = "" if row.tied_with_best is None else ("yes" if row.tied_with_best else "no")
             body.append(f"<td>{tied}</td><td class='sel'>{esc(_selected_text(row))}</td>")
@@ -299,14 +340,18 @@ def print_table(boards: Sequence[Board], file: Any = None) -> None:
     console = Console(file=file)
     if not console.is_terminal:  # files and pipes: wide enough that task names fit
         widest = max((len(b.tasks) for b in boards), default=0)
-        console = Console(file=file, width=max(100, 16 * (widest + 5)))
+        seeds = 32 if any(b.multi_seed for b in boards) else 0  # `73.0 ± 3.6 (3 seeds)`
+        console = Console(file=file, width=max(100, 16 * (widest + 5) + seeds))
     if not boards:
         console.print("No results stored yet.")
     for board in boards:
         percent = _as_percent(board)
         table = Table(title=board.title, caption=_caption(board, percent))
         for i, col in enumerate(_header(board)):
-            table.add_column(col, justify="left" if i == 1 else "right")
+            # the seeds cell (`73.0 ± 3.6 (3 seeds)`) reads badly wrapped: keep it on one line
+            table.add_column(
+                col, justify="left" if i == 1 else "right", no_wrap=col == SEEDS_COLUMN
+            )
         for row in board.rows:
             table.add_row(
                 *_cells(board, row, percent), style="italic dim" if row.is_reference else None
