@@ -146,7 +146,7 @@ def run(method: str, mode: str, pre: str, finetuned: dict[str, str], options: di
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
-def machine() -> str:
+def machine(short: bool = False) -> str:
     import torch
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -156,6 +156,8 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
+    if short:
+        return f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {commit}"
     return (f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, {cpu}, {os.cpu_count()} cores, "
             f"{mem:.0f} GiB RAM; Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
 
@@ -165,52 +167,63 @@ def mib(n: float) -> str:
 
 
 def depth(args) -> None:
+    """Each finished method is saved at once (outputs/bench_depth.json, and the docs block
+    re-rendered from every row stored there), so a long sweep can stop and resume with
+    `--methods` naming the rest: a new measurement of a method replaces its old row."""
     import torch
 
-    rows = []
     pools = {}
     for layers in args.layers:
         shapes = {f"layers.{i}.weight": (SIDE, SIDE) for i in range(layers)}
         pools[layers] = make_pool(f"L{layers}", shapes, torch.float32, TASKS)
+    stored = load_json().get("depth", {}).get("rows", [])
     for method in args.methods:
         modes = ["stream", "in-memory"] if method in args.compare else ["stream"]
         for mode in modes:
-            row = {"method": method, "mode": mode}
+            row = {"method": method, "mode": mode, "measured": machine(short=True)}
             for layers in args.layers:
                 pre, finetuned = pools[layers]
                 print(f"{method} ({mode}), {layers} layers ...", flush=True)
-                row[layers] = run(method, mode, pre, finetuned, OPTIONS.get(method, {}))
-                print(f"  peak RSS {mib(row[layers]['peak_rss'])} MiB, {row[layers]['wall_s']:.1f} s",
-                      flush=True)  # fmt: skip
-            rows.append(row)
-    lo, hi = min(args.layers), max(args.layers)
+                row[str(layers)] = run(method, mode, pre, finetuned, OPTIONS.get(method, {}))
+                print(f"  peak RSS {mib(row[str(layers)]['peak_rss'])} MiB, "
+                      f"{row[str(layers)]['wall_s']:.1f} s", flush=True)  # fmt: skip
+            stored = [r for r in stored if (r["method"], r["mode"]) != (method, mode)] + [row]
+            save_json("depth", stored)
+            write_block("bench_depth", depth_table(stored, args.layers))
+
+
+def depth_table(rows: list[dict], layers: list[int]) -> str:
+    lo, hi = (str(x) for x in (min(layers), max(layers)))
+    order = {m: i for i, m in enumerate(data_free_methods())}
+    rows = sorted(rows, key=lambda r: (order.get(r["method"], 99), r["mode"] != "stream"))
     lines = [
-        f"Measured {machine()}. Pool: pretrained + {TASKS} tasks, L float32 matrices of "
-        f"{SIDE}x{SIDE} (16 MiB each, so +{(hi - lo) * 16} MiB per model from {lo} to {hi} layers), "
-        "in the page cache; each cell one fresh process, files to saved artifact. Peak RSS "
-        "includes what importing torch costs (column `import`).",
+        f"Machine: {machine(short=False).split(', ', 2)[2]}. Pool: pretrained + {TASKS} tasks, L "
+        f"float32 matrices of {SIDE}x{SIDE} (16 MiB each, so +{(int(hi) - int(lo)) * 16} MiB per "
+        f"model from {lo} to {hi} layers), in the page cache; each cell one fresh process, files "
+        "to saved artifact. Peak RSS includes what importing torch costs (column `import`). "
+        "`measured`: when and at which commit the row was measured; `load`: the 1-minute load "
+        "average as the 48-layer run started (the machine was shared).",
         "",
         f"| method | way | peak RSS MiB, {lo} layers | peak RSS MiB, {hi} layers | growth MiB | "
-        f"< 200 MiB | wall s ({hi}) | CPU s ({hi}) | import MiB | load |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        f"< 200 MiB | wall s ({hi}) | CPU s ({hi}) | import MiB | load | measured |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
+        if lo not in row or hi not in row:
+            continue
         a, b = row[lo], row[hi]
         growth = b["peak_rss"] - a["peak_rss"]
-        ok = "yes" if growth < 200 * 2**20 else "no"
-        if row["mode"] != "stream":
-            ok = "(before)"
+        ok = ("yes" if growth < 200 * 2**20 else "no") if row["mode"] == "stream" else "(before)"
         note = " (steps=5)" if row["method"] == "wudi" else ""
         lines.append(
             f"| {row['method']}{note} | {row['mode']} | {mib(a['peak_rss'])} | {mib(b['peak_rss'])} | "
             f"{growth / 2**20:+,.0f} | {ok} | {b['wall_s']:.1f} | {b['cpu_s']:.1f} | "
-            f"{mib(b['rss_after_import'])} | {b['load']:.1f} |"
+            f"{mib(b['rss_after_import'])} | {b['load']:.1f} | {row.get('measured', '')} |"
         )
     lines += ["", "`in-memory`: `merge(...)` then `result.save(...)`, the way every merge ran before "
               "streamed artifacts (the whole output held until saved). `wudi` runs 5 Adam steps "
               "instead of 300 here: its memory is one matrix's optimizer state either way."]  # fmt: skip
-    write_block("bench_depth", "\n".join(lines))
-    save_json("depth", rows)
+    return "\n".join(lines)
 
 
 def large(args) -> None:
@@ -265,8 +278,12 @@ def write_block(name: str, body: str) -> None:
     print(f"wrote the {name} block of {DOC}")
 
 
+def load_json() -> dict:
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+
+
 def save_json(key: str, rows: list) -> None:
-    data = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+    data = load_json()
     data[key] = {"machine": machine(), "rows": json.loads(json.dumps(rows, default=str))}
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
     OUT_JSON.write_text(json.dumps(data, indent=1) + "\n")
