@@ -4,9 +4,11 @@ place, without rebuilding the model or materializing a state dict.
 For a task-conditioned result (EMR, "X w/ M&R") each merged tensor becomes
 `W_pre + lam_t * M_t * tau_uni`, computed straight into the model's parameter with the same
 float32 arithmetic as `TaskConditionedResult.state_dict(task)`, so the weights are
-bit-identical to `model.load_state_dict(result.state_dict(task))`. The unified vector, the
-packed masks and (by default) the pretrained tensors are kept on the model's device, so a
-switch on a GPU moves no data over the bus. For a single-model result only the task's own
+bit-identical to `model.load_state_dict(result.state_dict(task))`. For an in-memory result,
+or any result on a GPU, the unified vector, the packed masks and (by default) the
+pretrained tensors are kept on the model's device, so a switch moves no data over the bus;
+a result loaded from files (`load_result`, `merge(..., output_dir=...)`) on the CPU is read
+from its files at each switch instead, so the switcher adds no model-sized copies. For a single-model result only the task's own
 tensors (its head) change between tasks.
 
     switcher = TaskSwitcher(result, model)
