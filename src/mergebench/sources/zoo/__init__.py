@@ -46,8 +46,11 @@ FINETUNE_KEYS = (
 )  # fmt: skip
 # Optional fine-tuning settings: `threads` fixes torch's CPU threads while training (CPU
 # convolutions add up in a thread-count-dependent order; a fixed count makes the zoo the
-# same bit for bit on any machine).
-OPTIONAL_FINETUNE_KEYS = ("threads",)
+# same bit for bit on any machine). `multitask_batches`: `per_task` (default: each batch holds
+# one task) or `mixed` (each batch drawn from all tasks' examples: what BatchNorm statistics
+# that train need, since the model is evaluated with statistics of the mixture).
+OPTIONAL_FINETUNE_KEYS = ("threads", "multitask_batches")
+MULTITASK_BATCHES = ("per_task", "mixed")
 
 
 # ---------------------------------------------------------------------------- locations
@@ -81,6 +84,11 @@ def finetune_settings(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
     missing = [k for k in FINETUNE_KEYS if k not in hp]
     if missing:
         raise MergeBenchError(f"model.finetune.{missing[0]}: missing")
+    if hp.get("multitask_batches", "per_task") not in MULTITASK_BATCHES:
+        raise MergeBenchError(
+            f"model.finetune.multitask_batches: {hp['multitask_batches']!r} "
+            f"(choose from {', '.join(MULTITASK_BATCHES)})"
+        )
     return hp
 
 
@@ -94,6 +102,8 @@ def multitask_settings(hp: Mapping[str, Any]) -> dict[str, Any]:
     out.update(
         epochs=hp["multitask_epochs"], lr=hp["multitask_lr"], head_lr=hp["multitask_head_lr"]
     )
+    if "multitask_batches" in hp:  # only when set: older multi-task models keep their signature
+        out["batches"] = hp["multitask_batches"]
     return out
 
 

@@ -16,27 +16,47 @@ import torch
 
 from mergebench.families.base import HEAD, ZooFamily
 from mergebench.families.labeled import LabeledData
+from mergebench.util.errors import MergeBenchError
 from mergebench.util.progress import on_terminal
 
 
 class TaskBatches(torch.utils.data.IterableDataset):
-    """Shuffled mini-batches of one or several tasks; each batch holds one task only (so a
-    multi-task model can run the right head). Reshuffled every epoch from `seed` and the
-    epoch number, so a run is reproducible."""
+    """Shuffled mini-batches of one or several tasks, reshuffled every epoch from `seed` and
+    the epoch number, so a run is reproducible. Every training example is seen once per
+    epoch: each task gets as many examples per epoch as in its own run.
 
-    def __init__(self, data: LabeledData, tasks: Sequence[str], batch_size: int, seed: int) -> None:
+    Per task (default): each batch holds one task only, `(task, inputs, labels)`, and each
+    task gets as many batches as in its own run. Mixed: each batch is drawn from the shuffled
+    union of all tasks' examples, `(tasks, inputs, labels, sizes)` with the examples grouped
+    by task (`sizes[i]` of `tasks[i]`), so layers that normalise over the batch (BatchNorm)
+    see the mixture of tasks they are evaluated on.
+    """
+
+    def __init__(
+        self,
+        data: LabeledData,
+        tasks: Sequence[str],
+        batch_size: int,
+        seed: int,
+        mixed: bool = False,
+    ) -> None:
         super().__init__()
         self.data, self.tasks, self.batch_size, self.seed = data, list(tasks), batch_size, seed
+        self.mixed = mixed
         self.epoch = 0
 
     def __len__(self) -> int:
-        return sum(
-            math.ceil(self.data.num_examples(t, "train") / self.batch_size) for t in self.tasks
-        )
+        sizes = [self.data.num_examples(t, "train") for t in self.tasks]
+        if self.mixed:
+            return math.ceil(sum(sizes) / self.batch_size)
+        return sum(math.ceil(n / self.batch_size) for n in sizes)
 
-    def __iter__(self) -> Iterator[tuple[str, dict[str, torch.Tensor], torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
+        if self.mixed:
+            yield from self._mixed(rng)
+            return
         plan = []
         for task in self.tasks:
             order = rng.permutation(self.data.num_examples(task, "train"))
@@ -48,6 +68,50 @@ class TaskBatches(torch.utils.data.IterableDataset):
             task, idx = plan[j]
             batch, labels = next(self.data.batches(task, "train", len(idx), order=idx))
             yield task, batch, labels
+
+    def _mixed(self, rng: np.random.Generator) -> Iterator[tuple]:
+        owner = np.concatenate(
+            [np.full(self.data.num_examples(t, "train"), i) for i, t in enumerate(self.tasks)]
+        )
+        index = np.concatenate([np.arange(self.data.num_examples(t, "train")) for t in self.tasks])
+        order = rng.permutation(len(owner))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            tasks, parts, labels = [], [], []
+            for i, task in enumerate(self.tasks):
+                idx = index[chunk[owner[chunk] == i]]
+                if len(idx):
+                    batch, lab = next(self.data.batches(task, "train", len(idx), order=idx))
+                    tasks.append(task)
+                    parts.append(batch)
+                    labels.append(lab)
+            try:
+                inputs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            except RuntimeError as err:  # e.g. texts padded to different lengths
+                raise MergeBenchError(
+                    f"mixed multi-task batches need inputs of one shape across tasks ({err})"
+                ) from err
+            yield tuple(tasks), inputs, torch.cat(labels), tuple(len(x) for x in labels)
+
+
+def mixed_logits(
+    family: ZooFamily,
+    models: Mapping[str, torch.nn.Module],
+    tasks: Sequence[str],
+    inputs: dict[str, torch.Tensor],
+    sizes: Sequence[int],
+) -> list[torch.Tensor]:
+    """Logits of a mixed batch: one forward pass of the shared backbone over all examples
+    (what the head receives is caught with a hook), then each task's head on its rows."""
+    first = models[tasks[0]]
+    caught: list[torch.Tensor] = []
+    handle = getattr(first, HEAD).register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+    try:
+        family.logits(first, inputs)
+    finally:
+        handle.remove()
+    features = caught[0].split(list(sizes))
+    return [getattr(models[t], HEAD)(f) for t, f in zip(tasks, features, strict=True)]
 
 
 def _lightning_module(
@@ -71,9 +135,17 @@ def _lightning_module(
             return self
 
         def training_step(self, item, batch_idx):
-            task, batch, labels = item
-            logits = family.logits(self.models[task], batch)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
+            if len(item) == 4:  # a mixed batch: the mean loss over all its examples
+                tasks, batch, labels, sizes = item
+                logits = mixed_logits(family, self.models, tasks, batch, sizes)
+                loss = sum(
+                    torch.nn.functional.cross_entropy(lg, lb, reduction="sum")
+                    for lg, lb in zip(logits, labels.split(list(sizes)), strict=True)
+                ) / len(labels)
+            else:
+                task, batch, labels = item
+                logits = family.logits(self.models[task], batch)
+                loss = torch.nn.functional.cross_entropy(logits, labels)
             self.log("loss", loss, prog_bar=True, batch_size=len(labels))
             return loss
 
@@ -128,7 +200,8 @@ def fit(
         model = family.build_model(task)  # head seeded by the global generator
         family.share_backbone(first, model)
         models[task] = model
-    dataset = TaskBatches(data, tasks, int(hp["batch_size"]), seed)
+    mixed = hp.get("batches", "per_task") == "mixed"
+    dataset = TaskBatches(data, tasks, int(hp["batch_size"]), seed, mixed=mixed)
     total_steps = len(dataset) * epochs
     module = _lightning_module(family, models, hp, total_steps)
     # Lightning >= 2.2 keeps the modules' modes as it finds them: set ours (frozen BN) first.
