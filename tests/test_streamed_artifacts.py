@@ -234,3 +234,33 @@ def test_streamed_files_match_the_manifest(pool, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(MergeBenchError, match="changed since the result was saved"):
         load_result(tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["ties", "emr", "dare", "mask_rescale"])
+def test_outsized_keys_read_into_buffers_of_their_own(pool, tmp_path, monkeypatch, method):
+    """Keys above `REUSE_MAX_NUMEL` (an LLM's embedding) skip the reused buffers: same result."""
+    from mergebench.engine import stream
+
+    want = _merge(pool, method)
+    monkeypatch.setattr(stream, "REUSE_MAX_NUMEL", 20)  # the 12x6 matrices are outsized now
+    loads = []
+    real = stream.TaskVectorStream._load
+
+    def spy(self, key, buffers):
+        loaded = real(self, key, buffers)
+        loads.append(
+            (
+                key,
+                buffers is not None
+                and loaded.pretrained.data_ptr() == buffers.pretrained.data_ptr(),
+            )
+        )
+        return loaded
+
+    monkeypatch.setattr(stream.TaskVectorStream, "_load", spy)
+    got = _merge(pool, method, output_dir=tmp_path / "out")
+    assert dict(loads)["layers.0.bias"] is True  # 6 entries: a reused buffer
+    assert dict(loads)["layers.0.weight"] is False  # 72 entries: its own
+    for task in want.tasks:
+        for key, value in want.state_dict(task).items():
+            assert torch.equal(got.state_dict(task)[key], value), (task, key)

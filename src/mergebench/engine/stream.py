@@ -150,10 +150,18 @@ class _Loaded:
     task_sum: torch.Tensor | None = None  # a reused buffer for the task sum, if any
 
 
+# Keys of up to this many entries are read into reused buffers; a bigger one (an LLM's
+# embedding matrix: 394M entries in Llama-3-3B) gets buffers of its own, freed with the key.
+# Reused buffers sized for such a key would keep (threads + 1) * (N + 1) float32 copies of
+# it for the whole merge (measured: 10.5 GB peak for task arithmetic on a 3B pool).
+REUSE_MAX_NUMEL = 1 << 25
+
+
 class _BufferSet:
     """Flat float32 storage for one key of the stream: pretrained + N fine-tuned rows."""
 
     def __init__(self, num_tasks: int, max_numel: int, pin: bool) -> None:
+        self.capacity = max_numel
         self.pretrained = torch.empty(max_numel, pin_memory=pin)
         self.finetuned = torch.empty(num_tasks * max_numel, pin_memory=pin)
         self.task_sum = torch.empty(max_numel)
@@ -313,7 +321,8 @@ class TaskVectorStream:
 
     # -- internals ---------------------------------------------------------------------------
     def _buffer_sets(self, count: int = 2) -> list[_BufferSet]:
-        max_numel = max(self.numel(k) for k in self.plan.merged)
+        numels = [self.numel(k) for k in self.plan.merged]
+        max_numel = max((n for n in numels if n <= REUSE_MAX_NUMEL), default=0)
         pin = self.device.type == "cuda"
         return [_BufferSet(len(self.tasks), max_numel, pin) for _ in range(count)]
 
@@ -324,6 +333,8 @@ class TaskVectorStream:
         """Read one key of every checkpoint as float32 (runs in the reader thread)."""
         shape = self.pool.pretrained.shape(key)
         n = len(self.tasks)
+        if buffers is not None and math.prod(shape) > buffers.capacity:
+            buffers = None  # an outsized key: buffers of its own (see REUSE_MAX_NUMEL)
         if buffers is None:
             pin = self.device.type == "cuda"
             pre = torch.empty(shape, pin_memory=pin)
