@@ -151,9 +151,10 @@ class _Loaded:
 
 
 # Keys of up to this many entries are read into reused buffers; a bigger one (an LLM's
-# embedding matrix: 394M entries in Llama-3-3B) gets buffers of its own, freed with the key.
-# Reused buffers sized for such a key would keep (threads + 1) * (N + 1) float32 copies of
-# it for the whole merge (measured: 10.5 GB peak for task arithmetic on a 3B pool).
+# embedding or output matrix: 394M entries in Llama-3-3B) gets buffers of its own, freed
+# with the key. Reused buffer sets sized for such keys would reserve (threads + 1) * (N + 1)
+# float32 copies of them, and keep resident the pages of every set a big key passed through
+# (an untied embedding and LM head go through two sets) for the rest of the merge.
 REUSE_MAX_NUMEL = 1 << 25
 
 
