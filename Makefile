@@ -34,14 +34,18 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests scripts
 	$(VENV)/bin/lint-imports
 
+# SEEDS=0,1,2 make bench: one zoo per seed (data splits and fine-tuning), every board run
+# under each seed, and the leaderboard shows mean +- std across seeds beside the intervals.
+SEEDS ?= 0
+comma := ,
 zoo: setup data
-	$(VENV)/bin/mergebench-zoo
+	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo seed=$$seed || exit 1; done
 
 bench: zoo
-	$(PY) scripts/run_bench.py
+	$(PY) scripts/run_bench.py --seeds $(SEEDS)
 
 bench-all: zoo
-	$(PY) scripts/run_bench.py --all
+	$(PY) scripts/run_bench.py --all --seeds $(SEEDS)
 
 # Mutation testing (not part of CI; docs/mutation.md): mutmut over the methods, kernels, key
 # plan, store hashing and label guard ([tool.mutmut] in pyproject.toml), in mutants/.

@@ -4,8 +4,10 @@ each job, evaluated once per zoo), then the leaderboard: printed, and written to
 `outputs/leaderboard.md` and `outputs/leaderboard.json`.
 
     python scripts/run_bench.py                 # data-free methods, both task sets
-    python scripts/run_bench.py --all           # plus the data-dependent methods present
+    python scripts/run_bench.py --all           # plus the ten 2024-2025 methods and the
+                                                # data-dependent ones, both sets
     python scripts/run_bench.py --sets text --force --db /tmp/b.sqlite
+    python scripts/run_bench.py --seeds 0,1,2   # one zoo per seed; boards add mean +- std
 
 Runs already in the results database (same resolved config) are skipped, so an interrupted
 sweep resumes; `--force` runs everything again.
@@ -99,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         "--all", action="store_true",
         help="also the 2024-2025 methods and the data-dependent methods",
     )  # fmt: skip
+    parser.add_argument(
+        "--seeds", default="0",
+        help="comma-separated zoo seeds (data splits and fine-tuning), e.g. 0,1,2: every run "
+        "is repeated per seed and the boards add the mean and std across seeds",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="rerun runs already stored")
     parser.add_argument("--db", default="outputs/results.sqlite", help="results database")
     parser.add_argument("--out", default="outputs", help="leaderboard folder")
@@ -111,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v for v in args.variants if "=" not in v]
     if any(s not in SETS for s in args.sets):
         parser.error(f"--sets: choose from {', '.join(SETS)}")
+    seeds = [s.strip() for s in str(args.seeds).split(",")]
+    if not all(s.isdigit() for s in seeds) or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds: {args.seeds!r} is not a list of distinct integers like 0,1,2")
 
     common = [
         "+experiment=" + ",".join(SETS[s] for s in args.sets),
         f"store.path={args.db}",
         "progress=false",
+        *([f"seed={','.join(seeds)}"] if seeds != ["0"] else []),
         *(["force=true"] if args.force else []),
         *args.overrides,
     ]

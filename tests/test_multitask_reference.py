@@ -140,3 +140,12 @@ def test_shipped_multitask_references_train_as_long_as_their_single_task_models(
     vision = load_group("model", "efficientnet_lite0")
     assert vision["options"]["freeze_batchnorm_multitask"] is False
     assert multitask_settings(finetune_settings(vision))["batches"] == "mixed"
+
+
+def test_each_seed_has_its_own_zoo_folder(tmp_path):
+    from mergebench.sources.zoo import family_dir
+
+    cfg = {"model": {"name": "minilm"}, "zoo": {"dir": str(tmp_path)}}
+    assert family_dir({**cfg, "seed": 0}) == tmp_path / "minilm"  # existing caches stay valid
+    assert family_dir(cfg) == tmp_path / "minilm"
+    assert family_dir({**cfg, "seed": 2}) == tmp_path / "minilm-seed2"

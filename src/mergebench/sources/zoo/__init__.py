@@ -64,7 +64,12 @@ def zoo_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def family_dir(cfg: Mapping[str, Any]) -> Path:
-    return zoo_root((cfg.get("zoo") or {}).get("dir")) / str(cfg["model"]["name"])
+    """The family's zoo folder: `<zoo dir>/<family>` for seed 0, `<family>-seed<n>` for any
+    other seed, so the zoos of a multi-seed sweep live side by side instead of retraining
+    each other's checkpoints."""
+    seed = int(cfg.get("seed", 0) or 0)
+    name = str(cfg["model"]["name"]) + (f"-seed{seed}" if seed else "")
+    return zoo_root((cfg.get("zoo") or {}).get("dir")) / name
 
 
 def set_threads(threads: int | None) -> None:

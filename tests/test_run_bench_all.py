@@ -1,0 +1,79 @@
+"""`scripts/run_bench.py --all` (what `make bench-all` runs) covers both task sets with the
+eleven paper variants, the ten 2024-2025 methods and the data-dependent methods."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_run_bench():
+    spec = importlib.util.spec_from_file_location("run_bench", ROOT / "scripts" / "run_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def planned(argv: list[str], monkeypatch) -> list[list[str]]:
+    """The multirun override lists `main(argv)` would run (nothing is run)."""
+    module = load_run_bench()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(module, "multirun", calls.append)
+    monkeypatch.setattr(module, "write_leaderboard", lambda db, out: [])
+    assert module.main(argv) == 0
+    return calls
+
+
+def value(overrides: list[str], key: str) -> list[str]:
+    (found,) = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")]
+    return found.split(",")
+
+
+def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
+    module = load_run_bench()
+    first, second = planned(["--all"], monkeypatch)
+    for overrides in (first, second):
+        assert value(overrides, "+experiment") == ["bench_text", "bench_vision"]
+    assert value(first, "+variant") == module.DATA_FREE_VARIANTS + module.NEW_METHOD_VARIANTS
+    assert len(module.NEW_METHOD_VARIANTS) == 10
+    assert value(second, "+variant") == module.DATA_DEPENDENT_VARIANTS
+
+
+def test_make_bench_all_calls_run_bench_all():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nbench-all:", 1)[1].split("\n\n", 1)[0]
+    assert "scripts/run_bench.py --all" in recipe
+
+
+def test_variants_and_sets_narrow_the_run(monkeypatch):
+    (only,) = planned(["--sets", "text", "--variants", "tsv", "wudi", "threads=1"], monkeypatch)
+    assert value(only, "+experiment") == ["bench_text"]
+    assert value(only, "+variant") == ["tsv", "wudi"]
+    assert "threads=1" in only
+
+
+def test_seeds_sweep_every_job_over_the_seeds(monkeypatch):
+    (calls,) = planned(["--seeds", "0,1,2"], monkeypatch)
+    assert value(calls, "seed") == ["0", "1", "2"]
+    (default,) = planned([], monkeypatch)
+    assert not [o for o in default if o.startswith("seed=")]  # one seed: the config's own
+
+
+def test_bad_seeds_are_an_error(monkeypatch, capsys):
+    import pytest
+
+    for bad in ("a,b", "0,0", "1;2"):
+        with pytest.raises(SystemExit) as exit_info:
+            planned(["--seeds", bad], monkeypatch)
+        assert exit_info.value.code == 2
+        assert "--seeds" in capsys.readouterr().err
+
+
+def test_make_bench_passes_the_seeds_to_the_zoo_and_the_runs():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "SEEDS ?= 0" in makefile
+    assert "run_bench.py --seeds $(SEEDS)" in makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    zoo = makefile.split("\nzoo:", 1)[1].split("\n\n", 1)[0]
+    assert "mergebench-zoo seed=$$seed" in zoo
