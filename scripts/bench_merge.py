@@ -4,7 +4,8 @@ Builds (once, cached) eight fine-tuned checkpoints with the shapes of CLIP ViT-B
 tower (87.8M parameters each; the pretrained model is open_clip's seeded random init, each
 task adds seeded random deltas), then, for every data-free method, merges them from the
 files to a saved artifact twice, each in a fresh process:
-- `stream`: `mergebench.merge(...)` then `result.save(...)` (safetensors, packed masks);
+- `stream`: `mergebench.merge(..., output_dir=...)`, each tensor written into the artifact
+  (safetensors shards, packed masks) as it is merged;
 - `reference`: `mergebench.reference.merge_reference(...)` (everything flattened in RAM,
   bool masks, as the papers' code does) then `torch.save`.
 Each process reports its wall time; its peak RSS comes from the kernel (`wait4`'s
@@ -12,8 +13,20 @@ Each process reports its wall time; its peak RSS comes from the kernel (`wait4`'
 artifacts hold the same numbers. The table goes to docs/performance.md (between markers),
 all figures to outputs/bench_merge.json.
 
+`--new` measures the ten 2024-2025 methods (breadcrumbs ... wudi) instead, beside task
+arithmetic (both implementations, same run): `stream` only, since their in-memory
+references (`mergebench.reference.breadcrumbs`, `.tsv`, ...) are per-tensor float64 /
+Python-loop yardsticks, not meant for 87.8M x 8 entries. A spot check compares each
+streamed artifact with that reference on a few keys (the other keys stand in as 1-entry
+zeros, which keeps every key's position and block number). WUDI is measured with its
+default settings on 2 of the 12 residual blocks and extrapolated (`--wudi-full`: all of
+them, about half an hour on 2 cores). That table goes to its own block of
+docs/performance.md (`bench_merge_methods`), the figures to outputs/bench_merge_methods.json.
+
     .venv/bin/python scripts/bench_merge.py                  # all methods (~15 min, 2 cores)
     .venv/bin/python scripts/bench_merge.py --methods emr    # one method
+    .venv/bin/python scripts/bench_merge.py --new            # the ten (~15 min, 2 cores)
+    .venv/bin/python scripts/bench_merge.py --methods tsv cart   # some of them
 """
 
 from __future__ import annotations
@@ -43,6 +56,37 @@ RUNS: dict[str, dict] = {
     "mask_rescale": {},  # base task_arithmetic
 }
 BEGIN, END = "<!-- bench_merge:begin -->", "<!-- bench_merge:end -->"
+# The ten 2024-2025 methods (issue 11): streamed only, beside task arithmetic; defaults
+# from conf/method/ except where the pool needs a setting.
+NEW_RUNS: dict[str, dict] = {
+    "breadcrumbs": {},
+    "della": {},
+    "tall_masks": {},  # threshold 0.6 for every task (the benchmark selects it per task)
+    "consensus": {},
+    "tsv": {},
+    "iso_c": {},
+    "iso_cts": {},
+    "cart": {},
+    "lines": {"layer_pattern": r"transformer\.resblocks\.(\d+)\."},  # no model family here
+    "wudi": {},
+}
+NEW_BEGIN, NEW_END = "<!-- bench_merge_methods:begin -->", "<!-- bench_merge_methods:end -->"
+BLOCKS = 12  # residual blocks of the ViT-B/32 vision tower
+WUDI_BLOCKS = 2  # blocks WUDI fits unless --wudi-full (then all; its default `keys`)
+NO_KEYS = r"(?!)"  # a regex that matches no key: WUDI reads, writes W_pre, fits nothing
+# Keys the spot check compares with the in-memory reference (the rest stand in as zeros):
+# 1-D, a small 2-D table, both matrix shapes of block 0, a block-9 tensor (LiNeS' lambda).
+SPOT_KEYS = [
+    "class_embedding",
+    "ln_pre.weight",
+    "positional_embedding",
+    "transformer.resblocks.0.attn.out_proj.weight",
+    "transformer.resblocks.0.mlp.c_proj.weight",
+    "transformer.resblocks.9.ln_1.weight",
+    "transformer.resblocks.9.attn.out_proj.bias",
+]
+# Where the reference is slow (Python loops, float64 autograd): the small keys only.
+SPOT_SMALL = {"della", "wudi"}
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -112,9 +156,10 @@ def run_worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     start = time.perf_counter()
     if args.impl == "stream":
-        result = mergebench.merge(args.method, pretrained, finetuned, progress=False, **params)
+        # Streamed: each tensor is written into the artifact as it is merged (issue 13).
+        mergebench.merge(args.method, pretrained, finetuned, progress=False, output_dir=out,
+                         **params)  # fmt: skip
         merged = time.perf_counter()
-        result.save(out)
         size = artifact_bytes(out)
     else:
         result = merge_reference(args.method, pretrained, finetuned, **params)
@@ -233,6 +278,85 @@ def run_verify(args: argparse.Namespace) -> None:
                 report["task_weights_differing"] += not same(weights[key], expected)
             del weights
     print(json.dumps(report))
+
+
+def run_spot(args: argparse.Namespace) -> None:
+    """The streamed artifact of a 2024-2025 method against its in-memory reference on
+    `--keys`; every other key of the pool stands in as a 1-entry zero in every model, so
+    key positions (DELLA's draws), block numbers (LiNeS) and the task count stay."""
+    import inspect
+
+    import torch
+    from safetensors import safe_open
+
+    from mergebench.methods.registry import method_defaults
+    from mergebench.reference import breadcrumbs, cart, della, iso, lines, tall_masks, tsv, wudi
+    from mergebench.results import load_result
+
+    functions = {
+        "breadcrumbs": breadcrumbs.breadcrumbs_reference,
+        "della": della.della_reference,
+        "tall_masks": tall_masks.tall_masks_reference,
+        "consensus": tall_masks.consensus_reference,
+        "tsv": tsv.merge_tsv,
+        "iso_c": iso.merge_iso_c,
+        "iso_cts": iso.merge_iso_cts,
+        "cart": cart.merge_cart,
+        "lines": lines.lines_reference,
+        "wudi": wudi.merge_wudi,
+    }
+    keys = json.loads(args.keys)
+    params = {**method_defaults(args.method), **json.loads(args.params)}
+    function = functions[args.method]
+    accepted = inspect.signature(function).parameters
+    params = {k: v for k, v in params.items() if k in accepted}
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(path), "pt") as handle:
+            return {k: handle.get_tensor(k) if k in keys else torch.zeros(1) for k in handle.keys()}
+
+    pretrained, finetuned = _pool_paths(Path(args.pool))
+    pre = load(pretrained)
+    fts = {task: load(path) for task, path in finetuned.items()}
+    expected = function(pre, fts, **params)
+    streamed = load_result(args.stream)
+    pairs = []  # (what, streamed, expected)
+    if args.method == "tall_masks":
+        for key in keys:
+            pairs.append((f"unified {key}", streamed.unified[key], expected.unified[key]))
+            for task in fts:
+                mask = streamed.mask(task, key)
+                pairs.append((f"mask {task} {key}", mask, expected.masks[task][key]))
+        for task in fts:
+            state = streamed.state_dict(task)
+            pairs += [(f"{task} {k}", state[k], expected.weights[task][k]) for k in keys]
+            del state
+    else:
+        if args.method == "lines":
+            expected = expected[0]  # (weights, alpha)
+        state = streamed.state_dict()
+        pairs = [(key, state[key], expected[key]) for key in keys]
+    report = {"keys": len(keys), "compared": len(pairs), "identical": 0, "max_abs_diff": 0.0}
+    report["close"] = True
+    for _, got, want in pairs:
+        got, want = got.to(torch.float64), want.to(torch.float64)
+        report["identical"] += bool(torch.equal(got, want))
+        report["max_abs_diff"] = max(report["max_abs_diff"], (got - want).abs().max().item())
+        # The tests' tolerance for the float64 references (test_method_tsv.py and others).
+        report["close"] &= bool(torch.allclose(got, want, rtol=1e-5, atol=2e-5))
+    print(json.dumps(report))
+
+
+def spot_check(pool: Path, method: str, params: dict, stream_dir: Path) -> dict:
+    keys = [k for k in SPOT_KEYS if method not in SPOT_SMALL or "c_proj" not in k]
+    command = [
+        sys.executable, __file__, "_spot", "--method", method, "--params", json.dumps(params),
+        "--pool", str(pool), "--stream", str(stream_dir), "--keys", json.dumps(keys),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"spot check of {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def switching(artifact: Path, threads: int) -> dict:
@@ -388,9 +512,9 @@ def render(results: dict) -> str:
 
 
 def _targets(results: dict) -> list[str]:
-    """Issue 6's targets against this run."""
+    """Issues 6 and 13's targets against this run."""
     rows = results["methods"]
-    out = ["", "| target (issue 6) | this run | met |", "| --- | --- | --- |"]
+    out = ["", "| target | this run | met |", "| --- | --- | --- |"]
 
     def add(name: str, value: str, ok: bool) -> None:
         out.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
@@ -421,6 +545,16 @@ def _targets(results: dict) -> list[str]:
             f"{emr['ratio']['bytes']:.3f}",
             emr["ratio"]["bytes"] <= 0.45,
         )
+        add(
+            "EMR files to artifact (issue 13): >= 10x less wall time",
+            f"{emr['ratio']['time']:.1f}x (CPU time {cpu:.1f}x)",
+            emr["ratio"]["time"] >= 10,
+        )
+        add(
+            "EMR peak RSS (issue 13) <= 0.15 of in-memory",
+            f"{emr['ratio']['rss']:.2f}",
+            emr["ratio"]["rss"] <= 0.15,
+        )
     if "ties" in rows:
         check = rows["ties"]["check"]
         add(
@@ -432,13 +566,164 @@ def _targets(results: dict) -> list[str]:
     return out
 
 
-def write_doc(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1] if END in rest else ""
-    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+def write_doc(path: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between `begin` and `end` (appended if the file has none)."""
+    text = path.read_text() if path.exists() else f"# Performance\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1] if end in rest else ""
+    path.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
+# --- the ten 2024-2025 methods ------------------------------------------------------------
+def wudi_keys(blocks: int) -> str:
+    """WUDI's default `keys` (`.*\\.weight`) restricted to the first `blocks` blocks."""
+    if blocks >= BLOCKS:
+        return r".*\.weight"
+    numbers = "|".join(str(b) for b in range(blocks))
+    return rf"transformer\.resblocks\.({numbers})\..*\.weight"
+
+
+def measure_new(pool: Path, work: Path, args: argparse.Namespace, methods: list[str]) -> dict:
+    """Task arithmetic (reference and stream, checked) then each method streamed, spot-checked
+    against its in-memory reference; WUDI on a subset of blocks plus a no-fit run to
+    extrapolate from, unless `--wudi-full`."""
+    rows: dict = {}
+
+    def run(name: str, impl: str, method: str, params: dict) -> dict:
+        out = work / f"{name}_{impl}"
+        r = measure(pool, impl, method, params, out, args.threads)
+        print(
+            f"{name:17s} {impl:9s} {r['total_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
+            f"{r['peak_rss_bytes'] / 2**20:7.0f} MiB  {r['bytes'] / 2**20:6.0f} MiB out  "
+            f"(load {r['load_before']:.1f})",
+            flush=True,
+        )
+        return r
+
+    ta = {
+        impl: run("task_arithmetic", impl, "task_arithmetic", {})
+        for impl in ("reference", "stream")
+    }
+    ta["check"] = verify(
+        pool, work / "task_arithmetic_stream", work / "task_arithmetic_reference" / "reference.pt"
+    )
+    rows["task_arithmetic"] = ta
+    shutil.rmtree(work / "task_arithmetic_reference", ignore_errors=True)
+    shutil.rmtree(work / "task_arithmetic_stream", ignore_errors=True)
+    for method in methods:
+        params = dict(NEW_RUNS[method])
+        variants = [(method, params, None)]
+        if method == "wudi" and not args.wudi_full:
+            fitted = {**params, "keys": wudi_keys(WUDI_BLOCKS)}
+            # `keys` matching nothing: no matrix fitted (steps=0 would still evaluate the loss
+            # of every matrix once, which the 2-block run does for its matrices only).
+            nofit = {**params, "keys": NO_KEYS}
+            variants = [("wudi", fitted, WUDI_BLOCKS), ("wudi_nofit", nofit, 0)]
+        for name, run_params, blocks in variants:
+            row = {"stream": run(name, "stream", method, run_params), "params": run_params}
+            if blocks is not None:
+                row["blocks_fitted"] = blocks
+            if name != "wudi_nofit":
+                row["check"] = spot_check(pool, method, run_params, work / f"{name}_stream")
+                print(f"{name:17s} check     {row['check']}", flush=True)
+            rows[name] = row
+            shutil.rmtree(work / f"{name}_stream", ignore_errors=True)
+    if "wudi_nofit" in rows:
+        rows["wudi_extrapolated"] = extrapolate_wudi(rows["wudi"], rows["wudi_nofit"])
+    return rows
+
+
+def extrapolate_wudi(fitted: dict, nofit: dict) -> dict:
+    """All 12 blocks from `WUDI_BLOCKS` of them: the no-fit run (read, write) plus the
+    fitting time scaled by the number of blocks (every block has the same matrix shapes).
+    Peak RSS and artifact size are those measured (keys are streamed one at a time, and
+    unfitted keys are written anyway)."""
+    scale = BLOCKS / fitted["blocks_fitted"]
+    stream = {}
+    for field in ("total_s", "cpu_s"):
+        fit = max(0.0, fitted["stream"][field] - nofit["stream"][field])
+        stream[field] = nofit["stream"][field] + scale * fit
+    stream["peak_rss_bytes"] = fitted["stream"]["peak_rss_bytes"]
+    stream["bytes"] = fitted["stream"]["bytes"]
+    stream["load_before"] = None
+    return {"stream": stream, "extrapolated": True, "scale": scale}
+
+
+def render_methods(results: dict) -> str:
+    gib, mib = 1024**3, 1024**2
+    facts = results["machine"]
+    rows = results["methods"]
+    ta = rows["task_arithmetic"]
+    base_wall, base_cpu = ta["stream"]["total_s"], ta["stream"]["cpu_s"]
+    lines = [
+        f"Measured {facts['date']} on {facts['cpu']}, {facts['cores']} cores "
+        f"({facts['threads']} torch threads), {facts['memory_bytes'] / gib:.0f} GiB RAM; "
+        f"Python {facts['python']}, torch {facts['torch']}. Same pool as above: "
+        f"{results['pool']['parameters'] / 1e6:.1f}M parameters x {results['pool']['tasks']} "
+        "fine-tuned + 1 pretrained. Each row: one fresh process, files to saved artifact "
+        "(`mergebench.merge` then `result.save`), default settings. Peak RSS includes "
+        f"{results['baseline_rss_bytes'] / mib:.0f} MiB that importing torch alone costs.",
+        "",
+        "| method | impl | wall s | CPU s | x TA wall | x TA CPU | peak RSS MiB | "
+        "artifact MiB | load | check |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+
+    def line(label: str, impl: str, r: dict, check: str) -> None:
+        load = "" if r.get("load_before") is None else f"{r['load_before']:.1f}"
+        lines.append(
+            f"| {label} | {impl} | {r['total_s']:.1f} | {r['cpu_s']:.1f} | "
+            f"{r['total_s'] / base_wall:.1f} | {r['cpu_s'] / base_cpu:.1f} | "
+            f"{r['peak_rss_bytes'] / mib:.0f} | {r['bytes'] / mib:.0f} | {load} | {check} |"
+        )
+
+    check = ta["check"]
+    same = "= stream, bit for bit" if check["differing_tensors"] == 0 else "**differs**"
+    line("task_arithmetic", "reference", ta["reference"], "")
+    line("task_arithmetic", "stream", ta["stream"], f"reference {same}")
+    for name, row in rows.items():
+        if name == "task_arithmetic":
+            continue
+        if name == "wudi_extrapolated":
+            line(
+                f"wudi (all {BLOCKS} blocks) **extrapolated**", "stream", row["stream"],
+                f"**estimate**: no-fit run + {row['scale']:.0f} x the fitting time measured "
+                "above; RSS and artifact as measured",
+            )  # fmt: skip
+            continue
+        label = name
+        if name == "wudi" and row.get("blocks_fitted", BLOCKS) < BLOCKS:
+            label = f"wudi ({row['blocks_fitted']} of {BLOCKS} blocks fitted, measured)"
+        if name == "wudi_nofit":
+            label = "wudi (no matrix fitted: read, write)"
+        line(label, "stream", row["stream"], _spot_text(row.get("check")))
+    lines += [
+        "",
+        "`x TA`: the row's wall / CPU time over task arithmetic's streamed one in this run. "
+        "`check`: the streamed artifact against the method's in-memory reference "
+        "(`mergebench.reference.*`: per-tensor, float64 for the SVD methods and WUDI) on "
+        f"{len(SPOT_KEYS)} keys (DELLA and WUDI: the small ones; for TALL masks every task's "
+        "mask and weights too), the other keys standing in as zeros: bit-identical, or the "
+        "largest absolute difference within the tests' tolerance (1e-5 relative + 2e-5). "
+        "There is no whole-model in-memory implementation of these methods to race at this "
+        "scale (the references are yardsticks: DELLA's ranks a Python loop, WUDI autograd in "
+        "float64). `load`: the 1-minute load average as the run started.",
+    ]
+    return "\n".join(lines)
+
+
+def _spot_text(check: dict | None) -> str:
+    if not check:
+        return ""
+    if check["identical"] == check["compared"]:
+        return f"bit-identical ({check['compared']} tensors)"
+    verdict = "close" if check["close"] else "**NOT close**"
+    return (
+        f"{verdict}: max abs diff {check['max_abs_diff']:.1e} "
+        f"({check['identical']}/{check['compared']} tensors bit-identical)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -454,16 +739,30 @@ def main(argv: list[str] | None = None) -> None:
     build = sub.add_parser("_build")
     build.add_argument("--pool", type=Path, required=True)
     build.add_argument("--tasks", type=int, required=True)
+    spot = sub.add_parser("_spot")
+    for name in ("method", "params", "pool", "stream", "keys"):
+        spot.add_argument(f"--{name}", required=True)
     check = sub.add_parser("_verify")
     for name in ("pool", "stream", "reference"):
         check.add_argument(f"--{name}", required=True)
-    parser.add_argument("--methods", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=[*RUNS, *NEW_RUNS], default=None,
+        help="default: every method of the first table (or, with --new, none of it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--new", action="store_true",
+        help="the ten 2024-2025 methods beside task arithmetic (second table)",
+    )  # fmt: skip
+    parser.add_argument("--wudi-full", action="store_true", help="fit all of WUDI's blocks")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "bench_merge")
     parser.add_argument("--work", type=Path, default=None, help="artifact scratch folder")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench_merge.json")
+    parser.add_argument(
+        "--json-methods", type=Path, default=ROOT / "outputs" / "bench_merge_methods.json"
+    )
     args = parser.parse_args(argv)
     if args.command == "_worker":
         return run_worker(args)
@@ -471,10 +770,15 @@ def main(argv: list[str] | None = None) -> None:
         return run_verify(args)
     if args.command == "_switch":
         return run_switch(args)
+    if args.command == "_spot":
+        return run_spot(args)
     if args.command == "_build":
         build_checkpoints(args.pool, args.tasks)
         return None
 
+    chosen = args.methods or ([] if args.new else list(RUNS))
+    paper = [m for m in chosen if m in RUNS]
+    new = [m for m in chosen if m in NEW_RUNS] or (list(NEW_RUNS) if args.new else [])
     pool = args.cache / f"vit_b32_{args.tasks}tasks"
     print(f"checkpoints: {pool}", flush=True)
     # In a child: this process stays small (see `measure`) and imports no torch.
@@ -492,7 +796,14 @@ def main(argv: list[str] | None = None) -> None:
         "methods": {},
     }
     try:
-        for method in args.methods:
+        if new:
+            fresh = {**results, "methods": measure_new(pool, work, args, new)}
+            args.json_methods.parent.mkdir(parents=True, exist_ok=True)
+            args.json_methods.write_text(json.dumps(fresh, indent=2) + "\n")
+            table = render_methods(fresh)
+            write_doc(args.doc, table, NEW_BEGIN, NEW_END)
+            print(table)
+        for method in paper:
             params = RUNS[method]
             row = {}
             for impl in ("reference", "stream"):
@@ -522,6 +833,8 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(work / f"{method}_{impl}", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not paper:
+        return None
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     table = render(results)
