@@ -8,20 +8,13 @@ from collections import Counter
 
 import pytest
 import torch
+from test_families import VISION_MODEL, VISION_SET  # the same tiny vision set
 
 from mergebench.sources import load_family
 from mergebench.sources.zoo import finetune_settings, multitask_settings
 from mergebench.sources.zoo.train import TaskBatches, mixed_logits
 from mergebench.util.config import load_group
 from mergebench.util.errors import MergeBenchError
-
-VISION_MODEL = {"name": "efficientnet_lite0", "options": {"image_size": 32}}
-VISION_SET = {
-    "name": "tiny_vision",
-    "family": "efficientnet_lite0",
-    "tasks": ["digits", "faces"],
-    "examples": {"train": 16, "validation": 8, "test": 12},
-}
 
 
 @pytest.fixture(scope="module")

@@ -552,12 +552,7 @@ def _check_masks(
                 f"expected uint8 {list(want)} ({len(tasks)} tasks)"
             )
     if version >= 2:
-        for shard in source.files():
-            recorded = _safetensors_metadata_json(shard, "tasks")
-            if recorded is not None and recorded != tasks:
-                raise MergeBenchError(
-                    f"{shard}: written for tasks {recorded}, result.json says {tasks}"
-                )
+        _check_recorded_tasks(source, tasks)
 
 
 def _check_pretrained(
@@ -601,6 +596,17 @@ def _save_task_specific(
                       metadata={"tasks": json.dumps(tasks)})  # fmt: skip
 
 
+def _check_recorded_tasks(source: SafetensorsSource, tasks: list[str]) -> None:
+    """Every shard of a part records the tasks it was written for: they must be the
+    result's (a part copied in from another result is refused)."""
+    for shard in source.files():
+        recorded = _safetensors_metadata_json(shard, "tasks")
+        if recorded is not None and recorded != tasks:
+            raise MergeBenchError(
+                f"{shard}: written for tasks {recorded}, result.json says {tasks}"
+            )
+
+
 def _load_task_specific(
     directory: Path, tasks: list[str], version: int
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -612,12 +618,7 @@ def _load_task_specific(
         return out
     source = _open_part(directory, "task_specific", version)
     if version >= 2:
-        for shard in source.files():
-            recorded = _safetensors_metadata_json(shard, "tasks")
-            if recorded is not None and recorded != tasks:
-                raise MergeBenchError(
-                    f"{shard}: written for tasks {recorded}, result.json says {tasks}"
-                )
+        _check_recorded_tasks(source, tasks)
     path = source.files()[0]
     for name, tensor in source.state_dict().items():  # heads: small
         task, key = _split_task_key(name, tasks, version, path)
