@@ -60,9 +60,7 @@ def main() -> int:
         for name in ("text", "vision"):
             report[f"zoo_{name}"] = timed(
                 [
-                    PY,
-                    "-m",
-                    "mergebench.sources.zoo",
+                    str(Path(PY).with_name("mergebench-zoo")),  # what `make zoo` runs
                     "--set",
                     name,
                     "--cache-dir",

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import mergebench
 from mergebench.engine.bits import pack_bits, unpack_bits
+from mergebench.results import base as results_base
 from mergebench.util.errors import MergeBenchError
 
 HEAD = [r"classifier\..*"]
@@ -69,13 +70,44 @@ def test_task_conditioned_result_references_pretrained_file(tmp_path, tiny_model
     # A changed pretrained file is detected rather than silently used.
     changed = dict(pre, **{"out.weight": pre["out.weight"] + 1})
     save_file(changed, tmp_path / "pre.safetensors")
-    with pytest.raises(MergeBenchError, match="sha256 mismatch"):
+    with pytest.raises(MergeBenchError, match="pre.safetensors.*changed since .*out was saved"):
         mergebench.load_result(tmp_path / "out")
+    mergebench.load_result(tmp_path / "out", verify=False)  # the user's call
+    # The same tensors written again (another layout, other metadata) are the same model.
+    save_file(dict(reversed(list(pre.items()))), tmp_path / "pre.safetensors", {"note": "x"})
+    assert_same_results(result, mergebench.load_result(tmp_path / "out"), "abc")
     (tmp_path / "pre.safetensors").unlink()
     with pytest.raises(MergeBenchError, match="not found; pass pretrained"):
         mergebench.load_result(tmp_path / "out")
     again = mergebench.load_result(tmp_path / "out", pretrained=pre)
     assert_same_results(result, again, "abc")
+
+
+def test_results_that_recorded_the_pretrained_files_sha256_still_check_it(tmp_path, tiny_models):
+    """Before 2026-11-26 a result recorded each pretrained file's sha256 (a second pass over
+    the weights): such results keep checking it, byte for byte."""
+    pre, finetuned = tiny_models
+    save_file(pre, tmp_path / "pre.safetensors")
+    result = mergebench.merge(
+        "emr", str(tmp_path / "pre.safetensors"), finetuned, exclude=HEAD, progress=False
+    )
+    folder = result.save(tmp_path / "out")
+    meta = json.loads((folder / "result.json").read_text())
+    assert "sha256" not in meta["pretrained"]  # one pass: the digest alone
+    meta["pretrained"]["sha256"] = [results_base.sha256_file(tmp_path / "pre.safetensors")]
+    meta["checksum"] = results_base._meta_checksum(meta)
+    (folder / "result.json").write_text(json.dumps(meta))
+    assert_same_results(result, mergebench.load_result(folder), "abc")
+    save_file(pre, tmp_path / "pre.safetensors", {"note": "same tensors, other bytes"})
+    with pytest.raises(
+        MergeBenchError, match="pre.safetensors: pretrained checkpoint changed.*sha256"
+    ):
+        mergebench.load_result(folder)
+    meta["pretrained"]["sha256"] = []  # one file, no hash: malformed
+    meta["checksum"] = results_base._meta_checksum(meta)
+    (folder / "result.json").write_text(json.dumps(meta))
+    with pytest.raises(MergeBenchError, match="malformed 'pretrained' entry"):
+        mergebench.load_result(folder)
 
 
 def test_mask_file_is_about_n_times_p_over_8_bytes(tmp_path):
