@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from mergebench.cli import zoo as zoo_cli
+from mergebench.evaluation import score_model
 from mergebench.sources import zoo
 from mergebench.util.config import compose_config
 
@@ -57,7 +58,8 @@ def test_zoo_saves_checkpoints_with_metadata(tiny_zoo):
         assert entry["examples"] == {"train": 24, "validation": 8, "test": 16}
         assert len(entry["data_fingerprint"]) == 64 and entry["seed"] == 0
         assert entry["finetune"]["epochs"] == 1 and entry["options"]["max_length"] == 16
-        assert 0.0 <= entry["metrics"]["test"]["accuracy"] <= 1.0
+        assert 0.0 <= entry["metrics"]["validation"]["accuracy"] <= 1.0
+        assert "test" not in entry["metrics"]  # scored once, by the reference rows
         state = load_file(str(tiny_zoo / entry["file"]))
         assert state["classifier.weight"].shape[0] == classes
         assert set(state) - set(pretrained) == {"classifier.weight", "classifier.bias"}
@@ -69,6 +71,10 @@ def test_zoo_saves_checkpoints_with_metadata(tiny_zoo):
     assert (tiny_zoo / "multitask" / "text" / "backbone.safetensors").exists()
     for task in TASKS:
         assert (tiny_zoo / "multitask" / "text" / "heads" / f"{task}.safetensors").exists()
+    # The zoo CLI evaluated the reference rows once, for the benchmark to reuse.
+    cached = json.loads((tiny_zoo / "references" / "text.json").read_text())
+    assert cached["split"] == "test" and cached["tasks"] == TASKS
+    assert set(cached["rows"]) == {"individual", "multitask", "pretrained"}
 
 
 def test_zoo_is_cached_and_deterministic(tiny_zoo, tmp_path):
@@ -100,12 +106,15 @@ def test_bench_sweep_stores_runs_and_writes_leaderboard(tiny_zoo, tmp_path, monk
     assert set(rows) == {"individual", "multitask", "pretrained", "emr", "task_arithmetic"}
     assert "emr" in (out / "leaderboard.md").read_text()
 
-    # The evaluator agrees with the zoo's own test metrics for the individual models.
-    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    # The individual row (cached by the zoo CLI) is what scoring each fine-tuned model on
+    # its test split gives now.
+    cfg = compose_config(["taskset=text", *tiny(tiny_zoo.parent), "zoo.build_missing=false"])
+    source = zoo.ZooSource(cfg, progress=False)
     for task in TASKS:
-        assert rows["individual"]["scores"][task] == pytest.approx(
-            manifest["tasks"][task]["metrics"]["test"]["accuracy"]
-        )
+        model = source.data.family.build_model(task)
+        model.load_state_dict(load_file(str(tiny_zoo / f"{task}.safetensors")))
+        score, _ = score_model(model, source.data, task, "test", 8)
+        assert rows["individual"]["scores"][task] == pytest.approx(score.value)
     assert rows["individual"]["normalized_average"] == pytest.approx(1.0)
 
     from mergebench.report.store import ResultsStore

@@ -36,7 +36,10 @@ def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
     first, second = planned(["--all"], monkeypatch)
     for overrides in (first, second):
         assert value(overrides, "+experiment") == ["bench_text", "bench_vision"]
-    assert value(first, "+variant") == module.DATA_FREE_VARIANTS + module.NEW_METHOD_VARIANTS
+    assert value(first, "+variant") == (
+        module.DATA_FREE_VARIANTS + module.SLOW_VARIANTS + module.NEW_METHOD_VARIANTS
+    )
+    assert {"dare_task_arithmetic", "dare_ties"} <= set(module.SLOW_VARIANTS)
     assert len(module.NEW_METHOD_VARIANTS) == 10
     assert value(second, "+variant") == module.DATA_DEPENDENT_VARIANTS
 

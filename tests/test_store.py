@@ -61,7 +61,7 @@ def test_hash_ignores_volatile_keys_and_key_order() -> None:
     assert len(config_hash(a)) == 64
     # nested cache locations do not matter, nested settings do
     z1 = {"zoo": {"dir": "/a", "multitask": True}, "store": {"path": "x.sqlite"}}
-    z2 = {"zoo": {"dir": "/b", "multitask": True}, "store": {"path": "y.sqlite"}}
+    z2 = {"zoo": {"dir": "/b", "multitask": True, "workers": 2}, "store": {"path": "y.sqlite"}}
     z3 = {"zoo": {"dir": "/a", "multitask": False}}
     assert config_hash(z1) == config_hash(z2) != config_hash(z3)
 

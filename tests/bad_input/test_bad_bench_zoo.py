@@ -93,3 +93,16 @@ def test_zoo_unknown_override_fails_before_any_training(work, capsys, monkeypatc
     assert_one_line_error(outcome, "Could not override 'nosuch'")
     assert tree_hash(work) == before
     assert not (work / "cache").exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "true"])
+def test_zoo_bad_workers_fails_before_anything_is_written(work, capsys, monkeypatch, bad):
+    from mergebench.cli.zoo import main
+
+    monkeypatch.chdir(work)
+    before = tree_hash(work)
+    code = main(["--set", "vision", f"zoo.workers={bad}", "--cache-dir", str(work / "cache")])
+    outcome = Outcome(code, capsys.readouterr().err)
+    assert_one_line_error(outcome, "zoo.workers: ", "(a positive integer, or null)")
+    assert tree_hash(work) == before
+    assert not (work / "cache").exists()

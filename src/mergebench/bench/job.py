@@ -169,6 +169,15 @@ def reference_records(
     return records
 
 
+def zoo_reference_records(cfg: Mapping[str, Any], progress: bool = False) -> list[RunRecord]:
+    """The reference rows of a built zoo (`cfg` holds model, taskset, seed, zoo, eval),
+    evaluated and cached now, as `mergebench-zoo` does right after training, so that the
+    benchmark's first job finds them."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    plain["zoo"] = {**(plain.get("zoo") or {}), "build_missing": False}
+    return reference_records(plain, _context(plain, progress), progress)
+
+
 def _reference_config(cfg: Mapping[str, Any], ctx: Mapping[str, Any], kind: str) -> dict[str, Any]:
     return {
         "reference": kind,

@@ -7,6 +7,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mergebench.bench.job import zoo_reference_records
+from mergebench.evaluation import average
 from mergebench.sources.zoo import ensure_zoo, say
 from mergebench.util.config import compose_config, load_group
 from mergebench.util.errors import MergeBenchError
@@ -18,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mergebench-zoo",
         description="Build (once, cached) the offline zoo: fine-tuned models per task and a "
-        "multi-task model, for each task set. Extra KEY=VALUE arguments are Hydra overrides "
+        "multi-task model, for each task set, and the benchmark's reference rows (references=false: "
+        "not). Extra KEY=VALUE arguments are Hydra overrides "
         "of the mergebench config (e.g. model.finetune.epochs=1).",
     )
     parser.add_argument("--set", dest="sets", nargs="+", default=list(DEFAULT_SETS),
@@ -49,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg, progress=not args.no_progress, force=args.force,
                 multitask=False if args.no_multitask else None,
             )  # fmt: skip
+            if cfg.get("references", True):
+                # Once per zoo: the benchmark's reference rows (individual, multi-task,
+                # pretrained on the test split), cached in <zoo>/references/.
+                rows = zoo_reference_records(cfg, progress=not args.no_progress)
+                averages = ", ".join(f"{r.label} {100 * average(r.scores):.1f}" for r in rows)
+                say(f"{name}: reference rows ({cfg['eval']['split']}) {averages}")
             say(f"{name}: zoo ready in {directory} ({time.perf_counter() - start:.0f} s)")
     except MergeBenchError as exc:
         print(f"mergebench-zoo: error: {exc}", file=sys.stderr)

@@ -50,7 +50,10 @@ def packaged_weights_path() -> str:
 @lru_cache(maxsize=1)
 def _pretrained_state() -> dict[str, torch.Tensor]:
     source = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)
-    target = _timm_model(1000, 0.0).state_dict()
+    # A throwaway model for its key names, built on a forked RNG: whether this cache is
+    # filled before or during a fine-tune must not move the training's random stream.
+    with torch.random.fork_rng():
+        target = _timm_model(1000, 0.0).state_dict()
     src_keys = [k for k in source if not k.startswith("_fc.")]
     dst_keys = [k for k in target if not k.startswith(HEAD + ".")]
     if len(src_keys) != len(dst_keys):

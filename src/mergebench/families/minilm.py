@@ -103,7 +103,8 @@ def _pretrained_state() -> dict[str, torch.Tensor]:
 
     raw = load_file(str(model_dir() / "model.safetensors"))
     # The package's checkpoint is a bare BertModel; its pooler is unused by mean pooling.
-    reference = SentenceClassifier(2, 0.0).state_dict()
+    with torch.random.fork_rng():  # as efficientnet: filling the cache draws no numbers
+        reference = SentenceClassifier(2, 0.0).state_dict()
     state = {f"encoder.{k}": v for k, v in raw.items() if f"encoder.{k}" in reference}
     missing = [k for k in reference if k not in state and not k.startswith(HEAD + ".")]
     if missing:

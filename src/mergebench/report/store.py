@@ -59,6 +59,7 @@ VOLATILE_KEYS = frozenset(
         "references",
         "zoo.dir",
         "zoo.build_missing",
+        "zoo.workers",
         "eval.batch_size",
     }
 )

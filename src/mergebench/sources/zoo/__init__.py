@@ -7,7 +7,10 @@ Layout of `<cache>/<family>/` (cache: `--cache-dir`, `zoo.dir`, `$MERGEBENCH_CAC
 - `<task>.safetensors`: the fine-tuned model of one task (backbone + `classifier.*`);
 - `multitask/<taskset>/backbone.safetensors` and `multitask/<taskset>/heads/<task>.safetensors`;
 - `zoo.json`: per checkpoint, its signature (hash of data fingerprint, seed, model options and
-  hyperparameters), data fingerprint, hyperparameters, validation and test metrics, seconds.
+  hyperparameters), data fingerprint, hyperparameters, validation metrics, seconds;
+- `references/<taskset>.json`: the reference rows (individual, multi-task, pretrained) on the
+  test split with every prediction, evaluated once by `mergebench-zoo` (or the first benchmark
+  job) and keyed by the zoo signature.
 A checkpoint is reused when its signature matches, so task sets that share tasks (the
 number-of-tasks experiment) share checkpoints; anything else is retrained.
 """
@@ -18,7 +21,7 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +162,10 @@ def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
 def _metrics(
     model: torch.nn.Module, data: LabeledData, task: str, batch_size: int
 ) -> dict[str, dict[str, float]]:
-    out = {}
-    for split in ("validation", "test"):
-        score, _ = score_model(model, data, task, split, batch_size)
-        out[split] = {score.metric: score.value}
-    return out
+    """Validation score, a sanity check of the fine-tune. The test split is scored once, by
+    the reference rows (`mergebench-zoo` evaluates and caches them right after training)."""
+    score, _ = score_model(model, data, task, "validation", batch_size)
+    return {"validation": {score.metric: score.value}}
 
 
 # ---------------------------------------------------------------------------- building
@@ -180,14 +182,21 @@ def ensure_zoo(
     multitask: bool | None = None,
 ) -> Path:
     """Build whatever part of the zoo for `cfg`'s family and task set is missing or stale;
-    return the family's zoo folder. `cfg` holds `model`, `taskset`, `seed` and `zoo`."""
+    return the family's zoo folder. `cfg` holds `model`, `taskset`, `seed` and `zoo`.
+
+    A family that trains on a fixed number of threads (`model.finetune.threads`, e.g. the
+    vision set's 1) trains its models side by side in `zoo.workers` processes (default:
+    as many as the cores hold); each model is the same bit for bit as when trained alone."""
     from filelock import FileLock
 
-    cfg_model, cfg_taskset = _plain(cfg["model"]), _plain(cfg["taskset"])
+    # Only what the zoo reads (plain data, so worker processes can take it).
+    cfg = {k: _plain(cfg.get(k)) for k in ("model", "taskset", "seed", "zoo", "threads")}
+    cfg_model, cfg_taskset = cfg["model"], cfg["taskset"]
     seed = int(cfg.get("seed", 0))
-    zoo_cfg = _plain(cfg.get("zoo")) or {}
+    zoo_cfg = cfg.get("zoo") or {}
     with_multitask = bool(zoo_cfg.get("multitask", True)) if multitask is None else multitask
     hp = finetune_settings(cfg_model)
+    zoo_workers(zoo_cfg, hp, jobs=1)  # a bad `zoo.workers` fails before anything is written
     directory = family_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     family, data = embedded_family(cfg_model, cfg_taskset, seed)
@@ -202,63 +211,170 @@ def ensure_zoo(
         manifest["pretrained"] = {"file": pre.name, "source": type(family).__module__}
 
         tasks = list(data.tasks)
-        for i, task in enumerate(tasks, 1):
+        jobs: list[str | None] = []  # task names to train; None: the multi-task model
+        for task in tasks:
             sig = task_signature(cfg_model, hp, seed, task, data.fingerprint(task))
             entry = manifest["tasks"].get(task, {})
-            path = directory / f"{task}.safetensors"
-            if not force and entry.get("signature") == sig and path.exists():
-                continue
-            say(f"{cfg_model['name']} [{i}/{len(tasks)}] fine-tuning {task} "
-                 f"({data.num_examples(task, 'train')} examples, {hp['epochs']} epochs)")  # fmt: skip
-            task_seed = seed * 1_000_003 + zlib.crc32(task.encode()) % 1_000_003
-            models, seconds = fit(family, data, [task], hp, int(hp["epochs"]), task_seed, progress)
-            model = models[task]
-            metrics = _metrics(model, data, task, family.eval_batch_size)
-            save_atomic(model.state_dict(), path, {"task": task, "signature": sig})
-            manifest["tasks"][task] = {
-                "signature": sig,
-                "file": path.name,
-                "data_fingerprint": data.fingerprint(task),
-                "seed": seed,
-                "train_seed": task_seed,
-                "options": cfg_model.get("options") or {},
-                "finetune": single_task_settings(hp),
-                "examples": {
-                    s: data.num_examples(task, s) for s in ("train", "validation", "test")
-                },
-                "metrics": metrics,
-                "train_seconds": round(seconds, 2),
-            }
-            write_manifest(directory, manifest)
-            say(
-                f"{task}: validation {metrics['validation']}, test {metrics['test']} ({seconds:.0f} s)"
-            )
-
+            if (
+                force
+                or entry.get("signature") != sig
+                or not (directory / f"{task}.safetensors").exists()
+            ):
+                jobs.append(task)
+        taskset = str(cfg_taskset.get("name", "custom"))
         if with_multitask:
-            _ensure_multitask(
-                directory, manifest, cfg_model, cfg_taskset, hp, seed, family, data, force, progress
-            )
+            entry = manifest["multitask"].get(taskset, {})
+            folder = directory / "multitask" / taskset
+            if (
+                force
+                or entry.get("signature") != _multitask_signature(cfg_model, hp, seed, data)
+                or not (folder / "backbone.safetensors").exists()
+            ):
+                jobs.append(None)
+        workers = zoo_workers(zoo_cfg, hp, len(jobs))
+        labels = {
+            job: f"[{tasks.index(job) + 1}/{len(tasks)}] " if job is not None else ""
+            for job in jobs
+        }
+
+        def record(job: str | None, entry: dict[str, Any]) -> None:
+            if job is None:
+                manifest["multitask"][taskset] = entry
+            else:
+                manifest["tasks"][job] = entry
+            write_manifest(directory, manifest)
+
+        if workers == 1:
+            for job in jobs:
+                record(job, _train(directory, cfg, hp, family, data, job, labels[job], progress))
+        else:
+            _train_in_processes(cfg, data, jobs, labels, workers, record)
         write_manifest(directory, manifest)
     return directory
 
 
-def _ensure_multitask(
-    directory, manifest, cfg_model, cfg_taskset, hp, seed, family, data, force, progress
+def zoo_workers(zoo_cfg: Mapping[str, Any], hp: Mapping[str, Any], jobs: int) -> int:
+    """Processes that train the zoo's models side by side: `zoo.workers`, or (null) as many
+    as the cores hold at the family's fixed training threads; 1 when training threads are
+    not fixed (torch then uses every core for one model already)."""
+    workers = zoo_cfg.get("workers")
+    if workers is None:
+        if not hp.get("threads"):
+            return 1
+        workers = max(1, (os.cpu_count() or 1) // int(hp["threads"]))
+    elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise MergeBenchError(f"zoo.workers: {workers!r} (a positive integer, or null)")
+    return max(1, min(workers, jobs))
+
+
+def _train_in_processes(
+    cfg: Mapping[str, Any],
+    data: LabeledData,
+    jobs: list[str | None],
+    labels: Mapping[str | None, str],
+    workers: int,
+    record: Callable[[str | None, dict[str, Any]], None],
 ) -> None:
-    name = str(cfg_taskset.get("name", "custom"))
-    tasks = list(data.tasks)
-    sig = stable_hash(
+    """Train `jobs` in `workers` fresh processes, longest first (the multi-task model, then
+    tasks by training examples); `record` each model as it finishes."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    order = sorted(
+        jobs, key=lambda j: (j is not None, 0 if j is None else -data.num_examples(j, "train"))
+    )
+    say(f"{cfg['model']['name']}: training {len(jobs)} models in {workers} processes")
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # Each worker's share of the cores (the family's fixed training threads if it has them).
+        threads = int(finetune_settings(cfg["model"]).get("threads") or 0) or max(
+            1, (os.cpu_count() or 1) // workers
+        )
+        pending = {pool.submit(_train_job, cfg, job, labels[job], threads): job for job in order}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    record(job, future.result())
+                except BaseException:
+                    for other in pending:
+                        other.cancel()
+                    raise
+
+
+def _train_job(cfg: Mapping[str, Any], job: str | None, label: str, threads: int) -> dict[str, Any]:
+    """One model in a worker process: the family and data rebuilt from the config."""
+    hp = finetune_settings(cfg["model"])
+    family, data = embedded_family(cfg["model"], cfg["taskset"], int(cfg.get("seed", 0)))
+    torch.set_num_threads(threads)  # evaluation too: the workers share the cores
+    return _train(family_dir(cfg), cfg, hp, family, data, job, label, progress=False)
+
+
+def _train(
+    directory: Path,
+    cfg: Mapping[str, Any],
+    hp: Mapping[str, Any],
+    family: ZooFamily,
+    data: LabeledData,
+    job: str | None,
+    label: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fine-tune, save and evaluate one zoo model (a task's, or the multi-task one for
+    `job=None`); return its `zoo.json` entry."""
+    if job is None:
+        return _train_multitask(directory, cfg, hp, family, data, progress)
+    cfg_model, seed, task = cfg["model"], int(cfg.get("seed", 0)), job
+    sig = task_signature(cfg_model, hp, seed, task, data.fingerprint(task))
+    path = directory / f"{task}.safetensors"
+    say(f"{cfg_model['name']} {label}fine-tuning {task} "
+        f"({data.num_examples(task, 'train')} examples, {hp['epochs']} epochs)")  # fmt: skip
+    task_seed = seed * 1_000_003 + zlib.crc32(task.encode()) % 1_000_003
+    models, seconds = fit(family, data, [task], hp, int(hp["epochs"]), task_seed, progress)
+    model = models[task]
+    metrics = _metrics(model, data, task, family.eval_batch_size)
+    save_atomic(model.state_dict(), path, {"task": task, "signature": sig})
+    say(f"{task}: validation {metrics['validation']} ({seconds:.0f} s)")
+    return {
+        "signature": sig,
+        "file": path.name,
+        "data_fingerprint": data.fingerprint(task),
+        "seed": seed,
+        "train_seed": task_seed,
+        "options": cfg_model.get("options") or {},
+        "finetune": single_task_settings(hp),
+        "examples": {s: data.num_examples(task, s) for s in ("train", "validation", "test")},
+        "metrics": metrics,
+        "train_seconds": round(seconds, 2),
+    }
+
+
+def _multitask_signature(
+    cfg_model: Mapping[str, Any], hp: Mapping[str, Any], seed: int, data: LabeledData
+) -> str:
+    return stable_hash(
         {
             "tasks": {
-                t: task_signature(cfg_model, hp, seed, t, data.fingerprint(t)) for t in tasks
+                t: task_signature(cfg_model, hp, seed, t, data.fingerprint(t)) for t in data.tasks
             },
             "multitask": multitask_settings(hp),
         }
     )
+
+
+def _train_multitask(
+    directory: Path,
+    cfg: Mapping[str, Any],
+    hp: Mapping[str, Any],
+    family: ZooFamily,
+    data: LabeledData,
+    progress: bool,
+) -> dict[str, Any]:
+    cfg_model, seed = cfg["model"], int(cfg.get("seed", 0))
+    name = str(cfg["taskset"].get("name", "custom"))
+    tasks = list(data.tasks)
     folder = directory / "multitask" / name
-    entry = manifest["multitask"].get(name, {})
-    if not force and entry.get("signature") == sig and (folder / "backbone.safetensors").exists():
-        return
     epochs = int(hp["multitask_epochs"])
     say(f"{cfg_model['name']} multi-task model on {len(tasks)} tasks ({epochs} epochs)")
     mt_hp = multitask_settings(hp)
@@ -272,8 +388,10 @@ def _ensure_multitask(
     for task in tasks:
         save_atomic(head_keys(models[task].state_dict()), folder / "heads" / f"{task}.safetensors")
         metrics[task] = _metrics(models[task], data, task, family.eval_batch_size)
-    manifest["multitask"][name] = {
-        "signature": sig,
+    summary = ", ".join(f"{t}: {m['validation']}" for t, m in metrics.items())
+    say(f"multi-task: validation {summary} ({seconds:.0f} s)")
+    return {
+        "signature": _multitask_signature(cfg_model, hp, seed, data),
         "folder": str(folder.relative_to(directory)),
         "tasks": tasks,
         "epochs": epochs,
@@ -282,8 +400,6 @@ def _ensure_multitask(
         "metrics": metrics,
         "train_seconds": round(seconds, 2),
     }
-    summary = ", ".join(f"{t}: {m['test']}" for t, m in metrics.items())
-    say(f"multi-task: test {summary} ({seconds:.0f} s)")
 
 
 # ---------------------------------------------------------------------------- the source
