@@ -248,7 +248,7 @@ def ensure_zoo(
             for job in jobs:
                 record(job, _train(directory, cfg, hp, family, data, job, labels[job], progress))
         else:
-            _train_in_processes(cfg, data, jobs, labels, workers, record)
+            _train_in_processes(cfg, hp, data, jobs, labels, workers, record)
         write_manifest(directory, manifest)
     return directory
 
@@ -269,6 +269,7 @@ def zoo_workers(zoo_cfg: Mapping[str, Any], hp: Mapping[str, Any], jobs: int) ->
 
 def _train_in_processes(
     cfg: Mapping[str, Any],
+    hp: Mapping[str, Any],
     data: LabeledData,
     jobs: list[str | None],
     labels: Mapping[str | None, str],
@@ -287,9 +288,7 @@ def _train_in_processes(
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         # Each worker's share of the cores (the family's fixed training threads if it has them).
-        threads = int(finetune_settings(cfg["model"]).get("threads") or 0) or max(
-            1, (os.cpu_count() or 1) // workers
-        )
+        threads = int(hp.get("threads") or 0) or max(1, (os.cpu_count() or 1) // workers)
         pending = {pool.submit(_train_job, cfg, job, labels[job], threads): job for job in order}
         while pending:
             done, _ = wait(pending, return_when=FIRST_EXCEPTION)
