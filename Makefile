@@ -37,7 +37,20 @@ lint: setup
 # SEEDS=0,1,2 make bench: one zoo per seed (data splits and fine-tuning), every board run
 # under each seed, and the leaderboard shows mean +- std across seeds beside the intervals.
 SEEDS ?= 0
+MUTATION_JOBS ?= 2
 comma := ,
+# Make variables are checked when the Makefile is read, before anything installs or trains
+# (a bad SEEDS used to be refused only after the zoo had trained for minutes): one line, exit 2.
+ifneq ($(shell [[ "$(SEEDS)" =~ ^[0-9]+(,[0-9]+)*$$ ]] && echo ok),ok)
+$(error SEEDS=$(SEEDS): expected integers >= 0 separated by commas, e.g. SEEDS=0,1,2)
+endif
+ifneq ($(shell tr ',' '\n' <<< "$(SEEDS)" | sed 's/^0*\([0-9]\)/\1/' | sort | uniq -d),)
+$(error SEEDS=$(SEEDS): a seed is listed twice)
+endif
+ifneq ($(shell [[ "$(MUTATION_JOBS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),ok)
+$(error MUTATION_JOBS=$(MUTATION_JOBS): expected an integer >= 1)
+endif
+
 zoo: setup data
 	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo seed=$$seed || exit 1; done
 
@@ -50,7 +63,6 @@ bench-all: zoo
 # Mutation testing (not part of CI; docs/mutation.md): mutmut over the methods, kernels, key
 # plan, store hashing and label guard ([tool.mutmut] in pyproject.toml), in mutants/.
 # Long: about an hour on 2 cores. `mutmut results` lists survivors, `mutmut show NAME` one.
-MUTATION_JOBS ?= 2
 mutation: setup
 	$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS)
 	$(VENV)/bin/mutmut results

@@ -81,8 +81,10 @@ def test_bad_arguments_fail_in_one_line(clip, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert run_main(["--trust-pickle", str(junk), str(tmp_path / "o.safetensors")]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the pickle warning
-    assert last.startswith("mergebench-convert: error:") and "cannot convert" in last
+    # Not a pickle at all: refused before any unpickling (no warning), saying what it is.
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergebench-convert: error:")
+    assert "is a text file" in lines[0] and "--trust-pickle" not in lines[0]
 
 
 def test_console_script_is_declared_and_runs(clip, tmp_path):

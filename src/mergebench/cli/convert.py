@@ -18,9 +18,11 @@ is removed when every key has it, which gives the names of `open_clip.create_mod
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 import types
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -63,7 +65,14 @@ lenient_pickle.load = lambda file, **kw: _LenientUnpickler(file, **kw).load()  #
 
 
 class Refused(Exception):
-    """The file needs unpickling and --trust-pickle was not given."""
+    """The file cannot be converted as asked: one line says why (no traceback)."""
+
+
+def _weights_only_refusal(err: BaseException) -> bool:
+    """Whether torch refused the file because it pickles objects besides tensors (the one
+    case where --trust-pickle can help); garbage fails differently ("invalid load key")."""
+    text = str(err)
+    return "weights_only" in text or "Unsupported global" in text
 
 
 def _tensors(obj: Any) -> dict[str, Any] | None:
@@ -84,9 +93,18 @@ def load_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
     """The state dict stored in `path`; unpickles objects only with `trust_pickle`."""
     import torch
 
+    from mergebench.engine.checkpoints import describe_non_torch_file
+
+    what = describe_non_torch_file(path)
+    if what is not None:
+        raise Refused(f"{path}: {what}")
     try:
-        state = _tensors(torch.load(path, map_location="cpu", weights_only=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice about weights_only is ours to give
+            state = _tensors(torch.load(path, map_location="cpu", weights_only=True))
     except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, EOFError) as err:
+        if not _weights_only_refusal(err):
+            raise Refused(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from None
         if not trust_pickle:
             raise Refused(
                 f"{path} is a pickled Python object (such as a whole module saved with "
@@ -102,24 +120,50 @@ def load_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
     return state
 
 
-def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """`state` without `prefix` on its keys, when every key has it (else unchanged)."""
+DEFAULT_PREFIX = "model."
+
+
+def strip_prefix(state: dict[str, Any], prefix: str, required: bool = False) -> dict[str, Any]:
+    """`state` without `prefix` on its keys, when every key has it. Otherwise unchanged, or,
+    when the user asked for this prefix (`required`), refused: a file written unchanged
+    would look converted as asked."""
     if prefix and all(k.startswith(prefix) for k in state):
         return {k[len(prefix) :]: v for k, v in state.items()}
+    if prefix and required:
+        lacking = next(k for k in state if not k.startswith(prefix))
+        raise Refused(
+            f"--strip-prefix: {prefix!r} is not on every key (e.g. {lacking!r}), so nothing "
+            "would be stripped; give the prefix every key starts with, or '' to keep the keys"
+        )
     return state
 
 
-def convert(source: Path, target: Path, trust_pickle: bool, prefix: str = "model.") -> int:
-    """Write `source`'s state dict to `target` (safetensors); returns the number of tensors."""
+def convert(
+    source: Path,
+    target: Path,
+    trust_pickle: bool,
+    prefix: str = DEFAULT_PREFIX,
+    prefix_required: bool = False,
+) -> int:
+    """Write `source`'s state dict to `target` (safetensors); returns the number of tensors.
+    Written through a hidden temp file beside `target` that is removed on any failure
+    (Ctrl-C included), so `target` is either the complete new file or as it was."""
     from safetensors.torch import save_file
 
-    state = strip_prefix(load_state(source, trust_pickle), prefix)
+    state = strip_prefix(load_state(source, trust_pickle), prefix, prefix_required)
     # safetensors refuses tensors that share memory (tied weights): store a copy of each.
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": source.name})
-    tmp.replace(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": source.name})
+        tmp.replace(target)
+    except OSError as err:  # disk full, permissions: the target is at fault, not the source
+        tmp.unlink(missing_ok=True)
+        raise Refused(f"{target}: cannot write ({err.strerror or _first_line(err)})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return len(tensors)
 
 
@@ -138,10 +182,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--strip-prefix",
-        default="model.",
-        help="removed from the keys when every key has it (default: 'model.', the wrapper of "
-        "task_vectors' ImageEncoder); '' keeps the keys as they are",
+        default=None,
+        help="removed from every key; an error if some key lacks it. Default: 'model.' (the "
+        "wrapper of task_vectors' ImageEncoder) when every key has it; '' keeps the keys",
     )
+    parser.add_argument("--force", action="store_true", help="replace the target file if it exists")
     return parser
 
 
@@ -150,14 +195,39 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _check_target(target: Path, force: bool) -> None:
+    if target.is_dir():
+        _fail(f"{target}: is a folder; give the .safetensors file to write")
+    if target.suffix != ".safetensors":
+        _fail(f"{target}: the target must be a .safetensors file")
+    if target.exists() and not force:
+        _fail(f"{target}: exists; pass --force to replace it")
+    if target.parent.exists() and not os.access(target.parent, os.W_OK):
+        _fail(f"{target.parent}: cannot write here (permission denied)")
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # the temp file is already gone (convert's cleanup)
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(argv: list[str] | None) -> None:
     args = _parser().parse_args(argv)
     if not args.source.is_file():
         _fail(f"{args.source}: no such file")
-    if args.target.suffix != ".safetensors":
-        _fail(f"{args.target}: the target must be a .safetensors file")
+    _check_target(args.target, args.force)
+    prefix = DEFAULT_PREFIX if args.strip_prefix is None else args.strip_prefix
     try:
-        count = convert(args.source, args.target, args.trust_pickle, args.strip_prefix)
+        count = convert(
+            args.source,
+            args.target,
+            args.trust_pickle,
+            prefix,
+            prefix_required=args.strip_prefix is not None,
+        )
     except Refused as err:
         _fail(str(err))
     except Exception as err:  # a broken or foreign file: one line, not a traceback

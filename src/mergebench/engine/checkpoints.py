@@ -67,6 +67,23 @@ for _code, _name in (
 ):
     if hasattr(torch, _name):  # newer torch only
         _SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
+# Stored dtypes the tensor math cannot promote (torch has no float8 arithmetic on CPU): a
+# checkpoint holding them is refused when it is opened, naming the key, not after a merge.
+_UNMERGEABLE_CODES = {"F8_E4M3", "F8_E5M2"}
+_UNMERGEABLE_DTYPES = {
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+}
+
+
+def _unmergeable(where: str, key: str, dtype_name: str) -> MergeBenchError:
+    return MergeBenchError(
+        f"{where}: tensor {key!r} has dtype {dtype_name}, which mergebench cannot merge "
+        "(float8 has no arithmetic here); convert the checkpoint to bf16/fp16/fp32 first"
+    )
+
+
 # Names a Hugging Face folder may hold, in the order we prefer them.
 _HF_WEIGHT_FILES = (
     "model.safetensors",
@@ -137,6 +154,8 @@ class StateDictSource(CheckpointSource):
                 raise MergeBenchError(
                     f"{name}: value of {key!r} is {type(value).__name__}, expected a tensor"
                 )
+            if value.dtype in _UNMERGEABLE_DTYPES:
+                raise _unmergeable(name, key, str(value.dtype).removeprefix("torch."))
 
     def keys(self) -> list[str]:
         return list(self._state)
@@ -280,6 +299,8 @@ def _read_header(handle, path: Path, file_index: int) -> dict[str, _Entry]:
         header = json.loads(handle.read(header_len))
     except (ValueError, UnicodeDecodeError) as err:
         raise bad(f"invalid JSON header: {err}") from None
+    except RecursionError:  # a header nested thousands of levels deep
+        raise bad("JSON header nested too deeply") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     data_start = 8 + header_len
@@ -288,15 +309,22 @@ def _read_header(handle, path: Path, file_index: int) -> dict[str, _Entry]:
     for key, info in header.items():
         if key == "__metadata__":
             continue
+        # Integers only, as safetensors itself demands: int("44") would read a string shape
+        # as [4, 4] and int(2.7) a float as 2.
         try:
-            code, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError):
             raise bad(f"malformed entry for tensor {key!r}") from None
-        dtype = _SAFETENSORS_DTYPES.get(code)
-        itemsize = _SAFETENSORS_ITEMSIZE.get(code)
-        if itemsize is None:
+        if not (_int_list(shape) and _int_list(offsets) and len(offsets) == 2):
+            raise bad(f"malformed entry for tensor {key!r} (shape and offsets must be integers)")
+        shape = tuple(shape)
+        begin, end = offsets
+        if not isinstance(code, str) or code not in _SAFETENSORS_ITEMSIZE:
             raise bad(f"tensor {key!r} has unknown dtype {code!r}")
+        if code in _UNMERGEABLE_CODES:
+            raise _unmergeable(str(path), key, code)
+        dtype = _SAFETENSORS_DTYPES.get(code)
+        itemsize = _SAFETENSORS_ITEMSIZE[code]
         if any(d < 0 for d in shape) or not 0 <= begin <= end <= size - data_start:
             raise bad(f"tensor {key!r} lies outside the file")
         if end - begin != math.prod(shape) * itemsize:
@@ -312,6 +340,10 @@ def _read_header(handle, path: Path, file_index: int) -> dict[str, _Entry]:
         if end > reach:
             reach, owner = end, key
     return entries
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -352,6 +384,32 @@ def _require_regular_file(path: Path) -> None:
         raise MergeBenchError(f"{path}: not a regular file (a pipe or device?); not read")
 
 
+def describe_non_torch_file(path: Path) -> str | None:
+    """What `path` is when it cannot be a torch checkpoint (empty, text, safetensors, other
+    bytes), else None. Torch writes a zip archive, or (legacy format) a pickle, whose first
+    byte is the PROTO opcode 0x80: anything else would only earn torch's "invalid load key"
+    or advice to unpickle it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not head:
+        return "is empty (0 bytes), not a torch checkpoint"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if len(head) > 9 and head[8:9] == b"{" and head[9:10] in (b'"', b"}"):
+        return "is a safetensors file, not a torch file (name it .safetensors)"
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "is a text file, not a torch checkpoint"
+        except UnicodeDecodeError as err:
+            if err.start >= len(head) - 3:  # a character cut by the 512-byte window
+                return "is a text file, not a torch checkpoint"
+    return "is not a torch checkpoint (neither a zip archive nor a pickle)"
+
+
 def _unsafe_pickle_message(path: Path) -> str:
     return (
         f"{path}: holds Python code or objects besides tensors, so it was not loaded "
@@ -363,6 +421,9 @@ def _unsafe_pickle_message(path: Path) -> str:
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """`torch.load` that never unpickles arbitrary objects, memory-mapped when possible."""
     _require_regular_file(path)
+    what = describe_non_torch_file(path)
+    if what is not None:
+        raise MergeBenchError(f"{path}: {what}")
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
         with warnings.catch_warnings():
@@ -431,13 +492,21 @@ def shards_from_index(index_file: Path) -> tuple[list[Path], dict[str, Path]]:
             raise MergeBenchError(
                 f"{index_file}: shard {shard!r} is outside the index's folder; not read"
             )
+    # `./x` and `x` name one file: open it once (else its keys would seem to be in two shards).
+    weight_map = {key: os.path.normpath(shard) for key, shard in weight_map.items()}
     shards = sorted(set(weight_map.values()))
     where = {key: index_file.parent / shard for key, shard in weight_map.items()}
     return [index_file.parent / shard for shard in shards], where
 
 
 def _check_weight_map(weight_map: Mapping[str, Path], found: Mapping[str, Path]) -> None:
-    """Every key of the index must be in the shard the index names, and nowhere else."""
+    """Every key of the index must be in the shard the index names, and nowhere else; every
+    key the shards hold must be in the index (the index is the checkpoint's key list)."""
+    for key, path in found.items():
+        if key not in weight_map:
+            raise MergeBenchError(
+                f"{path}: holds tensor {key!r}, which the shard index does not list"
+            )
     for key, shard in weight_map.items():
         if key not in found:
             raise MergeBenchError(f"{shard}: lacks tensor {key!r}, which the shard index lists")
