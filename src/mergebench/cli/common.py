@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -52,6 +54,12 @@ def run_hydra_app(app: Callable[[], Any], program: str | None = None) -> None:
     except MergeBenchError as err:
         fail(program, str(err))
     except Exception as err:
+        if isinstance(err, OSError) and _is_run_folder_error(err):
+            fail(
+                program,
+                f"{err.filename}: cannot create the run folder ({err.strerror or err}); run "
+                "from a folder you can write to, or set hydra.run.dir=<a writable folder>",
+            )
         if not _is_config_error(err):
             raise  # a bug: keep its traceback
         fail(program, _config_message(err))
@@ -60,6 +68,57 @@ def run_hydra_app(app: Callable[[], Any], program: str | None = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+@contextmanager
+def no_run_folder_on_failure() -> Iterator[None]:
+    """Hydra writes its run folder (`.hydra/` configs, `<job>.log`) before the app's code
+    runs: a command that then fails or is interrupted removes it again, so a refused command
+    leaves nothing behind (a run folder holding anything else is kept)."""
+    try:
+        yield
+    except BaseException as err:
+        if not (isinstance(err, SystemExit) and err.code in (0, None)):
+            _discard_run_folder()
+        raise
+
+
+def _discard_run_folder() -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.RUN:  # a multirun's folder holds the other jobs too
+        return
+    folder = Path(hydra_cfg.runtime.output_dir)
+    hydra_own = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
+    if not folder.is_dir() or any(p.name not in hydra_own for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    # The parents Hydra created for it (`outputs/merge/`), while empty, up to the working folder.
+    cwd, parent = Path.cwd().resolve(), folder.resolve().parent
+    while cwd in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: someone else's
+            break
+        parent = parent.parent
+
+
+def _is_run_folder_error(err: OSError) -> bool:
+    """Whether `err` is Hydra failing to create or write its run folder (a read-only working
+    folder, say), not an error of the app's own code. Hydra has reset its config by the time
+    the error reaches us, so the traceback tells: the frame right below Hydra's `run_job` is
+    then Hydra's own (`mkdir`, `_save_config`), not the task function."""
+    import traceback
+
+    frames = [frame.f_code for frame, _ in traceback.walk_tb(err.__traceback__)]
+    for outer, inner in zip(frames, frames[1:]):
+        if outer.co_name == "run_job" and "hydra" in outer.co_filename:
+            return inner.co_name in {"mkdir", "_save_config", "makedirs"}
+    return False
 
 
 def _is_config_error(err: BaseException) -> bool:

@@ -14,6 +14,7 @@ from mergebench.cli.common import (
     check_top_level_keys,
     fail,
     method_params,
+    no_run_folder_on_failure,
     require_values,
     run_hydra_app,
 )
@@ -61,6 +62,11 @@ def _path(cfg: DictConfig, key: str) -> str:
 
 @hydra.main(version_base=None, config_path=CONF, config_name="merge")
 def _merge_app(cfg: DictConfig) -> None:
+    with no_run_folder_on_failure():
+        _merge(cfg)
+
+
+def _merge(cfg: DictConfig) -> None:
     try:
         check_top_level_keys(cfg, known=KEYS)
         require_values(cfg, ("pretrained", "finetuned", "output_dir"))

@@ -1,0 +1,44 @@
+"""Console-script entry points. Each imports its command only when called, inside the
+Ctrl-C guard: importing torch and friends takes seconds, and an interrupt then used to print
+a long `KeyboardInterrupt` traceback instead of `<program>: interrupted` (exit 130)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT (as mergebench.cli.common)
+
+
+def _run(module: str, program: str) -> Any:
+    try:
+        main = importlib.import_module(f"mergebench.cli.{module}").main
+        return main()
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def bench() -> Any:
+    return _run("bench", "mergebench")
+
+
+def merge() -> Any:
+    return _run("merge", "mergebench-merge")
+
+
+def zoo() -> Any:
+    return _run("zoo", "mergebench-zoo")
+
+
+def leaderboard() -> Any:
+    return _run("leaderboard", "mergebench-leaderboard")
+
+
+def experiment() -> Any:
+    return _run("experiments", "mergebench-experiment")
+
+
+def convert() -> Any:
+    return _run("convert", "mergebench-convert")
