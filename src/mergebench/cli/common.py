@@ -115,7 +115,7 @@ def _is_run_folder_error(err: OSError) -> bool:
     import traceback
 
     frames = [frame.f_code for frame, _ in traceback.walk_tb(err.__traceback__)]
-    for outer, inner in zip(frames, frames[1:]):
+    for outer, inner in zip(frames, frames[1:], strict=False):
         if outer.co_name == "run_job" and "hydra" in outer.co_filename:
             return inner.co_name in {"mkdir", "_save_config", "makedirs"}
     return False
