@@ -10,9 +10,12 @@ import torch
 
 import mergebench
 from mergebench.engine.pool import ModelPool
+from mergebench.methods.base import RunContext
 from mergebench.methods.lines import LiNeS
 from mergebench.reference.lines import lines_reference
 from mergebench.util.errors import MergeBenchError
+
+QUIET = RunContext(progress=False)
 
 KEYS = ["embed.weight", "layers.0.w", "layers.1.w", "layers.2.w", "layers.2.b", "norm.w"]
 PATTERN = r"layers\.(\d+)\."
@@ -59,8 +62,7 @@ def test_alpha_is_exactly_one_over_n_for_task_arithmetic():
         t: {k: v + torch.randn(v.shape, generator=g) for k, v in pre.items()} for t in "abc"
     }
     method = LiNeS(base="task_arithmetic", beta=0.5, layer_pattern=PATTERN)
-    method.progress = False
-    out = method.merge(ModelPool.from_checkpoints(pre, finetuned)).state_dict()
+    out = method.merge(ModelPool.from_checkpoints(pre, finetuned), QUIET).state_dict()
     assert method.alpha == 1 / 3
     # Block 0 gets alpha: W_pre + (1/3) * sum_t tau_t.
     tau = torch.stack([ft["layers.0.w"] - pre["layers.0.w"] for ft in finetuned.values()])
@@ -79,8 +81,7 @@ def test_single_block_gets_alpha_and_consensus_alpha_by_hand():
         "t2": {"h.0.w": torch.tensor([1.0, 3.0, -1.0, 1.0])},
     }
     method = LiNeS(base="consensus", beta=0.5, layer_pattern=r"h\.(\d+)\.")
-    method.progress = False
-    out = method.merge(ModelPool.from_checkpoints(pre, finetuned)).state_dict()
+    out = method.merge(ModelPool.from_checkpoints(pre, finetuned), QUIET).state_dict()
     assert method.alpha == 1.5
     assert torch.equal(out["h.0.w"], torch.tensor([3.0, 0.0, 0.0, 0.0]))
 
@@ -148,9 +149,8 @@ def test_streamed_merge_equals_the_reference(random_pool, base):
     exclude = [r"head\..*"]
     pattern = r"encoder\.layer\.(\d+)\."
     method = LiNeS(base=base, beta=0.7, layer_pattern=pattern)
-    method.progress = False
     pool = ModelPool.from_checkpoints(pre, finetuned, exclude=exclude)
-    out = method.merge(pool).state_dict("c")
+    out = method.merge(pool, QUIET).state_dict("c")
     expected, alpha = lines_reference(pre, finetuned, pattern, exclude=exclude, base=base, beta=0.7)
     assert len(expected) == 10
     assert math.isclose(method.alpha, alpha, rel_tol=1e-12)

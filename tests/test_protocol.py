@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_planted_bugs import FakeJob, bench_cfg, stored_runs
 
 import mergebench
-from mergebench.bench.protocol import searchable, select
+from mergebench.bench import job
+from mergebench.bench.protocol import UserSettings, run_label, searchable, select, user_settings
 from mergebench.engine.pool import ModelPool
 from mergebench.report.records import TaskScore
+from mergebench.util.errors import MergeBenchError
+
+# `config_hash` of the FakeJob runs `ties` and `ties (k=0.1)` (tests/test_planted_bugs.py),
+# as stored before the option semantics changed.
+PINNED_TIES = "7daf6b7f8aa7df1331bf9e197738ac4137b22483a99d07338c2ceedf904f1a15"
+PINNED_TIES_K01 = "2eb5cf8a0474f0365f9fffcfd84bad2d0f52ca72f8e86cda57681d2094da2193"
 
 
 @pytest.fixture
@@ -97,3 +105,69 @@ def test_mask_rescale_takes_its_base_methods_selection(pool):
     calls = len(validate.calls)
     assert select("ties", {}, pool, validate, memo=memo).selected == {"k": 0.1, "scaling": 1.0}
     assert len(validate.calls) == calls
+
+
+# --- option semantics: what the user sets is fixed, named and part of the identity ------------
+def test_command_line_settings_are_read_from_the_overrides():
+    settings = user_settings(["method=ties", "method.k=0.2", "method.search.scaling=[0.5]",
+                              "+method.base_params={k: 0.1}", "~method.aggregate", "seed=1"])  # fmt: skip
+    assert settings.options == {"k", "base_params.k"}
+    assert settings.grids == {"scaling"}
+    assert settings.nested("base_params").options == {"k"}
+    assert user_settings([]) == UserSettings()
+
+
+def test_an_option_set_to_its_default_is_fixed_and_named():
+    fixed = UserSettings(frozenset({"k", "scaling"}))
+    assert searchable("ties", {"k": 0.2, "scaling": 0.3}, fixed.options) == ({}, {})
+    assert run_label("ties", {"k": 0.2, "scaling": 0.3}, None, fixed) == "ties (k=0.2, scaling=0.3)"
+    # Unset and at its default: searched, and the label is the one stored runs carry.
+    assert run_label("ties", {"k": 0.2, "scaling": 0.3}, None) == "ties"
+    base = UserSettings(frozenset({"base_params.k"}))
+    assert run_label("dare", {"base": "ties", "base_params": {"k": 0.2}}, None, base) == (
+        "dare (ties) (base_params.k=0.2)"
+    )
+
+
+def test_a_command_line_grid_replaces_the_configs(pool):
+    search = {"k": [], "scaling": [0.5, 1.0]}  # k's search turned off, scaling's replaced
+    assert searchable("ties", {}, search=search) == ({"scaling": [0.5, 1.0]}, {})
+    target = mergebench.merge_pool("ties", pool, progress=False, scaling=1.0)
+    validate = closeness_to(target.state_dict("a"))
+    selection = select("ties", {}, pool, validate, search=search)
+    assert selection.selected == {"scaling": 1.0}
+    assert [c["params"] for c in selection.candidates] == [{"scaling": 0.5}, {"scaling": 1.0}]
+    settings = UserSettings(grids=frozenset({"k", "scaling"}))
+    assert run_label("ties", {}, search, settings) == "ties (search.k=[], search.scaling=[0.5, 1])"
+    with pytest.raises(MergeBenchError, match=r"search\.kk is not an option"):
+        searchable("ties", {}, search={"kk": [0.1]})
+
+
+def _run(tmp_path, *overrides: str) -> dict:
+    """One `mergebench` job (FakeJob: no zoo, no real merge) with these command-line overrides."""
+    return job.run(bench_cfg(tmp_path, "method=ties", *overrides), overrides=overrides)
+
+
+def test_the_user_setting_a_default_is_not_skipped_as_the_stored_search(tmp_path, monkeypatch):
+    """`mergebench method=ties method.k=0.1,0.2` once skipped k=0.2 (the default) as the
+    stored `ties` row, whose k was searched; and a command-line grid was ignored."""
+    fake = FakeJob(monkeypatch)
+    assert _run(tmp_path)["label"] == "ties"
+    assert _run(tmp_path)["skipped"] is True
+    assert _run(tmp_path, "method.k=0.2")["label"] == "ties (k=0.2)"
+    assert _run(tmp_path, "method.scaling=0.3")["label"] == "ties (scaling=0.3)"
+    assert _run(tmp_path, "method.search.k=[0.1,0.2]")["label"] == "ties (search.k=[0.1, 0.2])"
+    assert _run(tmp_path, "method.search.k=[]")["label"] == "ties (search.k=[])"
+    assert _run(tmp_path, "method.k=0.2")["skipped"] is True  # its own identity resumes
+    assert len(fake.merges) == 5
+    runs = stored_runs(tmp_path)
+    assert len({r["config_hash"] for r in runs}) == 5
+
+
+def test_a_run_with_nothing_set_keeps_the_hash_stored_before(tmp_path, monkeypatch):
+    FakeJob(monkeypatch)
+    _run(tmp_path)
+    _run(tmp_path, "method.k=0.1")  # away from the default: named, as before
+    hashes = {r["label"]: r["config_hash"] for r in stored_runs(tmp_path)}
+    # Computed with the code before option semantics changed (the default board resumes).
+    assert hashes == {"ties": PINNED_TIES, "ties (k=0.1)": PINNED_TIES_K01}

@@ -10,6 +10,7 @@ import torch
 
 from mergebench.engine.checkpoints import CheckpointLike
 from mergebench.engine.pool import ModelPool
+from mergebench.methods.base import RunContext
 from mergebench.methods.registry import build_method, method_defaults
 from mergebench.results import (
     DEFAULT_SHARD_BYTES,
@@ -72,16 +73,11 @@ def merge_pool(
     device = check_device(device)
     check_params(method, params)
     instance = build_method(method, **params)
-    instance.device, instance.progress = device, progress
     if output_dir is None:
-        return instance.merge(pool)
+        return instance.merge(pool, RunContext(device, progress))
 
     def merge_into(target: ArtifactTarget) -> MergeResult:
-        instance.target = target
-        try:
-            return instance.merge(pool)
-        finally:
-            instance.target = None
+        return instance.merge(pool, RunContext(device, progress, target))
 
     return stream_result(output_dir, merge_into, shard_size)
 

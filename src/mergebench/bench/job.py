@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mergebench.api import merge_pool
-from mergebench.bench.protocol import Selection, select
+from mergebench.bench.protocol import Selection, UserSettings, run_label, select, user_settings
 from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
 from mergebench.families.labeled import LabeledData
-from mergebench.methods.registry import method_base_label, variant_label
+from mergebench.methods.registry import method_base_label
 from mergebench.report.records import RunRecord, TaskScore
 from mergebench.report.store import record_hash
 from mergebench.report.stores import open_store
@@ -192,8 +192,11 @@ def _reference_config(cfg: Mapping[str, Any], ctx: Mapping[str, Any], kind: str)
 # ---------------------------------------------------------------------------- one run
 
 
-def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Merge, evaluate, store and print one method on one task set; returns a summary."""
+def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Merge, evaluate, store and print one method on one task set; returns a summary.
+
+    `overrides`: the job's command-line overrides (Hydra's task overrides); the method
+    options and search grids they set are fixed and named in the label (`run_label`)."""
 
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     plain.pop("hydra", None)
@@ -203,8 +206,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     ctx = _context(plain, progress)
     method_cfg = dict(plain["method"])
     name = str(method_cfg.pop("name"))
-    method_cfg.pop("search", None)  # the protocol's grid (protocol.select), not an option
-    label = plain.get("label") or variant_label(name, method_cfg)
+    search = method_cfg.pop("search", None)  # the protocol's grid (protocol.select)
+    settings: UserSettings = user_settings(overrides)
+    label = plain.get("label") or run_label(name, method_cfg, search, settings)
     family, taskset = str(plain["model"]["name"]), str(plain["taskset"]["name"])
     config = {**plain, "zoo_signature": ctx.signature}
 
@@ -229,7 +233,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             name, method_cfg, pool,
             lambda r: evaluate_timed(r, ctx.data, split="validation", cache=ctx.cache).scores,
             device=device, say=lambda line: print(line, file=sys.stderr, flush=True),
-            memo=ctx.selections,
+            memo=ctx.selections, settings=settings, search=search,
         )  # fmt: skip
         selection_seconds = time.perf_counter() - start
     save_to = plain.get("save_result")

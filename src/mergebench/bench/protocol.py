@@ -3,8 +3,15 @@
 Each method's config may hold a `search:` section (`conf/method/<name>.yaml`): the values of
 options that its paper selects on validation data. The benchmark merges at every grid point,
 scores the validation split, keeps the best average (the first on a tie), and the job then
-evaluates that pick once on the test split. Options the user set away from their default
-are fixed, not searched. Tuning-free methods (EMR) have no `search` and run as they are.
+evaluates that pick once on the test split. Tuning-free methods (EMR) have no `search` and
+run as they are.
+
+Fixed or searched (`UserSettings`): an option the user set on the command line is fixed,
+whatever its value (equal to its default or not), and so is one a config (a variant) sets
+away from its default; a grid given on the command line (`method.search.k=[0.1,0.2]`, or
+`[]` to search `k` no more) replaces the config's. Both are named in the row's label
+(`run_label`), so they are part of the run's identity; with nothing set, label and identity
+are those of the runs stored before.
 
     search:
       scaling: [0.1, 0.2, ...]              # a joint grid over options
@@ -30,7 +37,14 @@ import torch
 from mergebench.api import merge_pool
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
-from mergebench.methods.registry import method_class, method_defaults, method_search
+from mergebench.methods.registry import (
+    check_search,
+    method_class,
+    method_defaults,
+    method_search,
+    setting_text,
+    variant_label,
+)
 from mergebench.report.records import TaskScore, average_score, primary_scores
 from mergebench.results import MergeResult, SingleModelResult
 from mergebench.util.errors import MergeBenchError
@@ -59,21 +73,96 @@ def _grid(options: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def searchable(name: str, params: Mapping[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
+@dataclass(frozen=True)
+class UserSettings:
+    """What the command line set in the `method` group: `options`, the option paths the
+    user fixed (`k`, `base_params.k`); `grids`, the search grids the user replaced (`k`,
+    `per_task.threshold`). Empty when the user set nothing."""
+
+    options: frozenset[str] = frozenset()
+    grids: frozenset[str] = frozenset()
+
+    def nested(self, option: str) -> UserSettings:
+        """The settings under `option` (a base method's `base_params`)."""
+        prefix = f"{option}."
+        return UserSettings(frozenset(o[len(prefix):] for o in self.options
+                                      if o.startswith(prefix)))  # fmt: skip
+
+
+def _leaves(path: str, value: Any) -> list[str]:
+    """The dotted paths of the values a (possibly nested) override sets."""
+    if isinstance(value, Mapping) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{path}.{k}", v)]
+    return [path]
+
+
+def user_settings(overrides: Sequence[str]) -> UserSettings:
+    """The method options and search grids that the Hydra overrides `overrides` (a job's
+    task overrides: `method.k=0.1`, `method.search.k=[0.1,0.2]`) set; deletions and the
+    method's choice (`method=ties`) set none."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    options, grids = set(), set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if override.is_delete() or not key.startswith("method.") or key == "method.name":
+            continue
+        for path in _leaves(key.removeprefix("method."), override.value()):
+            if path == "search" or path.startswith("search."):
+                grids.add(path.removeprefix("search").removeprefix("."))  # "": the whole search
+            else:
+                options.add(path)
+    return UserSettings(frozenset(options), frozenset(grids))
+
+
+def _at(tree: Any, path: str) -> Any:
+    for part in path.split(".") if path else []:
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def _grid_text(grid: Any) -> str:
+    if isinstance(grid, list):
+        return f"[{', '.join(setting_text(v) for v in grid)}]"
+    return setting_text(grid)
+
+
+def run_label(
+    name: str,
+    params: Mapping[str, Any],
+    search: Mapping[str, Any] | None,
+    settings: UserSettings = UserSettings(),
+) -> str:
+    """The row label of a benchmark run: the method's label with every option that differs
+    from its default or that the user set, then every grid the user replaced, e.g.
+    `ties (k=0.2, search.scaling=[0.5, 1])`; a run at the defaults is plain `ties`."""
+    grids = [
+        f"search{'.' if path else ''}{path}={_grid_text(_at(search, path))}"
+        for path in sorted(settings.grids)
+    ]
+    return variant_label(name, params, fixed=settings.options, extra=grids)
+
+
+def searchable(
+    name: str,
+    params: Mapping[str, Any],
+    fixed: frozenset[str] = frozenset(),
+    search: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, list], dict[str, list]]:
     """The joint grid and the per-task options of method `name` that the protocol may
-    search: those whose value in `params` is still the config's default."""
-    search = method_search(name)
+    search: those of `search` (the composed config's grid; None: the method's config) that
+    the user did not set (`fixed`) and whose value in `params` is still the default. An
+    empty grid searches nothing."""
+    search = method_search(name) if search is None else check_search(name, search)
     defaults = method_defaults(name)
-    grid = {
-        o: list(v)
-        for o, v in search.items()
-        if o != "per_task" and params.get(o, defaults.get(o)) == defaults.get(o)
-    }
-    per_task = {
-        o: list(v)
-        for o, v in (search.get("per_task") or {}).items()
-        if params.get(o, defaults.get(o)) == defaults.get(o)
-    }
+
+    def free(option: str) -> bool:
+        return option not in fixed and params.get(option, defaults.get(option)) == defaults.get(
+            option
+        )
+
+    grid = {o: list(v) for o, v in search.items() if o != "per_task" and v and free(o)}
+    per_task = {o: list(v) for o, v in (search.get("per_task") or {}).items() if v and free(o)}
     return grid, per_task
 
 
@@ -104,15 +193,21 @@ def select(
     device: str = "cpu",
     say: Callable[[str], None] = lambda _: None,
     memo: dict[str, Selection] | None = None,
+    settings: UserSettings = UserSettings(),
+    search: Mapping[str, Any] | None = None,
 ) -> Selection:
     """Choose method `name`'s searchable options on validation; returns the values.
 
-    `memo` keeps selections by method and options (give one per pool): a multirun then
-    selects TIES once for `ties`, `dare (ties)` and `ties w/ M&R`."""
-    key = stable_hash([name, {**method_defaults(name), **dict(params)}])  # defaults: one key
+    `settings`: what the user set (fixed options); `search`: the composed config's grid
+    (None: the method's config). `memo` keeps selections by method, options and grid (give
+    one per pool): a multirun then selects TIES once for `ties`, `dare (ties)` and
+    `ties w/ M&R`."""
+    search = method_search(name) if search is None else check_search(name, search)
+    full = {**method_defaults(name), **dict(params)}  # defaults: one key
+    key = stable_hash([name, full, sorted(settings.options), search])
     if memo is not None and key in memo:
         return memo[key]
-    selection = _select(name, params, pool, validate, device, say, memo)
+    selection = _select(name, params, pool, validate, device, say, memo, settings, search)
     if memo is not None:
         memo[key] = selection
     return selection
@@ -126,6 +221,8 @@ def _select(
     device: str,
     say: Callable[[str], None],
     memo: dict[str, Selection] | None,
+    settings: UserSettings,
+    search: Mapping[str, Any],
 ) -> Selection:
     params = dict(params)
     selection = Selection()
@@ -134,13 +231,14 @@ def _select(
     if "base" in cls.label_options and "base" in params:
         base = str(params["base"])
         base_params = dict(params.get("base_params") or {})
-        base_sel = select(base, base_params, pool, validate, device, say, memo)
+        base_sel = select(base, base_params, pool, validate, device, say, memo,
+                          settings.nested("base_params"))  # fmt: skip
         if base_sel.selected:
             merged_base = {**dict(params.get("base_params") or {}), **base_sel.selected}
             params["base_params"] = merged_base
             selection.selected["base_params"] = merged_base
         selection.merges += base_sel.merges
-    grid, per_task = searchable(name, params)
+    grid, per_task = searchable(name, params, settings.options, search)
     if not grid and not per_task:
         return selection
 

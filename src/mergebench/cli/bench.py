@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mergebench.bench.job import run
-from mergebench.cli.common import check_top_level_keys, fail, run_hydra_app
+from mergebench.cli.common import check_top_level_keys, fail, hydra_overrides, run_hydra_app
 from mergebench.util.config import conf_dir
 from mergebench.util.errors import MergeBenchError
 
@@ -22,7 +22,7 @@ from mergebench.util.errors import MergeBenchError
 def _app(cfg: DictConfig) -> dict[str, Any]:
     try:
         check_top_level_keys(cfg)  # `+k=0.1` must be method.k=0.1
-        return run(cfg)
+        return run(cfg, hydra_overrides())  # what the user set is fixed (bench.protocol)
     except MergeBenchError as exc:
         fail("mergebench", str(exc))
 

@@ -16,7 +16,7 @@ from typing import Any
 from mergebench.data.embedded import get_task, load_splits
 from mergebench.families.base import TaskInputs, ZooFamily, task_inputs
 from mergebench.families.labeled import LabeledData
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, construct
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,8 @@ def embedded_family(
         for task in cfg_taskset["tasks"]
     }
     options = dict(cfg_model.get("options") or {})
-    try:
-        family = family_class(cfg_model["name"])(
-            {t: task_inputs(s) for t, s in splits.items()}, **options
-        )
-    except TypeError as err:
-        raise MergeBenchError(f"model.options: {err}") from err
+    family = construct(family_class(cfg_model["name"]), "model.options",
+                       {t: task_inputs(s) for t, s in splits.items()}, **options)  # fmt: skip
     return family, LabeledData(family, splits)
 
 

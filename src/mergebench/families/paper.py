@@ -32,7 +32,7 @@ from mergebench.data.splits import SPLITS
 from mergebench.families.base import TaskInputs, ZooFamily
 from mergebench.families.labeled import HFLabeledData
 from mergebench.util.config import to_plain as _plain
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, construct
 
 
 class PaperFamily(ZooFamily):
@@ -110,10 +110,7 @@ class PaperFamily(ZooFamily):
             for t, spec in specs.items()
         }
         options = dict(_plain(cfg_model.get("options")) or {})
-        try:
-            family = cls(inputs, pretrained, specs=specs, **options)
-        except TypeError as err:
-            raise MergeBenchError(f"model.options: {err}") from err
+        family = construct(cls, "model.options", inputs, pretrained, specs=specs, **options)
         return family, HFLabeledData(family, specs, int(seed), examples)
 
     def exclude_patterns(self, cfg_model: Mapping[str, Any]) -> list[str]:

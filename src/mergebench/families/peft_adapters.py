@@ -61,7 +61,7 @@ from mergebench.families.base import TaskInputs, model_folder
 from mergebench.families.labeled import HFLabeledData
 from mergebench.families.paper import PaperFamily
 from mergebench.util.config import to_plain as _plain
-from mergebench.util.errors import MergeBenchError
+from mergebench.util.errors import MergeBenchError, construct
 
 # ------------------------------------------------------------------------------ prompts
 
@@ -268,10 +268,7 @@ class PeftT0Family(PaperFamily):
             for t, spec in specs.items()
         }
         options = dict(_plain(cfg_model.get("options")) or {})
-        try:
-            family = cls(inputs, pretrained, specs=specs, **options)
-        except TypeError as err:
-            raise MergeBenchError(f"model.options: {err}") from err
+        family = construct(cls, "model.options", inputs, pretrained, specs=specs, **options)
         return family, PromptLabeledData(family, specs, int(seed), examples, prompts)
 
     @classmethod

@@ -34,14 +34,9 @@ from torch import nn
 from mergebench.engine.keyplan import KeyPlan, plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream
-from mergebench.methods.base import Method, choice, flag, fraction, number, sign, single_result
-from mergebench.methods.data_utils import (
-    InputsOnly,
-    cycle_batches,
-    inputs_only,
-    integer,
-    load_task_model,
-)
+from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, sign, single_result
+from mergebench.methods.data_utils import InputsOnly, cycle_batches, inputs_only, load_task_model
+from mergebench.methods.options import choice, flag, fraction, integer, number
 from mergebench.methods.ties import Ties, trim
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
@@ -216,9 +211,9 @@ class AdaMerging(Method):
 
     # -- task vectors ----------------------------------------------------------------------
     def _task_vectors(
-        self, pool: ModelPool, plan: KeyPlan
+        self, pool: ModelPool, plan: KeyPlan, progress: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        stream = TaskVectorStream(pool, plan, progress=self.progress)
+        stream = TaskVectorStream(pool, plan, progress=progress)
         ties = None
         if self.ties:
             ties = Ties(
@@ -235,10 +230,10 @@ class AdaMerging(Method):
         return pretrained, task_vectors
 
     # -- merge -----------------------------------------------------------------------------
-    def merge(self, pool: ModelPool) -> SingleModelResult:
+    def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> SingleModelResult:
         data = inputs_only(pool, self.name)
         plan = plan_keys(pool)
-        pretrained, task_vectors = self._task_vectors(pool, plan)
+        pretrained, task_vectors = self._task_vectors(pool, plan, context.progress)
         task_models = [
             _TaskLogits(load_task_model(pool, data, task, torch.device("cpu"), self.name), data)
             for task in pool.tasks
@@ -252,7 +247,7 @@ class AdaMerging(Method):
             self.init,
             self.clamp,
         )
-        entropy = self._train(module, data, pool.tasks) if self.steps > 0 else []
+        entropy = self._train(module, data, pool.tasks, context.progress) if self.steps > 0 else []
         with torch.no_grad():
             merged = {k: v.detach().float().cpu() for k, v in module.merged_weights().items()}
             lam = module.applied_coefficients().detach().float().cpu()
@@ -267,7 +262,9 @@ class AdaMerging(Method):
         }
         return AdaMergingResult(**vars(result))
 
-    def _train(self, module: MergedModels, data: InputsOnly, tasks: list[str]) -> list[float]:
+    def _train(
+        self, module: MergedModels, data: InputsOnly, tasks: list[str], progress: bool
+    ) -> list[float]:
         from lightning.fabric import Fabric
 
         fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision)
@@ -280,7 +277,7 @@ class AdaMerging(Method):
             for task in tasks
         ]
         history: list[float] = []
-        with stage(self.steps, self.name, enabled=self.progress, unit="step") as bar:
+        with stage(self.steps, self.name, enabled=progress, unit="step") as bar:
             for _ in range(self.steps):
                 entropies = model([next(s) for s in streams])
                 loss = entropies.sum()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -13,7 +13,21 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem, TransformFactory, thread_scratch
 from mergebench.results import ArtifactTarget, MergeResult, SingleModelResult
 from mergebench.results.shards import Entry
-from mergebench.util.errors import MergeBenchError
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How one merge runs, not what it computes (so never part of a method's options): the
+    device, whether progress is shown, and the artifact a data-free method streams its
+    outputs into as keys finish (None: in memory). Handed to `Method.merge` as one object;
+    a method built on another hands it on."""
+
+    device: str | torch.device = "cpu"
+    progress: bool = True
+    target: ArtifactTarget | None = None
+
+
+DEFAULT_CONTEXT = RunContext()
 
 
 class Method:
@@ -25,12 +39,8 @@ class Method:
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)  # as configured: recorded with every result
-        self.device: str | torch.device = "cpu"
-        self.progress = True
-        # Where a data-free method streams its outputs as keys finish (None: in memory).
-        self.target: ArtifactTarget | None = None
 
-    def merge(self, pool: ModelPool) -> MergeResult:
+    def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> MergeResult:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -56,58 +66,6 @@ class Method:
         return None
 
 
-def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    if isinstance(value, (list, dict, set)) or value not in allowed:
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not one of {list(allowed)}")
-    return value
-
-
-def fraction(
-    name: str, option: str, value: Any, low_open: bool = True, high_open: bool = False
-) -> float:
-    if isinstance(value, bool):
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number")
-    try:
-        value = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
-    low_ok = value > 0 if low_open else value >= 0
-    high_ok = value < 1 if high_open else value <= 1
-    if not (low_ok and high_ok):
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise MergeBenchError(f"{name}.{option}: {value} is outside {interval}")
-    return value
-
-
-# Larger options overflow float32 weights (max 3.4e38) once multiplied by a task vector.
-NUMBER_LIMIT = 1e30
-
-
-def number(name: str, option: str, value: Any) -> float:
-    """A finite number of sensible size: nan, inf and |x| > 1e30 (which turn float32
-    weights into inf or nan) are errors naming the option."""
-    if isinstance(value, bool):
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number")
-    try:
-        result = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
-    if not math.isfinite(result):
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not a finite number")
-    if abs(result) > NUMBER_LIMIT:
-        raise MergeBenchError(
-            f"{name}.{option}: {value!r} is too large (|x| > {NUMBER_LIMIT:g} overflows "
-            "float32 weights)"
-        )
-    return result
-
-
-def flag(name: str, option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not true/false")
-    return value
-
-
 class TaskVectorMethod(Method):
     """A data-free method giving one model: `W = W_pre + merge_task_vectors(tau)` per tensor.
 
@@ -129,6 +87,7 @@ class TaskVectorMethod(Method):
     def merge(
         self,
         pool: ModelPool,
+        context: RunContext = DEFAULT_CONTEXT,
         transform_factory: TransformFactory | None = None,
         plan: KeyPlan | None = None,
     ) -> SingleModelResult:
@@ -136,13 +95,13 @@ class TaskVectorMethod(Method):
             pool,
             plan or plan_keys(pool),
             transform_factory,
-            device=self.device,
-            progress=self.progress,
+            device=context.device,
+            progress=context.progress,
         )
         self.prepare(stream)
 
-        if self.target is not None:
-            return self._merge_into(self.target, pool, stream)
+        if context.target is not None:
+            return self._merge_into(context.target, pool, stream)
 
         # Outputs allocated up front, before any worker runs: the per-key temporaries of the
         # workers then never sit between kept outputs on the heap (less RSS, measured).

@@ -16,16 +16,8 @@ from typing import Any
 import torch
 
 from mergebench.engine.stream import sum_tasks
-from mergebench.methods.base import TaskVectorMethod, fraction, number
-from mergebench.util.errors import MergeBenchError
-
-
-def finite_number(name: str, option: str, value: Any) -> float:
-    """`number`, but nan and inf are errors too."""
-    result = number(name, option, value)
-    if not math.isfinite(result):
-        raise MergeBenchError(f"{name}.{option}: {value!r} is not a finite number")
-    return result
+from mergebench.methods.base import TaskVectorMethod
+from mergebench.methods.options import fraction, number
 
 
 def row_keep_range(n: int, density: float, outlier: float) -> tuple[int, int]:
@@ -71,7 +63,7 @@ class Breadcrumbs(TaskVectorMethod):
         super().__init__(density=density, outlier=outlier, scaling=scaling)
         self.density = fraction(self.name, "density", density)
         self.outlier = fraction(self.name, "outlier", outlier, low_open=False, high_open=True)
-        self.scaling = finite_number(self.name, "scaling", scaling)
+        self.scaling = number(self.name, "scaling", scaling)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling)

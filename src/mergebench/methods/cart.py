@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
-from mergebench.methods.base import TaskVectorMethod, fraction
-from mergebench.methods.svd_utils import finite_number, is_matrix, truncate
+from mergebench.methods.base import TaskVectorMethod
+from mergebench.methods.options import fraction, number
+from mergebench.methods.svd_utils import is_matrix, truncate
 
 
 def cart_rank(rank_ratio: float, m: int, n: int) -> int:
@@ -53,7 +54,7 @@ class CART(TaskVectorMethod):
     def __init__(self, rank_ratio: Any, scaling: Any) -> None:
         super().__init__(rank_ratio=rank_ratio, scaling=scaling)
         self.rank_ratio = fraction(self.name, "rank_ratio", rank_ratio)  # (0, 1]
-        self.scaling = finite_number(self.name, "scaling", scaling)
+        self.scaling = number(self.name, "scaling", scaling)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return cart_delta(task_vectors, self.rank_ratio, self.scaling)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from mergebench.engine.stream import TaskVectorStream, TensorItem
-from mergebench.methods.base import TaskVectorMethod, choice, number
+from mergebench.methods.base import TaskVectorMethod
+from mergebench.methods.options import choice, number
 from mergebench.methods.tall_masks import (
     BASES,
     multitask_vector,
@@ -57,7 +58,7 @@ class Consensus(TaskVectorMethod):
 
     def prepare(self, stream: TaskVectorStream) -> None:
         self._thresholds = task_thresholds(self.name, self.threshold, stream.tasks)
-        self._ties = prepare_base(self.base, stream, self.device, self.progress)
+        self._ties = prepare_base(self.base, stream)
 
     def merge_item(self, item: TensorItem) -> torch.Tensor:
         return self._merge(item.key, item.task_vectors, item.task_sum())

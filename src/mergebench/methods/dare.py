@@ -15,7 +15,8 @@ import torch
 
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorTransform
-from mergebench.methods.base import Method, TaskVectorMethod, flag, fraction
+from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, TaskVectorMethod
+from mergebench.methods.options import flag, fraction
 from mergebench.methods.registry import build_method, method_label
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
@@ -81,12 +82,11 @@ class Dare(Method):
                 "(use task_arithmetic, ties or weight_averaging)"
             )
 
-    def merge(self, pool: ModelPool) -> SingleModelResult:
-        self.base.device, self.base.progress = self.device, self.progress
-        self.base.target = self.target
+    def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> SingleModelResult:
         n = len(pool.tasks)
         result = self.base.merge(
-            pool, transform_factory=lambda: make_dropper(n, self.drop, self.rescale, self.seed)
-        )
+            pool, context, transform_factory=lambda: make_dropper(n, self.drop, self.rescale,
+                                                                  self.seed)
+        )  # fmt: skip
         result.method, result.params = self.name, dict(self.params)
         return result

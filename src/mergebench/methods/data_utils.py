@@ -132,15 +132,3 @@ def load_task_model(
             f"family's model for task {task!r} needs"
         )
     return model.to(device).eval()
-
-
-def integer(
-    method: str, option: str, value: Any, minimum: int = 1, allow_none: bool = False
-) -> int | None:
-    """An int option `>= minimum` (or null where allowed), else an error naming it."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = f"an integer >= {minimum}" + (" or null" if allow_none else "")
-        raise MergeBenchError(f"{method}.{option}: {value!r} is not {what}")
-    return value

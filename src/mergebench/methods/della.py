@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from mergebench.engine.stream import TaskVectorStream, sum_tasks
-from mergebench.methods.base import TaskVectorMethod, flag, fraction, number
+from mergebench.methods.base import TaskVectorMethod
+from mergebench.methods.options import flag, fraction, number
 from mergebench.util.errors import MergeBenchError
 
 

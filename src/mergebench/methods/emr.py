@@ -17,7 +17,7 @@ import torch
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
-from mergebench.methods.base import Method, choice, flag
+from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
 from mergebench.methods.modulators import (
     RESCALERS,
     KeyModulators,
@@ -26,6 +26,7 @@ from mergebench.methods.modulators import (
     modulate_key,
     thread_scratch,
 )
+from mergebench.methods.options import choice, flag
 from mergebench.results import TaskConditionedResult
 
 
@@ -132,8 +133,11 @@ class EMR(Method):
             return elect(task_vectors, task_sum, scratch)
         return sum_tasks(task_vectors) / task_vectors.shape[0]  # the `elect=false` ablation
 
-    def merge(self, pool: ModelPool) -> TaskConditionedResult:
-        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
+    def merge(
+        self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT
+    ) -> TaskConditionedResult:
+        stream = TaskVectorStream(pool, plan_keys(pool), device=context.device,
+                                  progress=context.progress)  # fmt: skip
 
         def per_key(item: TensorItem) -> KeyModulators:
             taus, scratch = item.task_vectors, thread_scratch()
@@ -147,5 +151,5 @@ class EMR(Method):
 
         keys = stream.map(per_key, self.name)
         return assemble_result(
-            self, pool, stream.plan, keys, self.mask, self.rescale, self.rescaler
+            self, pool, stream.plan, keys, self.mask, self.rescale, self.rescaler, context.target
         )

@@ -27,14 +27,9 @@ from torch import nn
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool, Split
 from mergebench.engine.stream import TaskVectorStream
-from mergebench.methods.base import Method, choice, flag, number, single_result
-from mergebench.methods.data_utils import (
-    InputsOnly,
-    batch_size_of,
-    inputs_only,
-    integer,
-    load_task_model,
-)
+from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, single_result
+from mergebench.methods.data_utils import InputsOnly, batch_size_of, inputs_only, load_task_model
+from mergebench.methods.options import choice, flag, integer, number
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.progress import track
@@ -134,10 +129,10 @@ class Fisher(Method):
         self.batch_size = integer(self.name, "batch_size", batch_size)
         self.split = choice(self.name, "split", split, ("train", "validation"))
 
-    def merge(self, pool: ModelPool) -> SingleModelResult:
+    def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> SingleModelResult:
         data = inputs_only(pool, self.name)
         plan = plan_keys(pool)
-        device = torch.device(self.device)
+        device = torch.device(context.device)
         probe = data.build_model(pool.tasks[0])
         param_names = {name for name, _ in probe.named_parameters()}
         del probe
@@ -145,7 +140,7 @@ class Fisher(Method):
         numerator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
         denominator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
         norms: dict[str, float] = {}
-        for task in track(pool.tasks, "fisher", enabled=self.progress, unit="task"):
+        for task in track(pool.tasks, "fisher", enabled=context.progress, unit="task"):
             model = load_task_model(pool, data, task, device, self.name)
             fisher, _ = diagonal_fisher(
                 data,
@@ -156,7 +151,7 @@ class Fisher(Method):
                 self.num_examples,
                 self.batch_size,
                 device,
-                self.progress,
+                context.progress,
             )
             norm = torch.sqrt(sum(f.double().square().sum() for f in fisher.values())).item()
             norms[task] = norm
@@ -170,7 +165,7 @@ class Fisher(Method):
                 denominator[key] += value
             del model, params
 
-        stream = TaskVectorStream(pool, plan, device=device, progress=self.progress)
+        stream = TaskVectorStream(pool, plan, device=device, progress=context.progress)
         shared: dict[str, torch.Tensor] = {}
         for item in stream.passes(self.name):
             if item.key in numerator:

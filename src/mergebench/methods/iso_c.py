@@ -17,7 +17,8 @@ import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.svd_utils import finite_number, is_matrix, svd
+from mergebench.methods.options import number
+from mergebench.methods.svd_utils import is_matrix, svd
 
 
 def iso_c_matrix(task_sum: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,7 @@ class IsoC(TaskVectorMethod):
 
     def __init__(self, scaling: Any) -> None:
         super().__init__(scaling=scaling)
-        self.scaling = finite_number(self.name, "scaling", scaling)
+        self.scaling = number(self.name, "scaling", scaling)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * iso_c_delta(task_vectors)

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
-from mergebench.methods.base import TaskVectorMethod, fraction
-from mergebench.methods.svd_utils import finite_number, is_matrix, polar, svd
+from mergebench.methods.base import TaskVectorMethod
+from mergebench.methods.options import fraction, number
+from mergebench.methods.svd_utils import is_matrix, polar, svd
 
 
 def iso_cts_sizes(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -92,7 +93,7 @@ class IsoCTS(TaskVectorMethod):
 
     def __init__(self, scaling: Any, common_fraction: Any) -> None:
         super().__init__(scaling=scaling, common_fraction=common_fraction)
-        self.scaling = finite_number(self.name, "scaling", scaling)
+        self.scaling = number(self.name, "scaling", scaling)
         self.common_fraction = fraction(self.name, "common_fraction", common_fraction, False)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:

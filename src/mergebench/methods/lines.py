@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from mergebench.engine.stream import TaskVectorStream, TensorItem
-from mergebench.methods.base import TaskVectorMethod, choice, number
+from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.consensus import consensus_vector
+from mergebench.methods.options import choice, number
 from mergebench.methods.tall_masks import multitask_vector
 from mergebench.methods.ties import Ties
 from mergebench.util.errors import MergeBenchError
@@ -129,7 +130,6 @@ class LiNeS(TaskVectorMethod):
         self._thresholds = [CONSENSUS_THRESHOLD] * n
         if self.base == "ties":
             self._ties = Ties(k=TIES_K, scaling=1.0, aggregate="mean", topk_scope="global")
-            self._ties.device, self._ties.progress = self.device, self.progress
             self._ties.prepare(stream)
         if self.base == "task_arithmetic":
             self.alpha = 1.0 / n  # ||sum_t tau_t||_1 / (N * ||sum_t tau_t||_1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,8 +11,9 @@ import torch
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem
-from mergebench.methods.base import Method, choice, flag
+from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
 from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
+from mergebench.methods.options import choice, flag
 from mergebench.methods.registry import build_method, method_label
 from mergebench.results import MergeResult, SingleModelResult, TaskConditionedResult
 from mergebench.util.errors import MergeBenchError
@@ -60,21 +62,23 @@ class MaskRescale(Method):
     def needs_data(self) -> bool:  # type: ignore[override]
         return self.base.needs_data
 
-    def merge(self, pool: ModelPool) -> TaskConditionedResult:
-        self.base.device, self.base.progress = self.device, self.progress
-        if self.target is None or self.base.needs_data:
-            return self._mask_and_rescale(pool, self.base.merge(pool))
+    def merge(
+        self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT
+    ) -> TaskConditionedResult:
+        in_memory = replace(context, target=None)
+        if context.target is None or self.base.needs_data:
+            return self._mask_and_rescale(pool, self.base.merge(pool, in_memory), context)
         # Streamed: the base model goes to a scratch folder and is read back key by key.
-        with self.target.scratch() as scratch:
-            self.base.target = scratch
-            try:
-                return self._mask_and_rescale(pool, self.base.merge(pool))
-            finally:
-                self.base.target = None
+        with context.target.scratch() as scratch:
+            merged = self.base.merge(pool, replace(context, target=scratch))
+            return self._mask_and_rescale(pool, merged, context)
 
-    def _mask_and_rescale(self, pool: ModelPool, merged: MergeResult) -> TaskConditionedResult:
+    def _mask_and_rescale(
+        self, pool: ModelPool, merged: MergeResult, context: RunContext
+    ) -> TaskConditionedResult:
         assert isinstance(merged, SingleModelResult)
-        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
+        stream = TaskVectorStream(pool, plan_keys(pool), device=context.device,
+                                  progress=context.progress)  # fmt: skip
 
         def unify(item: TensorItem) -> torch.Tensor:
             base = merged.shared[item.key].to(item.pretrained.device, item.pretrained.dtype)
@@ -82,7 +86,7 @@ class MaskRescale(Method):
 
         # Keys in parallel through the streaming engine (see stream.map).
         result = stream_mask_and_rescale(
-            self, pool, stream, unify, self.mask, self.rescale, self.rescaler
+            self, pool, stream, unify, self.mask, self.rescale, self.rescaler, context.target
         )
         result.extra["base_extra"] = merged.extra
         return result

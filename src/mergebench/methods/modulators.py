@@ -236,6 +236,7 @@ def stream_mask_and_rescale(
     mask: bool,
     rescale: bool,
     rescaler: str,
+    target: ArtifactTarget | None,
 ) -> TaskConditionedResult:
     """The fast path: `unify(item)` gives each key's `tau_uni`; keys run in parallel."""
 
@@ -244,7 +245,7 @@ def stream_mask_and_rescale(
         return modulate_key(item.task_vectors, unified, mask, rescaler, thread_scratch(), rescale)
 
     return assemble_result(
-        method, pool, stream.plan, stream.map(per_key, method.name), mask, rescale, rescaler
+        method, pool, stream.plan, stream.map(per_key, method.name), mask, rescale, rescaler, target
     )
 
 
@@ -256,13 +257,14 @@ def assemble_result(
     mask: bool,
     rescale: bool,
     rescaler: str,
+    target: ArtifactTarget | None,
 ) -> TaskConditionedResult:
-    """The task-conditioned result from per-key modulators, added up in key order."""
+    """The task-conditioned result from per-key modulators, added up in key order; with
+    `target`, written into that artifact key by key (`RunContext.target`)."""
     tasks = pool.tasks
     accumulator = RescalerAccumulator(len(tasks), rescaler)
     unified: Mapping[str, torch.Tensor]
     packed: Mapping[str, torch.Tensor]
-    target = method.target
     if target is None:
         unified, packed = {}, {}
         for key, modulators in keys:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from mergebench.methods.base import Method
@@ -70,18 +70,26 @@ def method_search(name: str) -> dict[str, Any]:
     """The options (and values) the benchmark selects on validation for method `name`:
     its config's `search:` section (empty for tuning-free methods)."""
     method_class(name)
-    search = load_group("method", name).get("search") or {}
-    if not isinstance(search, dict):
-        raise MergeBenchError(f"conf/method/{name}.yaml: search must be a mapping of option lists")
+    return check_search(name, load_group("method", name).get("search") or {})
+
+
+def check_search(name: str, search: Any) -> dict[str, Any]:
+    """`search` (a config's or the command line's grid) checked against method `name`'s
+    options; an empty list turns that option's search off."""
+    where = f"conf/method/{name}.yaml"
+    if search is None:
+        return {}
+    if not isinstance(search, Mapping):
+        raise MergeBenchError(f"{where}: search must be a mapping of option lists")
     options = set(method_defaults(name))
     for option, values in search.items():
         names = values if option == "per_task" else {option: values}
-        for key, grid in names.items() if isinstance(names, dict) else []:
+        for key, grid in names.items() if isinstance(names, Mapping) else []:
             if key not in options:
-                raise MergeBenchError(f"conf/method/{name}.yaml: search.{key} is not an option")
-            if not isinstance(grid, list) or not grid:
-                raise MergeBenchError(f"conf/method/{name}.yaml: search.{key} must be a list")
-    return search
+                raise MergeBenchError(f"{where}: search.{key} is not an option")
+            if not isinstance(grid, list):
+                raise MergeBenchError(f"{where}: search.{key} must be a list")
+    return dict(search)
 
 
 def build_method(name: str, **params: Any) -> Method:
@@ -107,14 +115,18 @@ def method_label(name: str, params: Mapping[str, Any] | None = None) -> str:
     return method_class(name).label({**method_defaults(name), **dict(params or {})})
 
 
-def _setting(value: Any) -> str:
+def setting_text(value: Any) -> str:
+    """An option's value as a label shows it (floats in `%g`)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def non_default_settings(name: str, params: Mapping[str, Any] | None = None) -> list[str]:
+def non_default_settings(
+    name: str, params: Mapping[str, Any] | None = None, fixed: Collection[str] = ()
+) -> list[str]:
     """`option=value` for every option of `params` that differs from method `name`'s
-    default and that its label does not already spell out; a base method's options as
-    `base_params.option=value` against the base's own defaults."""
+    default or that the user set (`fixed`, whatever its value), and that its label does
+    not already spell out; a base method's options as `base_params.option=value` against
+    the base's own defaults."""
     cls = method_class(name)
     defaults = method_defaults(name)
     full = {**defaults, **dict(params or {})}
@@ -124,21 +136,30 @@ def non_default_settings(name: str, params: Mapping[str, Any] | None = None) -> 
             continue
         if option == "base_params" and "base" in full:
             base = str(full["base"])
-            nested = non_default_settings(base, value or {})
+            nested = non_default_settings(
+                base, value or {}, [f[len("base_params.") :] for f in fixed
+                                    if f.startswith("base_params.")],
+            )  # fmt: skip
             base_cls = method_class(base)
             out += [
                 f"base_params.{item}"
                 for item in nested
                 if item.split("=", 1)[0] not in base_cls.label_options
             ]
-        elif value != defaults.get(option):
-            out.append(f"{option}={_setting(value)}")
+        elif option in fixed or value != defaults.get(option):
+            out.append(f"{option}={setting_text(value)}")
     return out
 
 
-def variant_label(name: str, params: Mapping[str, Any] | None = None) -> str:
-    """The label of a run: the method's own label, plus its non-default settings, e.g.
-    `ties (k=0.1, scaling=0.5)`; a run at the defaults is just `ties`."""
-    settings = non_default_settings(name, params)
+def variant_label(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    fixed: Collection[str] = (),
+    extra: Sequence[str] = (),
+) -> str:
+    """The label of a run: the method's own label, plus its non-default or user-set
+    (`fixed`) settings and any `extra` ones, e.g. `ties (k=0.1, scaling=0.5)`; a run at
+    the defaults is just `ties`."""
+    settings = [*non_default_settings(name, params, fixed), *extra]
     label = method_label(name, params)
     return f"{label} ({', '.join(settings)})" if settings else label

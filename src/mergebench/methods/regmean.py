@@ -27,14 +27,9 @@ from torch import nn
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream
-from mergebench.methods.base import Method, choice, fraction, single_result
-from mergebench.methods.data_utils import (
-    InputsOnly,
-    batch_size_of,
-    inputs_only,
-    integer,
-    load_task_model,
-)
+from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, single_result
+from mergebench.methods.data_utils import InputsOnly, batch_size_of, inputs_only, load_task_model
+from mergebench.methods.options import choice, fraction, integer
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.progress import track
@@ -127,10 +122,10 @@ class RegMean(Method):
         self.batch_size = integer(self.name, "batch_size", batch_size)
         self.split = choice(self.name, "split", split, ("train", "validation"))
 
-    def merge(self, pool: ModelPool) -> SingleModelResult:
+    def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> SingleModelResult:
         data = inputs_only(pool, self.name)
         plan = plan_keys(pool)
-        device = torch.device(self.device)
+        device = torch.device(context.device)
         merged_keys = set(plan.merged)
         probe = data.build_model(pool.tasks[0])
         # A linear layer is merged by RegMean when its weight is a merged (not head) tensor.
@@ -142,7 +137,7 @@ class RegMean(Method):
         rhs: dict[str, torch.Tensor] = {}
         reached: dict[str, int] = {}  # layer -> number of tasks whose inputs reached it
         rows_per_task: dict[str, int] = {}
-        for task in track(pool.tasks, "regmean: grams", enabled=self.progress, unit="task"):
+        for task in track(pool.tasks, "regmean: grams", enabled=context.progress, unit="task"):
             model = load_task_model(pool, data, task, device, self.name)
             modules = dict(model.named_modules())
             collector = GramCollector({name: modules[name] for name in transposed})
@@ -169,7 +164,7 @@ class RegMean(Method):
             solution = solve_layer(lhs.pop(name), rhs.pop(name), key)
             solved[key] = solution if transposed[name] else solution.T
 
-        stream = TaskVectorStream(pool, plan, device=device, progress=self.progress)
+        stream = TaskVectorStream(pool, plan, device=device, progress=context.progress)
         shared: dict[str, torch.Tensor] = {}
         for item in stream.passes(self.name):
             if item.key in solved:

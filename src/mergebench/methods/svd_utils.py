@@ -19,13 +19,7 @@ for a diagonal `D` of +-1).
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
-
-from mergebench.methods.base import number
-from mergebench.util.errors import MergeBenchError
 
 
 def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,11 +50,3 @@ def truncate(x: torch.Tensor, k: int) -> torch.Tensor:
 def is_matrix(task_vectors: torch.Tensor) -> bool:
     """Whether a stack `[N, *shape]` holds matrices (a merged tensor with exactly 2 dims)."""
     return task_vectors.dim() == 3
-
-
-def finite_number(name: str, option: str, value: Any) -> float:
-    """A finite float option (`number` plus a check against nan and inf)."""
-    value = number(name, option, value)
-    if not math.isfinite(value):
-        raise MergeBenchError(f"{name}.{option}: {value} is not finite")
-    return value

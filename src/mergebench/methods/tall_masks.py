@@ -22,8 +22,9 @@ from mergebench.engine.bits import pack_bits
 from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem, sum_tasks
-from mergebench.methods.base import Method, choice, number
+from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
 from mergebench.methods.modulators import KeyModulators, assemble_result
+from mergebench.methods.options import choice, number
 from mergebench.methods.ties import Ties
 from mergebench.results import TaskConditionedResult
 from mergebench.util.errors import MergeBenchError
@@ -70,9 +71,7 @@ def task_thresholds(name: str, threshold: Threshold, tasks: Sequence[str]) -> li
 
 def base_ties() -> Ties:
     """The TIES merge whose unscaled vector is `tau_MTL` for `base=ties`."""
-    ties = Ties(k=TIES_K, scaling=1.0, aggregate="sum", topk_scope="global")
-    ties.progress = False
-    return ties
+    return Ties(k=TIES_K, scaling=1.0, aggregate="sum", topk_scope="global")
 
 
 def multitask_vector(
@@ -103,12 +102,12 @@ def tall_masks(
     return masks
 
 
-def prepare_base(base: str, stream: TaskVectorStream, device: Any, progress: bool) -> Ties | None:
-    """The global pass(es) `base` needs before per-key work (TIES' global top-k)."""
+def prepare_base(base: str, stream: TaskVectorStream) -> Ties | None:
+    """The global pass(es) `base` needs before per-key work (TIES' global top-k, on the
+    stream's device and progress display)."""
     if base != "ties":
         return None
     ties = base_ties()
-    ties.device, ties.progress = device, progress
     ties.prepare(stream)
     return ties
 
@@ -122,10 +121,13 @@ class TallMasks(Method):
         self.threshold = parse_threshold(self.name, threshold)
         super().__init__(base=base, threshold=self.threshold)
 
-    def merge(self, pool: ModelPool) -> TaskConditionedResult:
+    def merge(
+        self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT
+    ) -> TaskConditionedResult:
         thresholds = task_thresholds(self.name, self.threshold, pool.tasks)
-        stream = TaskVectorStream(pool, plan_keys(pool), device=self.device, progress=self.progress)
-        ties = prepare_base(self.base, stream, self.device, self.progress)
+        stream = TaskVectorStream(pool, plan_keys(pool), device=context.device,
+                                  progress=context.progress)  # fmt: skip
+        ties = prepare_base(self.base, stream)
         n = len(pool.tasks)
         zeros = torch.zeros(n, dtype=torch.float64)
 
@@ -144,5 +146,12 @@ class TallMasks(Method):
         keys = stream.map(per_key, self.name)
         # rescale=False: every rescaler is 1.0, so task t gets W_pre + m_t * tau_MTL.
         return assemble_result(
-            self, pool, stream.plan, keys, mask=True, rescale=False, rescaler="tensor_mean"
+            self,
+            pool,
+            stream.plan,
+            keys,
+            mask=True,
+            rescale=False,
+            rescaler="tensor_mean",
+            target=context.target,
         )

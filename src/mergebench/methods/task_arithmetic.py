@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
-from mergebench.methods.base import TaskVectorMethod, number
+from mergebench.methods.base import TaskVectorMethod
+from mergebench.methods.options import number
 
 
 class TaskArithmetic(TaskVectorMethod):

@@ -27,7 +27,8 @@ from mergebench.engine.stream import (
     thread_scratch,
 )
 from mergebench.engine.topk import RadixSelect, kth_largest_abs_in_tensor
-from mergebench.methods.base import TaskVectorMethod, choice, fraction, number, sign
+from mergebench.methods.base import TaskVectorMethod, sign
+from mergebench.methods.options import choice, fraction, number
 
 AGGREGATES = ("sum", "mean")
 # Entries per block of the CPU kernel: the `[N, block]` work arrays stay in the core's cache.

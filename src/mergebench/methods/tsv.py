@@ -22,7 +22,8 @@ import torch
 
 from mergebench.engine.stream import sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.svd_utils import finite_number, is_matrix, polar, svd
+from mergebench.methods.options import number
+from mergebench.methods.svd_utils import is_matrix, polar, svd
 
 
 def tsv_block_size(rank: int, num_tasks: int) -> int:
@@ -63,7 +64,7 @@ class TSV(TaskVectorMethod):
 
     def __init__(self, scaling: Any) -> None:
         super().__init__(scaling=scaling)
-        self.scaling = finite_number(self.name, "scaling", scaling)
+        self.scaling = number(self.name, "scaling", scaling)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * tsv_delta(task_vectors)

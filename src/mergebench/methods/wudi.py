@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mergebench.engine.stream import sum_tasks
-from mergebench.methods.base import TaskVectorMethod, choice
-from mergebench.methods.svd_utils import finite_number, is_matrix
+from mergebench.methods.base import DEFAULT_CONTEXT, RunContext, TaskVectorMethod
+from mergebench.methods.options import choice, number
+from mergebench.methods.svd_utils import is_matrix
 from mergebench.util.errors import MergeBenchError
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class WUDI(TaskVectorMethod):
     def __init__(self, steps: Any, lr: Any, keys: Any, others: Any) -> None:
         super().__init__(steps=steps, lr=lr, keys=keys, others=others)
         self.steps = steps_option(self.name, "steps", steps)
-        self.lr = finite_number(self.name, "lr", lr)
+        self.lr = number(self.name, "lr", lr)
         if self.lr <= 0:
             raise MergeBenchError(f"{self.name}.lr: {self.lr} must be > 0")
         if not isinstance(keys, str):
@@ -152,10 +153,11 @@ class WUDI(TaskVectorMethod):
     def merge(
         self,
         pool: ModelPool,
+        context: RunContext = DEFAULT_CONTEXT,
         transform_factory: TransformFactory | None = None,
         plan: KeyPlan | None = None,
     ) -> SingleModelResult:
         self._losses = {}
-        result = super().merge(pool, transform_factory, plan)
+        result = super().merge(pool, context, transform_factory, plan)
         result.extra["loss"] = {k: self._losses[k] for k in sorted(self._losses)}
         return result

@@ -1,0 +1,74 @@
+"""The checks of method options, in one place: each takes the method's name, the option's
+name and the value as configured, returns the value to use, and raises a `MergeBenchError`
+naming `<method>.<option>` otherwise."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mergebench.util.errors import MergeBenchError
+
+
+def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    if isinstance(value, (list, dict, set)) or value not in allowed:
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not one of {list(allowed)}")
+    return value
+
+
+def fraction(
+    name: str, option: str, value: Any, low_open: bool = True, high_open: bool = False
+) -> float:
+    if isinstance(value, bool):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number")
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    if not (low_ok and high_ok):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise MergeBenchError(f"{name}.{option}: {value} is outside {interval}")
+    return value
+
+
+# Larger options overflow float32 weights (max 3.4e38) once multiplied by a task vector.
+NUMBER_LIMIT = 1e30
+
+
+def number(name: str, option: str, value: Any) -> float:
+    """A finite number of sensible size: nan, inf and |x| > 1e30 (which turn float32
+    weights into inf or nan) are errors naming the option."""
+    if isinstance(value, bool):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number")
+    try:
+        result = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a number") from None
+    if not math.isfinite(result):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a finite number")
+    if abs(result) > NUMBER_LIMIT:
+        raise MergeBenchError(
+            f"{name}.{option}: {value!r} is too large (|x| > {NUMBER_LIMIT:g} overflows "
+            "float32 weights)"
+        )
+    return result
+
+
+def flag(name: str, option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not true/false")
+    return value
+
+
+def integer(
+    method: str, option: str, value: Any, minimum: int = 1, allow_none: bool = False
+) -> int | None:
+    """An int option `>= minimum` (or null where allowed), else an error naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise MergeBenchError(f"{method}.{option}: {value!r} is not {what}")
+    return value
