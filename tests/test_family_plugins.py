@@ -164,3 +164,14 @@ def test_target_and_source_do_not_change_a_stored_runs_hash():
     assert "_target_" in plain["model"] and "_target_" not in before["model"]
     assert config_hash(plain, label="ties") == config_hash(before, label="ties")
     assert config_hash(plain) != config_hash({**plain, "model": {**plain["model"], "name": "x"}})
+
+
+def test_zoo_cli_picks_the_zoo_model_of_a_task_sets_family_kind():
+    from mergebench.cli.zoo import zoo_model
+
+    assert zoo_model(load_group("taskset", "text")) == "minilm"
+    assert zoo_model(load_group("taskset", "vision")) == "efficientnet_lite0"
+    with pytest.raises(
+        MergeBenchError, match=r"^taskset\.family: no zoo model serves family 'glue'"
+    ):
+        zoo_model(load_group("taskset", "glue8"))

@@ -106,3 +106,15 @@ def test_zoo_bad_workers_fails_before_anything_is_written(work, capsys, monkeypa
     assert_one_line_error(outcome, "zoo.workers: ", "(a positive integer, or null)")
     assert tree_hash(work) == before
     assert not (work / "cache").exists()
+
+
+def test_bench_unimportable_family_class(bench_cli):
+    outcome = bench_cli("model._target_=no_such_module.Family")
+    assert_one_line_error(outcome, "model._target_: cannot import 'no_such_module.Family'")
+
+
+def test_bench_model_class_that_is_not_a_family(bench_cli):
+    outcome = bench_cli("model._target_=collections.OrderedDict")
+    assert_one_line_error(
+        outcome, "model._target_: 'collections.OrderedDict' is not a model family"
+    )
