@@ -134,3 +134,15 @@ def test_bench_number_with_too_many_digits(bench_cli):
     # Hydra's parser raised Python's int-string limit ValueError with a traceback.
     outcome = bench_cli("method=ties", "method.scaling=" + "1" * 10_000)
     assert_one_line_error(outcome, "method.scaling: a number of 10000 digits")
+
+
+def test_bench_unimportable_family_class(bench_cli):
+    outcome = bench_cli("model._target_=no_such_module.Family")
+    assert_one_line_error(outcome, "model._target_: cannot import 'no_such_module.Family'")
+
+
+def test_bench_model_class_that_is_not_a_family(bench_cli):
+    outcome = bench_cli("model._target_=collections.OrderedDict")
+    assert_one_line_error(
+        outcome, "model._target_: 'collections.OrderedDict' is not a model family"
+    )
