@@ -22,14 +22,10 @@ from typing import Any, TypeVar
 from mergebench.data.embedded import get_task, load_splits
 from mergebench.families.base import Family, TaskInputs, ZooFamily, task_inputs
 from mergebench.families.labeled import LabeledData
-<<<<<<< HEAD
-from mergebench.util.errors import MergeBenchError, construct
-=======
-from mergebench.util.errors import MergeBenchError, first_line
+from mergebench.util.errors import MergeBenchError, construct, first_line
 
 EXAMPLE_TARGET = "mergebench.families.minilm.MiniLMFamily"
 F = TypeVar("F", bound=Family)
->>>>>>> h-families
 
 
 def family_class(cfg_model: Mapping[str, Any], base: type[F] = Family) -> type[F]:  # type: ignore[assignment]
@@ -102,17 +98,8 @@ def embedded_family(
         for task in cfg_taskset["tasks"]
     }
     options = dict(cfg_model.get("options") or {})
-<<<<<<< HEAD
-    family = construct(family_class(cfg_model["name"]), "model.options",
+    family = construct(family_class(cfg_model, ZooFamily), "model.options",
                        {t: task_inputs(s) for t, s in splits.items()}, **options)  # fmt: skip
-=======
-    try:
-        family = family_class(cfg_model, ZooFamily)(
-            {t: task_inputs(s) for t, s in splits.items()}, **options
-        )
-    except TypeError as err:
-        raise MergeBenchError(f"model.options: {err}") from err
->>>>>>> h-families
     return family, LabeledData(family, splits)
 
 
