@@ -20,7 +20,6 @@ from mergebench.engine.keyplan import KeyPlan
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TensorItem, TransformFactory
 from mergebench.methods.base import TaskVectorMethod, number
-from mergebench.methods.model_stock import row_gram
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 
@@ -28,6 +27,8 @@ from mergebench.util.errors import MergeBenchError
 # norm at or below NORM_EPS is not divided by.
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
+# Entries per float64 block of the sums.
+_BLOCK = 1 << 16
 
 
 def inverse_norm(norm: float) -> float:
@@ -44,13 +45,17 @@ def slerp_coefficients(d: float, t: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-def slerp_pair(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """SLERP of two float32 tensors of one shape (a new float32 tensor)."""
-    gram = row_gram(torch.stack([a, b]).reshape(2, 1, -1))[0]
-    scale_a = inverse_norm(math.sqrt(float(gram[0, 0])))
-    scale_b = inverse_norm(math.sqrt(float(gram[1, 1])))
-    coef_a, coef_b = slerp_coefficients(float(gram[0, 1]) * scale_a * scale_b, t)
-    return coef_a * a + coef_b * b
+def pair_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """`(||a||^2, ||b||^2, a . b)` as float64 sums, block by block (no float64 copy of a
+    whole, possibly LLM-sized, tensor)."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    sums = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for start in range(0, x.numel(), _BLOCK):
+        xb = x[start : start + _BLOCK].to(torch.float64)
+        yb = y[start : start + _BLOCK].to(torch.float64)
+        sums += torch.stack([xb @ xb, yb @ yb, xb @ yb])
+    aa, bb, ab = sums.tolist()
+    return aa, bb, ab
 
 
 def slerp_delta(
@@ -59,7 +64,10 @@ def slerp_delta(
     """`W - W_pre` for one key: the two models are `W_pre + tau` (rows `order` of the stack)."""
     a = pretrained + task_vectors[order[0]]
     b = pretrained + task_vectors[order[1]]
-    return slerp_pair(a, b, t).sub_(pretrained)
+    aa, bb, ab = pair_sums(a, b)
+    d = ab * inverse_norm(math.sqrt(aa)) * inverse_norm(math.sqrt(bb))
+    coef_a, coef_b = slerp_coefficients(d, t)
+    return a.mul_(coef_a).add_(b, alpha=coef_b).sub_(pretrained)
 
 
 def endpoint_names(value: Any) -> list[str] | None:
