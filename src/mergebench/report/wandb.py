@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from mergebench.report.boards import Board, load_boards
 from mergebench.report.records import RunRecord, average_score, primary_scores
-from mergebench.report.store import Store
+from mergebench.report.store import Store, redact_secrets
 from mergebench.util.errors import MergeBenchError
 
 
@@ -130,7 +130,7 @@ class WandbLogger:
             name=f"{record.label} | {record.family}/{record.taskset}",
             tags=[*self.tags, record.method, record.family, record.taskset],
             config={
-                **record.config,
+                **redact_secrets(record.config),  # a store URL's password never reaches W&B
                 "mergebench": {
                     "method": record.method,
                     "label": record.label,
