@@ -36,6 +36,7 @@ from mergebench.report.store import (
     combined_results,
     is_url,
     open_store,
+    redact_url,
 )
 from mergebench.util.errors import MergeBenchError
 
@@ -351,7 +352,9 @@ def _open_for_reading(spec: StoreSpec) -> Store:
         return open_store(spec, readonly=True)
     path = Path(spec)
     if not path.is_file():
-        raise MergeBenchError(f"--db {path}: no results database there (run `make bench` first)")
+        raise MergeBenchError(  # a libpq string given as a path may hold a password
+            f"--db {redact_url(str(path))}: no results database there (run `make bench` first)"
+        )
     return open_store(path, readonly=True)
 
 
