@@ -3,7 +3,7 @@ writers), leaderboard build and render time, plots, and one offline W&B run.
 
     .venv/bin/python scripts/bench_store.py [--runs 2000] [--writers 4]
 
-Synthetic records (8 tasks each, random scores); prints a Markdown table for docs/results.md.
+Synthetic records (8 tasks each, random scores); prints a Markdown table for docs/store.md.
 """
 
 from __future__ import annotations
