@@ -286,7 +286,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _open_store(plain: Mapping[str, Any]):
-    """The results store of `store.url` (SQLite path or URL, PostgreSQL URL), else of
+    """The runs store of `store.url` (SQLite path or URL, PostgreSQL URL), else of
     `store.path`; None when both are null. Opened for writing: the schema is created."""
     conf = plain.get("store") or {}
     target = conf.get("url") or conf.get("path")

@@ -1,4 +1,4 @@
-"""Leaderboards from the results store: methods x tasks, average, normalized average, rank.
+"""Leaderboards from the runs store: methods x tasks, average, normalized average, rank.
 
 One board per (family, task set, set of tasks): runs that merged a different subset of tasks
 (the number-of-tasks experiment) are not comparable and get their own board. Within a

@@ -172,7 +172,7 @@ def build_logger(cfg: Mapping[str, Any] | None, output_dir: str | os.PathLike[st
 
 
 def logger_from_config(cfg: Mapping[str, Any]) -> RunLogger:
-    """The logger of a `mergebench` job config; W&B files go next to the results database.
+    """The logger of a `mergebench` job config; WW&B files go next to the results database.B files go next to the runs store.
     Built before the run starts, so a bad `logger` option fails before any work is done."""
     db = (cfg.get("store") or {}).get("path")
     return build_logger(cfg.get("logger"), output_dir=Path(db).parent if db else "outputs")
