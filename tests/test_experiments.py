@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from mergebench.bench import experiments
 from mergebench.engine.pool import ModelPool
 from mergebench.report.records import TaskScore
-from mergebench.report.store import ResultsStore
+from mergebench.report.store import SQLiteStore
 from mergebench.util.config import conf_dir
 from mergebench.util.errors import MergeBenchError
 
@@ -85,7 +85,7 @@ def test_hparam_job_stores_val_tuned_rows_and_resumes(tiny_pool, tmp_path, monke
     ids = experiments.run(cfg)
     assert len(ids) == 2
     assert calls.count("validation") == 4 and calls.count("test") == 2
-    store = ResultsStore(tmp_path / "r.sqlite")
+    store = SQLiteStore(tmp_path / "r.sqlite")
     runs = {r["label"]: r for r in store.runs()}
     assert set(runs) == {"task_arithmetic (val-tuned)", "ties (val-tuned)"}
     ta = runs["task_arithmetic (val-tuned)"]["extra"]

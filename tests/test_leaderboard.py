@@ -13,12 +13,12 @@ from mergebench.report.boards import build_boards, load_boards
 from mergebench.report.published import canonical_label, find_setting
 from mergebench.report.records import RunRecord, TaskScore
 from mergebench.report.render import render, write_leaderboard
-from mergebench.report.store import ResultsStore
+from mergebench.report.store import SQLiteStore
 
 TASKS = ("a", "b")
 
 
-def add(store: ResultsStore, label: str, values, method=None, family="tiny", taskset="two",
+def add(store: SQLiteStore, label: str, values, method=None, family="tiny", taskset="two",
         tasks=TASKS, metric="accuracy", **config) -> None:  # fmt: skip
     store.add_run(
         RunRecord(
@@ -38,7 +38,7 @@ def add(store: ResultsStore, label: str, values, method=None, family="tiny", tas
 
 @pytest.fixture
 def db(tmp_path):
-    store = ResultsStore(tmp_path / "r.sqlite")
+    store = SQLiteStore(tmp_path / "r.sqlite")
     add(store, "individual", [0.8, 0.5])
     add(store, "pretrained", [0.2, 0.1])
     add(store, "ties", [0.4, 0.5])
@@ -69,14 +69,14 @@ def test_average_normalized_and_rank(db) -> None:
 
 
 def test_latest_run_of_a_label_wins(db) -> None:
-    add(ResultsStore(db), "ties", [0.9, 0.9], k=0.5)  # another config, same label
+    add(SQLiteStore(db), "ties", [0.9, 0.9], k=0.5)  # another config, same label
     board = load_boards(db, family="tiny")[0]
     assert board.row("ties").average == pytest.approx(0.9)
     assert board.row("ties").rank == 1
 
 
 def test_all_runs_names_sweep_points_by_what_differs(db) -> None:
-    store = ResultsStore(db)
+    store = SQLiteStore(db)
     add(store, "ties", [0.9, 0.9], k=0.5)  # same label as the fixture's ties run, new config
     boards = load_boards(db, family="tiny", all_runs=True)
     labels = {r.label for r in boards[0].rows}
@@ -85,7 +85,7 @@ def test_all_runs_names_sweep_points_by_what_differs(db) -> None:
 
 
 def test_subset_boards_are_separate_and_normalized_per_task(db) -> None:
-    add(ResultsStore(db), "emr", [0.4], tasks=("a",))
+    add(SQLiteStore(db), "emr", [0.4], tasks=("a",))
     boards = load_boards(db, family="tiny")
     assert [len(b.tasks) for b in boards] == [2, 1]
     small = boards[1]
@@ -94,7 +94,7 @@ def test_subset_boards_are_separate_and_normalized_per_task(db) -> None:
 
 
 def test_missing_task_gives_no_average(tmp_path) -> None:
-    store = ResultsStore(tmp_path / "r.sqlite")
+    store = SQLiteStore(tmp_path / "r.sqlite")
     add(store, "ties", [0.5, 0.5])
     store.add_run(
         RunRecord("emr", "emr", "tiny", "two", {"x": 1}, [TaskScore("a", "accuracy", 0.5)])
@@ -146,7 +146,7 @@ def test_write_leaderboard_for_the_bench_job(db, tmp_path) -> None:
 
 
 def test_published_column_where_setting_matches(tmp_path) -> None:
-    store = ResultsStore(tmp_path / "r.sqlite")
+    store = SQLiteStore(tmp_path / "r.sqlite")
     tasks = ("sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
     add(store, "emr", [0.7] * 8, family="clip-vit-b32", taskset="vision8", tasks=tasks)
     add(store, "emr w/o mask", [0.6] * 8, method="emr", family="clip-vit-b32",
@@ -225,7 +225,7 @@ def _outcomes(correct_a: int, correct_b: int, n: int = 200) -> dict:
 
 
 def test_boards_carry_intervals_ties_selection_and_cost(tmp_path) -> None:
-    store = ResultsStore(tmp_path / "s.sqlite")
+    store = SQLiteStore(tmp_path / "s.sqlite")
     rows = {"emr": (180, 170), "ties": (179, 170), "weight_averaging": (120, 100)}
     for label, (ca, cb) in rows.items():
         store.add_run(

@@ -11,8 +11,7 @@ import pytest
 from mergebench.cli.leaderboard import main
 from mergebench.report.boards import load_boards
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import ResultsStore
-from mergebench.report.stores import open_store
+from mergebench.report.store import SQLiteStore, open_store
 
 pytest_plugins = ["conftest_postgres"]  # the postgres_url fixture
 
@@ -38,7 +37,7 @@ def set_created_at(path, label: str, when: str) -> None:
 @pytest.fixture
 def two_dbs(tmp_path):
     a, b = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
-    sa, sb = ResultsStore(a), ResultsStore(b)
+    sa, sb = SQLiteStore(a), SQLiteStore(b)
     sa.add_run(record("individual", [0.8, 0.6]))
     sa.add_run(record("ties", [0.4, 0.4]))
     sb.add_run(record("emr", [0.7, 0.5]))
@@ -63,7 +62,7 @@ def test_union_counts_a_hash_once_and_the_latest_wins(two_dbs) -> None:
 
 def test_all_runs_across_stores(two_dbs) -> None:
     a, b = two_dbs
-    ResultsStore(a).add_run(record("ties", [0.1, 0.1], k=0.2))  # another config, same label
+    SQLiteStore(a).add_run(record("ties", [0.1, 0.1], k=0.2))  # another config, same label
     (board,) = load_boards([a, b], family="tiny", all_runs=True)
     assert sorted(r.label for r in board.rows if r.method == "ties") == [
         "ties (method.k=-)",
@@ -105,7 +104,7 @@ def test_cli_unknown_family_lists_the_stored_ones(two_dbs, capsys) -> None:
     assert "task sets stored for tiny: two" in capsys.readouterr().err
     # an empty results database is not a typo: an empty leaderboard, exit 0
     empty = a.parent / "empty.sqlite"
-    ResultsStore(empty)
+    SQLiteStore(empty)
     assert main(["--db", str(empty), "--family", "tiny", "--format", "markdown"]) == 0
     assert "No results stored yet." in capsys.readouterr().out
 

@@ -117,9 +117,9 @@ def test_bench_sweep_stores_runs_and_writes_leaderboard(tiny_zoo, tmp_path, monk
         assert rows["individual"]["scores"][task] == pytest.approx(score.value)
     assert rows["individual"]["normalized_average"] == pytest.approx(1.0)
 
-    from mergebench.report.store import ResultsStore
+    from mergebench.report.store import SQLiteStore
 
-    runs = {r["label"]: r for r in ResultsStore(db).runs()}
+    runs = {r["label"]: r for r in SQLiteStore(db).runs()}
     assert runs["emr"]["merge_seconds"] > 0 and runs["emr"]["artifact_bytes"] > 0
     assert runs["emr"]["peak_rss_bytes"] > 0 and runs["emr"]["extra"]["examples_per_second"] > 0
     assert runs["emr"]["config"]["method"]["name"] == "emr"
@@ -127,4 +127,4 @@ def test_bench_sweep_stores_runs_and_writes_leaderboard(tiny_zoo, tmp_path, monk
     assert (tiny_zoo / "references" / "text.json").exists()
     assert bench.main([*argv, "--variants", "emr"]) == 0
     assert "already in" in capsys.readouterr().err
-    assert len(ResultsStore(db).runs()) == len(runs)
+    assert len(SQLiteStore(db).runs()) == len(runs)

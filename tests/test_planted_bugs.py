@@ -17,13 +17,19 @@ import mergebench
 import mergebench.methods.fisher as fisher_module
 from mergebench.api import merge_pool
 from mergebench.bench import job
+from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.evaluation import Evaluation
 from mergebench.methods.data_utils import InputsOnly
 from mergebench.methods.ties import keep_count
 from mergebench.report.records import TaskScore
-from mergebench.report.store import ResultsStore, config_hash
+from mergebench.report.store import SQLiteStore, config_hash
 from mergebench.util.config import conf_dir
 from mergebench.util.errors import MergeBenchError
+
+
+def bench_hash(config, label=None) -> str:
+    """The hash the benchmark stores a run under (its volatile keys left out)."""
+    return config_hash(config, label, volatile=VOLATILE_KEYS)
 
 
 # --- TIES keep count: floor(k*n + 0.5), not banker's rounding ----------------------------------
@@ -137,7 +143,7 @@ def bench_cfg(tmp_path, *overrides: str):
 
 
 def stored_runs(tmp_path) -> list[dict]:
-    return ResultsStore(tmp_path / "results.sqlite").runs()
+    return SQLiteStore(tmp_path / "results.sqlite").runs()
 
 
 def test_force_true_runs_a_stored_config_again_and_replaces_it(tmp_path, monkeypatch):
@@ -150,7 +156,7 @@ def test_force_true_runs_a_stored_config_again_and_replaces_it(tmp_path, monkeyp
     assert len(fake.merges) == 2
     runs = stored_runs(tmp_path)
     assert len(runs) == 1  # replaced, not added
-    scores = ResultsStore(tmp_path / "results.sqlite").scores()
+    scores = SQLiteStore(tmp_path / "results.sqlite").scores()
     assert [round(s["value"], 6) for s in scores] == [0.7]  # the forced run's score
 
 
@@ -174,16 +180,16 @@ def test_device_does_not_change_the_run_hash(tmp_path, monkeypatch):
     assert job.run(bench_cfg(tmp_path, "device=cuda:1"))["skipped"] is True
     assert len(fake.merges) == 1
     base = {"method": {"name": "ties", "k": 0.2}, "zoo_signature": "z"}
-    assert config_hash({**base, "device": "cpu"}) == config_hash({**base, "device": "cuda"})
-    assert config_hash(base) == config_hash({**base, "device": "cuda"})
+    assert bench_hash({**base, "device": "cpu"}) == bench_hash({**base, "device": "cuda"})
+    assert bench_hash(base) == bench_hash({**base, "device": "cuda"})
 
 
 def test_the_hash_sees_the_zoo_signature_and_the_method():
     base = {"method": {"name": "ties", "k": 0.2}, "zoo_signature": "z"}
-    assert config_hash(base) != config_hash({**base, "zoo_signature": "z2"})
-    assert config_hash(base) != config_hash({**base, "method": {"name": "ties", "k": 0.3}})
-    assert config_hash(base) != config_hash({**base, "force": True, "zoo_signature": "z2"})
-    assert config_hash(base) == config_hash({**base, "force": True})
+    assert bench_hash(base) != bench_hash({**base, "zoo_signature": "z2"})
+    assert bench_hash(base) != bench_hash({**base, "method": {"name": "ties", "k": 0.3}})
+    assert bench_hash(base) != bench_hash({**base, "force": True, "zoo_signature": "z2"})
+    assert bench_hash(base) == bench_hash({**base, "force": True})
 
 
 # --- Fisher's `normalize` ------------------------------------------------------------------------

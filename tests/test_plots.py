@@ -21,7 +21,7 @@ TASKS = ["sun397", "cars", "resisc45", "eurosat"]
 
 
 def score_rows(runs):
-    """`ResultsStore.scores()`-shaped rows: runs = [(label, method, tasks, values)]."""
+    """`SQLiteStore.scores()`-shaped rows: runs = [(label, method, tasks, values)]."""
     rows = []
     for run_id, (label, method, tasks, values) in enumerate(runs, start=1):
         for pos, (task, value) in enumerate(zip(tasks, values, strict=True)):

@@ -14,7 +14,7 @@ import pytest
 from mergebench.report.boards import build_boards, load_boards, run_seed, seed_mean_std
 from mergebench.report.records import RunRecord, TaskScore
 from mergebench.report.render import render
-from mergebench.report.store import ResultsStore
+from mergebench.report.store import SQLiteStore
 
 # Averages 70, 72, 77 over seeds 0, 1, 2: mean 73, deviations -3, -1, 4, squares sum 26,
 # sample variance 26 / 2 = 13, std sqrt(13) = 3.6056 (ddof=0 would give 2.9439).
@@ -25,7 +25,7 @@ TASK_MEAN = {"a": 0.733333, "b": 0.726667}
 TASK_STD = {"a": 0.030551, "b": 0.046188}
 
 
-def add(store: ResultsStore, label: str, values, seed: int | None = 0, tasks=("a", "b"),
+def add(store: SQLiteStore, label: str, values, seed: int | None = 0, tasks=("a", "b"),
         taskset="two", family="tiny", **method) -> None:  # fmt: skip
     config = {
         "method": {"name": label, **method},
@@ -50,7 +50,7 @@ def add(store: ResultsStore, label: str, values, seed: int | None = 0, tasks=("a
 def seeded(tmp_path):
     """individual and ties under seeds 0, 1, 2; emr under seed 0 only."""
     path = tmp_path / "r.sqlite"
-    store = ResultsStore(path)
+    store = SQLiteStore(path)
     for seed, values in TIES.items():
         add(store, "individual", [0.9, 0.8 + seed / 100], seed=seed)
         add(store, "ties", values, seed=seed)
@@ -92,7 +92,7 @@ def test_three_seeds_mean_and_std_beside_the_latest_run(seeded) -> None:
 
 
 def test_a_rerun_of_a_seed_replaces_that_seeds_value(seeded) -> None:
-    store = ResultsStore(seeded)
+    store = SQLiteStore(seeded)
     add(store, "ties", [0.80, 0.80], seed=1, k=0.5)  # another config of seed 1, run later
     ties = load_boards(seeded)[0].row("ties")
     # averages 70, 80, 77: mean 75.667, std sqrt(((-5.667)^2 + 4.333^2 + 1.333^2) / 2) = 5.1316
@@ -107,7 +107,7 @@ def test_a_rerun_of_a_seed_replaces_that_seeds_value(seeded) -> None:
 
 
 def test_task_subsets_and_task_sets_do_not_mix(seeded) -> None:
-    store = ResultsStore(seeded)
+    store = SQLiteStore(seeded)
     add(store, "ties", [0.10], seed=0, tasks=("a",))  # the number-of-tasks experiment
     add(store, "ties", [0.30], seed=3, tasks=("a",))
     add(store, "ties", [0.10, 0.10], seed=5, taskset="other")
@@ -124,7 +124,7 @@ def test_task_subsets_and_task_sets_do_not_mix(seeded) -> None:
 
 
 def test_seeds_across_stores(tmp_path) -> None:
-    a, b = ResultsStore(tmp_path / "a.sqlite"), ResultsStore(tmp_path / "b.sqlite")
+    a, b = SQLiteStore(tmp_path / "a.sqlite"), SQLiteStore(tmp_path / "b.sqlite")
     add(a, "ties", [0.70, 0.70], seed=0)
     add(b, "ties", [0.80, 0.80], seed=1)
     (board,) = load_boards([tmp_path / "a.sqlite", tmp_path / "b.sqlite"])
@@ -198,7 +198,7 @@ OLD_CSV_HEADER = (
 @pytest.mark.parametrize("seed", [None, 0, 4])
 def test_a_single_seed_board_renders_as_before(tmp_path, seed) -> None:
     path = tmp_path / "r.sqlite"
-    store = ResultsStore(path)
+    store = SQLiteStore(path)
     add(store, "individual", [0.8, 0.5], seed=seed)
     add(store, "emr", [0.7, 0.4], seed=seed)
     add(store, "ties", [0.4, 0.5], seed=seed)
@@ -239,7 +239,7 @@ def test_a_single_seed_board_renders_as_before(tmp_path, seed) -> None:
 
 
 def test_csv_columns_are_shared_by_all_boards(seeded) -> None:
-    add(ResultsStore(seeded), "emr", [0.6, 0.5], family="other")  # a single-seed board
+    add(SQLiteStore(seeded), "emr", [0.6, 0.5], family="other")  # a single-seed board
     rows = list(csv.DictReader(io.StringIO(render(load_boards(seeded), "csv"))))
     other = next(r for r in rows if r["family"] == "other" and r["task"] == "average")
     assert other["seed_mean"] == repr(0.55) and other["seed_std"] == "" and other["seeds"] == "0"

@@ -11,12 +11,17 @@ import time
 
 import pytest
 
+from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import config_hash, record_hash
-from mergebench.report.stores import open_store
+from mergebench.report.store import config_hash, open_store
 from mergebench.util.errors import MergeBenchError
 
 pytest_plugins = ["conftest_postgres"]  # the postgres_server and postgres_url fixtures
+
+
+def bench_hash(config, label=None) -> str:
+    """The hash the benchmark stores a run under (its volatile keys left out)."""
+    return config_hash(config, label, volatile=VOLATILE_KEYS)
 
 
 def make_record(label: str = "ties", scaling: float = 0.3, **kw) -> RunRecord:
@@ -44,9 +49,9 @@ def test_roundtrip_replace_and_filters(postgres_url) -> None:
     store = open_store(postgres_url)
     assert store.backend == "postgresql" and store.runs() == []
     rec = make_record()
-    assert not store.has_run(record_hash(rec))
+    assert not store.has_run(store.record_hash(rec))
     first = store.add_run(rec, sweep_id="sweep-1")
-    assert store.has_run(record_hash(rec))
+    assert store.has_run(store.record_hash(rec))
     (run,) = store.runs()
     assert run["run_id"] == first and run["sweep_id"] == "sweep-1"
     assert run["config"]["method"] == {"name": "ties", "scaling": 0.3}
@@ -132,7 +137,7 @@ _WRITER = textwrap.dedent(
     sys.modules["mergebench"] = pkg
 
     from mergebench.report.records import RunRecord, TaskScore
-    from mergebench.report.stores import open_store
+    from mergebench.report.store import open_store
 
     url, worker = sys.argv[1], int(sys.argv[2])
     runs, stride = int(sys.argv[3]), int(sys.argv[4])
@@ -225,4 +230,4 @@ def test_slurm_sweep_config_carries_store_url_into_the_job(postgres_url) -> None
     assert store.backend == "postgresql" and store.runs() == []
     # the store settings never change a run's identity
     other = job_cfg | {"store": {"path": "x.sqlite", "url": None, "allow_network_fs": True}}
-    assert config_hash(job_cfg) == config_hash(other)
+    assert bench_hash(job_cfg) == bench_hash(other)

@@ -113,12 +113,12 @@ def test_logger_configs_build() -> None:
 
 
 def test_bench_hooks_log_next_to_the_store_with_its_leaderboard(tmp_path, monkeypatch) -> None:
-    from mergebench.report.store import ResultsStore
+    from mergebench.report.store import SQLiteStore
     from mergebench.report.wandb import log_with_leaderboard, logger_from_config
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     db = tmp_path / "results" / "r.sqlite"
-    store = ResultsStore(db)
+    store = SQLiteStore(db)
     ind, emr = record("individual", {"a": 0.5, "b": 0.5}), record("emr", {"a": 0.5, "b": 0.25})
     store.add_run(ind)
     store.add_run(emr)
@@ -136,10 +136,10 @@ def test_bench_hooks_log_next_to_the_store_with_its_leaderboard(tmp_path, monkey
 
 def test_leaderboard_logs_stored_runs_without_recomputing(tmp_path, monkeypatch) -> None:
     from mergebench.cli.leaderboard import main
-    from mergebench.report.store import ResultsStore
+    from mergebench.report.store import SQLiteStore
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    store = ResultsStore(tmp_path / "r.sqlite")
+    store = SQLiteStore(tmp_path / "r.sqlite")
     store.add_run(record("individual", {"a": 0.8, "b": 0.4}))
     store.add_run(record("ties", {"a": 0.6, "b": 0.3}))
     out = tmp_path / "wb"

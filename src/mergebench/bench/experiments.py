@@ -23,12 +23,12 @@ from typing import Any
 
 from mergebench.api import merge_pool
 from mergebench.bench.analysis import StorageReport, TaskWeightStats, storage_report, weight_stats
+from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.bench.selection import select_on_validation
 from mergebench.evaluation import ModelCache, evaluate_timed
 from mergebench.report.plots import plot_storage, plot_weight_stats
 from mergebench.report.render import atomic_write
-from mergebench.report.store import config_hash
-from mergebench.report.stores import open_store
+from mergebench.report.store import config_hash, open_store
 from mergebench.report.wandb import build_logger, current_sweep_id
 from mergebench.sources import load_pool
 from mergebench.sources.zoo import ensure_zoo, family_dir
@@ -147,7 +147,11 @@ def run_hparam(cfg: Mapping[str, Any]) -> list[int]:
     store_path = store_cfg.get("path")
     target = store_cfg.get("url") or store_path
     store = (
-        open_store(str(target), allow_network_fs=bool(store_cfg.get("allow_network_fs")))
+        open_store(
+            str(target),
+            allow_network_fs=bool(store_cfg.get("allow_network_fs")),
+            volatile_keys=VOLATILE_KEYS,
+        )
         if target
         else None
     )
@@ -177,7 +181,7 @@ def run_hparam(cfg: Mapping[str, Any]) -> list[int]:
         job_cfg = {k: v for k, v in cfg.items() if k not in ("analysis",)}
         job_cfg = {**job_cfg, "method": {"name": method, **base}, "hparam": {"grid": grids[method]}}
         label = f"{method} (val-tuned)"
-        key = config_hash(job_cfg, label=label)
+        key = config_hash(job_cfg, label=label, volatile=VOLATILE_KEYS)
         if store is not None and store.has_run(key) and not force:
             print(f"[hparam] {label}: stored already (force=true re-runs it)")
             continue

@@ -29,14 +29,14 @@ from rich.console import Console
 from rich.table import Table
 
 from mergebench.api import merge_pool
+from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.bench.protocol import Selection, UserSettings, run_label, select, user_settings
 from mergebench.bench.settings import check_run_settings
 from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
 from mergebench.families.labeled import LabeledData
 from mergebench.methods.registry import method_base_label
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import record_hash
-from mergebench.report.stores import open_store
+from mergebench.report.store import open_store
 from mergebench.report.wandb import current_sweep_id, log_with_leaderboard, logger_from_config
 from mergebench.results import artifact_bytes
 from mergebench.sources import REFERENCE_ROWS, CheckpointSource, open_source
@@ -220,7 +220,7 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         probe = RunRecord(
             method=name, label=label, family=family, taskset=taskset, config=config, scores=[]
         )
-        if store.has_run(record_hash(probe)):
+        if store.has_run(store.record_hash(probe)):
             print(f"{label} on {family}/{taskset}: already in {store.location} "
                   "(force=true to run again)", file=sys.stderr)  # fmt: skip
             return {"label": label, "skipped": True}
@@ -275,7 +275,7 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
     sweep = current_sweep_id()
     if store is not None:
         for ref in references:
-            if not store.has_run(record_hash(ref)):
+            if not store.has_run(store.record_hash(ref)):
                 store.add_run(ref, sweep_id=sweep)
         store.add_run(record, sweep_id=sweep)
     log_with_leaderboard(logger, record, store, sweep)
@@ -292,13 +292,17 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
 
 
 def _open_store(plain: Mapping[str, Any]):
-    """The results store of `store.url` (SQLite path or URL, PostgreSQL URL), else of
+    """The runs store of `store.url` (SQLite path or URL, PostgreSQL URL), else of
     `store.path`; None when both are null. Opened for writing: the schema is created."""
     conf = plain.get("store") or {}
     target = conf.get("url") or conf.get("path")
     if not target:
         return None
-    return open_store(str(target), allow_network_fs=bool(conf.get("allow_network_fs", False)))
+    return open_store(
+        str(target),
+        allow_network_fs=bool(conf.get("allow_network_fs", False)),
+        volatile_keys=VOLATILE_KEYS,
+    )
 
 
 def _artifact_size(result: Any, measure) -> int:

@@ -7,10 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.report.boards import DEFAULT_DB, Board, load_boards
 from mergebench.report.plots import write_all_plots
 from mergebench.report.render import FORMATS, atomic_write, print_table, render
-from mergebench.report.stores import open_store
+from mergebench.report.store import open_store
 from mergebench.report.wandb import RunLogger, WandbLogger
 from mergebench.util.errors import MergeBenchError
 
@@ -82,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             taskset=args.taskset,
             all_runs=args.all_runs,
             strict=True,
+            volatile_keys=VOLATILE_KEYS,
         )
         if args.plots:
             if Path(args.plots).exists() and not Path(args.plots).is_dir():

@@ -1,4 +1,4 @@
-"""Leaderboards from the results store: methods x tasks, average, normalized average, rank.
+"""Leaderboards from the runs store: methods x tasks, average, normalized average, rank.
 
 One board per (family, task set, set of tasks): runs that merged a different subset of tasks
 (the number-of-tasks experiment) are not comparable and get their own board. Within a
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,9 @@ from mergebench.report.store import (
     canonical_config,
     combined_results,
     is_url,
+    open_store,
+    redact_url,
 )
-from mergebench.report.stores import open_store
 from mergebench.util.errors import MergeBenchError
 
 
@@ -135,7 +136,7 @@ def run_seed(run: Mapping[str, Any]) -> int:
 def build_boards(
     score_rows: Sequence[dict[str, Any]], seeds: Mapping[int, int] | None = None
 ) -> list[Board]:
-    """Boards from `ResultsStore.scores()` rows (pure: no database access). `seeds` maps
+    """Boards from `Store.scores()` rows (pure: no database access). `seeds` maps
     run id -> zoo seed (`run_seed` of each stored run); runs it lacks count as seed 0."""
     # run_id -> its identity and {task: {metric: value}} in reported order
     runs: dict[int, dict[str, Any]] = {}
@@ -258,6 +259,7 @@ def load_boards(
     taskset: str | None = None,
     all_runs: bool = False,
     strict: bool = False,
+    volatile_keys: Collection[str] = (),
 ) -> list[Board]:
     """Boards from the store at `db` (a path, a `sqlite:///` or `postgresql://` URL, or a
     `Store`), or from the union of several stores: a config hash stored twice counts once,
@@ -265,14 +267,15 @@ def load_boards(
     database mergebench did not create is an error. With `all_runs`, every run of a label is a
     row of its own, named by the config values that tell the runs apart (a hyperparameter
     sweep). `strict`: a `family`/`taskset` filter that matches nothing while the stores hold
-    other results is an error naming what is stored (the CLI's `--family` typo check)."""
+    other results is an error naming what is stored (the CLI's `--family` typo check).
+    `volatile_keys`: config keys never named in `all_runs` labels (the benchmark's)."""
     specs = [db] if isinstance(db, str | os.PathLike | Store) else list(db)
     stores = [_open_for_reading(spec) for spec in specs]
     rows, runs = combined_results(stores, family=family, taskset=taskset, with_runs=True)
     if strict and not rows and (family or taskset):
         _explain_empty(stores, family, taskset)
     if all_runs:
-        names = variant_labels(runs)
+        names = variant_labels(runs, volatile_keys)
         rows = [r | {"label": names.get(r["run_id"], r["label"])} for r in rows]
     boards = build_boards(rows, seeds={r["run_id"]: run_seed(r) for r in runs})
     attach_run_details(boards, runs)
@@ -349,7 +352,9 @@ def _open_for_reading(spec: StoreSpec) -> Store:
         return open_store(spec, readonly=True)
     path = Path(spec)
     if not path.is_file():
-        raise MergeBenchError(f"--db {path}: no results database there (run `make bench` first)")
+        raise MergeBenchError(  # a libpq string given as a path may hold a password
+            f"--db {redact_url(str(path))}: no results database there (run `make bench` first)"
+        )
     return open_store(path, readonly=True)
 
 
@@ -382,9 +387,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(node, sort_keys=True)}
 
 
-def variant_labels(runs: Sequence[dict[str, Any]]) -> dict[int, str]:
+def variant_labels(
+    runs: Sequence[dict[str, Any]], volatile_keys: Collection[str] = ()
+) -> dict[int, str]:
     """run_id -> `label (key=value, ...)` for labels that several configs share, listing
-    only the config values that differ between them (e.g. `ties (method.k=0.1)`)."""
+    only the config values that differ between them (e.g. `ties (method.k=0.1)`), less
+    `volatile_keys` (where and how a run reported)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["family"], run["taskset"], run["label"]), []).append(run)
@@ -392,7 +400,7 @@ def variant_labels(runs: Sequence[dict[str, Any]]) -> dict[int, str]:
     for (_, _, label), group in groups.items():
         if len(group) < 2:
             continue
-        flat = [_flatten(canonical_config(r["config"])) for r in group]
+        flat = [_flatten(canonical_config(r["config"], volatile=volatile_keys)) for r in group]
         keys = sorted({k for f in flat for k in f})
         differing = [k for k in keys if len({f.get(k) for f in flat}) > 1]
         for run, f in zip(group, flat, strict=True):

@@ -1,4 +1,4 @@
-"""Plain records passed from the evaluator to the results store, leaderboards and W&B."""
+"""Plain records passed from the evaluator to the runs store, leaderboards and W&B."""
 
 from __future__ import annotations
 

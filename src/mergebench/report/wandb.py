@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from mergebench.report.boards import Board, load_boards
 from mergebench.report.records import RunRecord, average_score, primary_scores
-from mergebench.report.store import Store
+from mergebench.report.store import Store, redact_secrets
 from mergebench.util.errors import MergeBenchError
 
 
@@ -130,7 +130,7 @@ class WandbLogger:
             name=f"{record.label} | {record.family}/{record.taskset}",
             tags=[*self.tags, record.method, record.family, record.taskset],
             config={
-                **record.config,
+                **redact_secrets(record.config),  # a store URL's password never reaches W&B
                 "mergebench": {
                     "method": record.method,
                     "label": record.label,
@@ -172,7 +172,7 @@ def build_logger(cfg: Mapping[str, Any] | None, output_dir: str | os.PathLike[st
 
 
 def logger_from_config(cfg: Mapping[str, Any]) -> RunLogger:
-    """The logger of a `mergebench` job config; W&B files go next to the results database.
+    """The logger of a `mergebench` job config; WW&B files go next to the results database.B files go next to the runs store.
     Built before the run starts, so a bad `logger` option fails before any work is done."""
     db = (cfg.get("store") or {}).get("path")
     return build_logger(cfg.get("logger"), output_dir=Path(db).parent if db else "outputs")

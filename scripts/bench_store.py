@@ -1,9 +1,9 @@
-"""Measure the results store and leaderboards: write throughput (one and several concurrent
+"""Measure the runs store and leaderboards: write throughput (one and several concurrent
 writers), leaderboard build and render time, plots, and one offline W&B run.
 
-    .venv/bin/python scripts/bench_results_store.py [--runs 2000] [--writers 4]
+    .venv/bin/python scripts/bench_store.py [--runs 2000] [--writers 4]
 
-Synthetic records (8 tasks each, random scores); prints a Markdown table for docs/results.md.
+Synthetic records (8 tasks each, random scores); prints a Markdown table for docs/store.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from mergebench.report.boards import load_boards
 from mergebench.report.records import RunRecord, TaskScore
 from mergebench.report.render import render
-from mergebench.report.store import ResultsStore
+from mergebench.report.store import SQLiteStore
 
 TASKS = [f"task{i}" for i in range(8)]
 LABELS = ["individual", "pretrained", "weight_averaging", "task_arithmetic", "ties", "emr"]
@@ -40,7 +40,7 @@ def make_record(i: int, rng: random.Random) -> RunRecord:
 
 
 def _write(path: str, start: int, n: int) -> None:
-    store, rng = ResultsStore(path), random.Random(start)
+    store, rng = SQLiteStore(path), random.Random(start)
     for i in range(start, start + n):
         store.add_run(make_record(i, rng))
 
@@ -65,7 +65,7 @@ def main() -> None:
         )
 
         many = str(Path(tmp) / "many.sqlite")
-        ResultsStore(many)
+        SQLiteStore(many)
         per = args.runs // args.writers
         ctx = mp.get_context("fork")
         procs = [ctx.Process(target=_write, args=(many, w * per, per)) for w in range(args.writers)]
@@ -75,12 +75,12 @@ def main() -> None:
         for p in procs:
             p.join()
         s = time.perf_counter() - t0
-        stored = len(ResultsStore(many).runs())
+        stored = len(SQLiteStore(many).runs())
         assert stored == per * args.writers, f"lost runs: {stored}"
         rows.append((f"add_run, {args.writers} concurrent writers", f"{stored} runs, none lost",
                      f"{s:.2f} s", f"{stored / s:.0f} runs/s"))  # fmt: skip
 
-        s = timed(ResultsStore(one).has_run, "0" * 64)
+        s = timed(SQLiteStore(one).has_run, "0" * 64)
         rows.append(("has_run (resume check)", "1 lookup", f"{1000 * s:.2f} ms", ""))
 
         t0 = time.perf_counter()
