@@ -21,7 +21,6 @@ and, when saved, a heat map of the coefficients (`coefficients.png`).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -153,7 +152,7 @@ def inside_clamp(where: str, given: Any, init: float, earlier: Mapping[str, Any]
 
 
 def positive(where: str, given: Any, value: float, earlier: Mapping[str, Any]) -> None:
-    if not (value > 0 and math.isfinite(value)):
+    if not value > 0:
         raise MergeBenchError(f"{where}: {given!r} must be a positive number")
 
 

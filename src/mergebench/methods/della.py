@@ -18,7 +18,6 @@ the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,7 +104,7 @@ def della_delta(
 
 def window_fits(where: str, given: Any, window: float, earlier: Mapping[str, Any]) -> None:
     """`window >= 0`, and `density ± window/2` inside (0, 1]."""
-    if not (math.isfinite(window) and window >= 0):
+    if not window >= 0:
         raise MergeBenchError(f"{where}: {given!r} must be a number >= 0")
     density = earlier["density"]
     low, high = density - window / 2, density + window / 2

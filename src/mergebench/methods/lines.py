@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -57,7 +56,7 @@ def compile_layer_pattern(name: str, option: str, pattern: Any) -> re.Pattern[st
 
 
 def finite_at_least_zero(where: str, given: Any, value: float, earlier: Mapping[str, Any]) -> None:
-    if not (math.isfinite(value) and value >= 0):
+    if not value >= 0:
         raise MergeBenchError(f"{where}: {given!r} must be a finite number >= 0")
 
 
