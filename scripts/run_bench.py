@@ -4,8 +4,8 @@ each job, evaluated once per zoo), then the leaderboard: printed, and written to
 `outputs/leaderboard.md` and `outputs/leaderboard.json`.
 
     python scripts/run_bench.py                 # data-free methods, both task sets
-    python scripts/run_bench.py --all           # plus DARE, the ten 2024-2025 methods and
-                                                # the data-dependent ones, both sets
+    python scripts/run_bench.py --all           # plus DARE, the ten 2024-2025 methods,
+                                                # model_stock and the data-dependent ones
     python scripts/run_bench.py --sets text --force --db /tmp/b.sqlite
     python scripts/run_bench.py --seeds 0,1,2   # one zoo per seed; boards add mean +- std
 
@@ -50,9 +50,12 @@ NEW_METHOD_VARIANTS = [
     "lines",
     "wudi",
 ]
+# mergekit's methods that take any number of tasks (`--all`); `slerp` merges exactly two
+# models, so it is on no board.
+MERGEKIT_VARIANTS = ["model_stock"]
 # Data-dependent methods (`--all`): their benchmark presets, conf/variant/<name>.yaml (fewer
 # examples / steps than the papers, to fit a 2-core CPU; costs in the README).
-ALL_DATA_FREE = DATA_FREE_VARIANTS + SLOW_VARIANTS + NEW_METHOD_VARIANTS
+ALL_DATA_FREE = DATA_FREE_VARIANTS + SLOW_VARIANTS + NEW_METHOD_VARIANTS + MERGEKIT_VARIANTS
 DATA_DEPENDENT_VARIANTS = ["regmean", "fisher", "adamerging", "adamerging_pp", "adamerging_pp_mr"]
 SETS = {"text": "bench_text", "vision": "bench_vision"}
 
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     variants = list(args.variants)
     if args.all:
-        variants += [v for v in SLOW_VARIANTS + NEW_METHOD_VARIANTS if v not in variants]
+        extra = SLOW_VARIANTS + NEW_METHOD_VARIANTS + MERGEKIT_VARIANTS
+        variants += [v for v in extra if v not in variants]
     multirun([*common, "+variant=" + ",".join(variants)])
     if args.all:
         multirun([*common, "+variant=" + ",".join(DATA_DEPENDENT_VARIANTS)])

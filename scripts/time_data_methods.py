@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mergebench.api import merge_pool
     from mergebench.bench.job import PeakRSS
-    from mergebench.families import load_family, zoo_pool
-    from mergebench.sources.zoo import compose_config, family_dir
+    from mergebench.sources import load_family
+    from mergebench.sources.zoo import family_dir, zoo_pool
+    from mergebench.util.config import compose_config
 
     rows = []
     for set_name in args.sets:

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from mergebench.data.hf import open_split, split_rows
 from mergebench.engine.keyplan import plan_keys
 from mergebench.evaluation import evaluate
-from mergebench.families import FAMILIES, uses_zoo
+from mergebench.families import family_class
 from mergebench.families.clip import CLIPFamily
 from mergebench.families.clip_prompts import PROMPTS
 from mergebench.methods.registry import build_method
@@ -84,9 +84,9 @@ def features(output) -> torch.Tensor:
 
 def test_registry_and_configs_name_the_paper_checkpoints():
     for name in ("clip_vit_b32", "clip_vit_b16", "clip_vit_l14"):
-        assert name in FAMILIES and not uses_zoo(name)
         with initialize_config_dir(str(conf_dir()), version_base=None):
             cfg = compose("config", overrides=[f"model={name}", "taskset=clip8"])
+        assert cfg.model.source == "configured" and family_class(cfg.model) is CLIPFamily
         pattern = {"clip_vit_b32": "base-patch32", "clip_vit_b16": "base-patch16"}.get(
             name, "large-patch14"
         )

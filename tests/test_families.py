@@ -11,14 +11,24 @@ from mergebench.families.base import HEAD
 from mergebench.sources import load_family
 from mergebench.util.errors import MergeBenchError
 
-TEXT_MODEL = {"name": "minilm", "exclude": [r"classifier\..*"], "options": {"max_length": 16}}
+MINILM = {"_target_": "mergebench.families.minilm.MiniLMFamily", "source": "zoo"}
+EFFICIENTNET = {
+    "_target_": "mergebench.families.efficientnet.EfficientNetLite0Family",
+    "source": "zoo",
+}
+TEXT_MODEL = {
+    "name": "minilm",
+    **MINILM,
+    "exclude": [r"classifier\..*"],
+    "options": {"max_length": 16},
+}
 TEXT_SET = {
     "name": "tiny_text",
     "family": "minilm",
     "tasks": ["rt_sentiment", "bbc_news"],
     "examples": {"train": 20, "validation": 8, "test": 12},
 }
-VISION_MODEL = {"name": "efficientnet_lite0", "options": {"image_size": 32}}
+VISION_MODEL = {"name": "efficientnet_lite0", **EFFICIENTNET, "options": {"image_size": 32}}
 VISION_SET = {
     "name": "tiny_vision",
     "family": "efficientnet_lite0",

@@ -1,5 +1,6 @@
 """`scripts/run_bench.py --all` (what `make bench-all` runs) covers both task sets with the
-eleven paper variants, the ten 2024-2025 methods and the data-dependent methods."""
+eleven paper variants, the ten 2024-2025 methods, model_stock and the data-dependent
+methods."""
 
 from __future__ import annotations
 
@@ -37,10 +38,14 @@ def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
     for overrides in (first, second):
         assert value(overrides, "+experiment") == ["bench_text", "bench_vision"]
     assert value(first, "+variant") == (
-        module.DATA_FREE_VARIANTS + module.SLOW_VARIANTS + module.NEW_METHOD_VARIANTS
+        module.DATA_FREE_VARIANTS
+        + module.SLOW_VARIANTS
+        + module.NEW_METHOD_VARIANTS
+        + module.MERGEKIT_VARIANTS
     )
     assert {"dare_task_arithmetic", "dare_ties"} <= set(module.SLOW_VARIANTS)
     assert len(module.NEW_METHOD_VARIANTS) == 10
+    assert module.MERGEKIT_VARIANTS == ["model_stock"]  # slerp merges two models: no board
     assert value(second, "+variant") == module.DATA_DEPENDENT_VARIANTS
 
 

@@ -23,6 +23,8 @@ from mergebench.util.errors import MergeBenchError
 DATA_FREE = sorted(n for n in method_names() if not build_method(n).needs_data)
 # Options that make a method runnable on the toy pool below, or fast.
 OPTIONS = {"lines": {"layer_pattern": r"layers\.(\d+)\..*"}, "wudi": {"steps": 3}}
+# Methods that merge a fixed number of models: the pool's first tasks.
+TASK_COUNT = {"slerp": 2}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,7 @@ def pool(tmp_path_factory) -> tuple[str, dict[str, str]]:
 
 def _merge(pool, method, **kwargs):
     pre, finetuned = pool
+    finetuned = dict(list(finetuned.items())[: TASK_COUNT.get(method)])
     return mergebench.merge(method, pre, finetuned, exclude=[r"head\..*"], progress=False,
                             **OPTIONS.get(method, {}), **kwargs)  # fmt: skip
 

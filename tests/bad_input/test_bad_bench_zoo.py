@@ -106,3 +106,43 @@ def test_zoo_bad_workers_fails_before_anything_is_written(work, capsys, monkeypa
     assert_one_line_error(outcome, "zoo.workers: ", "(a positive integer, or null)")
     assert tree_hash(work) == before
     assert not (work / "cache").exists()
+
+
+# --- round 3 (issue 26): the run's own settings, checked before any work -----------------------
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("seed=abc", "seed: expected an integer >= 0, got 'abc'"),  # was int()'s ValueError
+        ("seed=-1", "seed: -1 must be at least 0"),  # was a ValueError from the splits
+        ("seed=1.5", "seed: expected an integer >= 0, got 1.5"),  # used seed 1's zoo, stored 1.5
+        ("seed=true", "seed: expected an integer >= 0, got True"),
+        ("threads=-3", "threads: -3 must be at least 1"),  # was torch's RuntimeError
+        ("threads=0", "threads: 0 must be at least 1"),
+        ("zoo.workers=0", "zoo.workers: 0 must be at least 1"),
+        ("eval.batch_size=2.5", "eval.batch_size: expected an integer >= 1, got 2.5"),
+        ("taskset.tasks=[]", "taskset.tasks: expected a non-empty list"),  # blamed `finetuned`
+        # Collapsed to one task and stored "averaging" of one model as a merge.
+        ("taskset.tasks=[rt_sentiment,rt_sentiment]", "task 'rt_sentiment' is listed twice"),
+        ("method=../model/minilm", "method: 'minilm' is not a method"),  # escaped conf/method/
+    ],
+)
+def test_bench_run_settings(bench_cli, override, says):
+    assert_one_line_error(bench_cli(override), says)
+
+
+def test_bench_number_with_too_many_digits(bench_cli):
+    # Hydra's parser raised Python's int-string limit ValueError with a traceback.
+    outcome = bench_cli("method=ties", "method.scaling=" + "1" * 10_000)
+    assert_one_line_error(outcome, "method.scaling: a number of 10000 digits")
+
+
+def test_bench_unimportable_family_class(bench_cli):
+    outcome = bench_cli("model._target_=no_such_module.Family")
+    assert_one_line_error(outcome, "model._target_: cannot import 'no_such_module.Family'")
+
+
+def test_bench_model_class_that_is_not_a_family(bench_cli):
+    outcome = bench_cli("model._target_=collections.OrderedDict")
+    assert_one_line_error(
+        outcome, "model._target_: 'collections.OrderedDict' is not a model family"
+    )

@@ -302,3 +302,22 @@ def test_make_variables_checked_before_any_work(variable, value, says):
     assert f"{variable}={value}: " in lines[0] and says in lines[0]
     assert done.stdout == ""
     record(lines[0])
+
+
+# --- 0-size tensors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["emr", "mask_rescale"])
+def test_zero_size_tensor_in_emr_and_mask_rescale(method):
+    # Before: `range() arg 3 must not be zero` (a block size of 0); the other methods coped.
+    pre, finetuned = tiny_models()
+    empty = {"empty.weight": torch.zeros(0, 4)}
+    with_empty = mergebench.merge(
+        method, {**pre, **empty}, {t: {**s, **empty} for t, s in finetuned.items()},
+        exclude=HEAD, progress=False,
+    )  # fmt: skip
+    without = mergebench.merge(method, pre, finetuned, exclude=HEAD, progress=False)
+    assert with_empty.rescalers == without.rescalers  # an empty tensor changes no statistic
+    for task in finetuned:
+        merged = with_empty.state_dict(task)
+        assert merged["empty.weight"].shape == (0, 4)
+        for key, value in without.state_dict(task).items():
+            assert torch.equal(merged[key], value), key

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from mergebench.api import merge_pool
 from mergebench.bench.protocol import Selection, UserSettings, run_label, select, user_settings
+from mergebench.bench.settings import check_run_settings
 from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
 from mergebench.families.labeled import LabeledData
 from mergebench.methods.registry import method_base_label
@@ -200,6 +201,7 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
 
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     plain.pop("hydra", None)
+    check_run_settings(plain)
     progress = bool(plain.get("progress", True))
 
     set_threads(plain.get("threads"))

@@ -43,6 +43,7 @@ def run_hydra_app(app: Callable[[], Any], program: str | None = None) -> None:
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        _check_number_lengths(sys.argv[1:])
         app()
     except SystemExit as exit_:
         if exit_.code not in (0, None):
@@ -68,6 +69,20 @@ def run_hydra_app(app: Callable[[], Any], program: str | None = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _check_number_lengths(overrides: Sequence[str]) -> None:
+    """Hydra's override parser calls int() on a long digit string and Python refuses more
+    than `sys.get_int_max_str_digits()` digits with a ValueError deep in the parser: name
+    the override instead."""
+    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        digits = value.strip().lstrip("+-").replace("_", "")
+        if sep and limit and digits.isdigit() and len(digits) > limit:
+            raise MergeBenchError(
+                f"{key.lstrip('+~')}: a number of {len(digits)} digits (at most {limit})"
+            )
 
 
 @contextmanager

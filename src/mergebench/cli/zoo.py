@@ -5,15 +5,34 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from mergebench.bench.job import zoo_reference_records
 from mergebench.evaluation import average
+from mergebench.families import family_class
 from mergebench.sources.zoo import ensure_zoo, say
-from mergebench.util.config import compose_config, load_group
+from mergebench.util.config import compose_config, group_options, load_group
 from mergebench.util.errors import MergeBenchError
 
 DEFAULT_SETS = ("text", "vision")
+
+
+def zoo_model(cfg_taskset: Mapping[str, Any]) -> str:
+    """The zoo model config (`conf/model/*.yaml`, `source: zoo`) whose family kind the task
+    set names in `family:`; several: the user picks one with `model=NAME`."""
+    kind = cfg_taskset.get("family")
+    zoo_models = [
+        m for m in group_options("model") if load_group("model", m).get("source") == "zoo"
+    ]
+    models = [m for m in zoo_models if family_class(load_group("model", m)).kind == kind]
+    if len(models) != 1:
+        found = f"zoo models {', '.join(models)} all serve" if models else "no zoo model serves"
+        raise MergeBenchError(
+            f"taskset.family: {found} family {kind!r} of task set "
+            f"{cfg_taskset.get('name')!r} (name one: model=NAME)"
+        )
+    return models[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,10 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `--set text seed=1` hands the override to --set: move KEY=VALUE items back.
         args.overrides = [s for s in args.sets if "=" in s] + list(args.overrides)
         args.sets = [s for s in args.sets if "=" not in s]
-        families = {name: load_group("taskset", name).get("family") for name in args.sets}
+        own_model = any(o.startswith("model=") for o in args.overrides)
         configs = {}
         for name in args.sets:  # every set and override checked before any training starts
-            overrides = [f"taskset={name}", f"model={families[name]}", *args.overrides]
+            model = [] if own_model else [f"model={zoo_model(load_group('taskset', name))}"]
+            overrides = [f"taskset={name}", *model, *args.overrides]
             if args.cache_dir:
                 overrides.append(f"zoo.dir={args.cache_dir}")
             configs[name] = compose_config(overrides)

@@ -1,7 +1,14 @@
-"""Model families: build a runnable model, encode inputs, heads, and which checkpoint source
-gives a family its weights (`zoo`: fine-tuned here from packaged weights; `configured`: hub
-ids or paths named in `model.checkpoints`).
+"""Model families: build a runnable model, encode inputs, heads.
 
+A model config (`conf/model/<name>.yaml`) names its family class and where its checkpoints
+come from, so a new model size is a YAML file and a family of one's own needs no edit here:
+
+    name: minilm
+    _target_: mergebench.families.minilm.MiniLMFamily   # any importable Family subclass
+    source: zoo       # zoo: fine-tuned here (a ZooFamily); configured: model.checkpoints
+
+`family_class(cfg_model)` imports the class; a task set's `family:` names the family *kind*
+it is made for (`Family.kind`: `minilm`, `clip`, `glue`, ...), checked by `check_pairing`.
 `embedded_family(cfg_model, cfg_taskset, seed)` builds a zoo family with its embedded task
 data and the labeled accessor; configured families are built by `mergebench.sources`.
 """
@@ -10,57 +17,48 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from mergebench.data.embedded import get_task, load_splits
-from mergebench.families.base import TaskInputs, ZooFamily, task_inputs
+from mergebench.families.base import Family, TaskInputs, ZooFamily, task_inputs
 from mergebench.families.labeled import LabeledData
-from mergebench.util.errors import MergeBenchError, construct
+from mergebench.util.errors import MergeBenchError, construct, first_line
+
+EXAMPLE_TARGET = "mergebench.families.minilm.MiniLMFamily"
+F = TypeVar("F", bound=Family)
 
 
-@dataclass(frozen=True)
-class FamilySpec:
-    target: str  # "module:Class"
-    source: str  # "zoo" (fine-tuned here) | "configured" (model.checkpoints: hub ids or paths)
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "minilm": FamilySpec("mergebench.families.minilm:MiniLMFamily", "zoo"),
-    "efficientnet_lite0": FamilySpec(
-        "mergebench.families.efficientnet:EfficientNetLite0Family", "zoo"
-    ),
-    "clip_vit_b32": FamilySpec("mergebench.families.clip:CLIPFamily", "configured"),
-    "clip_vit_b16": FamilySpec("mergebench.families.clip:CLIPFamily", "configured"),
-    "clip_vit_l14": FamilySpec("mergebench.families.clip:CLIPFamily", "configured"),
-    "roberta_base": FamilySpec("mergebench.families.hf_text:RobertaFamily", "configured"),
-    "gpt2": FamilySpec("mergebench.families.hf_text:GPT2Family", "configured"),
-    "t0_3b_ia3": FamilySpec("mergebench.families.peft_adapters:IA3Family", "configured"),
-    "t5_lora": FamilySpec("mergebench.families.peft_adapters:LoRAFamily", "configured"),
-    "openclip_vit_b32": FamilySpec("mergebench.families.openclip:OpenCLIPFamily", "configured"),
-    "openclip_vit_b16": FamilySpec("mergebench.families.openclip:OpenCLIPFamily", "configured"),
-    "openclip_vit_l14": FamilySpec("mergebench.families.openclip:OpenCLIPFamily", "configured"),
-    "vit_b16_in21k": FamilySpec("mergebench.families.vit:ViTFamily", "configured"),
-}
-
-
-def family_spec(name: str) -> FamilySpec:
-    if name not in FAMILIES:
+def family_class(cfg_model: Mapping[str, Any], base: type[F] = Family) -> type[F]:  # type: ignore[assignment]
+    """The class named by `model._target_` (`package.module.Class`), imported on first use (a
+    family pulls in its model library); it must derive from `base` (what `model.source`
+    builds: a `ZooFamily` for the zoo, a `PaperFamily` for configured checkpoints)."""
+    target = cfg_model.get("_target_")
+    if not target:
+        raise MergeBenchError(f"model._target_: missing (the family class, e.g. {EXAMPLE_TARGET})")
+    module, _, name = str(target).rpartition(".")
+    if not module:
         raise MergeBenchError(
-            f"model.name: unknown family {name!r} (choose from {', '.join(FAMILIES)})"
+            f"model._target_: {target!r} is not a module.Class path (e.g. {EXAMPLE_TARGET})"
         )
-    return FAMILIES[name]
-
-
-def family_class(name: str) -> type[ZooFamily]:
-    """The family's class, imported on first use (a family pulls in its model library)."""
-    module, cls = family_spec(name).target.split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def uses_zoo(name: str) -> bool:
-    """Whether the family's checkpoints come from the offline zoo (else: model.checkpoints)."""
-    return family_spec(name).source == "zoo"
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise MergeBenchError(
+            f"model._target_: cannot import {target!r}: {first_line(err)}"
+        ) from None
+    except AttributeError:
+        raise MergeBenchError(f"model._target_: module {module!r} has no {name!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        raise MergeBenchError(
+            f"model._target_: {target!r} is not a model family "
+            "(a subclass of mergebench.families.base.Family)"
+        )
+    if not issubclass(cls, base):
+        raise MergeBenchError(
+            f"model._target_: {target!r} is not a {base.__name__} "
+            f"(what model.source={cfg_model.get('source')} takes)"
+        )
+    return cls
 
 
 def _get(cfg: Mapping[str, Any], key: str, where: str) -> Any:
@@ -70,20 +68,16 @@ def _get(cfg: Mapping[str, Any], key: str, where: str) -> Any:
 
 
 def check_pairing(cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]) -> None:
-    """A task set is made for one family (text tasks for MiniLM, images for EfficientNet)."""
-    family = _get(cfg_model, "name", "model")
-    wanted = _get(cfg_taskset, "family", "taskset")
-    if family != wanted:
-        raise MergeBenchError(
-            f"taskset.family: task set {cfg_taskset.get('name')!r} is for model {wanted!r}, "
-            f"not {family!r} (pick model={wanted} or another taskset)"
-        )
-    cls = family_class(family)
+    """A task set of embedded data is made for one family kind (text tasks for MiniLM, images
+    for EfficientNet), and its tasks' inputs must be what the family takes."""
+    _get(cfg_model, "name", "model")
+    cls = family_class(cfg_model, ZooFamily)
+    cls.check_taskset(cfg_model, cfg_taskset)
     for task in _get(cfg_taskset, "tasks", "taskset"):
         if get_task(task).modality != cls.modality:
             raise MergeBenchError(
                 f"taskset.tasks: task {task!r} is {get_task(task).modality}, "
-                f"model {family!r} takes {cls.modality}"
+                f"model {cfg_model['name']!r} takes {cls.modality}"
             )
 
 
@@ -104,19 +98,16 @@ def embedded_family(
         for task in cfg_taskset["tasks"]
     }
     options = dict(cfg_model.get("options") or {})
-    family = construct(family_class(cfg_model["name"]), "model.options",
+    family = construct(family_class(cfg_model, ZooFamily), "model.options",
                        {t: task_inputs(s) for t, s in splits.items()}, **options)  # fmt: skip
     return family, LabeledData(family, splits)
 
 
 __all__ = [
-    "FAMILIES",
-    "FamilySpec",
+    "Family",
     "TaskInputs",
     "ZooFamily",
     "check_pairing",
     "embedded_family",
     "family_class",
-    "family_spec",
-    "uses_zoo",
 ]

@@ -1,5 +1,10 @@
-"""What the embedded zoo's model families share: per-task heads, label-free data views, and the
-labeled accessor that only the zoo trainer and the evaluator get.
+"""What every model family shares (per-task heads, label-free data views), and what the
+embedded zoo's training adds.
+
+`Family` is the base of all families: the `mergebench.engine.pool.TaskFamily` a merging method
+sees, plus the `kind` a task set names in `family:`. `ZooFamily(Family)` adds the hooks the
+zoo's fine-tuning calls (packaged pretrained weights, training mode, a fresh head); families
+with configured checkpoints derive from `mergebench.families.paper.PaperFamily(Family)`.
 
 A family holds the *inputs* of every split of every task and nothing else: labels stay in
 `LabeledData`, which is not part of `mergebench.engine.pool.TaskFamily`, so a merging method that
@@ -8,7 +13,7 @@ receives the pool cannot read a label, test or otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +36,12 @@ class TaskInputs:
     inputs: dict[str, Sequence[Any]]  # split -> list[str] or uint8 image array
 
 
-class ZooFamily:
-    """Base of the embedded families. Subclasses define `encode`, `_new_model`, `pretrained_state`."""
+class Family:
+    """Base of every model family. Subclasses define `encode` and `_new_model`."""
 
-    name: str = "zoo"
+    name: str = "family"
+    # What a task set names in `family:` to say it is made for this family (its data's form).
+    kind: str = ""
     modality: str = ""
 
     def __init__(self, tasks: dict[str, TaskInputs], eval_batch_size: int = 64) -> None:
@@ -47,16 +54,21 @@ class ZooFamily:
         raise NotImplementedError
 
     def _new_model(self, num_classes: int) -> nn.Module:
-        """A model with random weights whose task head is `classifier` with `num_classes`."""
+        """A model with random weights whose task head has `num_classes` outputs."""
         raise NotImplementedError
 
-    def pretrained_state(self) -> dict[str, torch.Tensor]:
-        """The packaged pretrained weights in this family's key names, head excluded."""
-        raise NotImplementedError
-
-    def set_train_mode(self, model: nn.Module, multitask: bool = False) -> None:
-        """Training mode for fine-tuning (the CNN keeps BatchNorm statistics frozen)."""
-        model.train()
+    # -- pairing with a task set --------------------------------------------------------------
+    @classmethod
+    def check_taskset(cls, cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]) -> None:
+        """A task set names the family kind it is made for (`taskset.family`)."""
+        wanted = cfg_taskset.get("family")
+        if wanted is None:
+            raise MergeBenchError("taskset.family: missing")
+        if wanted != cls.kind:
+            raise MergeBenchError(
+                f"taskset.family: task set {cfg_taskset.get('name')!r} is for {wanted!r}, "
+                f"not for model {cfg_model.get('name')!r} (a {cls.kind!r} family)"
+            )
 
     # -- TaskFamily ------------------------------------------------------------------------
     def _task(self, task: str) -> TaskInputs:
@@ -82,7 +94,19 @@ class ZooFamily:
         for start in range(0, n, batch_size):
             yield self.encode(inputs[start : min(start + batch_size, n)])
 
-    # -- helpers for the zoo ---------------------------------------------------------------
+
+class ZooFamily(Family):
+    """A family the zoo fine-tunes from packaged weights: `pretrained_state` gives them, and
+    the task head is the module `classifier`."""
+
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        """The packaged pretrained weights in this family's key names, head excluded."""
+        raise NotImplementedError
+
+    def set_train_mode(self, model: nn.Module, multitask: bool = False) -> None:
+        """Training mode for fine-tuning (the CNN keeps BatchNorm statistics frozen)."""
+        model.train()
+
     def new_finetuning_model(self, task: str) -> nn.Module:
         """Pretrained backbone plus a freshly initialised head (seed the global RNG first)."""
         model = self.build_model(task)
@@ -119,4 +143,4 @@ def task_inputs(splits: TaskSplits) -> TaskInputs:
     )
 
 
-__all__ = ["HEAD", "TaskInputs", "ZooFamily", "head_keys", "model_folder", "task_inputs"]
+__all__ = ["HEAD", "Family", "TaskInputs", "ZooFamily", "head_keys", "model_folder", "task_inputs"]

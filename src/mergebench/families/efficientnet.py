@@ -85,6 +85,7 @@ def imagenet_classifier() -> nn.Module:
 
 class EfficientNetLite0Family(ZooFamily):
     name = "efficientnet_lite0"
+    kind = "efficientnet_lite0"  # task sets for this family say `family: efficientnet_lite0`
     modality = "image"
 
     def __init__(

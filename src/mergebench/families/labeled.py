@@ -23,14 +23,14 @@ from mergebench.data.hf import (
 )
 from mergebench.data.metrics import build_metric, build_task_metric
 from mergebench.engine.pool import Batch
-from mergebench.families.base import ZooFamily
+from mergebench.families.base import Family
 from mergebench.util.errors import MergeBenchError
 
 
 class LabeledData:
     """Inputs with labels, for fine-tuning the zoo and for the evaluator; never given to methods."""
 
-    def __init__(self, family: ZooFamily, splits: dict[str, TaskSplits]) -> None:
+    def __init__(self, family: Family, splits: dict[str, TaskSplits]) -> None:
         self.family = family
         self._splits = splits
 
@@ -99,7 +99,7 @@ class HFLabeledData(LabeledData):
     """`LabeledData` over Hugging Face data sets: what the evaluator uses, never a method."""
 
     def __init__(
-        self, family: ZooFamily, specs: Mapping[str, DataSpec], seed: int, examples: Examples
+        self, family: Family, specs: Mapping[str, DataSpec], seed: int, examples: Examples
     ) -> None:
         super().__init__(family, {})
         self._specs = dict(specs)

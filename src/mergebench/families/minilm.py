@@ -66,6 +66,7 @@ class SentenceClassifier(nn.Module):
 
 class MiniLMFamily(ZooFamily):
     name = "minilm"
+    kind = "minilm"  # task sets for this family say `family: minilm`
     modality = "text"
 
     def __init__(

@@ -29,25 +29,21 @@ from mergebench.data.hf import (
     parse_data_spec,
 )
 from mergebench.data.splits import SPLITS
-from mergebench.families.base import TaskInputs, ZooFamily
+from mergebench.families.base import Family, TaskInputs
 from mergebench.families.labeled import HFLabeledData
 from mergebench.util.config import to_plain as _plain
 from mergebench.util.errors import MergeBenchError, construct
 
 
-class PaperFamily(ZooFamily):
+class PaperFamily(Family):
     """A family with configured checkpoints (hub ids or paths) and Hugging Face data sets."""
 
-    # What a task set names in `family:` to say it is made for this family.
-    kind: str = ""
     # The model's base prefix: checkpoints may store keys with or without it.
     backbone_prefix: str = ""
     # Task-specific keys of the model (always excluded from merging).
     head_patterns: tuple[str, ...] = ()
     # Whether the family, not the checkpoints, supplies the heads (CLIP's zero-shot heads).
     heads_separate: bool = False
-    # The zoo does not build these families: their pool comes from `model.checkpoints`.
-    configured_checkpoints = True
 
     def __init__(
         self,
@@ -70,20 +66,7 @@ class PaperFamily(ZooFamily):
         """Head tensors that the family computes itself (CLIP); the checkpoints' otherwise."""
         return {}
 
-    def pretrained_state(self) -> dict[str, torch.Tensor]:  # the zoo's hook, not ours
-        raise MergeBenchError(f"model {self.name!r} has configured checkpoints; it has no zoo")
-
     # -- construction from the Hydra config ---------------------------------------------------
-    @classmethod
-    def check_taskset(cls, cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]) -> None:
-        """A task set names the family (or family kind) it is made for."""
-        wanted = cfg_taskset.get("family")
-        if wanted not in (cls.kind, cfg_model.get("name")):
-            raise MergeBenchError(
-                f"taskset.family: task set {cfg_taskset.get('name')!r} is for {wanted!r}, "
-                f"not for model {cfg_model.get('name')!r} (a {cls.kind!r} family)"
-            )
-
     @classmethod
     def from_config(
         cls,

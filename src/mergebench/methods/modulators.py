@@ -133,7 +133,7 @@ def _modulate_blocks(
         total = task_sum.reshape(-1).numpy()
     uni = unified.reshape(-1).numpy()
     numel = uni.shape[0]
-    block = min(_BLOCK, numel)
+    block = max(1, min(_BLOCK, numel))  # a 0-size tensor: no block at all, not a 0 step
     cpu = torch.device("cpu")
     product = scratch.get("block_f32", (n, block), torch.float32, cpu).numpy()
     bits = scratch.get("block_bool", (n, block), torch.bool, cpu).numpy()

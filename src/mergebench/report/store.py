@@ -38,6 +38,8 @@ DEFAULT_DB = Path("outputs") / "results.sqlite"
 
 # Config keys (dotted paths) that say where and how a run reports or where caches live, not
 # what it computes: runs that differ only in these share a hash, so a resumed sweep skips them.
+# `model._target_` and `model.source` name the code that reads a model config (added after
+# runs were stored: a run's identity is its model's name, checkpoints and options).
 VOLATILE_KEYS = frozenset(
     {
         "hydra",
@@ -57,6 +59,8 @@ VOLATILE_KEYS = frozenset(
         "sweep_id",
         "num_workers",
         "references",
+        "model._target_",
+        "model.source",
         "zoo.dir",
         "zoo.build_missing",
         "zoo.workers",

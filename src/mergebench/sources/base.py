@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from mergebench.engine.pool import ModelPool
-from mergebench.families.base import ZooFamily
+from mergebench.families.base import Family
 from mergebench.families.labeled import LabeledData
 
 
@@ -29,7 +29,7 @@ class PerTaskModels(Protocol):
 
 
 class CheckpointSource(Protocol):
-    family: ZooFamily
+    family: Family
     data: LabeledData
 
     def signature(self) -> str:

@@ -19,7 +19,7 @@ from mergebench.engine.checkpoints import CheckpointSource, open_checkpoint
 from mergebench.engine.keyplan import compile_patterns, is_excluded
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.renamed import CanonicalSource, canonical_source
-from mergebench.families import family_class, family_spec
+from mergebench.families import family_class
 from mergebench.families.labeled import HFLabeledData
 from mergebench.families.paper import PaperFamily
 from mergebench.sources.hub import resolve_model
@@ -33,7 +33,7 @@ def configured_family(
     cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any], seed: int = 0
 ) -> tuple[PaperFamily, HFLabeledData]:
     """The family of a configured model, built from its resolved pretrained checkpoint."""
-    cls = family_class(str(cfg_model.get("name")))
+    cls = family_class(cfg_model, PaperFamily)
     cls.check_taskset(cfg_model, cfg_taskset)  # a wrong pairing fails before any download
     checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
     pretrained = resolve_model(checkpoints.get("pretrained"), "model.checkpoints.pretrained")
@@ -51,37 +51,21 @@ class OwnPoolSources(Protocol):
         """(pretrained reader, one reader per task) from the resolved task checkpoints."""
 
 
-def _finetuned_paths(family: PaperFamily, finetuned_cfg: Mapping[str, Any]) -> dict[str, Path]:
-    paths = {}
-    for task in family.tasks:
-        option = f"model.checkpoints.finetuned.{task}"
-        if not finetuned_cfg.get(task):
-            raise MergeBenchError(
-                f"{option}: no fine-tuned checkpoint configured for task {task!r} "
-                "(a hub id or a local path)"
-            )
-        paths[task] = resolve_model(finetuned_cfg[task], option)
-    return paths
-
-
-def configured_pool(
-    family: PaperFamily, cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]
-) -> ModelPool:
-    """The pool over `model.checkpoints`: pretrained backbone, one model per task (or the
-    readers an `OwnPoolSources` family opens from them)."""
-    checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
-    finetuned_cfg = checkpoints.get("finetuned") or {}
-    if isinstance(family, OwnPoolSources):
-        pretrained_src, finetuned_src = family.pool_sources(_finetuned_paths(family, finetuned_cfg))
-        return ModelPool(
-            pretrained=pretrained_src,
-            finetuned=finetuned_src,
-            exclude=family.exclude_patterns(cfg_model),
-            heads_separate=family.heads_separate,
-            family=family,
-            name=f"{cfg_model.get('name')}/{cfg_taskset.get('name', 'custom')}",
-            layer_pattern=cfg_model.get("layer_pattern"),
+def _finetuned_path(finetuned_cfg: Mapping[str, Any], task: str) -> Path:
+    option = f"model.checkpoints.finetuned.{task}"
+    if not finetuned_cfg.get(task):
+        raise MergeBenchError(
+            f"{option}: no fine-tuned checkpoint configured for task {task!r} "
+            "(a hub id or a local path)"
         )
+    return resolve_model(finetuned_cfg[task], option)
+
+
+def _canonical_sources(
+    family: PaperFamily, finetuned_cfg: Mapping[str, Any]
+) -> tuple[CanonicalSource, dict[str, CanonicalSource]]:
+    """The checkpoints opened under the key names of the family's model: the pretrained
+    backbone, and per task its model with the heads the family computes itself."""
     heads = compile_patterns(family.head_patterns)
     first = next(iter(family.tasks))
     backbone = [k for k in family.model_keys(first) if not is_excluded(k, heads)]
@@ -93,25 +77,36 @@ def configured_pool(
     )
     finetuned: dict[str, CanonicalSource] = {}
     for task in family.tasks:
-        option = f"model.checkpoints.finetuned.{task}"
-        if not finetuned_cfg.get(task):
-            raise MergeBenchError(
-                f"{option}: no fine-tuned checkpoint configured for task {task!r} "
-                "(a hub id or a local path)"
-            )
-        path = resolve_model(finetuned_cfg[task], option)
+        path = _finetuned_path(finetuned_cfg, task)
         computed = family.head_tensors(task)
         keys = [k for k in family.model_keys(task) if k not in computed]
         finetuned[task] = canonical_source(
             open_checkpoint(path, role=f"finetuned[{task}]"),
             keys,
             family.backbone_prefix,
-            option,
+            f"model.checkpoints.finetuned.{task}",
             extra=computed,
         )
+    return pretrained, finetuned
+
+
+def configured_pool(
+    family: PaperFamily, cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]
+) -> ModelPool:
+    """The pool over `model.checkpoints`: pretrained backbone, one model per task (or the
+    readers an `OwnPoolSources` family opens from them)."""
+    checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
+    finetuned_cfg = checkpoints.get("finetuned") or {}
+    pretrained: CheckpointSource
+    finetuned: Mapping[str, CheckpointSource]
+    if isinstance(family, OwnPoolSources):
+        paths = {task: _finetuned_path(finetuned_cfg, task) for task in family.tasks}
+        pretrained, finetuned = family.pool_sources(paths)
+    else:
+        pretrained, finetuned = _canonical_sources(family, finetuned_cfg)
     return ModelPool(
         pretrained=pretrained,
-        finetuned=finetuned,
+        finetuned=dict(finetuned),
         exclude=family.exclude_patterns(cfg_model),
         heads_separate=family.heads_separate,
         family=family,
@@ -158,8 +153,6 @@ class ConfiguredSource:
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg_model, self.cfg_taskset = cfg["model"], cfg["taskset"]
         self.seed = int(cfg.get("seed", 0))
-        if family_spec(str(self.cfg_model["name"])).source != "configured":
-            raise MergeBenchError(f"model.name: {self.cfg_model['name']!r} is a zoo family")
         self.family, self.data = configured_family(self.cfg_model, self.cfg_taskset, self.seed)
         self._pool = configured_pool(self.family, self.cfg_model, self.cfg_taskset)
 
