@@ -1,4 +1,5 @@
-"""Every method default in conf/method/*.yaml is the one docs/methods.md names.
+"""Every method default in conf/method/*.yaml is the one docs/methods.md names, and every
+option a yaml gives a default is one its method class declares (and the other way round).
 
 The contract's tables have a `parameters (default)` column of `name (default)` items, e.g.
 "`k` keep fraction (0.2), `aggregate` `mean`/`sum` (`sum`)". Names without a default of their
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
+from mergebench.methods.registry import method_class
 from mergebench.util.config import conf_dir
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
@@ -198,4 +200,23 @@ def test_conf_defaults_match_docs_methods_md(path):
         assert option in conf, (
             f"docs/methods.md documents {path.stem}.{option} (default {documented[option]!r}), "
             f"but conf/method/{path.name} has no such option"
+        )
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.stem)
+def test_conf_options_are_the_declared_options(path):
+    conf = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    conf.pop("name")
+    for key in NOT_OPTIONS:
+        conf.pop(key, None)
+    declared = method_class(path.stem).options
+    for option in conf:
+        assert option in declared, (
+            f"conf/method/{path.name} gives a default for {option!r}, which "
+            f"mergebench.methods.{path.stem} does not declare"
+        )
+    for option in declared:
+        assert option in conf, (
+            f"mergebench.methods.{path.stem} declares {option!r}, but conf/method/{path.name} "
+            "gives it no default"
         )

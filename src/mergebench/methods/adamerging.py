@@ -21,7 +21,6 @@ and, when saved, a heat map of the coefficients (`coefficients.png`).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, sign, single_result
 from mergebench.methods.data_utils import InputsOnly, cycle_batches, inputs_only, load_task_model
-from mergebench.methods.options import choice, flag, fraction, integer, number
+from mergebench.methods.options import choice, flag, fraction, integer, number, option
 from mergebench.methods.ties import Ties, trim
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
@@ -147,6 +146,21 @@ class MergedModels(nn.Module):
         return torch.stack(entropies)
 
 
+def inside_clamp(where: str, given: Any, init: float, earlier: Mapping[str, Any]) -> None:
+    if earlier["clamp"] and not 0.0 <= init <= 1.0:
+        raise MergeBenchError(f"{where}: {given!r} is outside [0, 1], where clamp=true keeps it")
+
+
+def positive(where: str, given: Any, value: float, earlier: Mapping[str, Any]) -> None:
+    if not value > 0:
+        raise MergeBenchError(f"{where}: {given!r} must be a positive number")
+
+
+def precision_option(method: str, option: str, value: Any) -> str:
+    """One of PRECISIONS, compared (and named in the error) as text."""
+    return choice(method, option, str(value), PRECISIONS)
+
+
 class AdaMerging(Method):
     name = "adamerging"
 
@@ -159,55 +173,19 @@ class AdaMerging(Method):
 
     needs_data = True
 
-    def __init__(
-        self,
-        granularity: Any,
-        init: Any,
-        lr: Any,
-        steps: Any,
-        batch_size: Any,
-        num_examples: Any,
-        clamp: Any,
-        ties: Any,
-        ties_k: Any,
-        ties_topk_scope: Any,
-        precision: Any,
-        accelerator: Any,
-    ) -> None:
-        super().__init__(
-            granularity=granularity,
-            init=init,
-            lr=lr,
-            steps=steps,
-            batch_size=batch_size,
-            num_examples=num_examples,
-            clamp=clamp,
-            ties=ties,
-            ties_k=ties_k,
-            ties_topk_scope=ties_topk_scope,
-            precision=precision,
-            accelerator=accelerator,
-        )
-        self.granularity = choice(self.name, "granularity", granularity, ("task", "layer"))
-        self.clamp = flag(self.name, "clamp", clamp)
-        self.init = number(self.name, "init", init)
-        if self.clamp and not 0.0 <= self.init <= 1.0:
-            raise MergeBenchError(
-                f"{self.name}.init: {init!r} is outside [0, 1], where clamp=true keeps it"
-            )
-        self.lr = number(self.name, "lr", lr)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise MergeBenchError(f"{self.name}.lr: {lr!r} must be a positive number")
-        self.steps = integer(self.name, "steps", steps, minimum=0)
-        self.batch_size = integer(self.name, "batch_size", batch_size)
-        self.num_examples = integer(self.name, "num_examples", num_examples, allow_none=True)
-        self.ties = flag(self.name, "ties", ties)
-        self.ties_k = fraction(self.name, "ties_k", ties_k)
-        self.ties_topk_scope = choice(
-            self.name, "ties_topk_scope", ties_topk_scope, ("global", "tensor")
-        )
-        self.precision = choice(self.name, "precision", str(precision), PRECISIONS)
-        self.accelerator = choice(self.name, "accelerator", accelerator, ACCELERATORS)
+    # Checked in this order: `init`'s check reads `clamp`.
+    granularity: str = option(choice, allowed=("task", "layer"))
+    clamp: bool = option(flag)
+    init: float = option(number, also=inside_clamp)
+    lr: float = option(number, also=positive)
+    steps: int = option(integer, minimum=0)
+    batch_size: int = option(integer)
+    num_examples: int | None = option(integer, allow_none=True)
+    ties: bool = option(flag)
+    ties_k: float = option(fraction)
+    ties_topk_scope: str = option(choice, allowed=("global", "tensor"))
+    precision: str = option(precision_option)
+    accelerator: str = option(choice, allowed=ACCELERATORS)
 
     # -- task vectors ----------------------------------------------------------------------
     def _task_vectors(

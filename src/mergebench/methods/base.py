@@ -11,8 +11,10 @@ import torch
 from mergebench.engine.keyplan import KeyPlan, plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem, TransformFactory, thread_scratch
+from mergebench.methods.options import Option
 from mergebench.results import ArtifactTarget, MergeResult, SingleModelResult
 from mergebench.results.shards import Entry
+from mergebench.util.errors import MergeBenchError
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,48 @@ DEFAULT_CONTEXT = RunContext()
 
 
 class Method:
-    """A merging method. `name` is its registry and config name (`conf/method/<name>.yaml`)."""
+    """A merging method. `name` is its registry and config name (`conf/method/<name>.yaml`).
+
+    Each option is declared once, as a class attribute `k: float = option(fraction)`
+    (`methods/options.py`); the config file gives its default. Construction checks the
+    options in declaration order, sets each checked value as an attribute, then calls
+    `setup()` for state derived from them.
+    """
 
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False
     task_conditioned: ClassVar[bool] = False
+    options: ClassVar[dict[str, Option]] = {}  # the declared options, in declaration order
 
-    def __init__(self, **params: Any) -> None:
-        self.params = dict(params)  # as configured: recorded with every result
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = {key: value for key, value in vars(cls).items() if isinstance(value, Option)}
+        cls.options = {**cls.options, **declared}
+
+    def __init__(self, **given: Any) -> None:
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            raise MergeBenchError(
+                f"method {self.name}: unknown option {unknown[0]!r} "
+                f"(options: {', '.join(sorted(self.options))})"
+            )
+        missing = [key for key in self.options if key not in given]
+        if missing:
+            raise MergeBenchError(f"method {self.name}: option {missing[0]!r} is not set")
+        checked: dict[str, Any] = {}
+        for key, declared in self.options.items():
+            checked[key] = declared.checked(self.name, given[key], checked)
+        # As configured (or as checked, where declared so): recorded with every result.
+        self.params = {
+            key: checked[key] if declared.record_checked else given[key]
+            for key, declared in self.options.items()
+        }
+        for key, value in checked.items():
+            setattr(self, key, value)
+        self.setup()
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """State derived from the checked options (a base method built, a pattern compiled)."""
 
     def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> MergeResult:
         raise NotImplementedError

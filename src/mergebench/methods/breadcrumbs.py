@@ -11,13 +11,12 @@ tensor is one row; a 0-D tensor is kept whole). Per task and row of `n` entries,
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from mergebench.engine.stream import sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import fraction, number
+from mergebench.methods.options import fraction, number, option
 
 
 def row_keep_range(n: int, density: float, outlier: float) -> tuple[int, int]:
@@ -59,11 +58,9 @@ class Breadcrumbs(TaskVectorMethod):
     name = "breadcrumbs"
     post_scaling = "scaling"
 
-    def __init__(self, density: Any, outlier: Any, scaling: Any) -> None:
-        super().__init__(density=density, outlier=outlier, scaling=scaling)
-        self.density = fraction(self.name, "density", density)
-        self.outlier = fraction(self.name, "outlier", outlier, low_open=False, high_open=True)
-        self.scaling = number(self.name, "scaling", scaling)
+    density: float = option(fraction)
+    outlier: float = option(fraction, low_open=False, high_open=True)
+    scaling: float = option(number)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling)

@@ -12,13 +12,12 @@ The streamed engine adds one `delta` to `W_pre`: `delta = mean + scaling * sum_t
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import fraction, number
+from mergebench.methods.options import fraction, number, option
 from mergebench.methods.svd_utils import is_matrix, truncate
 
 
@@ -51,10 +50,8 @@ def cart_delta(
 class CART(TaskVectorMethod):
     name = "cart"
 
-    def __init__(self, rank_ratio: Any, scaling: Any) -> None:
-        super().__init__(rank_ratio=rank_ratio, scaling=scaling)
-        self.rank_ratio = fraction(self.name, "rank_ratio", rank_ratio)  # (0, 1]
-        self.scaling = number(self.name, "scaling", scaling)
+    rank_ratio: float = option(fraction)  # (0, 1]
+    scaling: float = option(number)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return cart_delta(task_vectors, self.rank_ratio, self.scaling)

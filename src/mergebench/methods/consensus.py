@@ -8,24 +8,23 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import choice, number
+from mergebench.methods.options import choice, integer, number, option
 from mergebench.methods.tall_masks import (
     BASES,
+    Threshold,
     multitask_vector,
     parse_threshold,
     prepare_base,
     tall_masks,
     task_thresholds,
 )
-from mergebench.util.errors import MergeBenchError
+from mergebench.methods.ties import Ties
 
 
 def consensus_vector(
@@ -43,18 +42,14 @@ class Consensus(TaskVectorMethod):
     name = "consensus"
     post_scaling = "scaling"
 
-    def __init__(self, base: str, threshold: Any, k: Any, scaling: Any) -> None:
-        self.base = choice(self.name, "base", base, BASES)
-        self.threshold = parse_threshold(self.name, threshold)
-        super().__init__(base=base, threshold=self.threshold, k=k, scaling=scaling)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise MergeBenchError(f"{self.name}.k: {k!r} is not an integer >= 0")
-        self.k = k
-        self.scaling = number(self.name, "scaling", scaling)
-        if not math.isfinite(self.scaling):
-            raise MergeBenchError(f"{self.name}.scaling: {scaling!r} is not a finite number")
+    base: str = option(choice, allowed=BASES)
+    threshold: Threshold = option(parse_threshold, record_checked=True)
+    k: int = option(integer, minimum=0)
+    scaling: float = option(number)
+
+    def setup(self) -> None:
         self._thresholds: list[float] | None = None
-        self._ties = None
+        self._ties: Ties | None = None
 
     def prepare(self, stream: TaskVectorStream) -> None:
         self._thresholds = task_thresholds(self.name, self.threshold, stream.tasks)

@@ -16,7 +16,7 @@ import torch
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorTransform
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, TaskVectorMethod
-from mergebench.methods.options import flag, fraction
+from mergebench.methods.options import flag, fraction, option, params_mapping
 from mergebench.methods.registry import build_method, method_label
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
@@ -49,6 +49,12 @@ def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVect
     return transform
 
 
+def any_integer(method: str, option: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MergeBenchError(f"{method}.{option}: {value!r} is not an integer")
+    return value
+
+
 class Dare(Method):
     name = "dare"
 
@@ -59,32 +65,24 @@ class Dare(Method):
         """`dare (<base label>)`, e.g. `dare (ties)`."""
         return f"dare ({method_label(str(params.get('base')), params.get('base_params') or {})})"
 
-    def __init__(
-        self,
-        base: str,
-        drop: Any,
-        rescale: Any,
-        seed: Any,
-        base_params: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            base=base, drop=drop, rescale=rescale, seed=seed, base_params=dict(base_params or {})
-        )
-        self.drop = fraction(self.name, "drop", drop, low_open=False, high_open=True)
-        self.rescale = flag(self.name, "rescale", rescale)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise MergeBenchError(f"{self.name}.seed: {seed!r} is not an integer")
-        self.seed = seed
-        self.base = build_method(base, **(base_params or {}))
-        if not isinstance(self.base, TaskVectorMethod):
+    base: str = option()  # a method name: setup() builds it
+    drop: float = option(fraction, low_open=False, high_open=True)
+    rescale: bool = option(flag)
+    seed: int = option(any_integer)
+    base_params: dict[str, Any] = option(params_mapping, record_checked=True)
+
+    def setup(self) -> None:
+        base = build_method(self.base, **self.base_params)
+        if not isinstance(base, TaskVectorMethod):
             raise MergeBenchError(
-                f"{self.name}.base: {base!r} is not a data-free single-model method "
+                f"{self.name}.base: {self.base!r} is not a data-free single-model method "
                 "(use task_arithmetic, ties or weight_averaging)"
             )
+        self.base_method = base
 
     def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> SingleModelResult:
         n = len(pool.tasks)
-        result = self.base.merge(
+        result = self.base_method.merge(
             pool, context, transform_factory=lambda: make_dropper(n, self.drop, self.rescale,
                                                                   self.seed)
         )  # fmt: skip

@@ -18,7 +18,7 @@ the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 
 from mergebench.engine.stream import TaskVectorStream, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import flag, fraction, number
+from mergebench.methods.options import flag, fraction, integer, number, option
 from mergebench.util.errors import MergeBenchError
 
 
@@ -102,31 +102,29 @@ def della_delta(
     return scaling * elect_and_disjoint_mean(pruned)
 
 
+def window_fits(where: str, given: Any, window: float, earlier: Mapping[str, Any]) -> None:
+    """`window >= 0`, and `density ± window/2` inside (0, 1]."""
+    if not window >= 0:
+        raise MergeBenchError(f"{where}: {given!r} must be a number >= 0")
+    density = earlier["density"]
+    low, high = density - window / 2, density + window / 2
+    if not (low > 0 and high <= 1):
+        raise MergeBenchError(
+            f"{where}: density ± window/2 = [{low:g}, {high:g}] must lie inside (0, 1]"
+        )
+
+
 class Della(TaskVectorMethod):
     name = "della"
     post_scaling = "scaling"
 
-    def __init__(self, density: Any, window: Any, scaling: Any, rescale: Any, seed: Any) -> None:
-        super().__init__(
-            density=density, window=window, scaling=scaling, rescale=rescale, seed=seed
-        )
-        self.density = fraction(self.name, "density", density)
-        self.window = number(self.name, "window", window)
-        if not (math.isfinite(self.window) and self.window >= 0):
-            raise MergeBenchError(f"{self.name}.window: {window!r} must be a number >= 0")
-        low, high = self.density - self.window / 2, self.density + self.window / 2
-        if not (low > 0 and high <= 1):
-            raise MergeBenchError(
-                f"{self.name}.window: density ± window/2 = [{low:g}, {high:g}] "
-                "must lie inside (0, 1]"
-            )
-        self.scaling = number(self.name, "scaling", scaling)
-        if not math.isfinite(self.scaling):
-            raise MergeBenchError(f"{self.name}.scaling: {scaling!r} is not a finite number")
-        self.rescale = flag(self.name, "rescale", rescale)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise MergeBenchError(f"{self.name}.seed: {seed!r} is not an integer >= 0")
-        self.seed = seed
+    density: float = option(fraction)
+    window: float = option(number, also=window_fits)
+    scaling: float = option(number)
+    rescale: bool = option(flag)
+    seed: int = option(integer, minimum=0)
+
+    def setup(self) -> None:
         self._key_index: dict[str, int] = {}
 
     def prepare(self, stream: TaskVectorStream) -> None:

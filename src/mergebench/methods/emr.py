@@ -26,7 +26,7 @@ from mergebench.methods.modulators import (
     modulate_key,
     thread_scratch,
 )
-from mergebench.methods.options import choice, flag
+from mergebench.methods.options import choice, flag, option
 from mergebench.results import TaskConditionedResult
 
 
@@ -116,12 +116,10 @@ class EMR(Method):
         parts = ["elect"] + (["mask"] if mask else []) + (["rescale"] if rescale else [])
         return f"emr ({'+'.join(parts)})"
 
-    def __init__(self, elect: Any, mask: Any, rescale: Any, rescaler: str) -> None:
-        super().__init__(elect=elect, mask=mask, rescale=rescale, rescaler=rescaler)
-        self.elect = flag(self.name, "elect", elect)
-        self.mask = flag(self.name, "mask", mask)
-        self.rescale = flag(self.name, "rescale", rescale)
-        self.rescaler = choice(self.name, "rescaler", rescaler, RESCALERS)
+    elect: bool = option(flag)
+    mask: bool = option(flag)
+    rescale: bool = option(flag)
+    rescaler: str = option(choice, allowed=RESCALERS)
 
     def unify(
         self,

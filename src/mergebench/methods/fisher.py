@@ -17,7 +17,7 @@ are averaged, as are parameters the forward pass never reaches (all-zero Fisher)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +29,7 @@ from mergebench.engine.pool import ModelPool, Split
 from mergebench.engine.stream import TaskVectorStream
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, single_result
 from mergebench.methods.data_utils import InputsOnly, batch_size_of, inputs_only, load_task_model
-from mergebench.methods.options import choice, flag, integer, number
+from mergebench.methods.options import choice, flag, integer, number, option
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.progress import track
@@ -107,27 +107,20 @@ def diagonal_fisher(
     return {k: f / examples for k, f in zip(keys, fisher, strict=True)}, examples
 
 
+def above_zero(where: str, given: Any, value: float, earlier: Mapping[str, Any]) -> None:
+    if not value > 0:
+        raise MergeBenchError(f"{where}: {given!r} must be > 0")
+
+
 class Fisher(Method):
     name = "fisher"
     needs_data = True
 
-    def __init__(
-        self, num_examples: Any, min_fisher: Any, normalize: Any, batch_size: Any, split: Any
-    ) -> None:
-        super().__init__(
-            num_examples=num_examples,
-            min_fisher=min_fisher,
-            normalize=normalize,
-            batch_size=batch_size,
-            split=split,
-        )
-        self.num_examples = integer(self.name, "num_examples", num_examples, allow_none=True)
-        self.min_fisher = number(self.name, "min_fisher", min_fisher)
-        if not self.min_fisher > 0:
-            raise MergeBenchError(f"{self.name}.min_fisher: {min_fisher!r} must be > 0")
-        self.normalize = flag(self.name, "normalize", normalize)
-        self.batch_size = integer(self.name, "batch_size", batch_size)
-        self.split = choice(self.name, "split", split, ("train", "validation"))
+    num_examples: int | None = option(integer, allow_none=True)
+    min_fisher: float = option(number, also=above_zero)
+    normalize: bool = option(flag)
+    batch_size: int = option(integer)
+    split: str = option(choice, allowed=("train", "validation"))
 
     def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> SingleModelResult:
         data = inputs_only(pool, self.name)

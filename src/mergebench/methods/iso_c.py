@@ -11,13 +11,11 @@ there depends on the SVD library's choice of basis, as in the official code.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import number
+from mergebench.methods.options import number, option
 from mergebench.methods.svd_utils import is_matrix, svd
 
 
@@ -41,9 +39,7 @@ class IsoC(TaskVectorMethod):
     name = "iso_c"
     post_scaling = "scaling"
 
-    def __init__(self, scaling: Any) -> None:
-        super().__init__(scaling=scaling)
-        self.scaling = number(self.name, "scaling", scaling)
+    scaling: float = option(number)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * iso_c_delta(task_vectors)

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any
 
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import fraction, number
+from mergebench.methods.options import fraction, number, option
 from mergebench.methods.svd_utils import is_matrix, polar, svd
 
 
@@ -91,10 +90,8 @@ class IsoCTS(TaskVectorMethod):
     name = "iso_cts"
     post_scaling = "scaling"
 
-    def __init__(self, scaling: Any, common_fraction: Any) -> None:
-        super().__init__(scaling=scaling, common_fraction=common_fraction)
-        self.scaling = number(self.name, "scaling", scaling)
-        self.common_fraction = fraction(self.name, "common_fraction", common_fraction, False)
+    scaling: float = option(number)
+    common_fraction: float = option(fraction, low_open=False)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * iso_cts_delta(task_vectors, self.common_fraction)

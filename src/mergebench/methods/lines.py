@@ -18,8 +18,8 @@
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ import torch
 from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.consensus import consensus_vector
-from mergebench.methods.options import choice, number
+from mergebench.methods.options import choice, number, option
 from mergebench.methods.tall_masks import multitask_vector
 from mergebench.methods.ties import Ties
 from mergebench.util.errors import MergeBenchError
@@ -38,21 +38,26 @@ CONSENSUS_THRESHOLD = 0.6  # the consensus defaults (conf/method/consensus.yaml)
 CONSENSUS_K = 2
 
 
-def compile_layer_pattern(name: str, pattern: Any) -> re.Pattern[str] | None:
+def compile_layer_pattern(name: str, option: str, pattern: Any) -> re.Pattern[str] | None:
     if pattern is None:
         return None
     if not isinstance(pattern, str):
-        raise MergeBenchError(f"{name}.layer_pattern: {pattern!r} is not a regex string")
+        raise MergeBenchError(f"{name}.{option}: {pattern!r} is not a regex string")
     try:
         compiled = re.compile(pattern)
     except re.error as err:
-        raise MergeBenchError(f"{name}.layer_pattern: invalid regex {pattern!r} ({err})") from None
+        raise MergeBenchError(f"{name}.{option}: invalid regex {pattern!r} ({err})") from None
     if compiled.groups != 1:
         raise MergeBenchError(
-            f"{name}.layer_pattern: {pattern!r} must have exactly one group (the block number), "
+            f"{name}.{option}: {pattern!r} must have exactly one group (the block number), "
             f"it has {compiled.groups}"
         )
     return compiled
+
+
+def finite_at_least_zero(where: str, given: Any, value: float, earlier: Mapping[str, Any]) -> None:
+    if not value >= 0:
+        raise MergeBenchError(f"{where}: {given!r} must be a finite number >= 0")
 
 
 def key_blocks(name: str, pattern: re.Pattern[str], keys: list[str]) -> dict[str, int | None]:
@@ -89,13 +94,11 @@ def layer_scalings(blocks: dict[str, int | None], alpha: float, beta: float) -> 
 class LiNeS(TaskVectorMethod):
     name = "lines"
 
-    def __init__(self, base: str, beta: Any, layer_pattern: Any) -> None:
-        super().__init__(base=base, beta=beta, layer_pattern=layer_pattern)
-        self.base = choice(self.name, "base", base, BASES)
-        self.beta = number(self.name, "beta", beta)
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise MergeBenchError(f"{self.name}.beta: {beta!r} must be a finite number >= 0")
-        self.pattern = compile_layer_pattern(self.name, layer_pattern)
+    base: str = option(choice, allowed=BASES)
+    beta: float = option(number, also=finite_at_least_zero)
+    layer_pattern: re.Pattern[str] | None = option(compile_layer_pattern)  # null: the pool's
+
+    def setup(self) -> None:
         self._ties: Ties | None = None
         self._thresholds: list[float] = []
         self._scalings: dict[str, float] = {}
@@ -113,9 +116,10 @@ class LiNeS(TaskVectorMethod):
         return total
 
     def prepare(self, stream: TaskVectorStream) -> None:
-        pattern = self.pattern
+        pattern = self.layer_pattern
         if pattern is None:
-            pattern = compile_layer_pattern(self.name, getattr(stream.pool, "layer_pattern", None))
+            pool_pattern = getattr(stream.pool, "layer_pattern", None)
+            pattern = compile_layer_pattern(self.name, "layer_pattern", pool_pattern)
         if pattern is None:
             raise MergeBenchError(
                 f"{self.name}.layer_pattern: not set, and the pool's model family gives none "

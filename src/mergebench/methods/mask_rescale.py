@@ -13,7 +13,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
 from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
-from mergebench.methods.options import choice, flag
+from mergebench.methods.options import choice, flag, option, params_mapping
 from mergebench.methods.registry import build_method, method_label
 from mergebench.results import MergeResult, SingleModelResult, TaskConditionedResult
 from mergebench.util.errors import MergeBenchError
@@ -34,43 +34,33 @@ class MaskRescale(Method):
     def base_label(cls, params: Mapping[str, Any]) -> str:
         return method_label(str(params.get("base")), params.get("base_params") or {})
 
-    def __init__(
-        self,
-        base: str,
-        mask: Any,
-        rescale: Any,
-        rescaler: str,
-        base_params: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            base=base,
-            mask=mask,
-            rescale=rescale,
-            rescaler=rescaler,
-            base_params=dict(base_params or {}),
-        )
-        self.mask = flag(self.name, "mask", mask)
-        self.rescale = flag(self.name, "rescale", rescale)
-        self.rescaler = choice(self.name, "rescaler", rescaler, RESCALERS)
-        self.base = build_method(base, **(base_params or {}))
-        if self.base.task_conditioned:
+    base: str = option()  # a method name: setup() builds it
+    mask: bool = option(flag)
+    rescale: bool = option(flag)
+    rescaler: str = option(choice, allowed=RESCALERS)
+    base_params: dict[str, Any] = option(params_mapping, record_checked=True)
+
+    def setup(self) -> None:
+        self.base_method = build_method(self.base, **self.base_params)
+        if self.base_method.task_conditioned:
             raise MergeBenchError(
-                f"{self.name}.base: {base!r} is task-conditioned; M&R needs a single-model method"
+                f"{self.name}.base: {self.base!r} is task-conditioned; M&R needs a "
+                "single-model method"
             )
 
     @property
     def needs_data(self) -> bool:  # type: ignore[override]
-        return self.base.needs_data
+        return self.base_method.needs_data
 
     def merge(
         self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT
     ) -> TaskConditionedResult:
         in_memory = replace(context, target=None)
-        if context.target is None or self.base.needs_data:
-            return self._mask_and_rescale(pool, self.base.merge(pool, in_memory), context)
+        if context.target is None or self.base_method.needs_data:
+            return self._mask_and_rescale(pool, self.base_method.merge(pool, in_memory), context)
         # Streamed: the base model goes to a scratch folder and is read back key by key.
         with context.target.scratch() as scratch:
-            merged = self.base.merge(pool, replace(context, target=scratch))
+            merged = self.base_method.merge(pool, replace(context, target=scratch))
             return self._mask_and_rescale(pool, merged, context)
 
     def _mask_and_rescale(

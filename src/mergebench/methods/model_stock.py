@@ -15,14 +15,14 @@ opposite directions) and `t` has no finite value: where `|1 + (N - 1) c| < 1e-6`
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from mergebench.engine.keyplan import KeyPlan
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TensorItem, TransformFactory, sum_tasks
-from mergebench.methods.base import TaskVectorMethod, flag
+from mergebench.methods.base import DEFAULT_CONTEXT, RunContext, TaskVectorMethod
+from mergebench.methods.options import flag, option
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 
@@ -91,13 +91,12 @@ def model_stock_delta(
 class ModelStock(TaskVectorMethod):
     name = "model_stock"
 
-    def __init__(self, filter_wise: Any) -> None:
-        super().__init__(filter_wise=filter_wise)
-        self.filter_wise = flag(self.name, "filter_wise", filter_wise)
+    filter_wise: bool = option(flag)
 
     def merge(
         self,
         pool: ModelPool,
+        context: RunContext = DEFAULT_CONTEXT,
         transform_factory: TransformFactory | None = None,
         plan: KeyPlan | None = None,
     ) -> SingleModelResult:
@@ -106,7 +105,7 @@ class ModelStock(TaskVectorMethod):
                 f"{self.name}: needs at least two fine-tuned models, got {len(pool.tasks)} "
                 f"({', '.join(pool.tasks)})"
             )
-        return super().merge(pool, transform_factory, plan)
+        return super().merge(pool, context, transform_factory, plan)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return model_stock_delta(task_vectors, self.filter_wise)

@@ -1,13 +1,63 @@
-"""The checks of method options, in one place: each takes the method's name, the option's
-name and the value as configured, returns the value to use, and raises a `MergeBenchError`
-naming `<method>.<option>` otherwise."""
+"""Method options: their one declaration (`option`) and the checks, in one place.
+
+A method declares each option once, as a class attribute of its `Method` subclass:
+`k: float = option(fraction)`; its defaults live in `conf/method/<name>.yaml`. A check
+takes the method's name, the option's name and the value as configured (plus the
+declaration's settings), returns the value to use, and raises a `MergeBenchError` naming
+`<method>.<option>` otherwise.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mergebench.util.errors import MergeBenchError
+
+# check(method, option, value, **settings) -> the value to use
+Check = Callable[..., Any]
+# also(where, given, value, earlier): a further condition on the checked `value` ("where"
+# is `<method>.<option>`, `given` the value as configured, `earlier` the checked values
+# of the options declared before it).
+Also = Callable[[str, Any, Any, Mapping[str, Any]], None]
+
+
+class Option:
+    """One method option, as its class declares it (see `option`)."""
+
+    def __init__(
+        self, check: Check | None, settings: dict[str, Any], also: Also | None, record_checked: bool
+    ) -> None:
+        self.name = ""  # set by the class statement (__set_name__)
+        self.check, self.settings, self.also = check, settings, also
+        self.record_checked = record_checked
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def checked(self, method: str, given: Any, earlier: Mapping[str, Any]) -> Any:
+        value = given
+        if self.check is not None:
+            value = self.check(method, self.name, given, **self.settings)
+        if self.also is not None:
+            self.also(f"{method}.{self.name}", given, value, earlier)
+        return value
+
+
+def option(
+    check: Check | None = None,
+    /,
+    *,
+    also: Also | None = None,
+    record_checked: bool = False,
+    **settings: Any,
+) -> Any:
+    """Declare a method option: `check(method, option, value, **settings)` gives the value
+    the method uses (None: the value as given), then `also` tests what needs more (a
+    bound, an earlier option). A run records the option as given, or as checked with
+    `record_checked` (a parsed threshold mapping)."""
+    return Option(check, settings, also, record_checked)
 
 
 def choice(name: str, option: str, value: Any, allowed: tuple[Any, ...]) -> Any:
@@ -60,6 +110,11 @@ def flag(name: str, option: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise MergeBenchError(f"{name}.{option}: {value!r} is not true/false")
     return value
+
+
+def params_mapping(method: str, option: str, value: Any) -> dict[str, Any]:
+    """Another method's options, as a mapping (null: that method's defaults)."""
+    return dict(value or {})
 
 
 def integer(

@@ -29,7 +29,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, single_result
 from mergebench.methods.data_utils import InputsOnly, batch_size_of, inputs_only, load_task_model
-from mergebench.methods.options import choice, fraction, integer
+from mergebench.methods.options import choice, fraction, integer, option
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.progress import track
@@ -115,12 +115,10 @@ class RegMean(Method):
     name = "regmean"
     needs_data = True
 
-    def __init__(self, num_examples: Any, alpha: Any, batch_size: Any, split: Any) -> None:
-        super().__init__(num_examples=num_examples, alpha=alpha, batch_size=batch_size, split=split)
-        self.num_examples = integer(self.name, "num_examples", num_examples, allow_none=True)
-        self.alpha = fraction(self.name, "alpha", alpha, low_open=False)
-        self.batch_size = integer(self.name, "batch_size", batch_size)
-        self.split = choice(self.name, "split", split, ("train", "validation"))
+    num_examples: int | None = option(integer, allow_none=True)
+    alpha: float = option(fraction, low_open=False)
+    batch_size: int = option(integer)
+    split: str = option(choice, allowed=("train", "validation"))
 
     def merge(self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT) -> SingleModelResult:
         data = inputs_only(pool, self.name)

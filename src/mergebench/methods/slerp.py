@@ -19,7 +19,8 @@ import torch
 from mergebench.engine.keyplan import KeyPlan
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TensorItem, TransformFactory
-from mergebench.methods.base import TaskVectorMethod, number
+from mergebench.methods.base import DEFAULT_CONTEXT, RunContext, TaskVectorMethod
+from mergebench.methods.options import number, option
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 
@@ -70,7 +71,7 @@ def slerp_delta(
     return a.mul_(coef_a).add_(b, alpha=coef_b).sub_(pretrained)
 
 
-def endpoint_names(value: Any) -> list[str] | None:
+def endpoint_names(method: str, option: str, value: Any) -> list[str] | None:
     """`endpoints`: null, or two different task names."""
     if value is None:
         return None
@@ -81,7 +82,7 @@ def endpoint_names(value: Any) -> list[str] | None:
         or value[0] == value[1]
     ):
         raise MergeBenchError(
-            f"slerp.endpoints: expected two different task names [A, B] or null, got {value!r}"
+            f"{method}.{option}: expected two different task names [A, B] or null, got {value!r}"
         )
     return list(value)
 
@@ -89,16 +90,17 @@ def endpoint_names(value: Any) -> list[str] | None:
 class Slerp(TaskVectorMethod):
     name = "slerp"
 
-    def __init__(self, t: Any, endpoints: Any) -> None:
-        names = endpoint_names(endpoints)
-        super().__init__(t=t, endpoints=names)
-        self.t = number(self.name, "t", t)
-        self.endpoints = names
+    # Checked in this order; `endpoints` is recorded as checked (a tuple as a list).
+    endpoints: list[str] | None = option(endpoint_names, record_checked=True)
+    t: float = option(number)
+
+    def setup(self) -> None:
         self.order = (0, 1)
 
     def merge(
         self,
         pool: ModelPool,
+        context: RunContext = DEFAULT_CONTEXT,
         transform_factory: TransformFactory | None = None,
         plan: KeyPlan | None = None,
     ) -> SingleModelResult:
@@ -116,7 +118,7 @@ class Slerp(TaskVectorMethod):
                         f"(tasks: {', '.join(tasks)})"
                     )
             self.order = (tasks.index(self.endpoints[0]), tasks.index(self.endpoints[1]))
-        return super().merge(pool, transform_factory, plan)
+        return super().merge(pool, context, transform_factory, plan)
 
     def merge_item(self, item: TensorItem) -> torch.Tensor:
         # On the models themselves, not their task vectors: the item's pretrained is needed.

@@ -24,7 +24,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem, sum_tasks
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
 from mergebench.methods.modulators import KeyModulators, assemble_result
-from mergebench.methods.options import choice, number
+from mergebench.methods.options import choice, number, option
 from mergebench.methods.ties import Ties
 from mergebench.results import TaskConditionedResult
 from mergebench.util.errors import MergeBenchError
@@ -37,13 +37,13 @@ TIES_K = 0.2
 Threshold = float | dict[str, float]
 
 
-def parse_threshold(name: str, value: Any) -> Threshold:
+def parse_threshold(name: str, option: str, value: Any) -> Threshold:
     """One finite number >= 0, or a mapping of task names to such numbers."""
     if isinstance(value, Mapping):
         if not value:
-            raise MergeBenchError(f"{name}.threshold: the per-task mapping is empty")
-        return {str(t): _one_threshold(name, f"threshold[{t}]", v) for t, v in value.items()}
-    return _one_threshold(name, "threshold", value)
+            raise MergeBenchError(f"{name}.{option}: the per-task mapping is empty")
+        return {str(t): _one_threshold(name, f"{option}[{t}]", v) for t, v in value.items()}
+    return _one_threshold(name, option, value)
 
 
 def _one_threshold(name: str, option: str, value: Any) -> float:
@@ -116,10 +116,8 @@ class TallMasks(Method):
     name = "tall_masks"
     task_conditioned = True
 
-    def __init__(self, base: str, threshold: Any) -> None:
-        self.base = choice(self.name, "base", base, BASES)
-        self.threshold = parse_threshold(self.name, threshold)
-        super().__init__(base=base, threshold=self.threshold)
+    base: str = option(choice, allowed=BASES)
+    threshold: Threshold = option(parse_threshold, record_checked=True)
 
     def merge(
         self, pool: ModelPool, context: RunContext = DEFAULT_CONTEXT

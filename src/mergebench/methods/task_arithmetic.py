@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import number
+from mergebench.methods.options import number, option
 
 
 class TaskArithmetic(TaskVectorMethod):
     name = "task_arithmetic"
     post_scaling = "scaling"
 
-    def __init__(self, scaling: Any) -> None:
-        super().__init__(scaling=scaling)
-        self.scaling = number(self.name, "scaling", scaling)
+    scaling: float = option(number)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * sum_tasks(task_vectors)

@@ -14,7 +14,6 @@ to an in-memory one. On the CPU the per-key arithmetic runs block by block in nu
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from mergebench.engine.stream import (
 )
 from mergebench.engine.topk import RadixSelect, kth_largest_abs_in_tensor
 from mergebench.methods.base import TaskVectorMethod, sign
-from mergebench.methods.options import choice, fraction, number
+from mergebench.methods.options import choice, fraction, number, option
 
 AGGREGATES = ("sum", "mean")
 # Entries per block of the CPU kernel: the `[N, block]` work arrays stay in the core's cache.
@@ -106,12 +105,12 @@ class Ties(TaskVectorMethod):
     name = "ties"
     post_scaling = "scaling"
 
-    def __init__(self, k: Any, scaling: Any, aggregate: str, topk_scope: str) -> None:
-        super().__init__(k=k, scaling=scaling, aggregate=aggregate, topk_scope=topk_scope)
-        self.k = fraction(self.name, "k", k)
-        self.scaling = number(self.name, "scaling", scaling)
-        self.aggregate = choice(self.name, "aggregate", aggregate, AGGREGATES)
-        self.topk_scope = choice(self.name, "topk_scope", topk_scope, ("global", "tensor"))
+    k: float = option(fraction)
+    scaling: float = option(number)
+    aggregate: str = option(choice, allowed=AGGREGATES)
+    topk_scope: str = option(choice, allowed=("global", "tensor"))
+
+    def setup(self) -> None:
         self._thresholds: torch.Tensor | None = None
 
     def prepare(self, stream: TaskVectorStream) -> None:

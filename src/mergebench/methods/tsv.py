@@ -16,13 +16,11 @@ so there `delta` depends on the SVD library (as in the official code).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from mergebench.engine.stream import sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import number
+from mergebench.methods.options import number, option
 from mergebench.methods.svd_utils import is_matrix, polar, svd
 
 
@@ -62,9 +60,7 @@ class TSV(TaskVectorMethod):
     name = "tsv"
     post_scaling = "scaling"
 
-    def __init__(self, scaling: Any) -> None:
-        super().__init__(scaling=scaling)
-        self.scaling = number(self.name, "scaling", scaling)
+    scaling: float = option(number)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * tsv_delta(task_vectors)

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mergebench.engine.stream import sum_tasks
 from mergebench.methods.base import DEFAULT_CONTEXT, RunContext, TaskVectorMethod
-from mergebench.methods.options import choice, number
+from mergebench.methods.options import choice, number, option
 from mergebench.methods.svd_utils import is_matrix
 from mergebench.util.errors import MergeBenchError
 
@@ -118,22 +119,29 @@ def steps_option(name: str, option: str, value: Any) -> int:
     return int(value)
 
 
+def positive(where: str, given: Any, value: float, earlier: Mapping[str, Any]) -> None:
+    if value <= 0:
+        raise MergeBenchError(f"{where}: {value} must be > 0")
+
+
+def regex(name: str, option: str, value: Any) -> re.Pattern[str]:
+    if not isinstance(value, str):
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a regex string")
+    try:
+        return re.compile(value)
+    except re.error as error:
+        raise MergeBenchError(f"{name}.{option}: {value!r} is not a regex ({error})") from None
+
+
 class WUDI(TaskVectorMethod):
     name = "wudi"
 
-    def __init__(self, steps: Any, lr: Any, keys: Any, others: Any) -> None:
-        super().__init__(steps=steps, lr=lr, keys=keys, others=others)
-        self.steps = steps_option(self.name, "steps", steps)
-        self.lr = number(self.name, "lr", lr)
-        if self.lr <= 0:
-            raise MergeBenchError(f"{self.name}.lr: {self.lr} must be > 0")
-        if not isinstance(keys, str):
-            raise MergeBenchError(f"{self.name}.keys: {keys!r} is not a regex string")
-        try:
-            self.keys = re.compile(keys)
-        except re.error as error:
-            raise MergeBenchError(f"{self.name}.keys: {keys!r} is not a regex ({error})") from None
-        self.others = choice(self.name, "others", others, OTHERS)
+    steps: int = option(steps_option)
+    lr: float = option(number, also=positive)
+    keys: re.Pattern[str] = option(regex)
+    others: str = option(choice, allowed=OTHERS)
+
+    def setup(self) -> None:
         self._losses: dict[str, dict[str, float]] = {}
 
     def optimised(self, key: str, task_vectors: torch.Tensor) -> bool:
