@@ -20,43 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-# Data-free methods and variants: conf/variant/<name>.yaml (paper Tables 7 and 8 included).
-DATA_FREE_VARIANTS = [
-    "weight_averaging",
-    "task_arithmetic",
-    "ties",
-    "emr",
-    "emr_elect",
-    "emr_elect_mask",
-    "emr_elect_rescale",
-    "task_arithmetic_mr",
-    "ties_mr",
-]
-# DARE on task arithmetic and on TIES: the slowest data-free rows (a random drop per merge,
-# its `drop` selected on top of the base's selection: 77 s and 111 s of the 811 s text
-# board on a quiet machine, 2026-11-26), left to `--all` so `make bench` keeps its 10-minute
-# budget.
-SLOW_VARIANTS = ["dare_task_arithmetic", "dare_ties"]
-# Methods papers compare EMR against (2024-2025): `--all` (and `--variants`) runs them.
-NEW_METHOD_VARIANTS = [
-    "breadcrumbs",
-    "della",
-    "tall_masks",
-    "consensus",
-    "tsv",
-    "iso_c",
-    "iso_cts",
-    "cart",
-    "lines",
-    "wudi",
-]
-# mergekit's methods that take any number of tasks (`--all`); `slerp` merges exactly two
-# models, so it is on no board.
-MERGEKIT_VARIANTS = ["model_stock"]
-# Data-dependent methods (`--all`): their benchmark presets, conf/variant/<name>.yaml (fewer
-# examples / steps than the papers, to fit a 2-core CPU; costs in the README).
+from mergebench.bench.variants import variants_in
+
+# Each variant's group is its `board:` key (conf/variant/<name>.yaml, mergebench.bench.variants).
+DATA_FREE_VARIANTS = variants_in("default")  # make bench
+SLOW_VARIANTS = variants_in("slow")  # DARE: --all
+NEW_METHOD_VARIANTS = variants_in("new")  # the 2024-2025 methods: --all
+MERGEKIT_VARIANTS = variants_in("mergekit")  # model_stock (slerp merges two: no board): --all
 ALL_DATA_FREE = DATA_FREE_VARIANTS + SLOW_VARIANTS + NEW_METHOD_VARIANTS + MERGEKIT_VARIANTS
-DATA_DEPENDENT_VARIANTS = ["regmean", "fisher", "adamerging", "adamerging_pp", "adamerging_pp_mr"]
+DATA_DEPENDENT_VARIANTS = variants_in("data")  # their CPU presets: --all, a multirun of their own
 SETS = {"text": "bench_text", "vision": "bench_vision"}
 
 

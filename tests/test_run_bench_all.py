@@ -5,7 +5,10 @@ methods."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +88,37 @@ def test_make_bench_passes_the_seeds_to_the_zoo_and_the_runs():
     assert "run_bench.py --seeds $(SEEDS)" in makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     zoo = makefile.split("\nzoo:", 1)[1].split("\n\n", 1)[0]
     assert "mergebench-zoo seed=$$seed" in zoo
+
+
+def test_every_variant_names_its_board_group(tmp_path, monkeypatch):
+    from mergebench.bench.variants import GROUPS, variant_groups, variants_in
+    from mergebench.util.config import conf_dir, group_options
+    from mergebench.util.errors import MergeBenchError
+
+    groups = variant_groups()
+    assert set(groups) == set(group_options("variant")) and set(groups.values()) <= set(GROUPS)
+    assert variants_in("default")[:1] and "emr" in variants_in("default")
+    assert "dare_ties" not in variants_in("default")
+    # A new variant file is picked up by its group, with no script edit.
+    conf = tmp_path / "conf"
+    shutil.copytree(conf_dir(), conf)
+    (conf / "variant" / "my_ties.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: ties\nmethod:\n  k: 0.1\nboard: new\n"
+    )
+    (conf / "variant" / "broken.yaml").write_text("# @package _global_\nboard: nope\n")
+    monkeypatch.setenv("MERGEBENCH_CONF", str(conf))
+
+    with pytest.raises(MergeBenchError, match=r"broken.yaml: board: 'nope' is not one of"):
+        variant_groups()
+    (conf / "variant" / "broken.yaml").unlink()
+    assert "my_ties" in variants_in("new")
+
+
+def test_board_key_leaves_a_runs_hash_alone():
+    from mergebench.bench.identity import VOLATILE_KEYS
+    from mergebench.report.store import config_hash
+
+    config = {"method": {"name": "ties", "k": 0.2}, "seed": 0}
+    assert config_hash({**config, "board": "default"}, volatile=VOLATILE_KEYS) == config_hash(
+        config, volatile=VOLATILE_KEYS
+    )

@@ -29,6 +29,7 @@ VOLATILE_KEYS = frozenset(
         "sweep_id",
         "num_workers",
         "references",
+        "board",  # a variant's board group (bench/variants.py): which script runs it
         # The code that reads a model config (added after runs were stored): a run's
         # identity is its model's name, checkpoints and options.
         "model._target_",

@@ -4,7 +4,10 @@ beside the reference rows (individual, multitask, pretrained).
 
     mergebench                                        # EMR on the text set (MiniLM)
     mergebench method=ties model=efficientnet_lite0 taskset=vision
-    mergebench -m +variant=glob(*) +experiment=bench_text,bench_vision   # what `make bench` runs
+    mergebench -m +variant=glob(*) +experiment=bench_text,bench_vision   # every variant
+
+`make bench` runs `scripts/run_bench.py`: the variants whose `board:` is `default`
+(`mergebench.bench.variants`), then the leaderboard.
 
 In a multirun (the basic launcher runs jobs one after another in this process) the family,
 its data and the evaluation models are loaded once per task set and reused.

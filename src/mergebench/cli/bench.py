@@ -2,7 +2,8 @@
 
 mergebench                                        # EMR on the text set (MiniLM)
 mergebench method=ties model=efficientnet_lite0 taskset=vision
-mergebench -m +variant=glob(*) +experiment=bench_text,bench_vision   # what `make bench` runs
+mergebench -m +variant=emr,ties +experiment=bench_text,bench_vision   # a Hydra multirun
+(`make bench` runs scripts/run_bench.py: the variants whose `board:` is `default`)
 """
 
 from __future__ import annotations
