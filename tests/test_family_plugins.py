@@ -147,8 +147,10 @@ def test_configured_model_as_zoo_source_names_the_class():
 
 
 def test_taskset_family_is_the_family_kind_everywhere():
-    """`taskset.family` names `Family.kind` for zoo and configured families alike."""
-    kinds = {family_class(load_group("model", m)).kind for m in group_options("model")}
+    """`taskset.family` names `Family.kind` for zoo and configured families alike, or the
+    form of its inputs (`text`, `image`: the task set of one's own files)."""
+    classes = [family_class(load_group("model", m)) for m in group_options("model")]
+    kinds = {c.kind for c in classes} | {c.modality for c in classes}
     for name in group_options("taskset"):
         assert load_group("taskset", name)["family"] in kinds, name
     with pytest.raises(MergeBenchError, match=r"^taskset\.family: task set 'tiny_text' is for"):

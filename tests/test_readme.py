@@ -31,3 +31,44 @@ def test_readme_python_example_runs(tmp_path, tiny_models, monkeypatch):
             assert (r3.state_dict(task)[key] == value).all(), key
     assert (tmp_path / "out_streamed" / "unified.safetensors.index.json").exists()
     assert (tmp_path / "out" / "masks.safetensors").exists()
+
+
+def section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def commands(block: str) -> list[list[str]]:
+    """The command lines of a bash block (continuations joined, comments dropped)."""
+    import shlex
+
+    joined = block.replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
+
+
+def test_readme_own_models_section_runs(tmp_path, monkeypatch, capsys):
+    """ "Your own models": from two fine-tunes made here (tests/tiny_hf.py) to a board row and
+    a saved merge, running the section's commands as written, in its folder."""
+    import tiny_hf
+
+    from mergebench.bench import job as bench
+    from mergebench.cli import leaderboard
+    from mergebench.util.config import compose_config
+
+    tiny_hf.make_own_world(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
+    (block,) = re.findall(r"```bash\n(.*?)```", section("Your own models"), flags=re.S)
+    lines = commands(block)
+    assert [argv[0] for argv in lines] == ["mergebench", "mergebench-leaderboard"]
+    overrides = [*lines[0][1:], "progress=false", f"taskset.cache_dir={tmp_path / 'hf'}"]
+    summary = bench.run(compose_config(overrides), overrides)
+    assert [s["task"] for s in summary["scores"]] == ["sentiment", "topic"]
+    assert (tmp_path / "outputs" / "merged_ties").is_dir()
+    capsys.readouterr()
+    assert leaderboard.main(lines[1][1:]) == 0
+    board = capsys.readouterr().out
+    for row in ("individual", "pretrained", "ties"):
+        assert f"| {row} " in board, board

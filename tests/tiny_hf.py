@@ -254,3 +254,86 @@ def make_glue_clone(
         splits["test"] = test
         save_parquet_repo(root, splits, sub=task)
     return root
+
+
+# ------------------------------------------------------------------------------ one's own
+
+
+def make_bert(folder: Path, seed: int = 0) -> Path:
+    """A bare `BertModel` folder (keys `embeddings.*`, no `bert.` prefix) with a WordPiece
+    tokenizer of `WORDS`: a base model as one saves it oneself."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), max_position_embeddings=64, **TEXT)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_bert_finetuned(pretrained: Path, folder: Path, labels: list[str] | int, seed: int) -> Path:
+    """A `BertForSequenceClassification` fine-tune of `pretrained`: its backbone perturbed,
+    a random head; `labels` names the classes (`id2label`) or only counts them."""
+    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
+
+    count = labels if isinstance(labels, int) else len(labels)
+    config = AutoConfig.from_pretrained(pretrained, num_labels=count)
+    if not isinstance(labels, int):
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(pretrained, config=config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(pretrained).save_pretrained(folder)
+    return folder
+
+
+def own_rows(n: int, seed: int, labels: list) -> list[dict]:
+    """Rows of random sentences, `labels` in turn."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "text": " ".join(rng.choice(WORDS, size=rng.integers(3, 9))),
+            "label": labels[i % len(labels)],
+        }
+        for i in range(n)
+    ]
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_own_world(root: Path) -> Path:
+    """What a user brings: a base (`base/`), two fine-tunes (`sentiment/` with named labels,
+    `topic/` with three unnamed ones), and their data: sentiment as CSV with string labels,
+    topic as JSON lines with class ids."""
+    base = make_bert(root / "base")
+    make_bert_finetuned(base, root / "sentiment", ["negative", "positive"], seed=1)
+    make_bert_finetuned(base, root / "topic", 3, seed=2)
+    # "positive" first: ids must follow the model's id2label, not the data's order
+    write_csv(root / "data/sentiment_train.csv", own_rows(30, 0, ["positive", "negative"]))
+    write_csv(root / "data/sentiment_test.csv", own_rows(12, 1, ["negative", "positive"]))
+    write_jsonl(root / "data/topic_train.jsonl", own_rows(30, 2, [0, 1, 2]))
+    write_jsonl(root / "data/topic_test.jsonl", own_rows(9, 3, [2, 1, 0]))
+    return root

@@ -5,7 +5,12 @@ the evaluator, exactly as the embedded zoo does.
 A task's data is described in its task set (`conf/taskset/*.yaml`, key `data.<task>`): the
 hub id and config, or `data_dir` (a `save_to_disk` folder, or a folder of parquet / csv /
 json files in the hub's layout), which source split plays our train / validation / test,
-the input columns and the label column, and the metric.
+the input columns and the label column, and the metric. Or one local file per split
+(`train: a.csv`, `test: b.jsonl`, optional `validation:`; `mergebench.data.files`).
+
+Labels may be class ids or strings: string labels are mapped to ids by the task's class
+names (configured `classes`, else the sorted labels of the train split), and a label of a
+validation or test split that the train split lacks is an error naming the task.
 
 Nothing here holds a label where a merging method could reach it: a family receives
 `InputRows`, which open their data set with the input columns only; labels are read by
@@ -27,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mergebench.data.files import check_data_file, is_saved_dataset, open_data_file
 from mergebench.data.metrics import HF_METRICS, REGRESSION_METRIC
 from mergebench.data.splits import SPLITS
 from mergebench.util.errors import MergeBenchError, first_line
@@ -53,6 +59,8 @@ class DataSpec:
     # such as "a photo of a {}." that replace the set's.
     prompts: str | None = None
     templates: tuple[str, ...] | None = None
+    # Local files, one per source split (train, validation, test): instead of path/data_dir.
+    files: tuple[tuple[str, str], ...] = ()
 
     @property
     def where(self) -> str:
@@ -65,9 +73,21 @@ class DataSpec:
     def source_split(self, split: str) -> str | None:
         return dict(self.splits)[split]
 
+    def source_text(self, source_split: str) -> str:
+        """One source split, for messages: its file, or the split of the data set."""
+        if self.files:
+            return dict(self.files)[source_split]
+        return f"split {source_split!r} of {self.label_text}"
+
+    @property
+    def local(self) -> bool:
+        return bool(self.files or self.data_dir)
+
     @property
     def label_text(self) -> str:
-        """What the data set is, for messages: the local folder or the hub id (and config)."""
+        """What the data set is, for messages: the local files or folder, or the hub id."""
+        if self.files:
+            return ", ".join(f for _, f in self.files)
         if self.data_dir:
             return str(self.data_dir)
         return f"{self.path}" + (f" ({self.name})" if self.name else "")
@@ -75,8 +95,25 @@ class DataSpec:
 
 _SPEC_KEYS = {
     "path", "name", "data_dir", "revision", "inputs", "label", "splits", "metric", "classes",
-    "prompts", "templates",
+    "prompts", "templates", *SPLITS,
 }  # fmt: skip
+
+
+def _file_splits(where: str, cfg: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """`train: a.csv, test: b.csv` (validation optional), checked; () when none is given."""
+    given = [s for s in SPLITS if cfg.get(s) is not None]
+    if not given:
+        return ()
+    for key in ("path", "data_dir", "splits"):
+        if cfg.get(key):
+            raise MergeBenchError(
+                f"{where}.{key}: not with files per split ({', '.join(given)}): the files are "
+                "the splits"
+            )
+    for split in ("train", "test"):
+        if cfg.get(split) is None:
+            raise MergeBenchError(f"{where}.{split}: missing (the {split} split's file)")
+    return tuple((s, check_data_file(cfg[s], f"{where}.{s}")) for s in given)
 
 
 def parse_data_spec(
@@ -91,14 +128,22 @@ def parse_data_spec(
         raise MergeBenchError(
             f"{where}.{unknown[0]}: unknown key (keys: {', '.join(sorted(_SPEC_KEYS))})"
         )
-    if not cfg.get("path") and not cfg.get("data_dir"):
-        raise MergeBenchError(f"{where}: set path (a hub id) or data_dir (a local copy)")
+    files = _file_splits(where, cfg)
+    if not files and not cfg.get("path") and not cfg.get("data_dir"):
+        raise MergeBenchError(
+            f"{where}: set path (a hub id), data_dir (a local copy) or files per split "
+            "(train: a.csv, test: b.csv)"
+        )
     inputs = cfg.get("inputs")
     if isinstance(inputs, str):
         inputs = [inputs]
     if not inputs or not all(isinstance(c, str) for c in inputs) or len(inputs) > 2:
         raise MergeBenchError(f"{where}.inputs: {inputs!r} is not one or two column names")
     splits = dict(cfg.get("splits") or {})
+    if files:  # each file is the source split of its own name
+        splits = {s: s for s, _ in files}
+    elif cfg.get("data_dir") and not splits:  # a save_to_disk folder of our own splits
+        splits = {"train": "train", "test": "test"}
     bad = sorted(set(splits) - set(SPLITS))
     if bad:
         raise MergeBenchError(f"{where}.splits.{bad[0]}: unknown split (ours: {', '.join(SPLITS)})")
@@ -132,6 +177,7 @@ def parse_data_spec(
         cache_dir=cache_dir,
         prompts=str(cfg["prompts"]) if cfg.get("prompts") else None,
         templates=tuple(templates) if templates else None,
+        files=files,
     )
 
 
@@ -191,8 +237,12 @@ def _local_folder(spec: DataSpec) -> Path:
 def _open_local(spec: DataSpec, source_split: str):
     import datasets
 
+    if spec.files:
+        return open_data_file(
+            dict(spec.files)[source_split], f"{spec.where}.{source_split}", spec.cache_dir
+        )
     folder = _local_folder(spec)
-    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+    if is_saved_dataset(folder):
         loaded = datasets.load_from_disk(str(folder))  # written by save_to_disk
         if isinstance(loaded, datasets.DatasetDict):
             if source_split not in loaded:
@@ -219,7 +269,7 @@ def _open_hub(spec: DataSpec, source_split: str):
 def open_split(spec: DataSpec, source_split: str):
     """One source split as a `datasets.Dataset` (memory-mapped), or a one-line error."""
     try:
-        if spec.data_dir:
+        if spec.local:
             return _open_local(spec, source_split)
         return _open_hub(spec, source_split)
     except MergeBenchError:
@@ -249,12 +299,14 @@ def _column_names(dataset) -> list[str]:
     return list(dataset.column_names)
 
 
-def _check_columns(spec: DataSpec, dataset, source_split: str, columns: Sequence[str]) -> None:
+def _check_columns(
+    spec: DataSpec, dataset, source_split: str, columns: Sequence[str], key: str
+) -> None:
     have = _column_names(dataset)
     for column in columns:
         if column not in have:
             raise MergeBenchError(
-                f"{spec.where}: split {source_split!r} of {spec.label_text} has no column "
+                f"{spec.where}.{key}: {spec.source_text(source_split)} has no column "
                 f"{column!r} (columns: {', '.join(have)})"
             )
 
@@ -319,7 +371,7 @@ class InputRows(Sequence):
         if self._rows is None:
             source, rows = split_rows(self._spec, self._split, self._seed, self._examples)
             dataset = open_split(self._spec, source)
-            _check_columns(self._spec, dataset, source, self._spec.inputs)
+            _check_columns(self._spec, dataset, source, self._spec.inputs, "inputs")
             self._data = dataset.select_columns(list(self._spec.inputs))
             self._rows = rows
 
@@ -341,15 +393,58 @@ class InputRows(Sequence):
         return list(values[0]) if len(values) == 1 else list(zip(*values, strict=True))
 
 
-def read_labels(spec: DataSpec, split: str, seed: int, examples: Examples) -> np.ndarray:
-    """Labels of one split (the evaluator's side): int64 classes, or float32 scores."""
-    source, rows = split_rows(spec, split, seed, examples)
+def _label_column(spec: DataSpec, source: str) -> np.ndarray:
+    """The whole label column of one source split."""
     dataset = open_split(spec, source)
-    _check_columns(spec, dataset, source, [spec.label])
-    column = np.asarray(dataset.select_columns([spec.label])[spec.label])
-    labels = column[rows]
+    _check_columns(spec, dataset, source, [spec.label], "label")
+    return np.asarray(dataset.select_columns([spec.label])[spec.label])
+
+
+def _named(spec: DataSpec, source: str) -> tuple[str, ...] | None:
+    """The label column's `ClassLabel` names, if it is one."""
+    names = getattr(open_split(spec, source).features.get(spec.label), "names", None)
+    return tuple(str(n) for n in names) if names else None
+
+
+def _is_text(labels: np.ndarray) -> bool:
+    return labels.dtype.kind in "OUS"
+
+
+@lru_cache(maxsize=128)
+def _train_labels(spec: DataSpec) -> frozenset:
+    return frozenset(_label_column(spec, str(spec.source_split("train"))).tolist())
+
+
+def _check_seen_in_train(spec: DataSpec, split: str, source: str, labels: np.ndarray) -> None:
+    """Local data without class names: a label that train lacks has no class a model learnt."""
+    if source == spec.source_split("train") or not spec.local or _named(spec, source):
+        return
+    unseen = sorted(set(labels.tolist()) - _train_labels(spec), key=str)
+    if unseen:
+        train = spec.source_text(str(spec.source_split("train")))
+        raise MergeBenchError(
+            f"{spec.where}.{split}: {spec.source_text(source)} has label {unseen[0]!r} that the "
+            f"train split ({train}) lacks"
+        )
+
+
+def read_labels(spec: DataSpec, split: str, seed: int, examples: Examples) -> np.ndarray:
+    """Labels of one split (the evaluator's side): int64 classes, or float32 scores. String
+    labels become the index of their class name (`class_names`)."""
+    source, rows = split_rows(spec, split, seed, examples)
+    labels = _label_column(spec, source)[rows]
     if spec.regression:
         return labels.astype(np.float32)
+    _check_seen_in_train(spec, split, source, labels)
+    if _is_text(labels):
+        ids = {name: i for i, name in enumerate(class_names(spec))}
+        unknown = sorted({str(v) for v in labels} - set(ids))
+        if unknown:
+            raise MergeBenchError(
+                f"{spec.where}.classes: label {unknown[0]!r} of {spec.source_text(source)} is "
+                f"not a class name (classes: {', '.join(ids)})"
+            )
+        return np.asarray([ids[str(v)] for v in labels], dtype=np.int64)
     if len(labels) and labels.min() < 0:
         # GLUE's test splits hide their labels as -1; the paper evaluates on validation.
         raise MergeBenchError(
@@ -359,24 +454,45 @@ def read_labels(spec: DataSpec, split: str, seed: int, examples: Examples) -> np
     return labels.astype(np.int64)
 
 
+def label_form(spec: DataSpec) -> str:
+    """Where a task's class names come from: `configured` (`classes`), `named` (a ClassLabel
+    column), `text` (string labels), `ids` (class ids without names), `score` (regression)."""
+    if spec.regression:
+        return "score"
+    if spec.classes:
+        return "configured"
+    if _named(spec, str(spec.source_split("test"))) or not spec.local:
+        return "named"
+    return "text" if all(isinstance(v, str) for v in _train_labels(spec)) else "ids"
+
+
 def class_names(spec: DataSpec) -> tuple[str, ...]:
-    """Class names: the configured ones, else the label column's `ClassLabel` names.
+    """Class names: the configured ones, else the label column's `ClassLabel` names, else
+    (local data) the train split's labels: sorted strings, or `0..max` for class ids.
     A regression task has one output, its score."""
     if spec.regression:
         return ("score",)
     if spec.classes:
         return spec.classes
-    source = spec.source_split("test")
-    dataset = open_split(spec, source)
-    _check_columns(spec, dataset, source, [spec.label])
-    feature = dataset.features[spec.label]
-    names = getattr(feature, "names", None)
-    if not names:
+    names = _named(spec, str(spec.source_split("test")))
+    if names:
+        return names
+    if spec.local:
+        seen = _train_labels(spec)
+        if all(isinstance(v, str) for v in seen):
+            return tuple(sorted(seen))
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seen):
+            return tuple(str(i) for i in range(max(seen) + 1))
         raise MergeBenchError(
-            f"{spec.where}.classes: column {spec.label!r} of {spec.label_text} has no class "
-            "names; list them here"
+            f"{spec.where}.label: column {spec.label!r} of "
+            f"{spec.source_text(str(spec.source_split('train')))} holds neither class ids "
+            f"(0, 1, ...) nor class names: {sorted(seen, key=str)[:3]} ..."
         )
-    return tuple(str(n) for n in names)
+    _label_column(spec, str(spec.source_split("test")))  # a missing column, named
+    raise MergeBenchError(
+        f"{spec.where}.classes: column {spec.label!r} of {spec.label_text} has no class "
+        "names; list them here"
+    )
 
 
 def check_class_count(spec: DataSpec, expected: int) -> None:
@@ -396,6 +512,8 @@ def fingerprint(spec: DataSpec, seed: int, examples: Examples) -> str:
     h = hashlib.sha256(
         repr((spec.task, spec.path, spec.name, spec.data_dir, spec.revision)).encode()
     )
+    if spec.files:  # which files, and the classes their string labels are mapped to
+        h.update(repr((spec.files, class_names(spec))).encode())
     for split in SPLITS:
         source, rows = split_rows(spec, split, seed, examples)
         h.update(
@@ -414,6 +532,7 @@ __all__ = [
     "check_class_count",
     "class_names",
     "fingerprint",
+    "label_form",
     "offline",
     "open_split",
     "parse_data_spec",

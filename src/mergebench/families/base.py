@@ -60,11 +60,12 @@ class Family:
     # -- pairing with a task set --------------------------------------------------------------
     @classmethod
     def check_taskset(cls, cfg_model: Mapping[str, Any], cfg_taskset: Mapping[str, Any]) -> None:
-        """A task set names the family kind it is made for (`taskset.family`)."""
+        """A task set names the family kind it is made for (`taskset.family`), or only the
+        form of its inputs (`text`, `image`: a task set of one's own files)."""
         wanted = cfg_taskset.get("family")
         if wanted is None:
             raise MergeBenchError("taskset.family: missing")
-        if wanted != cls.kind:
+        if wanted not in (cls.kind, cls.modality):
             raise MergeBenchError(
                 f"taskset.family: task set {cfg_taskset.get('name')!r} is for {wanted!r}, "
                 f"not for model {cfg_model.get('name')!r} (a {cls.kind!r} family)"

@@ -44,6 +44,8 @@ class PaperFamily(Family):
     head_patterns: tuple[str, ...] = ()
     # Whether the family, not the checkpoints, supplies the heads (CLIP's zero-shot heads).
     heads_separate: bool = False
+    # Whether `from_config` needs the fine-tuned checkpoints (their configs name the classes).
+    reads_finetuned: bool = False
 
     def __init__(
         self,
@@ -62,6 +64,14 @@ class PaperFamily(Family):
         """Class names of one task (their number is the head's size)."""
         raise NotImplementedError
 
+    @classmethod
+    def task_specs(
+        cls, specs: dict[str, DataSpec], finetuned: Mapping[str, Path] | None
+    ) -> dict[str, DataSpec]:
+        """Hook: the data specs as this family reads them (a generic classifier takes its
+        class names from each fine-tuned checkpoint's config, `reads_finetuned`)."""
+        return specs
+
     def head_tensors(self, task: str) -> dict[str, torch.Tensor]:
         """Head tensors that the family computes itself (CLIP); the checkpoints' otherwise."""
         return {}
@@ -74,9 +84,11 @@ class PaperFamily(Family):
         cfg_taskset: Mapping[str, Any],
         seed: int,
         pretrained: Path,
+        finetuned: Mapping[str, Path] | None = None,
     ) -> tuple[PaperFamily, HFLabeledData]:
         """The family and its labeled data; `pretrained` is the resolved pretrained checkpoint
-        (its folder holds the config and tokenizer the family builds models from)."""
+        (its folder holds the config and tokenizer the family builds models from), `finetuned`
+        the resolved task checkpoints where the family `reads_finetuned`."""
         cls.check_taskset(cfg_model, cfg_taskset)
         tasks = [str(t) for t in (cfg_taskset.get("tasks") or [])]
         if not tasks:
@@ -84,6 +96,7 @@ class PaperFamily(Family):
         data_cfg = _plain(cfg_taskset.get("data")) or {}
         cache_dir = cfg_taskset.get("cache_dir")
         specs = {t: parse_data_spec(t, data_cfg.get(t), cache_dir) for t in tasks}
+        specs = cls.task_specs(specs, finetuned)
         examples = Examples.from_config(_plain(cfg_taskset.get("examples")))
         inputs = {
             t: TaskInputs(

@@ -37,7 +37,13 @@ def configured_family(
     cls.check_taskset(cfg_model, cfg_taskset)  # a wrong pairing fails before any download
     checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
     pretrained = resolve_model(checkpoints.get("pretrained"), "model.checkpoints.pretrained")
-    return cls.from_config(cfg_model, cfg_taskset, int(seed), pretrained)
+    if not cls.reads_finetuned:
+        return cls.from_config(cfg_model, cfg_taskset, int(seed), pretrained)
+    # The classes of each task are in its fine-tuned checkpoint's config.
+    finetuned_cfg = checkpoints.get("finetuned") or {}
+    tasks = [str(t) for t in (cfg_taskset.get("tasks") or [])]
+    finetuned = {t: _finetuned_path(finetuned_cfg, t) for t in tasks}
+    return cls.from_config(cfg_model, cfg_taskset, int(seed), pretrained, finetuned=finetuned)
 
 
 @runtime_checkable
@@ -161,6 +167,10 @@ class ConfiguredSource:
         files = {name: _identity(_files(src)) for name, src in sources.items()}
         signed: dict[str, Any] = {"checkpoints": files}
         signed.update(taskset=to_plain(self.cfg_taskset), seed=self.seed)
+        # Classes named by the data or the checkpoints (string labels -> ids): part of the run.
+        own = {t: s.classes for t, s in self.family.specs.items() if s.files}
+        if own:
+            signed["classes"] = own
         if isinstance(self.family, OwnPoolSources):  # the base model is outside the pool
             signed["base"] = _identity(open_checkpoint(self.family.pretrained_path).files())
         return stable_hash(signed)

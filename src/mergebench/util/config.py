@@ -23,6 +23,15 @@ def conf_dir() -> Path:
     return path
 
 
+def _keys(node: Any) -> list[str]:
+    """`${keys:${.data}}`: the keys of a mapping, [] for null (`taskset=local`'s tasks)."""
+    return [] if node is None else [str(k) for k in node]
+
+
+if not OmegaConf.has_resolver("keys"):
+    OmegaConf.register_new_resolver("keys", _keys)
+
+
 def to_plain(obj: Any) -> Any:
     """OmegaConf containers to plain Python (a no-op for plain data)."""
     if isinstance(obj, DictConfig | ListConfig):
