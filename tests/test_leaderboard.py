@@ -257,3 +257,37 @@ def test_boards_carry_intervals_ties_selection_and_cost(tmp_path) -> None:
     assert len(row["average_ci"]) == 2 and set(row["cost"]) == set(emr.cost)
     md = render([board], "markdown")
     assert "| 1= | emr |" in md and "scaling=0.5" in md
+
+
+def test_papercuts_csv_precision_html_caption_narrow_terminal(db, monkeypatch) -> None:
+    """Issue 22.10: CSV numbers at the board's precision, no literal backticks in the HTML
+    caption, and a narrow terminal drops the cost columns instead of cutting task names."""
+    import rich.console
+
+    from mergebench.report.render import print_table
+
+    boards = load_boards(db)
+    rows = list(csv.DictReader(io.StringIO(render(boards, "csv"))))
+    emr_a = next(
+        r for r in rows if r["label"] == "emr" and r["family"] == "tiny" and r["task"] == "a"
+    )
+    assert emr_a["value"] == "0.700" and emr_a["normalized"] == "0.875"
+
+    page = render(boards, "html")
+    caption = page.split("<p class='cap'>")[1].split("</p>")[0]
+    assert "`" not in caption and "<code>k=</code>" in caption
+
+    real = rich.console.Console
+
+    def terminal_table(width: int) -> str:
+        def console(*args, **kwargs):
+            return real(*args, **{**kwargs, "width": width, "force_terminal": True})
+
+        monkeypatch.setattr(rich.console, "Console", console)
+        out = io.StringIO()
+        print_table(boards, file=out)
+        return out.getvalue()
+
+    narrow, wide = terminal_table(70), terminal_table(300)
+    assert "…" not in narrow and "merge s" not in narrow and "cost columns hidden" in narrow
+    assert "merge s" in wide and "cost columns hidden" not in wide

@@ -10,6 +10,7 @@ import html
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -162,7 +163,7 @@ def to_csv(boards: Sequence[Board]) -> str:
                      "" if r.tied_with_best is None else r.tied_with_best]  # fmt: skip
             tail = [
                 json.dumps(r.selected, sort_keys=True),
-                *(_csv(r.cost.get(k)) for k in cost_keys),
+                *(_csv(r.cost.get(k), _COST_DIGITS[k]) for k in cost_keys),
             ]
             seeds = " ".join(str(s) for s in r.seeds)
             for t in b.tasks:
@@ -185,8 +186,14 @@ def to_csv(boards: Sequence[Board]) -> str:
     return buf.getvalue()
 
 
-def _csv(value: float | None) -> str:
-    return "" if value is None else repr(value)
+def _csv(value: float | None, digits: int = 3) -> str:
+    """A CSV number at the board's precision (scores: 0.1 points of a percentage, or three
+    decimals of a raw value; costs as their columns show them), not float noise."""
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+_COST_DIGITS = {"merge_seconds": 1, "peak_rss_mib": 0, "artifact_mib": 1,
+                "eval_examples_per_second": 0}  # fmt: skip
 
 
 def to_json(boards: Sequence[Board]) -> dict[str, Any]:
@@ -240,6 +247,12 @@ def _shade(value: float | None, low: float, high: float) -> str:
     return f" style='background: rgba(46, 139, 87, {alpha:.2f})'"
 
 
+def _html_code(text: str) -> str:
+    """Escaped text whose `backticked` parts become <code> (captions are written for
+    Markdown; HTML showed the backticks literally)."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
 def _plot_images(board: Board, plot_dir: Path | None) -> list[str]:
     if plot_dir is None or not plot_dir.is_dir():
         return []
@@ -262,7 +275,7 @@ def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = N
     for board in boards:
         percent = _as_percent(board)
         body.append(
-            f"<h2>{esc(board.title)}</h2><p class='cap'>{esc(_caption(board, percent))}</p>"
+            f"<h2>{esc(board.title)}</h2><p class='cap'>{_html_code(_caption(board, percent))}</p>"
         )
         seeded = board.multi_seed
         header = ["rank", "method", *board.tasks, "avg", *([SEEDS_COLUMN] if seeded else []),
@@ -346,17 +359,34 @@ def print_table(boards: Sequence[Board], file: Any = None) -> None:
         console.print("No results stored yet.")
     for board in boards:
         percent = _as_percent(board)
-        table = Table(title=board.title, caption=_caption(board, percent))
-        for i, col in enumerate(_header(board)):
-            # the seeds cell (`73.0 ± 3.6 (3 seeds)`) reads badly wrapped: keep it on one line
+        header = _header(board)
+        rows = [_cells(board, row, percent) for row in board.rows]
+        caption = _caption(board, percent)
+        keep = list(range(len(header)))
+        if _width(header, rows, keep) > console.width:  # a narrow terminal: costs go first
+            keep = [i for i, col in enumerate(header) if col not in COST_COLUMNS]
+            caption += "; cost columns hidden (terminal too narrow: --format markdown shows them)"
+        table = Table(title=board.title, caption=caption)
+        for i in keep:
+            col = header[i]
+            # the seeds cell (`73.0 ± 3.6 (3 seeds)`) reads badly wrapped: keep it on one
+            # line; every other cell wraps rather than being cut to `…`
             table.add_column(
-                col, justify="left" if i == 1 else "right", no_wrap=col == SEEDS_COLUMN
+                col,
+                justify="left" if i == 1 else "right",
+                no_wrap=col == SEEDS_COLUMN,
+                overflow="fold",
             )
-        for row in board.rows:
+        for row, cells in zip(board.rows, rows, strict=True):
             table.add_row(
-                *_cells(board, row, percent), style="italic dim" if row.is_reference else None
+                *(cells[i] for i in keep), style="italic dim" if row.is_reference else None
             )
         console.print(table)
+
+
+def _width(header: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[int]) -> int:
+    """Characters a rich table of these columns needs on one line (3 per column border)."""
+    return sum(max(len(header[i]), *(len(r[i]) for r in rows)) + 3 for i in keep) + 1
 
 
 def render(
