@@ -133,3 +133,17 @@ def test_console_script_exits_2_on_an_unknown_method(checkpoints):
     assert proc.returncode == 2
     assert "nope" in proc.stderr
     assert not (cwd / "out").exists()
+
+
+def test_help_lists_only_what_the_command_reads(tmp_path):
+    # Before: Hydra's default help listed experiment, model, taskset, variant, logger: groups
+    # of `mergebench` that `mergebench-merge` never reads.
+    done = subprocess.run(
+        [sys.executable, "-m", "mergebench.cli.merge", "--help"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "== Methods ==" in done.stdout and "emr, fisher" in done.stdout
+    for group in ("experiment:", "taskset:", "variant:", "logger:"):
+        assert group not in done.stdout
+    assert "output_dir: ???" in done.stdout and not (tmp_path / "outputs").exists()

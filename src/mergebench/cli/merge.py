@@ -18,6 +18,7 @@ from mergebench.cli.common import (
     require_values,
     run_hydra_app,
 )
+from mergebench.methods.registry import method_names
 from mergebench.results import artifact_bytes, parse_size
 from mergebench.util.config import conf_dir
 from mergebench.util.errors import MergeBenchError
@@ -114,6 +115,10 @@ def _merge(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # `--help` lists the methods (the only config group this command reads).
+    OmegaConf.register_new_resolver(
+        "mergebench_methods", lambda: ", ".join(method_names()), replace=True
+    )
     run_hydra_app(_merge_app, PROGRAM)
 
 
