@@ -291,3 +291,16 @@ def test_papercuts_csv_precision_html_caption_narrow_terminal(db, monkeypatch) -
     narrow, wide = terminal_table(70), terminal_table(300)
     assert "…" not in narrow and "merge s" not in narrow and "cost columns hidden" in narrow
     assert "merge s" in wide and "cost columns hidden" not in wide
+
+
+def test_cli_takes_key_value_like_the_hydra_commands(db, tmp_path, capsys) -> None:
+    """Issue 22.10: `mergebench-leaderboard family=tiny format=csv` as well as --flags."""
+    out = tmp_path / "lb.csv"
+    assert main([f"db={db}", "family=tiny", "format=csv", f"out={out}"]) == 0
+    flags = tmp_path / "flags.csv"
+    assert main(["--db", str(db), "--family", "tiny", "--format", "csv", "--out", str(flags)]) == 0
+    assert out.read_text() == flags.read_text() and "other" not in out.read_text()
+    assert main([f"db={db}", "all_runs=true", "format=markdown"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main([f"db={db}", "all_runs=maybe"])
+    assert exit_.value.code == 2 and "all_runs: expected true or false" in capsys.readouterr().err

@@ -71,3 +71,26 @@ def test_console_scripts_go_through_the_guard():
     assert {value for value in scripts.values()} == {
         f"mergebench.cli.entry:{entry_point}" for entry_point, _, _ in COMMANDS
     }
+
+
+def test_commands_keep_the_hub_off_unless_asked(tmp_path):
+    # Before: `mergebench model=clip_vit_b32` without HF_HUB_OFFLINE in the environment went
+    # to the network, although the README said the hub was off.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    code = (
+        "import sys; sys.argv = ['mergebench', 'model=clip_vit_b32', 'taskset=clip8', "
+        "'store.path=null', 'references=false', 'hydra.run.dir=run']\n"
+        "from mergebench.cli.entry import bench\nsys.exit(bench())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "the hub is switched off (HF_HUB_OFFLINE=1)" in lines[0]
+    assert "model.checkpoints.pretrained" in lines[0]
+    record(lines[0])

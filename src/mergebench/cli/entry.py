@@ -1,10 +1,14 @@
 """Console-script entry points. Each imports its command only when called, inside the
 Ctrl-C guard: importing torch and friends takes seconds, and an interrupt then used to print
-a long `KeyboardInterrupt` traceback instead of `<program>: interrupted` (exit 130)."""
+a long `KeyboardInterrupt` traceback instead of `<program>: interrupted` (exit 130).
+
+Every command runs with the Hugging Face hub switched off unless the user switched it on
+(`HF_HUB_OFFLINE=0`): set before anything imports huggingface_hub, which reads it once."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -12,6 +16,8 @@ EXIT_INTERRUPTED = 130  # the shell's code for SIGINT (as mergebench.cli.common)
 
 
 def _run(module: str, program: str) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
     try:
         main = importlib.import_module(f"mergebench.cli.{module}").main
         return main()

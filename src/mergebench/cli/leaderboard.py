@@ -36,9 +36,35 @@ def log_stored_runs(
     return count
 
 
+def as_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """`family=minilm`, `all_runs=true` (the KEY=VALUE form the Hydra commands take) as
+    `--family=minilm`, `--all-runs`, so both spellings work; a KEY that is no option of this
+    command stays as it is and argparse names it."""
+    flags = {
+        opt.option_strings[0]: opt
+        for opt in parser._actions  # argparse keeps no public list of its options
+        if opt.option_strings and opt.option_strings[0].startswith("--")
+    }
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        flag = "--" + key.replace("_", "-")
+        if arg.startswith("-") or not sep or flag not in flags:
+            out.append(arg)
+        elif flags[flag].nargs == 0:  # a switch: true/false
+            if value.lower() not in {"true", "false"}:
+                parser.error(f"{key}: expected true or false, got {value!r}")
+            out += [flag] if value.lower() == "true" else []
+        else:
+            out.append(f"{flag}={value}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mergebench-leaderboard",
+        epilog="Every option also works as KEY=VALUE, as the Hydra commands take them "
+        "(family=minilm format=markdown all_runs=true).",
         description="Methods x tasks leaderboards (average, normalized average, rank) "
         "from the mergebench results database.",
     )
@@ -75,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="a row per stored run, not per label (hyperparameter sweeps)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(as_flags(parser, sys.argv[1:] if argv is None else argv))
     try:
         boards = load_boards(
             args.stores or [str(DEFAULT_DB)],
