@@ -4,6 +4,7 @@ model in `zoo.json` as it finishes."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,16 @@ from mergebench.sources.zoo.manifest import (
 from mergebench.sources.zoo.settings import finetune_settings
 from mergebench.sources.zoo.workers import train_in_processes, zoo_workers
 from mergebench.util.config import to_plain as _plain
+from mergebench.util.machine import busy_machine_advice
 
 
 def set_threads(threads: int | None) -> None:
     """Fix torch's CPU threads (`threads` config key); None keeps torch's default (all cores)."""
     if threads:
         torch.set_num_threads(int(threads))
+    advice = busy_machine_advice(threads)
+    if advice:
+        print(advice, file=sys.stderr, flush=True)
 
 
 def ensure_zoo(
