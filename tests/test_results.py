@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import mergebench
 from mergebench.engine.bits import pack_bits, unpack_bits
-from mergebench.results import base as results_base
+from mergebench.results import artifact as results_artifact
 from mergebench.util.errors import MergeBenchError
 
 HEAD = [r"classifier\..*"]
@@ -94,8 +94,8 @@ def test_results_that_recorded_the_pretrained_files_sha256_still_check_it(tmp_pa
     folder = result.save(tmp_path / "out")
     meta = json.loads((folder / "result.json").read_text())
     assert "sha256" not in meta["pretrained"]  # one pass: the digest alone
-    meta["pretrained"]["sha256"] = [results_base.sha256_file(tmp_path / "pre.safetensors")]
-    meta["checksum"] = results_base._meta_checksum(meta)
+    meta["pretrained"]["sha256"] = [results_artifact.sha256_file(tmp_path / "pre.safetensors")]
+    meta["checksum"] = results_artifact.meta_checksum(meta)
     (folder / "result.json").write_text(json.dumps(meta))
     assert_same_results(result, mergebench.load_result(folder), "abc")
     save_file(pre, tmp_path / "pre.safetensors", {"note": "same tensors, other bytes"})
@@ -104,7 +104,7 @@ def test_results_that_recorded_the_pretrained_files_sha256_still_check_it(tmp_pa
     ):
         mergebench.load_result(folder)
     meta["pretrained"]["sha256"] = []  # one file, no hash: malformed
-    meta["checksum"] = results_base._meta_checksum(meta)
+    meta["checksum"] = results_artifact.meta_checksum(meta)
     (folder / "result.json").write_text(json.dumps(meta))
     with pytest.raises(MergeBenchError, match="malformed 'pretrained' entry"):
         mergebench.load_result(folder)
@@ -154,7 +154,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, tiny_models, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     # A failed write is now a MergeBenchError naming the folder (one line in the CLI).
-    monkeypatch.setattr("mergebench.results.base._manifest", boom)
+    monkeypatch.setattr("mergebench.results.publish.file_manifest", boom)
     with pytest.raises(MergeBenchError, match="no space left on device"):
         result.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import mergebench
 from mergebench.methods.registry import build_method, method_names
 from mergebench.results import LazyTensors, load_result, parse_size
-from mergebench.results import base as results_base
+from mergebench.results import artifact as results_artifact
 from mergebench.results.shards import Entry, ShardedWriter, index_name
 from mergebench.results.switching import TaskSwitcher
 from mergebench.util.errors import MergeBenchError
@@ -219,8 +219,8 @@ def test_format_version_2_folders_still_load(pool, tmp_path):
     meta = json.loads((folder / "result.json").read_text())
     meta["format_version"] = 2
     del meta["checksum"], meta["manifest"]
-    meta["manifest"] = results_base._manifest(folder)
-    meta["checksum"] = results_base._meta_checksum(meta)
+    meta["manifest"] = results_artifact.file_manifest(folder)
+    meta["checksum"] = results_artifact.meta_checksum(meta)
     (folder / "result.json").write_text(json.dumps(meta))
     loaded = load_result(folder)
     for key, value in in_memory.state_dict("c").items():

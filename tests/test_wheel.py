@@ -75,6 +75,35 @@ print('ok')
     assert run.stdout.strip().endswith("ok")
 
 
+def test_wheel_ships_every_data_file_and_its_loaders_read_them(installed, tmp_path):
+    # Every file of the package that is not Python (configs, lookup tables) is in the wheel:
+    # a table left out of [tool.setuptools.package-data] fails here, not on a user's machine.
+    package = ROOT / "src" / "mergebench"
+    data = {
+        f.relative_to(package)
+        for f in package.rglob("*")
+        if f.is_file() and f.suffix not in (".py", ".pyc") and "__pycache__" not in f.parts
+    }
+    assert {Path("families/clip_prompts.json"), Path("report/published.json")} <= data
+    missing = sorted(str(f) for f in data if not (installed / "mergebench" / f).is_file())
+    assert missing == [], f"not in the wheel: {missing}"
+    script = f"""
+import pathlib, mergebench
+from mergebench.families.clip_prompts import PROMPTS
+from mergebench.report.published import SETTINGS, find_setting
+assert pathlib.Path(mergebench.__file__).is_relative_to(pathlib.Path(r'{installed}'))
+assert len(PROMPTS['sun397'].classnames) == 397 and PROMPTS['mnist'].templates
+assert find_setting('openclip_vit_b32', 'clip8').average['emr'] == 88.7
+print('ok')
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(installed),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_console_script_answers_help(installed, tmp_path, script):
     executable = installed / "bin" / script

@@ -36,13 +36,13 @@ if phase == "merge":
         return real_map(self, slow, description)
     stream.TaskVectorStream.map = slow_map
 else:
-    from mergebench.results import base
-    real_save = base.write_tensors
+    from mergebench.results import kinds
+    real_save = kinds.write_tensors
     def slow_save(*args, **kwargs):
         real_save(*args, **kwargs)
         mark()
         time.sleep(60)
-    base.write_tensors = slow_save
+    kinds.write_tensors = slow_save
 
 from mergebench.cli.merge import main
 sys.argv = ["mergebench-merge", "progress=false", *argv]

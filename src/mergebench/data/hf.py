@@ -55,7 +55,7 @@ class DataSpec:
     metric: str
     classes: tuple[str, ...] | None  # class names; None = the label column's ClassLabel names
     cache_dir: str | None  # datasets' cache for hub downloads and local folders
-    # CLIP only: the prompt set (models/clip_prompts.py; None = the task's name) or templates
+    # CLIP only: the prompt set (families/clip_prompts.json; None = the task's name) or templates
     # such as "a photo of a {}." that replace the set's.
     prompts: str | None = None
     templates: tuple[str, ...] | None = None

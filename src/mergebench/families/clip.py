@@ -17,7 +17,6 @@ to the pool with every task's checkpoint, so merged models load like any other f
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,40 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench.data.hf import DataSpec
-from mergebench.engine.checkpoints import CheckpointSource, open_checkpoint
 from mergebench.engine.pool import Batch
 from mergebench.engine.renamed import canonical_source
 from mergebench.families.base import model_folder
-from mergebench.families.clip_prompts import PROMPTS, PromptSet
+from mergebench.families.clip_prompts import PromptSet
 from mergebench.families.paper import PaperFamily
+from mergebench.families.zero_shot import ZeroShotHeads, cache_root, prompt_set
 from mergebench.util.errors import MergeBenchError, first_line
-from mergebench.util.fs import atomic_file
-from mergebench.util.hashing import stable_hash
-from mergebench.util.paths import cache_root as mergebench_cache
-
-HEAD_FORMAT = 1
-
-
-def prompt_set(spec: DataSpec) -> PromptSet:
-    """The task's class names and templates: the configured ones, else its prompt set."""
-    base = PROMPTS.get(spec.prompts or spec.task)
-    if base is None and not (spec.classes and spec.templates):
-        raise MergeBenchError(
-            f"{spec.where}.prompts: no prompt set named {spec.prompts or spec.task!r} (known: "
-            f"{', '.join(PROMPTS)}); or give this task classes and templates"
-        )
-    return PromptSet(
-        classnames=spec.classes or base.classnames,
-        templates=spec.templates or base.templates,
-    )
-
-
-def cache_root(head_cache: str | os.PathLike[str] | None) -> Path:
-    """Where zero-shot heads are cached: the option, `$MERGEBENCH_CACHE/clip_heads`, or
-    ~/.cache/mergebench/clip_heads."""
-    if head_cache:
-        return Path(head_cache).expanduser()
-    return mergebench_cache() / "clip_heads"
 
 
 def _inner(model: nn.Module, attribute: str) -> nn.Module:
@@ -87,13 +59,11 @@ class ZeroShotCLIP(nn.Module):
         return self.classifier(image)
 
 
-class CLIPFamily(PaperFamily):
+class CLIPFamily(ZeroShotHeads, PaperFamily):
     name = "clip"
     kind = "clip"
-    modality = "image"
     backbone_prefix = "vision_model"
     head_patterns = (r"visual_projection\..*", r"classifier\..*")
-    heads_separate = True
 
     def __init__(
         self,
@@ -120,13 +90,8 @@ class CLIPFamily(PaperFamily):
         self.text_batch_size = text_batch_size
         self.processor = _image_processor(folder, image_backend)
         self._heads: dict[str, dict[str, torch.Tensor]] = {}
-        self._source: CheckpointSource | None = None
 
     # -- data ---------------------------------------------------------------------------------
-    @classmethod
-    def task_classes(cls, spec: DataSpec) -> tuple[str, ...]:
-        return prompt_set(spec).classnames
-
     def encode(self, inputs: Sequence[Any]) -> Batch:
         images = [_rgb(image) for image in inputs]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -138,11 +103,6 @@ class CLIPFamily(PaperFamily):
     # -- models -------------------------------------------------------------------------------
     def _new_model(self, num_classes: int) -> nn.Module:
         return ZeroShotCLIP(self.config.vision_config, self.config.projection_dim, num_classes)
-
-    def pretrained_source(self) -> CheckpointSource:
-        if self._source is None:
-            self._source = open_checkpoint(self.pretrained_path, role="pretrained")
-        return self._source
 
     def head_tensors(self, task: str) -> dict[str, torch.Tensor]:
         if task not in self._heads:
@@ -158,31 +118,7 @@ class CLIPFamily(PaperFamily):
             }
         return self._heads[task]
 
-    # -- zero-shot heads ----------------------------------------------------------------------
-    def _head_key(self, prompts: PromptSet) -> str:
-        files = self.pretrained_source().files()
-        identity = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        blob = {
-            "format": HEAD_FORMAT,
-            "weights": identity or str(self.pretrained_path),
-            "classnames": list(prompts.classnames),
-            "templates": list(prompts.templates),
-        }
-        return stable_hash(blob)[:32]
-
-    def zeroshot_weights(self, task: str) -> torch.Tensor:
-        """`[classes, projection_dim]`: logit_scale.exp() * the task's class embeddings."""
-        from safetensors.torch import load_file, save_file
-
-        prompts = prompt_set(self.specs[task])
-        path = self.head_cache / f"{self._head_key(prompts)}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["weight"]
-        weight = self.compute_zeroshot_weights(prompts)
-        tensors = {"weight": weight.contiguous()}  # atomic: a crash never leaves half a head
-        atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"task": task}))
-        return weight
-
+    # -- zero-shot heads (cached by ZeroShotHeads) -------------------------------------------
     def _text_tower(self) -> tuple[nn.Module, nn.Module, float]:
         from transformers import CLIPTextModel
 

@@ -23,10 +23,7 @@ Images are preprocessed with open_clip's evaluation transform for the model's
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,14 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench.data.hf import DataSpec
-from mergebench.engine.checkpoints import CheckpointSource, open_checkpoint
 from mergebench.engine.pool import Batch
-from mergebench.families.clip import cache_root, prompt_set
 from mergebench.families.clip_prompts import PromptSet
 from mergebench.families.paper import PaperFamily
+from mergebench.families.zero_shot import ZeroShotHeads, cache_root, spaced_hash
 from mergebench.util.errors import MergeBenchError
 
-HEAD_FORMAT = 1
 # Files of an open_clip model in a hub folder (timm/*_clip_224.openai), in order of preference.
 OPENCLIP_FILES = (
     "open_clip_model.safetensors",
@@ -80,13 +75,11 @@ class ZeroShotOpenCLIP(nn.Module):
         return self.classifier(F.normalize(self.visual(pixel_values), dim=-1))
 
 
-class OpenCLIPFamily(PaperFamily):
+class OpenCLIPFamily(ZeroShotHeads, PaperFamily):
     name = "openclip"
     kind = "clip"  # the clip8 task set (`family: clip`) serves both CLIP implementations
-    modality = "image"
     backbone_prefix = "visual"
     head_patterns = (r"classifier\..*",)
-    heads_separate = True
 
     def __init__(
         self,
@@ -124,7 +117,6 @@ class OpenCLIPFamily(PaperFamily):
         self.head_cache = cache_root(head_cache)
         self.text_batch_size = text_batch_size
         self._heads: dict[str, dict[str, torch.Tensor]] = {}
-        self._source: CheckpointSource | None = None
 
     def _create(self, device: str = "cpu") -> nn.Module:
         import open_clip
@@ -139,10 +131,6 @@ class OpenCLIPFamily(PaperFamily):
             logging.getLogger().removeFilter(quiet)
 
     # -- data ---------------------------------------------------------------------------------
-    @classmethod
-    def task_classes(cls, spec: DataSpec) -> tuple[str, ...]:
-        return prompt_set(spec).classnames
-
     def encode(self, inputs: Sequence[Any]) -> Batch:
         return {"pixel_values": torch.stack([self.transform(_pil(x)) for x in inputs])}
 
@@ -165,45 +153,16 @@ class OpenCLIPFamily(PaperFamily):
     def _new_model(self, num_classes: int) -> nn.Module:
         return ZeroShotOpenCLIP(self._visual(), self.embed_dim, num_classes)
 
-    def pretrained_source(self) -> CheckpointSource:
-        if self._source is None:
-            self._source = open_checkpoint(self.pretrained_path, role="pretrained")
-        return self._source
-
     def head_tensors(self, task: str) -> dict[str, torch.Tensor]:
         if task not in self._heads:
             self._heads[task] = {"classifier.weight": self.zeroshot_weights(task)}
         return self._heads[task]
 
-    # -- zero-shot heads ----------------------------------------------------------------------
-    def _head_key(self, prompts: PromptSet) -> str:
-        files = self.pretrained_source().files()
-        identity = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        blob = {
-            "format": HEAD_FORMAT,
-            "family": "open_clip",
-            "arch": self.arch,
-            "quick_gelu": self.quick_gelu,
-            "weights": identity or str(self.pretrained_path),
-            "classnames": list(prompts.classnames),
-            "templates": list(prompts.templates),
-        }
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
+    # -- zero-shot heads (cached by ZeroShotHeads) -------------------------------------------
+    hash_head = staticmethod(spaced_hash)
 
-    def zeroshot_weights(self, task: str) -> torch.Tensor:
-        """`[classes, embed_dim]`: logit_scale.exp() * the task's class embeddings."""
-        from safetensors.torch import load_file, save_file
-
-        prompts = prompt_set(self.specs[task])
-        path = self.head_cache / f"{self._head_key(prompts)}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["weight"]
-        weight = self.compute_zeroshot_weights(prompts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"weight": weight.contiguous()}, str(tmp), metadata={"task": task})
-        os.replace(tmp, path)  # a crash never leaves half a head behind
-        return weight
+    def head_identity(self) -> dict[str, Any]:
+        return {"family": "open_clip", "arch": self.arch, "quick_gelu": self.quick_gelu}
 
     def text_model(self) -> nn.Module:
         """The full open_clip model with the pretrained text tower (the vision tower is left

@@ -1,6 +1,9 @@
 """Atomic writes: a reader (or a crash) never sees half a file or half a folder.
 
-Temporary files and folders are made beside their target and renamed into place. Python's
+Temporary files and folders are made beside their target and renamed into place: one file
+(`atomic_file`, `atomic_write_bytes`, `atomic_save_safetensors`) or a whole folder
+(`publish_folder`, whose temp folders carry a marker so a later run can remove those a killed
+process left). Python's
 `tempfile` creates them private (0600 / 0700) whatever the umask; we give them the
 permissions a plain `open()` / `mkdir()` would have, so colleagues on shared storage can
 read what mergebench saves when the umask lets them.
@@ -8,12 +11,16 @@ read what mergebench saves when the umask lets them.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+from mergebench.util.errors import MergeBenchError
 
 
 def current_umask() -> int:
@@ -60,6 +67,17 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save_safetensors(
+    path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """`tensors` (contiguous torch tensors) as a safetensors file at `path`, through
+    `atomic_file`: a crash never leaves half a checkpoint or cache entry behind."""
+    from safetensors.torch import save_file
+
+    plain = dict(tensors)
+    return atomic_file(path, lambda tmp: save_file(plain, str(tmp), metadata=dict(metadata or {})))
 
 
 def make_temp_dir(parent: Path, prefix: str) -> Path:
@@ -141,3 +159,92 @@ def remove_stale_temp_dirs(parent: Path, name: str) -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+# --- publishing a folder atomically -----------------------------------------------------------
+def publish_folder(
+    directory: Path,
+    fill: Callable[[Path], list[str]],
+    owned_files: Callable[[Path], set[str] | None],
+    what: str = "the folder",
+) -> Path:
+    """Build a folder beside `directory` and move it into place: readers never see half of it.
+
+    `fill(tmp)` writes the new files into a marked temp folder beside `directory` and returns
+    their names, the one that marks the folder complete last. `owned_files(directory)` is the
+    caller's policy: the names an earlier publication wrote there (which may be replaced or
+    removed), None for a missing folder; it raises to refuse a folder it does not recognise.
+    Then:
+    - a missing folder: the temp folder is renamed into place;
+    - a folder holding only owned files (and not the working directory): swapped whole;
+    - an empty folder, or one holding other files too (the user's notes): the new files are
+      moved in one by one in `fill`'s order, then the owned files not written again are
+      removed; replacing a file that is not owned is refused.
+    Temp folders of a killed earlier publication are removed first; on any failure the temp
+    folder goes and `directory` is as it was. OS errors are a `MergeBenchError`
+    "<directory>: cannot save <what> (<reason>)"."""
+    try:
+        old_files = owned_files(directory)
+        parent = directory.parent
+        for ancestor in (parent, *parent.parents):
+            if ancestor.exists():
+                if not ancestor.is_dir():
+                    raise MergeBenchError(
+                        f"{directory}: cannot save {what} ({ancestor} is a file, not a folder)"
+                    )
+                break
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(parent, directory.name)
+        tmp = make_marked_temp_dir(parent, f".{directory.name}.tmp-")
+    except OSError as err:
+        raise _save_error(directory, what, err) from None
+    try:
+        order = fill(tmp)
+        publish_tree(tmp)  # libraries write private (0600) files: give them the umask's
+        entries = set() if old_files is None else {p.name for p in directory.iterdir()}
+        if old_files is None:
+            (tmp / TEMP_MARKER).unlink()
+            os.replace(tmp, directory)
+        elif entries and entries <= old_files and not _holds_cwd(directory):
+            old = make_marked_temp_dir(parent, f".{directory.name}.old-")
+            os.replace(directory, old / "x")
+            (tmp / TEMP_MARKER).unlink()
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            new_files = set(order)
+            clash = sorted((new_files & entries) - old_files)
+            if clash:
+                raise MergeBenchError(
+                    f"{directory / clash[0]}: not written by mergebench; refusing to overwrite it"
+                )
+            for name in order:
+                os.replace(tmp / name, directory / name)
+            for name in sorted(old_files - new_files):
+                (directory / name).unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(directory, what, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _holds_cwd(directory: Path) -> bool:
+    """Whether the process works inside `directory` (swapping it would strand the process)."""
+    try:
+        cwd = Path.cwd().resolve()
+        return cwd == directory.resolve() or directory.resolve() in cwd.parents
+    except OSError:
+        return True
+
+
+def _save_error(directory: Path, what: str, err: OSError) -> MergeBenchError:
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    elif err.errno == errno.EROFS:
+        reason = "read-only file system"
+    return MergeBenchError(f"{directory}: cannot save {what} ({reason})")

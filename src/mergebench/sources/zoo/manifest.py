@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mergebench.families.labeled import LabeledData
 from mergebench.sources.zoo.settings import multitask_settings, single_task_settings
 from mergebench.util.config import to_plain as _plain
 from mergebench.util.errors import MergeBenchError
-from mergebench.util.fs import atomic_file, atomic_write_text
+from mergebench.util.fs import atomic_save_safetensors, atomic_write_text
 from mergebench.util.hashing import stable_hash
 from mergebench.util.paths import cache_root
 
@@ -71,9 +70,10 @@ def multitask_signature(
 def save_atomic(
     tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str] | None = None
 ) -> None:
-    """safetensors via a temporary file and a rename: a crash never leaves half a checkpoint."""
+    """safetensors via a temporary file and a rename: a crash never leaves half a checkpoint.
+    Cloned: safetensors refuses tensors that share storage (tied weights)."""
     plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    atomic_file(path, lambda tmp: save_file(plain, str(tmp), metadata=dict(meta or {})))
+    atomic_save_safetensors(path, plain, meta)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
