@@ -4,6 +4,7 @@ the vocabulary policies (`engine/llm.py`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,36 @@ def test_bad_vocab_policy(vocab_pool):
     _, base, four, *_ = vocab_pool
     with pytest.raises(MergeBenchError, match=r"^vocab: 'both' is not a vocabulary policy"):
         mergebench.merge("ties", base, {"four": four}, progress=False, vocab="both")
+
+
+# -- the command line ----------------------------------------------------------------------
+def _merge_cli(cwd, capsys, monkeypatch, *args) -> tuple[int, str]:
+    from mergebench.cli.merge import main as merge_main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["mergebench-merge", *args])
+    code = 0
+    try:
+        merge_main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def test_cli_vocab_and_out_dtype(vocab_pool, tmp_path, capsys, monkeypatch):
+    root, base, four, two, _, _ = vocab_pool
+    finetuned = f"finetuned={{four: {four}, two: {two}}}"
+    code, err = _merge_cli(tmp_path, capsys, monkeypatch, "method=ties", f"pretrained={base}",
+                           finetuned, "output_dir=out", "vocab=union", "out_dtype=float32")  # fmt: skip
+    assert code == 0, err
+    result = mergebench.load_result(tmp_path / "out")
+    assert result.extra["vocab"]["rows"] == {EMBED: VOCAB + 4, HEAD: VOCAB + 4}
+    assert result.state_dict()[EMBED].dtype == torch.float32
+    for option, words in (("out_dtype=int8", "out_dtype: 'int8' is not an output dtype"),
+                          ("vocab=all", "vocab: 'all' is not a vocabulary policy")):  # fmt: skip
+        code, err = _merge_cli(tmp_path, capsys, monkeypatch, "method=ties", f"pretrained={base}",
+                               finetuned, "output_dir=bad", option)  # fmt: skip
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith(f"mergebench-merge: error: {words}")
+        assert not (tmp_path / "bad").exists()
