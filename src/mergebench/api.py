@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointLike
+from mergebench.engine.checkpoints import CheckpointLike, CheckpointSource
+from mergebench.engine.llm import check_vocab, dtype_name, parse_out_dtype, prepare_pool
 from mergebench.engine.pool import ModelPool
 from mergebench.methods.base import RunContext
 from mergebench.methods.registry import build_method, method_defaults
@@ -32,6 +33,8 @@ def merge(
     progress: bool = True,
     output_dir: str | Path | None = None,
     shard_size: int | str = DEFAULT_SHARD_BYTES,
+    vocab: str = "base",
+    out_dtype: str | torch.dtype | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge `finetuned` models (task name -> path or state dict) into one result.
@@ -42,9 +45,16 @@ def merge(
     at most `shard_size`) as the merge goes, data-free methods writing each tensor as it is
     finished, and the result returned reads from those files: memory holds a few tensors
     per task, not the merged model.
+
+    Causal LMs (see `engine.llm`): tied embeddings are merged once; `vocab` (`base` or
+    `union`) says what happens to an expert's extra vocabulary rows; `out_dtype` (`base`,
+    `float32`, `bfloat16`, `float16`) is the merged weights' dtype (default: the base's).
+    The checkpoints' files are recorded in `result.extra["checkpoints"]` (for export).
     """
     device = check_device(device)
     exclude = check_exclude(exclude)
+    check_vocab(vocab)
+    parse_out_dtype(out_dtype)
     if not isinstance(finetuned, Mapping) or not finetuned:
         raise MergeBenchError(
             f"finetuned: expected a mapping {{task: checkpoint}}, got {type(finetuned).__name__}"
@@ -56,8 +66,9 @@ def merge(
     if output_dir is not None:
         parse_size(shard_size)  # a bad size fails before any checkpoint is read
     pool = ModelPool.from_checkpoints(pretrained, finetuned, exclude, heads_separate)
-    return merge_pool(method, pool, device=device, progress=progress, output_dir=output_dir,
-                      shard_size=shard_size, **params)  # fmt: skip
+    record = {"checkpoints": _checkpoint_files(pool)}
+    return _merge_pool(method, pool, device, progress, output_dir, shard_size, vocab, out_dtype,
+                       record, params)  # fmt: skip
 
 
 def merge_pool(
@@ -67,19 +78,63 @@ def merge_pool(
     progress: bool = True,
     output_dir: str | Path | None = None,
     shard_size: int | str = DEFAULT_SHARD_BYTES,
+    vocab: str = "base",
+    out_dtype: str | torch.dtype | None = None,
     **params: Any,
 ) -> MergeResult:
     """`merge` on an opened pool (see there)."""
+    return _merge_pool(method, pool, device, progress, output_dir, shard_size, vocab, out_dtype,
+                       {}, params)  # fmt: skip
+
+
+def _merge_pool(
+    method: str,
+    pool: ModelPool,
+    device: str | torch.device,
+    progress: bool,
+    output_dir: str | Path | None,
+    shard_size: int | str,
+    vocab: str,
+    out_dtype: str | torch.dtype | None,
+    record: dict[str, Any],
+    params: dict[str, Any],
+) -> MergeResult:
     device = check_device(device)
     check_params(method, params)
+    check_vocab(vocab)
+    dtype = parse_out_dtype(out_dtype)
     instance = build_method(method, **params)
+    # A task-conditioned result keeps the base by reference: its output dtype is applied
+    # where its per-task weights are written out (export), and recorded here.
+    conditioned = type(instance).task_conditioned
+    pool, notes = prepare_pool(pool, vocab, None if conditioned else dtype, progress)
+    if conditioned and dtype is not None:
+        notes["out_dtype"] = dtype_name(dtype)
+    notes.update(record)
+
+    def noted(result: MergeResult) -> MergeResult:
+        result.extra.update(notes)
+        return result
+
     if output_dir is None:
-        return instance.merge(pool, RunContext(device, progress))
+        return noted(instance.merge(pool, RunContext(device, progress)))
 
     def merge_into(target: ArtifactTarget) -> MergeResult:
-        return instance.merge(pool, RunContext(device, progress, target))
+        return noted(instance.merge(pool, RunContext(device, progress, target)))
 
     return stream_result(output_dir, merge_into, shard_size)
+
+
+def _checkpoint_files(pool: ModelPool) -> dict[str, Any]:
+    """Where each checkpoint was read from (absolute file paths; [] for a state dict)."""
+
+    def files(source: CheckpointSource) -> list[str]:
+        return [str(path.resolve()) for path in source.files()]
+
+    return {
+        "pretrained": files(pool.pretrained),
+        "finetuned": {task: files(source) for task, source in pool.finetuned.items()},
+    }
 
 
 def check_device(device: Any) -> str | torch.device:

@@ -40,6 +40,7 @@ COMMANDS = [
     ("leaderboard", "mergebench.cli.leaderboard", "mergebench-leaderboard"),
     ("experiment", "mergebench.cli.experiments", "mergebench-experiment"),
     ("convert", "mergebench.cli.convert", "mergebench-convert"),
+    ("export", "mergebench.cli.export", "mergebench-export"),
 ]
 
 

@@ -48,3 +48,7 @@ def experiment() -> Any:
 
 def convert() -> Any:
     return _run("convert", "mergebench-convert")
+
+
+def export() -> Any:
+    return _run("export", "mergebench-export")

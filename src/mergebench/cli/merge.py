@@ -33,6 +33,8 @@ KEYS = (
     "heads_separate",
     "output_dir",
     "shard_size",
+    "vocab",
+    "out_dtype",
     "device",
     "progress",
 )
@@ -50,6 +52,13 @@ def _shard_size(cfg: DictConfig) -> int:
     if isinstance(value, DictConfig | ListConfig):
         raise MergeBenchError(f"shard_size: expected a size like 2GB, got {value!r}")
     return parse_size(value, "shard_size")
+
+
+def _scalar(cfg: DictConfig, key: str, default: str | None) -> str | None:
+    value = cfg.get(key, default)
+    if isinstance(value, DictConfig | ListConfig | bool):
+        raise MergeBenchError(f"{key}: expected a name, got {value!r}")
+    return None if value is None else str(value)
 
 
 def _path(cfg: DictConfig, key: str) -> str:
@@ -97,6 +106,8 @@ def _merge(cfg: DictConfig) -> None:
             progress=_flag(cfg, "progress"),
             output_dir=out,
             shard_size=_shard_size(cfg),
+            vocab=_scalar(cfg, "vocab", "base"),
+            out_dtype=_scalar(cfg, "out_dtype", None),
             **params,
         )
         merged_s = time.perf_counter() - start

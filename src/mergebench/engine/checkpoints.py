@@ -119,6 +119,21 @@ class CheckpointSource:
         out.copy_(self.get(key).reshape(out.shape))
         return out
 
+    def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Copy rows `start : start + len(out)` of tensor `key` into `out` (converted to its
+        dtype): a vocabulary view reads the rows it needs, never a copy of the whole matrix."""
+        self._check_rows(key, out, start)
+        out.copy_(self.get(key)[start : start + out.shape[0]])
+        return out
+
+    def _check_rows(self, key: str, out: torch.Tensor, start: int) -> None:
+        shape = self.shape(key)
+        if not shape or tuple(out.shape[1:]) != tuple(shape[1:]) or start + out.shape[0] > shape[0]:
+            raise MergeBenchError(
+                f"{self.name}: tensor {key!r} has shape {list(shape)}, cannot read rows "
+                f"{start}..{start + (out.shape[0] if out.dim() else 0)} of shape {list(out.shape)}"
+            )
+
     def _check_numel(self, key: str, out: torch.Tensor) -> None:
         if out.numel() != self.numel(key):
             raise MergeBenchError(
@@ -168,6 +183,11 @@ class StateDictSource(CheckpointSource):
 
     def get(self, key: str) -> torch.Tensor:
         return self._tensor(key)
+
+    def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        self._check_rows(key, out, start)
+        out.copy_(self._tensor(key)[start : start + out.shape[0]])  # a slice: no copy first
+        return out
 
     def __contains__(self, key: str) -> bool:
         return key in self._state
@@ -245,13 +265,25 @@ class SafetensorsSource(CheckpointSource):
             return out
         return super().read_into(key, out)
 
-    def _read(self, key: str, out: torch.Tensor) -> None:
+    def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        self._check_rows(key, out, start)
+        native = self.dtype(key)
+        direct = out.dtype == native and out.is_contiguous() and out.device.type == "cpu"
+        target = out if direct else torch.empty(out.shape, dtype=native)
+        row_bytes = math.prod(out.shape[1:]) * target.element_size()
+        self._read(key, target, skip=start * row_bytes)  # the rows' bytes only
+        if not direct:
+            out.copy_(target)
+        return out
+
+    def _read(self, key: str, out: torch.Tensor, skip: int = 0) -> None:
+        """Fill `out` with the tensor's bytes from `skip` on (all of them by default)."""
         entry = self._entry(key)
-        if entry.nbytes == 0:
+        if entry.nbytes == 0 or out.numel() == 0:
             return
         path = self._paths[entry.file]
         try:
-            _pread_exact(self._files[entry.file], _byte_view(out), entry.offset)
+            _pread_exact(self._files[entry.file], _byte_view(out), entry.offset + skip)
         except OSError as err:
             raise MergeBenchError(f"{path}: cannot read tensor {key!r} ({err})") from None
         except EOFError:

@@ -50,6 +50,7 @@ from mergebench.results.shards import (
     shape_of,
     write_tensors,
 )
+from mergebench.results.tied import add_tied_keys
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.version import __version__
 
@@ -121,7 +122,7 @@ class SingleModelResult(MergeResult):
         state = dict(self.shared)
         if task is not None:
             state.update(self.task_specific.get(task, {}))
-        return state
+        return add_tied_keys(state, self.extra)
 
     def write_tensors(
         self, folder: Path, shard_bytes: int, done: frozenset[str] | set[str] = frozenset()
@@ -179,7 +180,7 @@ class TaskConditionedResult(MergeResult):
             state[key] = self.task_delta(task, key).add_(pre).to(pre.dtype)
         state.update(self.copied)
         state.update(self.task_specific.get(task, {}))
-        return state
+        return add_tied_keys(state, self.extra)
 
     def describe(self) -> dict[str, Any]:
         meta = self._metadata()
