@@ -4,7 +4,8 @@ On a busy machine torch's default (one thread per core) runs several times slowe
 thread: the cores are shared, and its threads wait on each other (vision evaluation 60
 examples/s with 2 threads against 174 with 1, at load 5 on 2 cores). The thread count is
 not changed behind the user's back (it may change the last bits of sums, hence a score):
-the run says so once, with the figure, and the user picks."""
+the run says so once on the terminal (`mergebench`, `mergebench-zoo`), with the figure, and
+the user picks."""
 
 from __future__ import annotations
 

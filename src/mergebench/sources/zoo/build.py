@@ -31,8 +31,10 @@ def set_threads(threads: int | None) -> None:
     """Fix torch's CPU threads (`threads` config key); None keeps torch's default (all cores)."""
     if threads:
         torch.set_num_threads(int(threads))
+    # On a terminal only: captured stderr (tests, scripts parsing our one-line errors) stays
+    # one line per error.
     advice = busy_machine_advice(threads)
-    if advice:
+    if advice and sys.stderr.isatty():
         print(advice, file=sys.stderr, flush=True)
 
 
