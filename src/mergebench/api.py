@@ -104,6 +104,9 @@ def _merge_pool(
     check_vocab(vocab)
     dtype = parse_out_dtype(out_dtype)
     instance = build_method(method, **params)
+    # Files the merge reads: the output folder must not hold any (a save replaces its files).
+    inputs = [path for source in (pool.pretrained, *pool.finetuned.values())
+              for path in source.files()]  # fmt: skip
     # A task-conditioned result keeps the base by reference: its output dtype is applied
     # where its per-task weights are written out (export), and recorded here.
     conditioned = type(instance).task_conditioned
@@ -122,7 +125,7 @@ def _merge_pool(
     def merge_into(target: ArtifactTarget) -> MergeResult:
         return noted(instance.merge(pool, RunContext(device, progress, target)))
 
-    return stream_result(output_dir, merge_into, shard_size)
+    return stream_result(output_dir, merge_into, shard_size, inputs)
 
 
 def _checkpoint_files(pool: ModelPool) -> dict[str, Any]:

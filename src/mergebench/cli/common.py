@@ -49,8 +49,8 @@ def run_hydra_app(app: Callable[[], Any], program: str | None = None) -> None:
         if exit_.code not in (0, None):
             sys.exit(exit_.code if exit_.code == EXIT_INTERRUPTED else EXIT_USAGE)
         raise
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # its text, if any, says what was completed
+        print(f"{program}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except MergeBenchError as err:
         fail(program, str(err))

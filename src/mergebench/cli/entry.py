@@ -21,8 +21,8 @@ def _run(module: str, program: str) -> Any:
     try:
         main = importlib.import_module(f"mergebench.cli.{module}").main
         return main()
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # its text, if any, says what was completed
+        print(f"{program}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
 
 

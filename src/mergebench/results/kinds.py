@@ -76,7 +76,24 @@ class MergeResult:
             self.write_tensors(tmp, shard_bytes)
             return self.describe
 
-        return publish_result(output_dir(directory), write)
+        return publish_result(output_dir(directory), write, self.input_files())
+
+    def input_files(self) -> list[Path]:
+        """Files this result still reads (an artifact it was loaded from, the pretrained
+        checkpoint it references): a save must not replace them."""
+        found: list[Path] = []
+
+        def visit(value: Any, depth: int) -> None:
+            files = getattr(value, "files", None)
+            if callable(files):  # a checkpoint source or lazily read tensors
+                found.extend(files())
+            elif isinstance(value, Mapping) and depth < 2:  # task_specific: task -> tensors
+                for item in value.values():
+                    visit(item, depth + 1)
+
+        for value in vars(self).values():
+            visit(value, 0)
+        return found
 
     def write_tensors(
         self, folder: Path, shard_bytes: int, done: frozenset[str] | set[str] = frozenset()

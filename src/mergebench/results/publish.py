@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,35 @@ V1_FILES = (
 
 
 def output_dir(directory: str | Path) -> Path:
+    """The folder a save publishes into. A symbolic link is followed: the result replaces the
+    folder it points at and the link stays (publishing swaps folders by rename, which would
+    otherwise replace the link itself and leave the earlier result behind it)."""
     if not str(directory).strip():
         raise MergeBenchError("output folder: empty path")
     path = Path(directory).expanduser()
+    if path.is_symlink():
+        path = path.resolve()
     if path.name in ("", ".", ".."):  # "." has no name to make sibling temp folders from
         path = Path(os.path.abspath(path))
     if not path.name:
         raise MergeBenchError(f"{directory}: cannot save a result as the file-system root")
     return path
+
+
+def refuse_inputs_inside(
+    directory: Path, inputs: Iterable[Path], reader: str = "this merge"
+) -> None:
+    """A save replaces the folder's files: it must not take a file this merge reads (the
+    pretrained weights of an EMR result saved into the folder that holds them, a result
+    saved over the artifact it is read from). Refused before any work."""
+    target = directory.resolve()
+    for path in inputs:
+        resolved = Path(path).resolve()
+        if target == resolved or target in resolved.parents:
+            raise MergeBenchError(
+                f"{directory}: holds {path}, which {reader} reads; saving there would "
+                "delete or replace it (choose another output folder)"
+            )
 
 
 def owned_files(directory: Path) -> set[str] | None:
@@ -89,11 +110,17 @@ def describe_with_manifest(tmp: Path, describe: Callable[[], dict[str, Any]]) ->
     return meta
 
 
-def publish_result(directory: Path, write: Callable[[Path], Callable[[], dict[str, Any]]]) -> Path:
+def publish_result(
+    directory: Path,
+    write: Callable[[Path], Callable[[], dict[str, Any]]],
+    inputs: Iterable[Path] = (),
+) -> Path:
     """Write the result into a marked sibling temp folder, then move it into place
     (`publish_folder`: readers never see half an artifact, the user's files stay).
     `write(tmp)` writes the tensors and returns how to describe them (result.json's content,
-    without the manifest); `result.json` lands last."""
+    without the manifest); `result.json` lands last. `inputs`: files the result reads, which
+    must not lie in `directory`."""
+    refuse_inputs_inside(directory, inputs, reader="this result")
 
     def fill(tmp: Path) -> list[str]:
         meta = describe_with_manifest(tmp, write(tmp))

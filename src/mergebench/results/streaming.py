@@ -4,14 +4,14 @@ temp folder beside the destination) as keys finish, instead of holding them for 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mergebench.results.kinds import MergeResult
 from mergebench.results.loading import load_result
-from mergebench.results.publish import output_dir, publish_result
+from mergebench.results.publish import output_dir, publish_result, refuse_inputs_inside
 from mergebench.results.shards import (
     DEFAULT_SHARD_BYTES,
     Entry,
@@ -59,10 +59,14 @@ def stream_result(
     directory: str | Path,
     merge: Callable[[ArtifactTarget], MergeResult],
     shard_size: int | str = DEFAULT_SHARD_BYTES,
+    inputs: Iterable[Path] = (),
 ) -> MergeResult:
     """Run `merge(target)` writing into a temp folder beside `directory`, complete the parts
-    it did not stream, publish the folder atomically, and load it back lazily."""
+    it did not stream, publish the folder atomically, and load it back lazily. `inputs`: the
+    merge's checkpoint files, refused up front if they lie in `directory`."""
     shard_bytes = parse_size(shard_size)
+    folder = output_dir(directory)
+    refuse_inputs_inside(folder, inputs)
 
     def write(tmp: Path) -> Callable[[], dict[str, Any]]:
         target = ArtifactTarget(tmp, shard_bytes)
@@ -70,5 +74,5 @@ def stream_result(
         result.write_tensors(tmp, shard_bytes, done=target.done)
         return result.describe
 
-    out = publish_result(output_dir(directory), write)
+    out = publish_result(folder, write)
     return load_result(out, verify=False)

@@ -14,9 +14,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import socket
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -202,27 +205,30 @@ def publish_folder(
         order = fill(tmp)
         publish_tree(tmp)  # libraries write private (0600) files: give them the umask's
         entries = set() if old_files is None else {p.name for p in directory.iterdir()}
-        if old_files is None:
-            (tmp / TEMP_MARKER).unlink()
-            os.replace(tmp, directory)
-        elif entries and entries <= old_files and not _holds_cwd(directory):
-            old = make_marked_temp_dir(parent, f".{directory.name}.old-")
-            os.replace(directory, old / "x")
-            (tmp / TEMP_MARKER).unlink()
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            new_files = set(order)
-            clash = sorted((new_files & entries) - old_files)
-            if clash:
-                raise MergeBenchError(
-                    f"{directory / clash[0]}: not written by mergebench; refusing to overwrite it"
-                )
-            for name in order:
-                os.replace(tmp / name, directory / name)
-            for name in sorted(old_files - new_files):
-                (directory / name).unlink(missing_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+        new_files = set(order)
+        clash = sorted((new_files & entries) - old_files) if old_files is not None else []
+        if clash:
+            raise MergeBenchError(
+                f"{directory / clash[0]}: not written by mergebench; refusing to overwrite it"
+            )
+        # From the first rename to the last removal, Ctrl-C waits: an interrupt there used
+        # to report "interrupted" over a folder already replaced, leaving `.old-*` behind.
+        with _interrupts_deferred(f"{directory}: saved in full before the interrupt"):
+            if old_files is None:
+                (tmp / TEMP_MARKER).unlink()
+                os.replace(tmp, directory)
+            elif entries and entries <= old_files and not _holds_cwd(directory):
+                old = make_marked_temp_dir(parent, f".{directory.name}.old-")
+                os.replace(directory, old / "x")
+                (tmp / TEMP_MARKER).unlink()
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                for name in order:
+                    os.replace(tmp / name, directory / name)
+                for name in sorted(old_files - new_files):
+                    (directory / name).unlink(missing_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(directory, what, err) from None
@@ -230,6 +236,23 @@ def publish_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+@contextmanager
+def _interrupts_deferred(done: str) -> Iterator[None]:
+    """Hold SIGINT until the block ends (main thread only: signals go there), then raise
+    `KeyboardInterrupt(done)`, which says what state the interrupted work is in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt(done)
 
 
 def _holds_cwd(directory: Path) -> bool:
