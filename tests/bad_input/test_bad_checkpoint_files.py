@@ -321,3 +321,23 @@ def test_zero_size_tensor_in_emr_and_mask_rescale(method):
         assert merged["empty.weight"].shape == (0, 4)
         for key, value in without.state_dict(task).items():
             assert torch.equal(merged[key], value), key
+
+
+@pytest.mark.parametrize("method", ["ties", "emr", "task_arithmetic"])
+def test_non_finite_task_specific_head_refused(method):
+    # Before: nan in an excluded head was kept (and scored), while refused everywhere else.
+    pre, finetuned = tiny_models()
+    finetuned["b"]["classifier.weight"][0, 0] = float("nan")
+    raises(
+        r"finetuned\[b\].*tensor 'classifier.weight' has non-finite values",
+        mergebench.merge, method, pre, finetuned, exclude=HEAD, progress=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["dare", "mask_rescale"])
+def test_method_base_null(method):
+    pre, finetuned = tiny_models()
+    raises(
+        rf"{method}.base: expected a method name \(e.g. ties\), got None",
+        mergebench.merge, method, pre, finetuned, exclude=HEAD, base=None, progress=False,
+    )  # fmt: skip

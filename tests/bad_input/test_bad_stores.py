@@ -113,3 +113,37 @@ def test_leaderboard_on_a_corrupt_store_leaves_nothing(tmp_path, capsys):
     db.write_bytes(bytes(data))
     assert_one_line_error(leaderboard(capsys, "--db", str(db)), "r.sqlite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.sqlite"]
+
+
+# --- round 3: where the leaderboard writes -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--out", "{tmp}/folder"], "--out {tmp}/folder: is a folder; give the file to write"),
+        (["--out", "{tmp}/afile/x.md"], "cannot write ({tmp}/afile is a file, not a folder)"),
+        (["--plots", "{tmp}/afile/plots"], "--plots {tmp}/afile/plots: cannot write"),
+        (["--out", "/proc/mergebench-x.md"], "--out /proc/mergebench-x.md: cannot write"),
+    ],
+    ids=["out-a-folder", "out-below-a-file", "plots-below-a-file", "out-unwritable"],
+)
+def test_leaderboard_output_that_cannot_be_written(tmp_path, capsys, args, says):
+    # Before: IsADirectoryError / FileExistsError / NotADirectoryError tracebacks.
+    from mergebench.cli.leaderboard import main
+    from mergebench.report.records import RunRecord, TaskScore
+    from mergebench.report.store import SQLiteStore
+
+    db = tmp_path / "r.sqlite"
+    SQLiteStore(db).add_run(
+        RunRecord(method="ties", label="ties", family="f", taskset="t",
+                  config={"method": {"name": "ties"}, "taskset": {"name": "t", "tasks": ["a"]}},
+                  scores=[TaskScore("a", "accuracy", 0.5)])
+    )  # fmt: skip
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("mine")
+    args = [a.format(tmp=tmp_path) for a in args]
+    capsys.readouterr()
+    assert main(["--db", str(db), "--format", "markdown", *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and says.format(tmp=tmp_path) in lines[0], lines
+    assert (tmp_path / "afile").read_text() == "mine" and not list((tmp_path / "folder").iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

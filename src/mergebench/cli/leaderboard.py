@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from mergebench.bench.identity import VOLATILE_KEYS
@@ -34,6 +35,22 @@ def log_stored_runs(
             logger.log_run(record, boards, sweep_id=run.get("sweep_id"))
             count += 1
     return count
+
+
+@contextmanager
+def _writing(option: str, path: str) -> Iterator[None]:
+    """An OS error while writing `path` (a file in the way, a read-only mount, a full disk)
+    is one line naming the option, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        for ancestor in Path(path).parents:  # mkdir's "File exists" means a file in the way
+            if ancestor.exists():
+                if not ancestor.is_dir():
+                    reason = f"{ancestor} is a file, not a folder"
+                break
+        raise MergeBenchError(f"{option} {path}: cannot write ({reason})") from None
 
 
 def as_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -111,13 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             strict=True,
             volatile_keys=VOLATILE_KEYS,
         )
+        if args.out and Path(args.out).is_dir():
+            raise MergeBenchError(f"--out {args.out}: is a folder; give the file to write")
         if args.plots:
             if Path(args.plots).exists() and not Path(args.plots).is_dir():
                 raise MergeBenchError(f"--plots {args.plots}: exists and is not a folder")
-            for path in write_all_plots(boards, args.plots):
+            with _writing("--plots", args.plots):
+                written = write_all_plots(boards, args.plots)
+            for path in written:
                 print(f"wrote {path}", file=sys.stderr)
         if args.out:
-            atomic_write(Path(args.out), render(boards, args.format, args.plots))
+            with _writing("--out", args.out):
+                atomic_write(Path(args.out), render(boards, args.format, args.plots))
             print(f"wrote {args.out}", file=sys.stderr)
         elif args.format == "table":
             print_table(boards)

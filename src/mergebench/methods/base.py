@@ -211,10 +211,20 @@ def single_result(
 
 
 def task_specific_tensors(pool: ModelPool, plan: KeyPlan) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        task: {k: pool.finetuned[task].get(k) for k in keys}
-        for task, keys in plan.task_specific.items()
-    }
+    """Each task's own tensors (heads), refused when non-finite as merged tensors are: a
+    nan head would score as a model, not fail as a broken checkpoint."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for task, keys in plan.task_specific.items():
+        source = pool.finetuned[task]
+        heads[task] = {}
+        for key in keys:
+            tensor = source.get(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise MergeBenchError(
+                    f"{source.name}: tensor {key!r} has non-finite values (nan/inf)"
+                )
+            heads[task][key] = tensor
+    return heads
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:

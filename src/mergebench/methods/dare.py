@@ -16,7 +16,7 @@ import torch
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorTransform
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, TaskVectorMethod
-from mergebench.methods.options import flag, fraction, option, params_mapping
+from mergebench.methods.options import flag, fraction, method_name, option, params_mapping
 from mergebench.methods.registry import build_method, method_label
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
@@ -65,7 +65,7 @@ class Dare(Method):
         """`dare (<base label>)`, e.g. `dare (ties)`."""
         return f"dare ({method_label(str(params.get('base')), params.get('base_params') or {})})"
 
-    base: str = option()  # a method name: setup() builds it
+    base: str = option(method_name)  # setup() builds it
     drop: float = option(fraction, low_open=False, high_open=True)
     rescale: bool = option(flag)
     seed: int = option(any_integer)

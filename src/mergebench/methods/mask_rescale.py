@@ -13,7 +13,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
 from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
-from mergebench.methods.options import choice, flag, option, params_mapping
+from mergebench.methods.options import choice, flag, method_name, option, params_mapping
 from mergebench.methods.registry import build_method, method_label
 from mergebench.results import MergeResult, SingleModelResult, TaskConditionedResult
 from mergebench.util.errors import MergeBenchError
@@ -34,7 +34,7 @@ class MaskRescale(Method):
     def base_label(cls, params: Mapping[str, Any]) -> str:
         return method_label(str(params.get("base")), params.get("base_params") or {})
 
-    base: str = option()  # a method name: setup() builds it
+    base: str = option(method_name)  # setup() builds it
     mask: bool = option(flag)
     rescale: bool = option(flag)
     rescaler: str = option(choice, allowed=RESCALERS)

@@ -112,6 +112,16 @@ def flag(name: str, option: str, value: Any) -> bool:
     return value
 
 
+def method_name(method: str, option: str, value: Any) -> str:
+    """The name of another method (`dare.base`, `mask_rescale.base`): a non-empty string
+    here; whether such a method exists is for the registry to say when it builds it."""
+    if not isinstance(value, str) or not value.strip():
+        raise MergeBenchError(
+            f"{method}.{option}: expected a method name (e.g. ties), got {value!r}"
+        )
+    return value
+
+
 def params_mapping(method: str, option: str, value: Any) -> dict[str, Any]:
     """Another method's options, as a mapping (null: that method's defaults)."""
     return dict(value or {})
