@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--family", help="only this model family (e.g. minilm)")
     parser.add_argument("--taskset", help="only this task set")
-    parser.add_argument("--format", default="table", choices=FORMATS)
+    parser.add_argument("--format", default="table", choices=list(FORMATS))
     parser.add_argument("--out", help="write to this file instead of standard output")
     parser.add_argument("--plots", metavar="DIR", help="also write the PNG plots into DIR")
     parser.add_argument(

@@ -11,8 +11,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,6 @@ from mergebench.report.plots import plot_stem
 from mergebench.report.stats import RESAMPLES
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import atomic_write_text
-
-FORMATS = ("table", "markdown", "csv", "json", "html")
-_SUFFIX = {"markdown": ".md", "csv": ".csv", "json": ".json", "html": ".html", "table": ".txt"}
 
 
 def _as_percent(board: Board) -> bool:
@@ -389,22 +386,36 @@ def _width(header: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[
     return sum(max(len(header[i]), *(len(r[i]) for r in rows)) + 3 for i in keep) + 1
 
 
+def _terminal_text(boards: Sequence[Board], plot_dir: Any = None) -> str:
+    buf = io.StringIO()
+    print_table(boards, file=buf)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Format:
+    """A leaderboard format: its file suffix and how boards become text."""
+
+    suffix: str
+    render: Callable[[Sequence[Board], str | os.PathLike[str] | None], str]
+
+
+# The one table of formats: `--format`'s choices, `write_leaderboard`'s suffixes, `render`.
+FORMATS: dict[str, Format] = {
+    "table": Format(".txt", _terminal_text),
+    "markdown": Format(".md", lambda boards, plots: to_markdown(boards)),
+    "csv": Format(".csv", lambda boards, plots: to_csv(boards)),
+    "json": Format(".json", lambda boards, plots: json.dumps(to_json(boards), indent=2) + "\n"),
+    "html": Format(".html", to_html),
+}
+
+
 def render(
     boards: Sequence[Board], fmt: str, plot_dir: str | os.PathLike[str] | None = None
 ) -> str:
-    if fmt == "markdown":
-        return to_markdown(boards)
-    if fmt == "csv":
-        return to_csv(boards)
-    if fmt == "json":
-        return json.dumps(to_json(boards), indent=2) + "\n"
-    if fmt == "html":
-        return to_html(boards, plot_dir)
-    if fmt == "table":
-        buf = io.StringIO()
-        print_table(boards, file=buf)
-        return buf.getvalue()
-    raise MergeBenchError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        raise MergeBenchError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return FORMATS[fmt].render(boards, plot_dir)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -425,7 +436,8 @@ def write_leaderboard(
     boards = load_boards(db, family=family, taskset=taskset)
     written = {}
     for fmt in formats:
-        path = Path(out_dir) / f"{stem}{_SUFFIX.get(fmt, '.' + fmt)}"
-        atomic_write(path, render(boards, fmt, plot_dir))
+        text = render(boards, fmt, plot_dir)  # an unknown format fails here, in one line
+        path = Path(out_dir) / f"{stem}{FORMATS[fmt].suffix}"
+        atomic_write(path, text)
         written[fmt] = path
     return written
