@@ -57,11 +57,11 @@ def write_leaderboard(db: str, out_dir: str) -> list[Path]:
     into `<out_dir>/plots/` (mergebench.report.render, mergebench.report.plots)."""
     from mergebench.report.boards import load_boards
     from mergebench.report.plots import write_all_plots
-    from mergebench.report.render import print_table
+    from mergebench.report.render import print_boards
     from mergebench.report.render import write_leaderboard as write
 
     boards = load_boards(db)
-    print_table(boards)
+    print_boards(boards)
     plots = write_all_plots(boards, Path(out_dir) / "plots")  # first: the HTML embeds them
     formats = ("markdown", "json", "csv", "html")
     written = write(db, out_dir=out_dir, formats=formats, plot_dir=Path(out_dir) / "plots")

@@ -264,7 +264,7 @@ def test_papercuts_csv_precision_html_caption_narrow_terminal(db, monkeypatch) -
     caption, and a narrow terminal drops the cost columns instead of cutting task names."""
     import rich.console
 
-    from mergebench.report.render import print_table
+    from mergebench.report.render import print_boards
 
     boards = load_boards(db)
     rows = list(csv.DictReader(io.StringIO(render(boards, "csv"))))
@@ -285,7 +285,7 @@ def test_papercuts_csv_precision_html_caption_narrow_terminal(db, monkeypatch) -
 
         monkeypatch.setattr(rich.console, "Console", console)
         out = io.StringIO()
-        print_table(boards, file=out)
+        print_boards(boards, file=out)
         return out.getvalue()
 
     narrow, wide = terminal_table(70), terminal_table(300)

@@ -282,7 +282,7 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
                 store.add_run(ref, sweep_id=sweep)
         store.add_run(record, sweep_id=sweep)
     log_with_leaderboard(logger, record, store, sweep)
-    print_table([*references, record], file=sys.stdout)
+    print_run_scores([*references, record], file=sys.stdout)
     print(
         f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "
         f"{size / 2**20:.1f} MiB, evaluation {ev.seconds:.1f} s ({ev.examples_per_second:.0f} examples/s)"
@@ -320,7 +320,7 @@ def _artifact_size(result: Any, measure) -> int:
 # ---------------------------------------------------------------------------- table
 
 
-def print_table(records: Sequence[RunRecord], file: Any = None) -> None:
+def print_run_scores(records: Sequence[RunRecord], file: Any = None) -> None:
     """Per-task scores (%) of each row, average, and normalized average vs `individual`."""
     if not records:
         return

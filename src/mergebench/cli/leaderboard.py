@@ -11,7 +11,7 @@ from pathlib import Path
 from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.report.boards import DEFAULT_DB, Board, load_boards
 from mergebench.report.plots import write_all_plots
-from mergebench.report.render import FORMATS, atomic_write, print_table, render
+from mergebench.report.render import FORMATS, atomic_write, print_boards, render
 from mergebench.report.store import open_store
 from mergebench.report.wandb import RunLogger, WandbLogger
 from mergebench.util.errors import MergeBenchError
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 atomic_write(Path(args.out), render(boards, args.format, args.plots))
             print(f"wrote {args.out}", file=sys.stderr)
         elif args.format == "table":
-            print_table(boards)
+            print_boards(boards)
         else:
             sys.stdout.write(render(boards, args.format, args.plots))
         if args.wandb:

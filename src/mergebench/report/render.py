@@ -342,7 +342,7 @@ def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = N
     )
 
 
-def print_table(boards: Sequence[Board], file: Any = None) -> None:
+def print_boards(boards: Sequence[Board], file: Any = None) -> None:
     """A terminal table per board (rich)."""
     from rich.console import Console
     from rich.table import Table
@@ -388,7 +388,7 @@ def _width(header: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[
 
 def _terminal_text(boards: Sequence[Board], plot_dir: Any = None) -> str:
     buf = io.StringIO()
-    print_table(boards, file=buf)
+    print_boards(boards, file=buf)
     return buf.getvalue()
 
 
