@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergebench.engine.align import describe_alignment
 from mergebench.engine.checkpoints import CheckpointLike
 from mergebench.engine.pool import ModelPool
 from mergebench.methods.base import RunContext
@@ -32,11 +34,20 @@ def merge(
     progress: bool = True,
     output_dir: str | Path | None = None,
     shard_size: int | str = DEFAULT_SHARD_BYTES,
+    key_map: Mapping[str, Any] | None = None,
+    strip_prefix: str | Mapping[str, str] | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge `finetuned` models (task name -> path or state dict) into one result.
 
     `exclude` lists regexes of task-specific keys (heads): each task keeps its own.
+    Fine-tuned models whose keys carry a prefix the pretrained model's lack (or the
+    reverse: `bert.embeddings.*` beside `embeddings.*`) are merged under the pretrained
+    model's key names; the prefix is detected, or given by `strip_prefix` (`'bert.'` for
+    every fine-tuned model, or {checkpoint: prefix}, a checkpoint being a task or
+    `pretrained`) or `key_map` ({from: to} rules, `from` a key prefix or a `^regex`, for
+    every fine-tuned model or per checkpoint). The renaming is recorded in
+    `result.extra["key_alignment"]`.
     `params` override the method's defaults from `conf/method/<method>.yaml`.
     With `output_dir`, the artifact is written there (atomically, in safetensors shards of
     at most `shard_size`) as the merge goes, data-free methods writing each tensor as it is
@@ -55,7 +66,9 @@ def merge(
     check_params(method, params)  # before any checkpoint is read
     if output_dir is not None:
         parse_size(shard_size)  # a bad size fails before any checkpoint is read
-    pool = ModelPool.from_checkpoints(pretrained, finetuned, exclude, heads_separate)
+    pool = ModelPool.from_checkpoints(
+        pretrained, finetuned, exclude, heads_separate, key_map=key_map, strip_prefix=strip_prefix
+    )
     return merge_pool(method, pool, device=device, progress=progress, output_dir=output_dir,
                       shard_size=shard_size, **params)  # fmt: skip
 
@@ -73,13 +86,23 @@ def merge_pool(
     device = check_device(device)
     check_params(method, params)
     instance = build_method(method, **params)
+    if progress:
+        for line in describe_alignment(pool.key_alignment, pool.pretrained.name):
+            print(f"mergebench: {line}", file=sys.stderr, flush=True)
     if output_dir is None:
-        return instance.merge(pool, RunContext(device, progress))
+        return _record_alignment(instance.merge(pool, RunContext(device, progress)), pool)
 
     def merge_into(target: ArtifactTarget) -> MergeResult:
-        return instance.merge(pool, RunContext(device, progress, target))
+        return _record_alignment(instance.merge(pool, RunContext(device, progress, target)), pool)
 
     return stream_result(output_dir, merge_into, shard_size)
+
+
+def _record_alignment(result: MergeResult, pool: ModelPool) -> MergeResult:
+    """The renaming the checkpoints were merged under, in `result.json`'s `extra`."""
+    if pool.key_alignment:
+        result.extra = {**result.extra, "key_alignment": pool.key_alignment}
+    return result
 
 
 def check_device(device: Any) -> str | torch.device:
