@@ -245,6 +245,19 @@ def test_strip_prefix_per_checkpoint_and_for_the_pretrained(hub):
     }
 
 
+def test_a_task_named_pretrained_is_refused_only_where_ambiguous(hub):
+    pre, finetuned = _states(hub)
+    finetuned = {"pretrained": finetuned["a"]}
+    with pytest.raises(MergeBenchError, match="a task named 'pretrained' cannot be told apart"):
+        mergebench.merge("ties", pre, finetuned, exclude=HEAD, progress=False,
+                         strip_prefix={"pretrained": "bert."})  # fmt: skip
+    result = mergebench.merge("ties", pre, finetuned, exclude=HEAD, progress=False,
+                              strip_prefix="bert.")  # fmt: skip
+    assert result.extra["key_alignment"] == {
+        "pretrained": {"rules": {"bert.": ""}, "how": "strip_prefix"}
+    }
+
+
 def test_an_empty_key_map_turns_detection_off(hub):
     pre, finetuned = _states(hub)
     with pytest.raises(MergeBenchError, match=r"rerun with strip_prefix='bert\.'"):

@@ -60,7 +60,9 @@ def align_checkpoints(
     """The checkpoints under the pretrained model's key names, and the renaming applied
     ({checkpoint: {"rules": {from: to}, "how": ...}}, for the result's record)."""
     roles = [PRETRAINED, *finetuned]
-    if PRETRAINED in finetuned and (key_map is not None or strip_prefix is not None):
+    if PRETRAINED in finetuned and any(
+        isinstance(option, Mapping) and PRETRAINED in option for option in (key_map, strip_prefix)
+    ):
         raise MergeBenchError(
             "finetuned: a task named 'pretrained' cannot be told apart from the pretrained "
             "model in key_map/strip_prefix; rename the task"
