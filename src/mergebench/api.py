@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergebench.engine.align import describe_alignment
 from mergebench.engine.checkpoints import CheckpointLike, CheckpointSource
 from mergebench.engine.llm import check_vocab, dtype_name, parse_out_dtype, prepare_pool
 from mergebench.engine.pool import ModelPool
@@ -35,11 +37,20 @@ def merge(
     shard_size: int | str = DEFAULT_SHARD_BYTES,
     vocab: str = "base",
     out_dtype: str | torch.dtype | None = None,
+    key_map: Mapping[str, Any] | None = None,
+    strip_prefix: str | Mapping[str, str] | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge `finetuned` models (task name -> path or state dict) into one result.
 
     `exclude` lists regexes of task-specific keys (heads): each task keeps its own.
+    Fine-tuned models whose keys carry a prefix the pretrained model's lack (or the
+    reverse: `bert.embeddings.*` beside `embeddings.*`) are merged under the pretrained
+    model's key names; the prefix is detected, or given by `strip_prefix` (`'bert.'` for
+    every fine-tuned model, or {checkpoint: prefix}, a checkpoint being a task or
+    `pretrained`) or `key_map` ({from: to} rules, `from` a key prefix or a `^regex`, for
+    every fine-tuned model or per checkpoint). The renaming is recorded in
+    `result.extra["key_alignment"]`.
     `params` override the method's defaults from `conf/method/<method>.yaml`.
     With `output_dir`, the artifact is written there (atomically, in safetensors shards of
     at most `shard_size`) as the merge goes, data-free methods writing each tensor as it is
@@ -65,7 +76,9 @@ def merge(
     check_params(method, params)  # before any checkpoint is read
     if output_dir is not None:
         parse_size(shard_size)  # a bad size fails before any checkpoint is read
-    pool = ModelPool.from_checkpoints(pretrained, finetuned, exclude, heads_separate)
+    pool = ModelPool.from_checkpoints(
+        pretrained, finetuned, exclude, heads_separate, key_map=key_map, strip_prefix=strip_prefix
+    )
     record = {"checkpoints": _checkpoint_files(pool)}
     return _merge_pool(method, pool, device, progress, output_dir, shard_size, vocab, out_dtype,
                        record, params)  # fmt: skip
@@ -107,12 +120,18 @@ def _merge_pool(
     # Files the merge reads: the output folder must not hold any (a save replaces its files).
     inputs = [path for source in (pool.pretrained, *pool.finetuned.values())
               for path in source.files()]  # fmt: skip
+    alignment = pool.key_alignment  # the renaming the checkpoints are merged under
+    if progress:
+        for line in describe_alignment(alignment, pool.pretrained.name):
+            print(f"mergebench: {line}", file=sys.stderr, flush=True)
     # A task-conditioned result keeps the base by reference: its output dtype is applied
     # where its per-task weights are written out (export), and recorded here.
     conditioned = type(instance).task_conditioned
     pool, notes = prepare_pool(pool, vocab, None if conditioned else dtype, progress)
     if conditioned and dtype is not None:
         notes["out_dtype"] = dtype_name(dtype)
+    if alignment:
+        notes["key_alignment"] = alignment
     notes.update(record)
 
     def noted(result: MergeResult) -> MergeResult:

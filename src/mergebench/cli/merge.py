@@ -37,6 +37,8 @@ KEYS = (
     "out_dtype",
     "device",
     "progress",
+    "key_map",
+    "strip_prefix",
 )
 
 
@@ -70,6 +72,13 @@ def _path(cfg: DictConfig, key: str) -> str:
     return str(value)
 
 
+def _plain(value: object) -> object:
+    """A config value as plain Python (the API checks it)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 @hydra.main(version_base=None, config_path=CONF, config_name="merge")
 def _merge_app(cfg: DictConfig) -> None:
     with no_run_folder_on_failure():
@@ -94,6 +103,7 @@ def _merge(cfg: DictConfig) -> None:
         exclude = cfg.exclude
         if isinstance(exclude, ListConfig):
             exclude = OmegaConf.to_container(exclude, resolve=True)
+        key_map, strip_prefix = (_plain(cfg.get(k)) for k in ("key_map", "strip_prefix"))
         out = _path(cfg, "output_dir")
         start = time.perf_counter()
         result = merge(
@@ -108,6 +118,8 @@ def _merge(cfg: DictConfig) -> None:
             shard_size=_shard_size(cfg),
             vocab=_scalar(cfg, "vocab", "base"),
             out_dtype=_scalar(cfg, "out_dtype", None),
+            key_map=key_map,
+            strip_prefix=strip_prefix,
             **params,
         )
         merged_s = time.perf_counter() - start

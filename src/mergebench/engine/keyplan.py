@@ -10,11 +10,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from mergebench.engine.keymatch import (
+    compile_patterns,
+    describe_mismatch,
+    is_excluded,
+    key_difference,
+)
 from mergebench.engine.pool import ModelPool
 from mergebench.util.errors import MergeBenchError
 
@@ -27,21 +32,6 @@ class KeyPlan:
     pretrained_excluded: list[str] = field(default_factory=list)
 
 
-def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as err:
-            raise MergeBenchError(f"exclude: invalid regex {pattern!r} ({err})") from None
-    return compiled
-
-
-def is_excluded(key: str, patterns: list[re.Pattern[str]]) -> bool:
-    # fullmatch: `classifier\..*` must not catch `bert.classifier_proj.weight`.
-    return any(p.fullmatch(key) for p in patterns)
-
-
 def plan_keys(pool: ModelPool) -> KeyPlan:
     """Classify every key of the pool, or raise naming the first offending key."""
     patterns = compile_patterns(pool.exclude)
@@ -49,16 +39,12 @@ def plan_keys(pool: ModelPool) -> KeyPlan:
     merged: list[str] = []
     copied: list[str] = []
     pre_excluded: list[str] = []
+    _check_same_keys(pool, patterns)
     for key in pre.keys():
         if is_excluded(key, patterns):
             pre_excluded.append(key)
             continue
-        for task, ft in pool.finetuned.items():
-            if key not in ft:
-                raise MergeBenchError(
-                    f"{ft.name}: missing key {key!r} of {pre.name} (task {task!r}); "
-                    "if it is a task head, add it to exclude"
-                )
+        for ft in pool.finetuned.values():
             if ft.shape(key) != pre.shape(key):
                 raise MergeBenchError(
                     f"key {key!r}: shape {list(ft.shape(key))} in {ft.name} "
@@ -74,13 +60,6 @@ def plan_keys(pool: ModelPool) -> KeyPlan:
         task: [k for k in ft.keys() if is_excluded(k, patterns)]
         for task, ft in pool.finetuned.items()
     }
-    for task, ft in pool.finetuned.items():
-        extra = [k for k in ft.keys() if k not in pre and not is_excluded(k, patterns)]
-        if extra:
-            raise MergeBenchError(
-                f"{ft.name}: key {extra[0]!r} is not in {pre.name} (task {task!r}); "
-                "if it is a task head, add it to exclude"
-            )
     if not pool.heads_separate:
         expected = set(pre_excluded).union(*task_specific.values())
         for task, keys in task_specific.items():
@@ -96,6 +75,18 @@ def plan_keys(pool: ModelPool) -> KeyPlan:
             f"{pre.name}: no floating-point tensors left to merge (check the exclude patterns)"
         )
     return KeyPlan(merged, copied, task_specific, pre_excluded)
+
+
+def _check_same_keys(pool: ModelPool, patterns: list[re.Pattern[str]]) -> None:
+    """Every fine-tuned model has the pretrained keys that are not excluded, and no others:
+    else say what differs (a prefix, a head, or counts and examples of both sides)."""
+    pre = pool.pretrained
+    for task, ft in pool.finetuned.items():
+        missing, extra = key_difference(pre.keys(), ft.keys(), patterns)
+        if missing or extra:
+            raise MergeBenchError(
+                describe_mismatch(ft.name, pre.name, task, pre.keys(), ft.keys(), patterns)
+            )
 
 
 def _check_patterns_match(pool: ModelPool, patterns: list[re.Pattern[str]]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from mergebench.engine.align import align_checkpoints
 from mergebench.engine.checkpoints import CheckpointLike, CheckpointSource, open_checkpoint
 from mergebench.util.errors import MergeBenchError
 
@@ -52,6 +53,8 @@ class ModelPool:
     name: str = "custom"
     # The family's block regex (one group: the block number), for layer-wise methods (LiNeS).
     layer_pattern: str | None = None
+    # {checkpoint: {"rules": {from: to}, "how": ...}}: checkpoints seen under renamed keys.
+    key_alignment: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -75,15 +78,26 @@ class ModelPool:
         family: Any = None,
         name: str = "custom",
         layer_pattern: str | None = None,
+        key_map: Any = None,
+        strip_prefix: Any = None,
     ) -> ModelPool:
+        """The pool over opened checkpoints, each fine-tuned one seen under the pretrained
+        model's key names (a detected prefix, or `key_map`/`strip_prefix`: see align.py)."""
         if not finetuned:
             raise MergeBenchError("finetuned: at least one fine-tuned model is needed")
+        exclude = list(exclude)
+        pre, tuned, alignment = align_checkpoints(
+            open_checkpoint(pretrained, role="pretrained"),
+            {str(t): open_checkpoint(c, role=f"finetuned[{t}]") for t, c in finetuned.items()},
+            exclude,
+            key_map=key_map,
+            strip_prefix=strip_prefix,
+        )
         return cls(
-            pretrained=open_checkpoint(pretrained, role="pretrained"),
-            finetuned={
-                str(t): open_checkpoint(c, role=f"finetuned[{t}]") for t, c in finetuned.items()
-            },
-            exclude=list(exclude),
+            pretrained=pre,
+            finetuned=tuned,
+            key_alignment=alignment,
+            exclude=exclude,
             heads_separate=heads_separate,
             family=family,
             name=name,

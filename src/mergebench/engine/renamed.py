@@ -55,6 +55,11 @@ class CanonicalSource(CheckpointSource):
             return self._extra[key]
         return self.source.get(self._source_key(key))
 
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        if key in self._extra:
+            return super().read_into(key, out)
+        return self.source.read_into(self._source_key(key), out)  # the source's fast path
+
     def files(self) -> list[Path]:
         # A saved result refers to the pretrained file by path and reopens it with its own
         # key names: that only works when we did not rename or add anything.
