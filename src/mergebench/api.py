@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mergebench.engine.align import describe_alignment
-from mergebench.engine.checkpoints import CheckpointLike, CheckpointSource
+from mergebench.engine.checkpoints import CheckpointLike, TensorReader
 from mergebench.engine.llm import check_vocab, dtype_name, parse_out_dtype, prepare_pool
 from mergebench.engine.pool import ModelPool
 from mergebench.methods.base import RunContext
@@ -150,7 +150,7 @@ def _merge_pool(
 def _checkpoint_files(pool: ModelPool) -> dict[str, Any]:
     """Where each checkpoint was read from (absolute file paths; [] for a state dict)."""
 
-    def files(source: CheckpointSource) -> list[str]:
+    def files(source: TensorReader) -> list[str]:
         return [str(path.resolve()) for path in source.files()]
 
     return {

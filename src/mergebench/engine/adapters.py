@@ -26,17 +26,17 @@ from typing import Any
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointSource
+from mergebench.engine.checkpoints import TensorReader
 from mergebench.engine.renamed import CanonicalSource
 from mergebench.util.errors import MergeBenchError
 
 PEFT_PREFIX = "base_model.model."  # what peft's save_pretrained puts before module names
 
 
-class IdentitySource(CheckpointSource):
+class IdentitySource(TensorReader):
     """All-ones tensors with the keys, shapes and dtypes of `like` ((IA)3's initialisation)."""
 
-    def __init__(self, like: CheckpointSource, name: str = "identity (all-ones adapter)") -> None:
+    def __init__(self, like: TensorReader, name: str = "identity (all-ones adapter)") -> None:
         self.name = name
         self._shapes = {k: tuple(like.shape(k)) for k in like.keys()}
         self._dtypes = {k: like.dtype(k) for k in like.keys()}
@@ -84,7 +84,7 @@ class LoRAModule:
     lora_b: str
 
 
-def lora_modules(adapter: CheckpointSource, prefix: str = PEFT_PREFIX) -> list[LoRAModule]:
+def lora_modules(adapter: TensorReader, prefix: str = PEFT_PREFIX) -> list[LoRAModule]:
     """The target modules of a LoRA adapter file, in file order."""
     modules = []
     keys = set(adapter.keys())
@@ -110,14 +110,14 @@ def lora_delta(
     return delta.T if fan_in_fan_out else delta
 
 
-class LoRADeltaSource(CheckpointSource):
+class LoRADeltaSource(TensorReader):
     """The base model's target weights with one LoRA adapter applied: `W + B @ A * scale`
     per key, computed when the key is read (in the base weight's dtype)."""
 
     def __init__(
         self,
-        base: CheckpointSource,
-        adapter: CheckpointSource,
+        base: TensorReader,
+        adapter: TensorReader,
         config: Mapping[str, Any],
         modules: Iterable[LoRAModule],
         name: str | None = None,
@@ -177,7 +177,7 @@ class LoRADeltaSource(CheckpointSource):
         return self.adapter.files()
 
 
-def base_weights(base: CheckpointSource, modules: Iterable[LoRAModule]) -> CanonicalSource:
+def base_weights(base: TensorReader, modules: Iterable[LoRAModule]) -> CanonicalSource:
     """The base model restricted to the LoRA target weights (the pool's pretrained side)."""
     names = {}
     for m in modules:

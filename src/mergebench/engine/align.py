@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mergebench.engine.checkpoints import CheckpointSource
+from mergebench.engine.checkpoints import TensorReader
 from mergebench.engine.keymatch import (
     compile_patterns,
     examples,
@@ -51,12 +51,12 @@ class Rules:
 
 
 def align_checkpoints(
-    pretrained: CheckpointSource,
-    finetuned: Mapping[str, CheckpointSource],
+    pretrained: TensorReader,
+    finetuned: Mapping[str, TensorReader],
     exclude: list[str],
     key_map: Any = None,
     strip_prefix: Any = None,
-) -> tuple[CheckpointSource, dict[str, CheckpointSource], dict[str, dict[str, Any]]]:
+) -> tuple[TensorReader, dict[str, TensorReader], dict[str, dict[str, Any]]]:
     """The checkpoints under the pretrained model's key names, and the renaming applied
     ({checkpoint: {"rules": {from: to}, "how": ...}}, for the result's record)."""
     roles = [PRETRAINED, *finetuned]
@@ -70,7 +70,7 @@ def align_checkpoints(
     explicit = _explicit_rules(key_map, strip_prefix, list(finetuned))
     sources = {PRETRAINED: pretrained, **finetuned}
     _check_rules_used(explicit, sources, key_map, finetuned)
-    renamed: dict[str, CheckpointSource] = {}
+    renamed: dict[str, TensorReader] = {}
     for role in roles:
         rules = explicit.get(role)
         renamed[role] = sources[role] if rules is None else _rename(sources[role], rules)
@@ -102,7 +102,7 @@ def describe_alignment(records: Mapping[str, Mapping[str, Any]], pre_name: str) 
     ]
 
 
-def _detect(pre: CheckpointSource, ft: CheckpointSource, backbone: list[str]) -> Rules | None:
+def _detect(pre: TensorReader, ft: TensorReader, backbone: list[str]) -> Rules | None:
     keys = ft.keys()
     have = set(keys)
     if all(k in have for k in backbone):
@@ -202,7 +202,7 @@ def _apply(rules: Mapping[str, str], key: str) -> tuple[str, str | None]:
     return key, None
 
 
-def _rename(source: CheckpointSource, rules: Rules) -> CheckpointSource:
+def _rename(source: TensorReader, rules: Rules) -> TensorReader:
     if not rules.rules:
         return source
     names: dict[str, str] = {}
@@ -221,9 +221,9 @@ def _rename(source: CheckpointSource, rules: Rules) -> CheckpointSource:
 
 def _check_rules_used(
     explicit: Mapping[str, Rules],
-    sources: Mapping[str, CheckpointSource],
+    sources: Mapping[str, TensorReader],
     key_map: Any,
-    finetuned: Mapping[str, CheckpointSource],
+    finetuned: Mapping[str, TensorReader],
 ) -> None:
     """A prefix to strip that no key has, or a rule that renames nothing, is a mistake
     (a checkpoint merged unchanged would look renamed as asked)."""

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointSource, SafetensorsSource
+from mergebench.engine.checkpoints import SafetensorsReader, TensorReader
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.views import DtypeView, KeyView, RowsView
 from mergebench.util.errors import MergeBenchError
@@ -75,7 +75,7 @@ def check_vocab(vocab: Any) -> str:
     return vocab
 
 
-def checkpoint_folder(source: CheckpointSource) -> Path | None:
+def checkpoint_folder(source: TensorReader) -> Path | None:
     """The folder of a checkpoint's files (a `save_pretrained` folder), if it has files."""
     inner = source
     while hasattr(inner, "inner"):
@@ -119,11 +119,11 @@ def _one_name(pattern: re.Pattern[str], keys: set[str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _tied_state(source: CheckpointSource, embed: str, head: str) -> str:
+def _tied_state(source: TensorReader, embed: str, head: str) -> str:
     """`single` (the output key not stored), `shared` (stored twice, one storage), `untied`."""
     if head not in source:
         return "single"
-    if embed not in source or isinstance(_base_source(source), SafetensorsSource):
+    if embed not in source or isinstance(_base_source(source), SafetensorsReader):
         return "untied"  # safetensors cannot share storage: two stored copies are two weights
     a, b = source.get(embed), source.get(head)
     same = (
@@ -135,7 +135,7 @@ def _tied_state(source: CheckpointSource, embed: str, head: str) -> str:
     return "shared" if same else "untied"
 
 
-def _base_source(source: CheckpointSource) -> CheckpointSource:
+def _base_source(source: TensorReader) -> TensorReader:
     while hasattr(source, "inner"):
         source = source.inner
     return source
@@ -166,7 +166,7 @@ def _tie(pool: ModelPool, notes: dict[str, Any]) -> ModelPool:
     if base_state == "shared":
         notes["tied_keys"] = {head: embed}
 
-    def hide(source: CheckpointSource, state: str) -> CheckpointSource:
+    def hide(source: TensorReader, state: str) -> TensorReader:
         return KeyView(source, hidden={head}) if state == "shared" else source
 
     return dataclasses.replace(
@@ -177,7 +177,7 @@ def _tie(pool: ModelPool, notes: dict[str, Any]) -> ModelPool:
 
 
 # -- vocabulary --------------------------------------------------------------------------------
-def vocab_keys(source: CheckpointSource) -> list[str]:
+def vocab_keys(source: TensorReader) -> list[str]:
     """The vocabulary keys of a base checkpoint (see the module docstring)."""
     size = read_config(checkpoint_folder(source)).get("vocab_size")
     keys = []

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mergebench.engine.align import align_checkpoints
-from mergebench.engine.checkpoints import CheckpointLike, CheckpointSource, open_checkpoint
+from mergebench.engine.checkpoints import CheckpointLike, TensorReader, open_checkpoint
 from mergebench.util.errors import MergeBenchError
 
 Split = Literal["train", "validation", "test"]
@@ -44,8 +44,8 @@ class TaskFamily(Protocol):
 class ModelPool:
     """Checkpoints of one family and task set, plus the family's data access if it has any."""
 
-    pretrained: CheckpointSource
-    finetuned: dict[str, CheckpointSource]
+    pretrained: TensorReader
+    finetuned: dict[str, TensorReader]
     exclude: list[str] = field(default_factory=list)
     # CLIP zero-shot: heads come from text prompts, so a task may lack the excluded keys.
     heads_separate: bool = False

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointSource
+from mergebench.engine.checkpoints import TensorReader
 from mergebench.util.errors import MergeBenchError
 
 
-class CanonicalSource(CheckpointSource):
+class CanonicalSource(TensorReader):
     """A checkpoint seen under the key names of a family's model, plus extra tensors that
     the family supplies (CLIP's zero-shot head). Read lazily, one key at a time."""
 
     def __init__(
         self,
-        source: CheckpointSource,
+        source: TensorReader,
         names: Mapping[str, str],
         extra: Mapping[str, torch.Tensor] | None = None,
         name: str | None = None,
@@ -74,7 +74,7 @@ class CanonicalSource(CheckpointSource):
 
 
 def canonical_source(
-    source: CheckpointSource,
+    source: TensorReader,
     wanted: Iterable[str],
     prefix: str,
     option: str,

@@ -8,7 +8,7 @@ top-k, EMR's global rescaler) make several passes.
 Two ways to walk the keys:
 - `map(fn)`: the fast path for methods that reduce each key to new tensors. A reader
   thread reads upcoming keys (positional reads from the page cache, see
-  `tensors.SafetensorsSource`) into a few reused buffers while `threads` workers run `fn`
+  `tensors.SafetensorsReader`) into a few reused buffers while `threads` workers run `fn`
   on earlier keys; results come back in key order. Torch's own intra-op threads are set to
   1 meanwhile: whole keys in parallel use the cores without OpenMP's per-op barriers, which
   cost a lot on a small, busy machine (measured: docs/performance.md).

@@ -1,7 +1,7 @@
 """Checkpoints seen through a change, without copying them: keys hidden or aliased (tied
 embeddings), a declared output dtype, and vocabulary rows cut or extended.
 
-Each view is a `CheckpointSource`, so the stream, the key plan and every method read it
+Each view is a `TensorReader`, so the stream, the key plan and every method read it
 as they read a file. A view that changes the tensors' values (`RowsView` with extra rows,
 `DtypeView`) has no backing files: a task-conditioned result then stores the pretrained
 tensors it saw instead of a reference to a file that holds other ones.
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointSource
+from mergebench.engine.checkpoints import TensorReader
 
 
-class SourceView(CheckpointSource):
+class SourceView(TensorReader):
     """Delegates everything to the wrapped source."""
 
-    def __init__(self, inner: CheckpointSource) -> None:
+    def __init__(self, inner: TensorReader) -> None:
         self.inner = inner
         self.name = inner.name
 
@@ -56,7 +56,7 @@ class KeyView(SourceView):
 
     def __init__(
         self,
-        inner: CheckpointSource,
+        inner: TensorReader,
         hidden: frozenset[str] | set[str] = frozenset(),
         aliases: Mapping[str, str] | None = None,
     ) -> None:
@@ -97,7 +97,7 @@ class DtypeView(SourceView):
     their outputs in the pretrained model's dtype, so a view of the base chooses the output
     dtype. `read_into` still gives the stored values exactly (the stream reads float32)."""
 
-    def __init__(self, inner: CheckpointSource, dtype: torch.dtype) -> None:
+    def __init__(self, inner: TensorReader, dtype: torch.dtype) -> None:
         super().__init__(inner)
         self.out_dtype = dtype
 
@@ -119,7 +119,7 @@ class RowsView(SourceView):
 
     def __init__(
         self,
-        inner: CheckpointSource,
+        inner: TensorReader,
         rows: Mapping[str, tuple[int, int]],
         fill: Mapping[str, torch.Tensor] | None = None,
     ) -> None:

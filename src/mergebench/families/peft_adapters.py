@@ -55,7 +55,7 @@ from mergebench.engine.adapters import (
     base_weights,
     lora_modules,
 )
-from mergebench.engine.checkpoints import CheckpointSource, open_checkpoint
+from mergebench.engine.checkpoints import TensorReader, open_checkpoint
 from mergebench.engine.pool import Batch
 from mergebench.families.base import TaskInputs, model_folder
 from mergebench.families.labeled import HFLabeledData
@@ -381,7 +381,7 @@ class PeftT0Family(PaperFamily):
 
     def pool_sources(
         self, finetuned: Mapping[str, Path]
-    ) -> tuple[CheckpointSource, dict[str, CheckpointSource]]:
+    ) -> tuple[TensorReader, dict[str, TensorReader]]:
         raise NotImplementedError
 
 
@@ -426,7 +426,7 @@ class LoRAFamily(PeftT0Family):
     def pool_sources(self, finetuned):
         self.adapters = {t: Path(p) for t, p in finetuned.items()}
         base = open_checkpoint(self.pretrained_path, role="pretrained")
-        readers: dict[str, CheckpointSource] = {}
+        readers: dict[str, TensorReader] = {}
         modules = None
         for task, folder in self.adapters.items():
             config = self._adapter_config(task)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mergebench.data.hf import DataSpec
-from mergebench.engine.checkpoints import CheckpointSource, open_checkpoint
+from mergebench.engine.checkpoints import TensorReader, open_checkpoint
 from mergebench.families.clip_prompts import PROMPTS, PromptSet
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import atomic_save_safetensors
@@ -72,7 +72,7 @@ class ZeroShotHeads:
     pretrained_path: Path
     specs: Mapping[str, DataSpec]
     head_cache: Path
-    _source: CheckpointSource | None = None
+    _source: TensorReader | None = None
     modality = "image"
     heads_separate = True  # heads come from the prompts: the checkpoints lack them
     hash_head = staticmethod(compact_hash)
@@ -81,7 +81,7 @@ class ZeroShotHeads:
     def task_classes(cls, spec: DataSpec) -> tuple[str, ...]:
         return prompt_set(spec).classnames
 
-    def pretrained_source(self) -> CheckpointSource:
+    def pretrained_source(self) -> TensorReader:
         if self._source is None:
             self._source = open_checkpoint(self.pretrained_path, role="pretrained")
         return self._source

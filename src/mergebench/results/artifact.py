@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointSource, SafetensorsSource
+from mergebench.engine.checkpoints import SafetensorsReader, TensorReader
 from mergebench.results.shards import open_stem
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import TEMP_MARKER
@@ -44,7 +44,7 @@ def artifact_bytes(directory: str | Path) -> int:
         return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def pretrained_digest(source: CheckpointSource, keys: list[str]) -> str:
+def pretrained_digest(source: TensorReader, keys: list[str]) -> str:
     """sha256 of the pretrained tensors a task-conditioned result adds its deltas to (key,
     dtype, shape and bytes, in key order): whatever file format they come in."""
     digest = hashlib.sha256()
@@ -160,18 +160,18 @@ def check_manifest(directory: Path, meta: Mapping[str, Any], verify: bool) -> No
             raise MergeBenchError(f"{path}: changed since the result was saved (sha256 mismatch)")
 
 
-def open_part(directory: Path, stem: str, version: int = FORMAT_VERSION) -> SafetensorsSource:
+def open_part(directory: Path, stem: str, version: int = FORMAT_VERSION) -> SafetensorsReader:
     """A part of a result: its shards through the index, or (before format version 3,
     which introduced shards) its one file."""
     if version < 3:
         path = directory / f"{stem}.safetensors"
         if not path.is_file():
             raise MergeBenchError(f"{path}: missing from the result folder")
-        return SafetensorsSource([path], f"result ({path})")
+        return SafetensorsReader([path], f"result ({path})")
     return open_stem(directory, stem)
 
 
-def check_recorded_tasks(source: SafetensorsSource, tasks: list[str]) -> None:
+def check_recorded_tasks(source: SafetensorsReader, tasks: list[str]) -> None:
     """Every shard of a part records the tasks it was written for: they must be the
     result's (a part copied in from another result is refused)."""
     for shard in source.files():
@@ -193,7 +193,7 @@ def _safetensors_metadata_json(path: Path, field_name: str) -> Any:
         raise MergeBenchError(f"{path}: unreadable metadata ({err})") from None
 
 
-def excluded_keys_of(source: SafetensorsSource) -> list[str]:
+def excluded_keys_of(source: SafetensorsReader) -> list[str]:
     path = source.files()[0]
     value = _safetensors_metadata_json(path, "pretrained_excluded")
     if value is None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from mergebench.engine.bits import unpack_bits
-from mergebench.engine.checkpoints import CheckpointSource
+from mergebench.engine.checkpoints import TensorReader
 from mergebench.results.artifact import (
     FORMAT,
     FORMAT_VERSION,
@@ -157,7 +157,7 @@ class TaskConditionedResult(MergeResult):
     method: str
     params: dict[str, Any]
     tasks: list[str]
-    pretrained: CheckpointSource
+    pretrained: TensorReader
     unified: Mapping[str, torch.Tensor]  # float32 tau_uni per merged key (dict or lazy)
     masks: Mapping[str, torch.Tensor] | None  # packed uint8 [N, nbytes] per key; None = all ones
     rescalers: dict[str, float]

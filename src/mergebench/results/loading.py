@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from mergebench.engine.checkpoints import (
-    CheckpointSource,
-    SafetensorsSource,
-    TorchFileSource,
+    SafetensorsReader,
+    TensorReader,
+    TorchFileReader,
     open_checkpoint,
 )
 from mergebench.results.artifact import (
@@ -130,7 +130,7 @@ def _check_shapes(meta: Mapping[str, Any], unified: Mapping[str, torch.Tensor], 
 
 
 def _check_masks(
-    source: SafetensorsSource,
+    source: SafetensorsReader,
     masks: LazyTensors,
     unified: Mapping[str, torch.Tensor],
     tasks: list[str],
@@ -153,7 +153,7 @@ def _check_masks(
 
 
 def _check_pretrained(
-    pre: CheckpointSource,
+    pre: TensorReader,
     unified: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
     digest: bool,
@@ -244,5 +244,5 @@ def _resolve_pretrained(directory: Path, meta: dict[str, Any], override, verify:
     if len(paths) == 1:
         return open_checkpoint(paths[0], role="pretrained")
     if all(f.suffix == ".safetensors" for f in paths):
-        return SafetensorsSource(paths, name=f"pretrained ({paths[0].parent})")
-    return TorchFileSource(paths, name=f"pretrained ({paths[0].parent})")
+        return SafetensorsReader(paths, name=f"pretrained ({paths[0].parent})")
+    return TorchFileReader(paths, name=f"pretrained ({paths[0].parent})")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointSource, SafetensorsSource, shards_from_index
+from mergebench.engine.checkpoints import SafetensorsReader, TensorReader, shards_from_index
 from mergebench.util.errors import MergeBenchError
 
 # Shards of at most this many bytes unless told otherwise (Hugging Face's default is 5 GB).
@@ -212,25 +212,25 @@ def entries_of(
     return out
 
 
-def open_stem(folder: Path, stem: str, role: str = "result") -> SafetensorsSource:
+def open_stem(folder: Path, stem: str, role: str = "result") -> SafetensorsReader:
     """The shards of `stem` in `folder` (through its index), or the single file of an
     artifact written before shards existed."""
     index = folder / index_name(stem)
     if index.is_file():
         shards, where = shards_from_index(index)
         if shards:  # an empty part has one tensor-less file, which its index cannot name
-            return SafetensorsSource(shards, f"{role} ({index})", weight_map=where)
+            return SafetensorsReader(shards, f"{role} ({index})", weight_map=where)
     single = folder / f"{stem}.safetensors"
     if not single.is_file():
         raise MergeBenchError(f"{single}: missing from the result folder")
-    return SafetensorsSource([single], f"{role} ({single})")
+    return SafetensorsReader([single], f"{role} ({single})")
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
     """A read-only mapping whose tensors are read from the files on each access: a loaded
     result holds file handles, not a model's worth of memory."""
 
-    def __init__(self, source: CheckpointSource, keys: Iterable[str] | None = None) -> None:
+    def __init__(self, source: TensorReader, keys: Iterable[str] | None = None) -> None:
         self.source = source
         self._keys = list(source.keys()) if keys is None else list(keys)
         self._key_set = set(self._keys)

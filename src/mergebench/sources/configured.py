@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mergebench.engine.checkpoints import CheckpointSource, open_checkpoint
+from mergebench.engine.checkpoints import TensorReader, open_checkpoint
 from mergebench.engine.keyplan import compile_patterns, is_excluded
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.renamed import CanonicalSource, canonical_source
@@ -53,7 +53,7 @@ class OwnPoolSources(Protocol):
 
     def pool_sources(
         self, finetuned: Mapping[str, Path]
-    ) -> tuple[CheckpointSource, dict[str, CheckpointSource]]:
+    ) -> tuple[TensorReader, dict[str, TensorReader]]:
         """(pretrained reader, one reader per task) from the resolved task checkpoints."""
 
 
@@ -103,8 +103,8 @@ def configured_pool(
     readers an `OwnPoolSources` family opens from them)."""
     checkpoints = to_plain(cfg_model.get("checkpoints")) or {}
     finetuned_cfg = checkpoints.get("finetuned") or {}
-    pretrained: CheckpointSource
-    finetuned: Mapping[str, CheckpointSource]
+    pretrained: TensorReader
+    finetuned: Mapping[str, TensorReader]
     if isinstance(family, OwnPoolSources):
         paths = {task: _finetuned_path(finetuned_cfg, task) for task in family.tasks}
         pretrained, finetuned = family.pool_sources(paths)
@@ -144,7 +144,7 @@ class PoolReferences:
         return state
 
 
-def _files(source: CheckpointSource) -> list[Path]:
+def _files(source: TensorReader) -> list[Path]:
     """The files behind a pool reader (a renamed view: its underlying checkpoint's)."""
     return source.source.files() if isinstance(source, CanonicalSource) else source.files()
 
