@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergebench.data.hf import DataSpec, class_names, label_form
+from mergebench.data.hf import DataSpec
+from mergebench.data.hf_labels import class_names, label_form
 from mergebench.engine.pool import Batch
 from mergebench.families.base import model_folder
 from mergebench.families.paper import PaperFamily

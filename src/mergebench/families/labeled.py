@@ -13,14 +13,8 @@ import torch
 from torchmetrics import Metric
 
 from mergebench.data.embedded import TaskSplits, get_task
-from mergebench.data.hf import (
-    DataSpec,
-    Examples,
-    check_class_count,
-    fingerprint,
-    read_labels,
-    split_rows,
-)
+from mergebench.data.hf import DataSpec, Examples, split_rows
+from mergebench.data.hf_labels import check_class_count, fingerprint, read_labels
 from mergebench.data.metrics import build_metric, build_task_metric
 from mergebench.engine.pool import Batch
 from mergebench.families.base import Family

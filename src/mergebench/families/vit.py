@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench.data.hf import DataSpec, class_names
+from mergebench.data.hf import DataSpec
+from mergebench.data.hf_labels import class_names
 from mergebench.engine.pool import Batch
 from mergebench.families.labeled import HFLabeledData
 from mergebench.families.paper import PaperFamily
