@@ -120,6 +120,10 @@ class TaskVectorMethod(Method):
         precomputed task sum (Task Arithmetic, weight averaging)."""
         return self.merge_task_vectors(item.key, item.task_vectors)
 
+    def accept_pool(self, pool: ModelPool) -> None:
+        """Before any key is read: refuse a pool this method cannot merge (a number of
+        tasks, say), or take what it needs from the task list (SLERP's endpoints)."""
+
     def merge(
         self,
         pool: ModelPool,
@@ -127,6 +131,7 @@ class TaskVectorMethod(Method):
         transform_factory: TransformFactory | None = None,
         plan: KeyPlan | None = None,
     ) -> SingleModelResult:
+        self.accept_pool(pool)
         stream = TaskVectorStream(
             pool,
             plan or plan_keys(pool),

@@ -18,12 +18,10 @@ import math
 
 import torch
 
-from mergebench.engine.keyplan import KeyPlan
 from mergebench.engine.pool import ModelPool
-from mergebench.engine.stream import TensorItem, TransformFactory, sum_tasks
-from mergebench.methods.base import DEFAULT_CONTEXT, RunContext, TaskVectorMethod
+from mergebench.engine.stream import TensorItem, sum_tasks
+from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import flag, option
-from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 
 # Entries per float64 block of the Gram sums: no float64 copy of a whole (LLM-sized) tensor.
@@ -93,19 +91,12 @@ class ModelStock(TaskVectorMethod):
 
     filter_wise: bool = option(flag)
 
-    def merge(
-        self,
-        pool: ModelPool,
-        context: RunContext = DEFAULT_CONTEXT,
-        transform_factory: TransformFactory | None = None,
-        plan: KeyPlan | None = None,
-    ) -> SingleModelResult:
+    def accept_pool(self, pool: ModelPool) -> None:
         if len(pool.tasks) < 2:
             raise MergeBenchError(
                 f"{self.name}: needs at least two fine-tuned models, got {len(pool.tasks)} "
                 f"({', '.join(pool.tasks)})"
             )
-        return super().merge(pool, context, transform_factory, plan)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return model_stock_delta(task_vectors, self.filter_wise)

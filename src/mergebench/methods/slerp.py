@@ -16,12 +16,10 @@ from typing import Any
 
 import torch
 
-from mergebench.engine.keyplan import KeyPlan
 from mergebench.engine.pool import ModelPool
-from mergebench.engine.stream import TensorItem, TransformFactory
-from mergebench.methods.base import DEFAULT_CONTEXT, RunContext, TaskVectorMethod
+from mergebench.engine.stream import TensorItem
+from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import number, option
-from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 
 # mergekit's constants: above this |cosine| the two tensors count as colinear (lerp), and a
@@ -97,13 +95,7 @@ class Slerp(TaskVectorMethod):
     def setup(self) -> None:
         self.order = (0, 1)
 
-    def merge(
-        self,
-        pool: ModelPool,
-        context: RunContext = DEFAULT_CONTEXT,
-        transform_factory: TransformFactory | None = None,
-        plan: KeyPlan | None = None,
-    ) -> SingleModelResult:
+    def accept_pool(self, pool: ModelPool) -> None:
         tasks = list(pool.tasks)
         if len(tasks) != 2:
             raise MergeBenchError(
@@ -118,7 +110,6 @@ class Slerp(TaskVectorMethod):
                         f"(tasks: {', '.join(tasks)})"
                     )
             self.order = (tasks.index(self.endpoints[0]), tasks.index(self.endpoints[1]))
-        return super().merge(pool, context, transform_factory, plan)
 
     def merge_item(self, item: TensorItem) -> torch.Tensor:
         # On the models themselves, not their task vectors: the item's pretrained is needed.
