@@ -44,7 +44,7 @@ class EvalFamily(Protocol):
 class EvalData(Protocol):
     """The evaluator's side of a task set: labeled batches and metrics. Implemented by
     `LabeledData` (embedded sets) and `HFLabeledData` (Hugging Face data sets);
-    `tests/test_evaluation_protocol.py` holds both to these signatures."""
+    `tests/evaluation/test_evaluation_protocol.py` holds both to these signatures."""
 
     family: EvalFamily
 

@@ -3,7 +3,7 @@ reference code is: every checkpoint flattened into one vector in RAM, all task v
 stacked, bool masks, `torch.save` artifacts.
 
 They exist to be measured against (`scripts/bench_merge.py`) and to check that the streamed
-engine gives the same numbers (`tests/test_reference_equivalence.py`). They share no merge
+engine gives the same numbers (`tests/reference/test_reference_equivalence.py`). They share no merge
 code with `mergebench.methods`; only the option defaults come from `conf/method/`.
 """
 

@@ -12,7 +12,7 @@ examples: comparisons between rows are paired. From `resamples` draws we report
 
 Metrics are recomputed from predictions with the same definitions as the evaluator's
 torchmetrics (accuracy, macro F1, Matthews correlation, mean of Pearson and Spearman);
-`tests/test_stats.py` holds them to torchmetrics on random data.
+`tests/report/test_stats.py` holds them to torchmetrics on random data.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def pool(tmp_path_factory):
 
 
 def run_cli(cwd, monkeypatch, capsys, *args) -> tuple[int, str]:
-    """The console script's entry point in this process (as tests/test_cli_merge.py does)."""
+    """The console script's entry point in this process (as tests/cli/test_cli_merge.py does)."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["mergebench-merge", *args])
     code = 0
@@ -79,7 +79,7 @@ def run_cli(cwd, monkeypatch, capsys, *args) -> tuple[int, str]:
 
 
 def test_the_cases_are_the_ten_new_methods():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "run_bench.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "run_bench.py"
     spec = importlib.util.spec_from_file_location("run_bench", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -267,6 +267,32 @@ def test_numpy_and_torch_bit_packing_agree(shape):
     assert torch.equal(_unpack_bits_torch(packed, shape), mask)
 
 
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 20])
+def test_torch_bit_kernels_equal_numpy_in_dtype_shape_and_value(numel):
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.rand(3, numel, generator=g) > 0.5
+    packed = pack_bits(mask)
+    torch_packed = _pack_bits_torch(mask)
+    assert torch_packed.dtype == packed.dtype == torch.uint8
+    assert torch_packed.shape == packed.shape == (3, (numel + 7) // 8)
+    assert torch.equal(torch_packed, packed)
+    for lead in [(), (3,), (1, 3)]:  # one row, rows, rows of rows
+        rows = packed.reshape(lead + (packed.shape[-1],)) if lead else packed[1]
+        want = mask.reshape(lead + (numel,)) if lead else mask[1]
+        got = _unpack_bits_torch(rows, (numel,))
+        assert got.dtype == torch.bool and got.shape == want.shape
+        assert torch.equal(got, want)
+        assert torch.equal(unpack_bits(rows, (numel,)), want)
+
+
+def test_packed_bits_are_little_endian_powers_of_two():
+    mask = torch.tensor([[True, False, False, False, False, False, False, True, True]])
+    expected = torch.tensor([[1 + 128, 1]], dtype=torch.uint8)
+    assert torch.equal(pack_bits(mask), expected)
+    assert torch.equal(_pack_bits_torch(mask), expected)
+    assert torch.equal(_unpack_bits_torch(expected[0], (3, 3)), mask.reshape(3, 3))
+
+
 # --- a GPU, when there is one ---------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import torch
 from conftest import vector_pool
 
 import mergebench
+from mergebench.methods.registry import build_method
 from mergebench.methods.ties import keep_count
 from mergebench.util.errors import MergeBenchError
 
@@ -52,6 +53,17 @@ def test_task_arithmetic_scales_the_sum_of_task_vectors():
     torch.testing.assert_close(default.state_dict()["w"], torch.tensor([1.3, 1.6]))
 
 
+def test_task_arithmetic_and_averaging_merge_task_vectors():
+    taus = torch.tensor([[1.0, -2.0, 4.0], [3.0, 2.0, -1.0]])
+    ta = build_method("task_arithmetic", scaling=0.5).merge_task_vectors("w", taus)
+    torch.testing.assert_close(ta, torch.tensor([2.0, 0.0, 1.5]), rtol=0, atol=0)
+    wa = build_method("weight_averaging").merge_task_vectors("w", taus)
+    torch.testing.assert_close(wa, torch.tensor([2.0, 0.0, 1.5]), rtol=0, atol=0)
+    three = torch.cat([taus, torch.tensor([[2.0, 3.0, 0.0]])])
+    wa3 = build_method("weight_averaging").merge_task_vectors("w", three)
+    torch.testing.assert_close(wa3, torch.tensor([2.0, 1.0, 1.0]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("k", "n", "keep"),
     [
@@ -74,6 +86,22 @@ def test_keep_count_rounds_half_up_and_keeps_at_least_one(k, n, keep):
     assert keep_count(k, n) == keep
 
 
+@pytest.mark.parametrize(
+    ("k", "n", "keep"),
+    [
+        (0.25, 10, 3),  # 2.5: banker's rounding gives 2
+        (0.125, 20, 3),  # 2.5
+        (0.25, 18, 5),  # 4.5: banker's rounding gives 4
+        (0.5, 9, 5),  # 4.5
+        (0.125, 4, 1),  # 0.5 -> 1 (banker's gives 0, then max(1, .) = 1)
+        (0.375, 4, 2),  # 1.5 -> 2 either way
+        (0.5, 13, 7),  # 6.5: banker's rounding gives 6
+    ],
+)
+def test_keep_count_rounds_even_halves_up(k, n, keep):
+    assert keep_count(k, n) == keep
+
+
 @pytest.mark.parametrize(("aggregate", "expected"), [("sum", TIES_SUM), ("mean", TIES_MEAN)])
 def test_ties_trim_elect_disjoint_merge(aggregate, expected):
     out = merged("ties", TIES_TAUS, k=0.5, scaling=1.0, aggregate=aggregate, topk_scope="tensor")
@@ -90,6 +118,18 @@ def test_ties_threshold_is_inclusive():
     out = merged("ties", {"a": [2.0, -2.0, 1.0, 0.0]}, k=0.25, scaling=1.0, aggregate="sum")
     # sum of trimmed = [2, -2, 0, 0] -> gamma [+, -, -, -]; each kept entry agrees with itself
     torch.testing.assert_close(out, torch.tensor([2.0, -2.0, 0.0, 0.0]))
+
+
+def test_ties_keeps_three_of_ten_at_k_0_25():
+    # n = 10, k = 0.25: keep = floor(2.5 + 0.5) = 3 of the distinct magnitudes 10..1.
+    tau = [10.0, -9.0, 8.0, -7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    pre, finetuned = {"w": torch.zeros(10)}, {"a": {"w": torch.tensor(tau)}}
+    for scope in ("tensor", "global"):
+        out = mergebench.merge(
+            "ties", pre, finetuned, k=0.25, scaling=1.0, topk_scope=scope, progress=False
+        ).state_dict()["w"]
+        expected = torch.tensor([10.0, -9.0, 8.0] + [0.0] * 7)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_ties_global_versus_per_tensor_top_k():
@@ -127,6 +167,29 @@ def test_ties_global_threshold_matches_a_full_sort_on_random_data():
     gamma = torch.where(stack.sum(0) > 0, 1.0, -1.0)
     expected = (stack * (stack * gamma > 0)).sum(0)
     torch.testing.assert_close(torch.cat([out["a"], out["b"].reshape(-1)]), expected)
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "mean"])
+def test_ties_cpu_kernel_equals_the_formula_over_several_blocks(aggregate):
+    from mergebench.engine.stream import thread_scratch
+    from mergebench.methods.ties import _BLOCK, _merge_blocks
+
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 11, 6000)  # 66,000 entries per task: two full blocks and a partial one
+    assert shape[1] * shape[2] > 2 * _BLOCK
+    # Quarter steps: exact sums in any order, ties at the thresholds, zeros, zero sums.
+    taus = torch.randint(-12, 13, shape, generator=g).float() * 0.25
+    thresholds = torch.tensor([1.0, 2.0, 0.25])
+    got = _merge_blocks(taus, thresholds, aggregate, 0.5, thread_scratch())
+    trimmed = taus * (taus.abs() >= thresholds.reshape(3, 1, 1))
+    gamma = torch.where(trimmed.sum(0) > 0, 1.0, -1.0)
+    agree = trimmed * gamma > 0
+    total = (trimmed * agree).sum(0)
+    if aggregate == "mean":
+        count = agree.sum(0)
+        total = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    assert got.shape == shape[1:] and got.dtype == torch.float32
+    torch.testing.assert_close(got, 0.5 * total, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -4,37 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_configs import TEXT_MODEL, TEXT_SET, VISION_MODEL, VISION_SET
 
 from mergebench.engine.pool import TaskFamily
 from mergebench.families import check_pairing
 from mergebench.families.base import HEAD
 from mergebench.sources import load_family
 from mergebench.util.errors import MergeBenchError
-
-MINILM = {"_target_": "mergebench.families.minilm.MiniLMFamily", "source": "zoo"}
-EFFICIENTNET = {
-    "_target_": "mergebench.families.efficientnet.EfficientNetLite0Family",
-    "source": "zoo",
-}
-TEXT_MODEL = {
-    "name": "minilm",
-    **MINILM,
-    "exclude": [r"classifier\..*"],
-    "options": {"max_length": 16},
-}
-TEXT_SET = {
-    "name": "tiny_text",
-    "family": "minilm",
-    "tasks": ["rt_sentiment", "bbc_news"],
-    "examples": {"train": 20, "validation": 8, "test": 12},
-}
-VISION_MODEL = {"name": "efficientnet_lite0", **EFFICIENTNET, "options": {"image_size": 32}}
-VISION_SET = {
-    "name": "tiny_vision",
-    "family": "efficientnet_lite0",
-    "tasks": ["digits", "faces"],
-    "examples": {"train": 16, "validation": 8, "test": 12},
-}
 
 
 @pytest.fixture(scope="module")

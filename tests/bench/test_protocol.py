@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_planted_bugs import FakeJob, bench_cfg, stored_runs
+from fake_job import FakeJob, bench_cfg, stored_runs
 
 import mergebench
 from mergebench.bench import job
@@ -13,7 +13,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.report.records import TaskScore
 from mergebench.util.errors import MergeBenchError
 
-# `config_hash` of the FakeJob runs `ties` and `ties (k=0.1)` (tests/test_planted_bugs.py),
+# `config_hash` of the FakeJob runs `ties` and `ties (k=0.1)` (tests/fake_job.py),
 # as stored before the option semantics changed.
 PINNED_TIES = "7daf6b7f8aa7df1331bf9e197738ac4137b22483a99d07338c2ceedf904f1a15"
 PINNED_TIES_K01 = "2eb5cf8a0474f0365f9fffcfd84bad2d0f52ca72f8e86cda57681d2094da2193"

@@ -1,4 +1,5 @@
-"""Hand-computed cases for EMR, its ablations, "X w/ M&R" and DARE (methods.md)."""
+"""Hand-computed cases for EMR, its ablations, "X w/ M&R" and DARE (methods.md), and their
+leaderboard labels."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from conftest import vector_pool
 
 import mergebench
+from mergebench.methods.registry import method_label
 from mergebench.util.errors import MergeBenchError
 
 # Two tensors, three tasks, pretrained = 0 (so W_t = tau_t).
@@ -118,6 +120,27 @@ def test_emr_without_election_uses_the_mean_task_vector():
     assert_task_weights(result, expected_weights(lams, masks=masks, uni=uni))
 
 
+@pytest.mark.parametrize(
+    ("params", "label"),
+    [
+        ({}, "emr"),
+        ({"rescaler": "global"}, "emr (global)"),
+        ({"mask": False, "rescale": False}, "emr (elect)"),
+        ({"rescale": False}, "emr (elect+mask)"),
+        ({"mask": False}, "emr (elect+rescale)"),
+        ({"mask": False, "rescale": False, "rescaler": "global"}, "emr (elect)"),
+        ({"elect": False}, "emr (mean)"),
+        ({"elect": False, "mask": False}, "emr (mean)"),
+        ({"elect": False, "mask": False, "rescale": False}, "emr (mean only)"),
+    ],
+)
+def test_emr_labels_name_the_ablation(params, label):
+    from mergebench.methods.emr import EMR
+
+    assert EMR.label(params) == label
+    assert method_label("emr", params) == label
+
+
 def test_a_mask_that_is_all_false_gives_the_pretrained_weights():
     # Task z's vector disagrees with the elected sign everywhere.
     pre, finetuned = vector_pool({"x": [2.0, 2.0], "y": [1.0, 3.0], "z": [-1.0, -1.0]})
@@ -128,6 +151,44 @@ def test_a_mask_that_is_all_false_gives_the_pretrained_weights():
     assert result.rescalers["z"] == 0.0
     assert result.extra["empty_mask_tasks"] == ["z"]
     torch.testing.assert_close(result.state_dict("z")["w"], pre["w"])
+
+
+# Masks compare signs (methods.md): entries too small for their product with tau_uni to be
+# nonzero in float32 still keep their bits.
+TAU_A = [1e-30, 2e-30, 0.01, -0.02]
+TAU_B = [3e-30, 1e-30, 0.02, 0.01]
+
+
+def tiny_entry_pool():
+    pre = {"w": torch.zeros(4)}
+    finetuned = {"a": {"w": torch.tensor(TAU_A)}, "b": {"w": torch.tensor(TAU_B)}}
+    return pre, finetuned
+
+
+@pytest.mark.parametrize("torch_kernels", ["0", "1"])  # the numpy kernels and the GPU's torch path
+def test_emr_masks_keep_tiny_entries(torch_kernels, monkeypatch):
+    monkeypatch.setenv("MERGEBENCH_TORCH_KERNELS", torch_kernels)
+    pre, finetuned = tiny_entry_pool()
+    result = mergebench.merge("emr", pre, finetuned, progress=False)
+    # gamma = sgn([4e-30, 3e-30, 0.03, -0.01]) = [+, +, +, -]; tau_uni = [3e-30, 2e-30, 0.02, -0.02]
+    assert result.mask("a", "w").tolist() == [True, True, True, True]
+    assert result.mask("b", "w").tolist() == [True, True, True, False]
+    # The products tau_t * tau_uni of the first two entries underflow to 0 in float32:
+    assert (torch.tensor(TAU_A) * torch.tensor([3e-30, 2e-30, 0.02, -0.02]))[:2].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("torch_kernels", ["0", "1"])
+def test_a_task_of_tiny_entries_keeps_its_rescaler(torch_kernels, monkeypatch):
+    monkeypatch.setenv("MERGEBENCH_TORCH_KERNELS", torch_kernels)
+    pre = {"w": torch.zeros(3)}
+    finetuned = {
+        "tiny": {"w": torch.tensor([1e-30, 2e-30, 3e-30])},
+        "big": {"w": torch.tensor([0.5, 0.1, 0.2])},
+    }
+    result = mergebench.merge("emr", pre, finetuned, progress=False)
+    assert result.mask("tiny", "w").tolist() == [True, True, True]
+    assert result.rescalers["tiny"] > 0
+    assert "empty_mask_tasks" not in result.extra
 
 
 def test_mask_rescale_on_task_arithmetic():
@@ -164,6 +225,16 @@ def test_mask_rescale_on_ties():
     for task, mask in masks.items():
         expected = lams[task] * uni * torch.tensor(mask, dtype=torch.float32)
         torch.testing.assert_close(result.state_dict(task)["w"], expected)
+
+
+def test_mask_rescale_masks_compare_signs_too():
+    pre, finetuned = tiny_entry_pool()
+    result = mergebench.merge(
+        "mask_rescale", pre, finetuned, progress=False, base="task_arithmetic"
+    )
+    # tau_uni = 0.3 * (tau_a + tau_b) = 0.3 * [4e-30, 3e-30, 0.03, -0.01]
+    assert result.mask("a", "w").tolist() == [True, True, True, True]
+    assert result.mask("b", "w").tolist() == [True, True, True, False]
 
 
 def test_mask_rescale_rejects_task_conditioned_base():
@@ -252,3 +323,13 @@ def test_dare_rejects_bad_options():
         run("dare", base="emr")
     with pytest.raises(MergeBenchError, match="unknown option 'k'"):
         run("dare", base="task_arithmetic", base_params={"k": 0.2})
+
+
+def test_dare_label_names_its_base():
+    from mergebench.methods.dare import Dare
+
+    assert method_label("dare") == "dare (task_arithmetic)"
+    assert Dare.label({"base": "ties", "base_params": None}) == "dare (ties)"
+    assert method_label("dare", {"base": "emr", "base_params": {"mask": False}}) == (
+        "dare (emr (elect+rescale))"
+    )

@@ -17,7 +17,7 @@ from mergebench.evaluation import score_model
 from mergebench.sources import zoo
 from mergebench.util.config import compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ["rt_sentiment", "bbc_news"]
 
 

@@ -88,7 +88,7 @@ def test_bad_arguments_fail_in_one_line(clip, tmp_path, capsys):
 
 
 def test_console_script_is_declared_and_runs(clip, tmp_path):
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["mergebench-convert"] == "mergebench.cli.entry:convert"
     done = subprocess.run(
         [sys.executable, "-m", "mergebench.cli.convert", str(clip["pickled"]),

@@ -9,6 +9,7 @@ from data_toys import MLP, ToyFamily, mlp_pool
 
 from mergebench.api import merge_pool
 from mergebench.engine.pool import ModelPool
+from mergebench.methods.data_utils import InputsOnly
 from mergebench.methods.registry import METHODS, build_method
 from mergebench.util.errors import MergeBenchError
 
@@ -150,3 +151,40 @@ def test_a_batch_carrying_labels_is_refused(method, params):
     with pytest.raises(MergeBenchError, match="'labels'.*never receive labels"):
         merge_pool(method, pool, progress=False, **params)
     assert isinstance(pool.family.build_model("a"), MLP)
+
+
+# The label guard (`InputsOnly`) refuses every label-like key, in any case.
+LABEL_LIKE = [
+    "label",
+    "labels",
+    "label_ids",
+    "target",
+    "targets",
+    "y",
+    "Label",
+    "LABELS",
+    "Label_IDs",
+    "Target",
+    "TARGETS",
+    "Y",
+]
+
+
+def guarded(extra_key: str) -> InputsOnly:
+    x = torch.randn(4, 3)
+    family = ToyFamily({"a": {"train": x}}, lambda task: torch.nn.Linear(3, 2))
+    family.extra = {"a": {"train": {extra_key: torch.zeros(4, dtype=torch.long)}}}
+    return InputsOnly(family, "regmean", "toy")
+
+
+@pytest.mark.parametrize("key", LABEL_LIKE)
+def test_label_guard_refuses_every_label_key(key):
+    batches = guarded(key).batches("a", "train", None, 2, torch.device("cpu"))
+    with pytest.raises(MergeBenchError, match=rf"(?i)key '{key}' .*never receive labels"):
+        next(batches)
+
+
+@pytest.mark.parametrize("key", ["attention_mask", "input_ids", "pixel_values", "yy", "labeled"])
+def test_label_guard_lets_inputs_through(key):
+    batches = list(guarded(key).batches("a", "train", None, 2, torch.device("cpu")))
+    assert [sorted(b) for b in batches] == [sorted(["x", key])] * 2

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_families import VISION_MODEL, VISION_SET  # the same tiny vision set
+from zoo_configs import VISION_MODEL, VISION_SET  # the same tiny vision set
 
 from mergebench.sources import load_family
 from mergebench.sources.zoo import finetune_settings, multitask_settings

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_families import MINILM, TEXT_MODEL, TEXT_SET
+from zoo_configs import MINILM, TEXT_MODEL, TEXT_SET
 
 from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.families import family_class

@@ -97,6 +97,25 @@ def test_one_dominant_fisher_returns_that_model(monkeypatch, normalize):
     assert not torch.allclose(merged["layer.weight"], average["layer.weight"], atol=1e-2)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fisher_normalize_equalises_tasks_of_different_scale(monkeypatch, normalize):
+    """Task a's Fisher is 1 everywhere, task b's 3: normalised, both weigh the same (the
+    weight average); unnormalised, b weighs three times as much as a."""
+    pool, _ = mlp_pool(tasks=("a", "b"), classes=(2, 3))
+    scale = {"a": 1.0, "b": 3.0}
+
+    def flat_fisher(data, model, keys, task, *args, **kwargs):
+        params = dict(model.named_parameters())
+        return {k: torch.full_like(params[k], scale[task]).detach() for k in keys}, 8
+
+    monkeypatch.setattr(fisher_module, "diagonal_fisher", flat_fisher)
+    merged = merge_pool("fisher", pool, progress=False, normalize=normalize).state_dict("a")
+    wa, wb = (0.5, 0.5) if normalize else (0.25, 0.75)
+    for key in ("layer.weight", "layer.bias", "out.weight", "norm.weight"):
+        a, b = pool.finetuned["a"].state_dict()[key], pool.finetuned["b"].state_dict()[key]
+        torch.testing.assert_close(merged[key], wa * a + wb * b, rtol=1e-6, atol=1e-6)
+
+
 def test_dominant_fisher_end_to_end_when_a_task_gives_no_gradient():
     """Task b's inputs are all zero: its first layer's weight gets no gradient (Fisher 0,
     floored to min_fisher), so the merge keeps task a's weight there."""

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from mergebench.methods.registry import method_class
 from mergebench.util.config import conf_dir
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
 METHOD_CONF = conf_dir() / "method"
 PARAMETERS = "parameters (default)"
 # Keys of a method's yaml that are not method options: its name, and the benchmark's

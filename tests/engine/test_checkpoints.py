@@ -187,6 +187,17 @@ def test_exclude_patterns_match_whole_keys():
     assert plan.merged == ["classifier_proj.weight"]
 
 
+def test_an_exclude_pattern_that_matches_no_key_is_an_error():
+    pre = {"encoder.w": torch.zeros(2), "classifier.weight": torch.zeros(2)}
+    finetuned = {t: {k: v + 1 for k, v in pre.items()} for t in ("a", "b")}
+    with pytest.raises(MergeBenchError, match=r"exclude: pattern 'classifier' matches no key"):
+        mergebench.merge("task_arithmetic", pre, finetuned, exclude=["classifier"], progress=False)
+    merged = mergebench.merge(
+        "task_arithmetic", pre, finetuned, exclude=[r"classifier\..*"], progress=False
+    )
+    assert torch.equal(merged.state_dict("a")["classifier.weight"], torch.ones(2))  # its own head
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_outputs_keep_the_pretrained_dtype(dtype):
     pre = {"w": torch.tensor([1.0, 2.0, 3.0], dtype=dtype)}
