@@ -291,11 +291,15 @@ def test_make_variables_checked_before_any_work(variable, value, says):
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
     # -n: nothing runs even if the check were missing (the zoo would train for minutes).
+    # A make of its own, as a user's: not a sub-make of `make test` (which would print
+    # "Entering directory" and pass its own variables down).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     done = subprocess.run(
-        ["make", "-n", "bench", f"{variable}={value}"],
+        ["make", "--no-print-directory", "-n", "bench", f"{variable}={value}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env=env,
     )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
