@@ -59,3 +59,23 @@ def test_the_hash_sees_the_zoo_signature_and_the_method():
     assert bench_hash(base) != bench_hash({**base, "method": {"name": "ties", "k": 0.3}})
     assert bench_hash(base) != bench_hash({**base, "force": True, "zoo_signature": "z2"})
     assert bench_hash(base) == bench_hash({**base, "force": True})
+
+
+def test_a_finished_job_says_where_its_row_went(tmp_path, monkeypatch, capsys):
+    # Issue 22.7: the job printed its scores but not where the board would find them.
+    FakeJob(monkeypatch)
+    job.run(bench_cfg(tmp_path))
+    out = capsys.readouterr().out
+    assert f"task_arithmetic: stored in {tmp_path / 'results.sqlite'}" in out
+    job.run(bench_cfg(tmp_path, "store.path=null"))
+    assert (
+        "task_arithmetic: not stored (store.path and store.url are null)" in capsys.readouterr().out
+    )
+
+
+def test_board_legend_says_throughput_depends_on_load():
+    from mergebench.report.boards import Board
+    from mergebench.report.render import to_markdown
+
+    board = Board(family="f", taskset="t", tasks=["a"], metrics={"a": "accuracy"}, rows=[])
+    assert "eval ex/s depends on the machine's load when the row ran" in to_markdown([board])

@@ -287,6 +287,9 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "
         f"{size / 2**20:.1f} MiB, evaluation {ev.seconds:.1f} s ({ev.examples_per_second:.0f} examples/s)"
     )
+    # Where the row went (issue 22.7): the board reads it from there.
+    print(f"{label}: stored in {store.location}" if store is not None
+          else f"{label}: not stored (store.path and store.url are null)")  # fmt: skip
     return {
         "label": label,
         "scores": [asdict(s) for s in ev.scores],

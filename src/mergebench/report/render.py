@@ -113,7 +113,8 @@ def _caption(board: Board, percent: bool) -> str:
     text = (
         f"metric: {', '.join(metrics)} ({unit}); norm. avg: % of individual; 95% CI: paired "
         f"bootstrap over test examples ({RESAMPLES} resamples); rank `k=`: tied (the 95% "
-        "interval of the paired difference contains 0)"
+        "interval of the paired difference contains 0); eval ex/s depends on the machine's "
+        "load when the row ran"
     )
     if board.multi_seed:
         text += (
