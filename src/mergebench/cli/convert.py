@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mergebench.util.fs import atomic_save_safetensors
+
 PROGRAM = "mergebench-convert"
 PICKLE_WARNING = (
     f"{PROGRAM}: warning: unpickling {{path}} runs code stored in the file; go on only with "
@@ -146,24 +148,14 @@ def convert(
     prefix_required: bool = False,
 ) -> int:
     """Write `source`'s state dict to `target` (safetensors); returns the number of tensors.
-    Written through a hidden temp file beside `target` that is removed on any failure
-    (Ctrl-C included), so `target` is either the complete new file or as it was."""
-    from safetensors.torch import save_file
-
+    `target` is either the complete new file or as it was."""
     state = strip_prefix(load_state(source, trust_pickle), prefix, prefix_required)
     # safetensors refuses tensors that share memory (tied weights): store a copy of each.
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": source.name})
-        tmp.replace(target)
+    try:  # through a temp file beside `target` that any failure (Ctrl-C too) removes
+        atomic_save_safetensors(target, tensors, {"format": "pt", "converted_from": source.name})
     except OSError as err:  # disk full, permissions: the target is at fault, not the source
-        tmp.unlink(missing_ok=True)
         raise Refused(f"{target}: cannot write ({err.strerror or _first_line(err)})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return len(tensors)
 
 
