@@ -118,7 +118,7 @@ def test_zoo_bad_workers_fails_before_anything_is_written(work, capsys, monkeypa
         ("seed=true", "seed: expected an integer >= 0, got True"),
         ("threads=-3", "threads: -3 must be at least 1"),  # was torch's RuntimeError
         ("threads=0", "threads: 0 must be at least 1"),
-        ("zoo.workers=0", "zoo.workers: 0 must be at least 1"),
+        ("zoo.workers=0", "zoo.workers: 0 (a positive integer, or null)"),  # the zoo's own check
         ("eval.batch_size=2.5", "eval.batch_size: expected an integer >= 1, got 2.5"),
         ("taskset.tasks=[]", "taskset.tasks: expected a non-empty list"),  # blamed `finetuned`
         # Collapsed to one task and stored "averaging" of one model as a merge.

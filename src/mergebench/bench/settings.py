@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mergebench.methods.registry import method_names
+from mergebench.sources.zoo.workers import check_workers
 from mergebench.util.errors import MergeBenchError
 
 
@@ -44,7 +45,7 @@ def check_run_settings(plain: Mapping[str, Any]) -> None:
     _integer("threads", plain.get("threads"), 1, optional=True)
     zoo = plain.get("zoo") or {}
     if isinstance(zoo, Mapping):
-        _integer("zoo.workers", zoo.get("workers"), 1, optional=True)
+        check_workers(zoo.get("workers"))
     evaluation = plain.get("eval") or {}
     if isinstance(evaluation, Mapping):
         _integer("eval.batch_size", evaluation.get("batch_size"), 1, optional=True)

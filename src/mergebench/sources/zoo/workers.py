@@ -21,14 +21,21 @@ def zoo_workers(zoo_cfg: Mapping[str, Any], hp: Mapping[str, Any], jobs: int) ->
     """Processes that train the zoo's models side by side: `zoo.workers`, or (null) as many
     as the cores hold at the family's fixed training threads; 1 when training threads are
     not fixed (torch then uses every core for one model already)."""
-    workers = zoo_cfg.get("workers")
+    workers = check_workers(zoo_cfg.get("workers"))
     if workers is None:
         if not hp.get("threads"):
             return 1
         workers = max(1, (os.cpu_count() or 1) // int(hp["threads"]))
-    elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise MergeBenchError(f"zoo.workers: {workers!r} (a positive integer, or null)")
     return max(1, min(workers, jobs))
+
+
+def check_workers(workers: Any) -> int | None:
+    """`zoo.workers`: a positive integer, or null (as many as the cores hold)."""
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise MergeBenchError(f"zoo.workers: {workers!r} (a positive integer, or null)")
+    return workers
 
 
 def train_in_processes(
