@@ -15,6 +15,7 @@ from mergebench.report.render import FORMATS, atomic_write, print_boards, render
 from mergebench.report.store import open_store
 from mergebench.report.wandb import RunLogger, WandbLogger
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.fs import file_in_the_way
 
 
 def log_stored_runs(
@@ -44,12 +45,8 @@ def _writing(option: str, path: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        reason = err.strerror or str(err)
-        for ancestor in Path(path).parents:  # mkdir's "File exists" means a file in the way
-            if ancestor.exists():
-                if not ancestor.is_dir():
-                    reason = f"{ancestor} is a file, not a folder"
-                break
+        blocker = file_in_the_way(path)
+        reason = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
         raise MergeBenchError(f"{option} {path}: cannot write ({reason})") from None
 
 

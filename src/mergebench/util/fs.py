@@ -83,6 +83,15 @@ def atomic_save_safetensors(
     return atomic_file(path, lambda tmp: save_file(plain, str(tmp), metadata=dict(metadata or {})))
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is a file, not a folder (writing
+    `path` then fails with a misleading "File exists" or "Not a directory"); else None."""
+    for ancestor in Path(path).parents:
+        if ancestor.exists():
+            return None if ancestor.is_dir() else ancestor
+    return None
+
+
 def make_temp_dir(parent: Path, prefix: str) -> Path:
     """A new folder inside `parent` with the permissions `mkdir` would give it."""
     parent.mkdir(parents=True, exist_ok=True)
@@ -189,13 +198,11 @@ def publish_folder(
     try:
         old_files = owned_files(directory)
         parent = directory.parent
-        for ancestor in (parent, *parent.parents):
-            if ancestor.exists():
-                if not ancestor.is_dir():
-                    raise MergeBenchError(
-                        f"{directory}: cannot save {what} ({ancestor} is a file, not a folder)"
-                    )
-                break
+        blocker = file_in_the_way(directory)
+        if blocker is not None:
+            raise MergeBenchError(
+                f"{directory}: cannot save {what} ({blocker} is a file, not a folder)"
+            )
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_dirs(parent, directory.name)
         tmp = make_marked_temp_dir(parent, f".{directory.name}.tmp-")
