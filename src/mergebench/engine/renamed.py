@@ -60,6 +60,11 @@ class CanonicalSource(TensorReader):
             return super().read_into(key, out)
         return self.source.read_into(self._source_key(key), out)  # the source's fast path
 
+    def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if key in self._extra:
+            return super().read_rows_into(key, out, start)
+        return self.source.read_rows_into(self._source_key(key), out, start)
+
     def files(self) -> list[Path]:
         # A saved result refers to the pretrained file by path and reopens it with its own
         # key names: that only works when we did not rename or add anything.

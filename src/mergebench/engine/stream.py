@@ -17,7 +17,10 @@ Two ways to walk the keys:
 Either way the fine-tuned tensors are read straight into the rows of the `[N, *shape]`
 stack and become task vectors in place (`W_t - W_pre`): one copy of the data per key.
 Peak memory is the output plus about `(threads + 1) * (N + 1)` copies of the largest
-tensor, whatever the model size.
+tensor, whatever the model size. Methods whose arithmetic goes entry by entry ask for
+`map(..., row_blocks=True)`: a key above `REUSE_MAX_NUMEL` entries (an LLM's embedding or
+output matrix) then comes as blocks of whole rows (`TensorItem.rows`), so the largest
+tensor no longer sets the peak.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class TensorItem:
     task_vectors: torch.Tensor  # float32, [N, *shape]
     dtype: torch.dtype  # the pretrained storage dtype, for writing back
     _task_sum: torch.Tensor | None = field(default=None, repr=False)
+    # The rows `start:stop` of the key this item holds (a row block), or None: all of it.
+    rows: tuple[int, int] | None = None
 
     def task_sum(self) -> torch.Tensor:
         """`sum_t tau_t` over the task axis, in task order (computed once per item)."""
@@ -148,6 +153,15 @@ class _Loaded:
     pretrained: torch.Tensor
     finetuned: torch.Tensor  # [N, *shape]
     task_sum: torch.Tensor | None = None  # a reused buffer for the task sum, if any
+    rows: tuple[int, int] | None = None  # see TensorItem.rows
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What one step of a pass reads: a whole key, or a block of its rows."""
+
+    key: str
+    rows: tuple[int, int] | None = None
 
 
 # Keys of up to this many entries are read into reused buffers; a bigger one (an LLM's
@@ -156,6 +170,21 @@ class _Loaded:
 # float32 copies of them, and keep resident the pages of every set a big key passed through
 # (an untied embedding and LM head go through two sets) for the rest of the merge.
 REUSE_MAX_NUMEL = 1 << 25
+
+
+def row_blocks_of(shape: tuple[int, ...], limit: int) -> list[tuple[int, int]] | None:
+    """Row ranges `(start, stop)` cutting a tensor of `shape` above `limit` entries into blocks
+    of at most `limit` entries (whole rows, a multiple of 8 entries each but the last, so
+    each block's masks bit-pack on their own); None when the tensor stays whole."""
+    numel = math.prod(shape)
+    if numel <= limit or len(shape) < 2 or shape[0] < 2:
+        return None
+    row = numel // shape[0]
+    per = min(shape[0], limit // row)
+    per -= next((d for d in range(per) if (per - d) * row % 8 == 0), per)
+    if per < 1 or per >= shape[0]:
+        return None  # rows too long to cut (or an odd length): the whole key, as before
+    return [(start, min(shape[0], start + per)) for start in range(0, shape[0], per)]
 
 
 class _BufferSet:
@@ -213,23 +242,29 @@ class TaskVectorStream:
         return self.pool.pretrained.numel(key)
 
     def map(
-        self, fn: Callable[[TensorItem], R], description: str = "merging"
+        self,
+        fn: Callable[[TensorItem], R],
+        description: str = "merging",
+        row_blocks: bool = False,
     ) -> Iterator[tuple[str, R]]:
         """Yield `(key, fn(item))` for every merged key, in key order.
 
         `fn` runs in worker threads on items whose tensors live in reused buffers: it must
         return new tensors (or numbers) and keep no reference to the item's tensors. A
         transform (DARE) is applied in key order, so its random draws replay exactly.
+        With `row_blocks`, a key above `REUSE_MAX_NUMEL` entries comes as several items in
+        row order, each with its `rows`, and yields once per block (not with a transform:
+        its draws are made key by key).
         """
-        keys = self.plan.merged
-        if not keys:
+        transform = self.transform_factory() if self.transform_factory else None
+        units = self._units(row_blocks and transform is None)
+        if not units:
             return
         workers = self.threads
-        transform = self.transform_factory() if self.transform_factory else None
         free: queue.Queue[_BufferSet] = queue.Queue()
-        for buffers in self._buffer_sets(workers + 1):
+        for buffers in self._buffer_sets(workers + 1, units):
             free.put(buffers)
-        transformed = [threading.Event() for _ in keys]
+        transformed = [threading.Event() for _ in units]
         stop = threading.Event()
 
         def load(index: int) -> tuple[_Loaded, _BufferSet]:
@@ -241,7 +276,7 @@ class TaskVectorStream:
                     if stop.is_set():
                         raise _Cancelled from None
             try:
-                return self._load(keys[index], buffers), buffers
+                return self._load(units[index], buffers), buffers
             except BaseException:
                 free.put(buffers)
                 raise
@@ -256,7 +291,7 @@ class TaskVectorStream:
                         transformed[index - 1].wait()
                     item = TensorItem(
                         item.key, item.pretrained, transform(item.key, item.task_vectors),
-                        item.dtype,
+                        item.dtype, rows=item.rows,
                     )  # fmt: skip
                     transformed[index].set()
                 return fn(item)
@@ -265,7 +300,7 @@ class TaskVectorStream:
                 if buffers is not None:
                     free.put(buffers)
 
-        bar = self._bar(description, len(keys))
+        bar = self._bar(description, len(units))
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read")
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergebench-merge")
         inflight: deque[Future[R]] = deque()
@@ -279,13 +314,13 @@ class TaskVectorStream:
 
         try:
             with single_threaded_ops(self.device.type == "cpu"), bar:
-                while submitted < min(len(keys), workers + 1):
+                while submitted < min(len(units), workers + 1):
                     submit()
-                for key in keys:
+                for unit in units:
                     result = inflight.popleft().result()
-                    if submitted < len(keys):
+                    if submitted < len(units):
                         submit()
-                    yield key, result
+                    yield unit.key, result
                     bar.update()
         finally:
             stop.set()
@@ -309,20 +344,38 @@ class TaskVectorStream:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as reader, bar:
             pending: Future[_Loaded] | None = None
             if keys:
-                pending = reader.submit(self._load, keys[0], buffers[0] if buffers else None)
+                first = buffers[0] if buffers else None
+                pending = reader.submit(self._load, _Unit(keys[0]), first)
             for index in range(len(keys)):
                 loaded = pending.result()
                 # The previous item has been released (we are past its `yield`), so its
                 # buffer set can take the key after this one while we compute on this one.
                 if index + 1 < len(keys):
                     target = buffers[(index + 1) % 2] if buffers else None
-                    pending = reader.submit(self._load, keys[index + 1], target)
+                    pending = reader.submit(self._load, _Unit(keys[index + 1]), target)
                 yield self._item(loaded, transform)
                 bar.update()
 
     # -- internals ---------------------------------------------------------------------------
-    def _buffer_sets(self, count: int = 2) -> list[_BufferSet]:
-        numels = [self.numel(k) for k in self.plan.merged]
+    def _units(self, row_blocks: bool) -> list[_Unit]:
+        units: list[_Unit] = []
+        for key in self.plan.merged:
+            blocks = row_blocks_of(self.pool.pretrained.shape(key), REUSE_MAX_NUMEL)
+            if row_blocks and blocks is not None:
+                units.extend(_Unit(key, rows) for rows in blocks)
+            else:
+                units.append(_Unit(key))
+        return units
+
+    def _unit_shape(self, unit: _Unit) -> tuple[int, ...]:
+        shape = self.pool.pretrained.shape(unit.key)
+        if unit.rows is None:
+            return shape
+        return (unit.rows[1] - unit.rows[0], *shape[1:])
+
+    def _buffer_sets(self, count: int = 2, units: list[_Unit] | None = None) -> list[_BufferSet]:
+        units = units if units is not None else [_Unit(k) for k in self.plan.merged]
+        numels = [math.prod(self._unit_shape(u)) for u in units]
         max_numel = max((n for n in numels if n <= REUSE_MAX_NUMEL), default=0)
         pin = self.device.type == "cuda"
         return [_BufferSet(len(self.tasks), max_numel, pin) for _ in range(count)]
@@ -330,9 +383,10 @@ class TaskVectorStream:
     def _bar(self, description: str, total: int) -> Any:
         return stage(total, description, enabled=self.progress, unit="tensor")
 
-    def _load(self, key: str, buffers: _BufferSet | None) -> _Loaded:
-        """Read one key of every checkpoint as float32 (runs in the reader thread)."""
-        shape = self.pool.pretrained.shape(key)
+    def _load(self, unit: _Unit, buffers: _BufferSet | None) -> _Loaded:
+        """Read one key (or a block of its rows) of every checkpoint as float32 (runs in the
+        reader thread)."""
+        key, shape = unit.key, self._unit_shape(unit)
         n = len(self.tasks)
         if buffers is not None and math.prod(shape) > buffers.capacity:
             buffers = None  # an outsized key: buffers of its own (see REUSE_MAX_NUMEL)
@@ -342,12 +396,15 @@ class TaskVectorStream:
             finetuned = torch.empty((n, *shape), pin_memory=pin)
         else:
             pre, finetuned = buffers.views(n, shape)
-        self.pool.pretrained.read_into(key, pre)
-        for row, source in zip(finetuned, self.pool.finetuned.values(), strict=True):
-            source.read_into(key, row)
+        sources = (self.pool.pretrained, *self.pool.finetuned.values())
+        for source, out in zip(sources, (pre, *finetuned), strict=True):
+            if unit.rows is None:
+                source.read_into(key, out)
+            else:
+                source.read_rows_into(key, out, unit.rows[0])
         on_cpu = self.device.type == "cpu"
         task_sum = buffers.task_sum_view(shape) if buffers is not None and on_cpu else None
-        return _Loaded(key, pre, finetuned, task_sum)
+        return _Loaded(key, pre, finetuned, task_sum, unit.rows)
 
     def _item(self, loaded: _Loaded, transform: TaskVectorTransform | None) -> TensorItem:
         key = loaded.key
@@ -360,9 +417,9 @@ class TaskVectorStream:
         # cheap reductions instead of an elementwise `isfinite` over every tensor.
         if not math.isfinite(float(task_sum.sum())) and not bool(torch.isfinite(task_sum).all()):
             raise self._non_finite(key)
-        item = TensorItem(key, pre, taus, self.pool.pretrained.dtype(key), task_sum)
+        item = TensorItem(key, pre, taus, self.pool.pretrained.dtype(key), task_sum, loaded.rows)
         if transform is not None:
-            item = TensorItem(key, pre, transform(key, taus), item.dtype)
+            item = TensorItem(key, pre, transform(key, taus), item.dtype, rows=loaded.rows)
         return item
 
     def _non_finite(self, key: str) -> MergeBenchError:

@@ -154,7 +154,13 @@ class RowsView(SourceView):
         if key not in self.rows:
             return self.inner.read_rows_into(key, out, start)
         self._check_rows(key, out, start)
-        return out.copy_(self.get(key)[start : start + out.shape[0]])
+        keep, stop = self.rows[key][0], start + out.shape[0]
+        if start < keep:  # the stored rows straight from the source
+            self.inner.read_rows_into(key, out[: min(stop, keep) - start], start)
+        if stop > keep:
+            first = max(start, keep)
+            out[first - start :].copy_(self.fill[key][first - keep : stop - keep])
+        return out
 
     def files(self) -> list[Path]:
         return [] if self.fill else self.inner.files()

@@ -120,6 +120,11 @@ class TaskVectorMethod(Method):
         precomputed task sum (Task Arithmetic, weight averaging)."""
         return self.merge_task_vectors(item.key, item.task_vectors)
 
+    def splits_rows(self) -> bool:
+        """Whether `merge_task_vectors` goes entry by entry (no statistic over the whole
+        tensor), so that a big key may come as blocks of rows (`TaskVectorStream.map`)."""
+        return False
+
     def accept_pool(self, pool: ModelPool) -> None:
         """Before any key is read: refuse a pool this method cannot merge (a number of
         tasks, say), or take what it needs from the task list (SLERP's endpoints)."""
@@ -149,16 +154,20 @@ class TaskVectorMethod(Method):
         pre = pool.pretrained
         outputs = {k: torch.empty(pre.shape(k), dtype=pre.dtype(k)) for k in stream.plan.merged}
 
-        def merge_item(item: TensorItem) -> torch.Tensor:
+        def merge_item(item: TensorItem) -> None:
             delta = self.merge_item(item)
             out = outputs[item.key]
+            if item.rows is not None:
+                out = out[item.rows[0] : item.rows[1]]
             if out.dtype == torch.float32 and delta.device == out.device:
-                return torch.add(item.pretrained, delta, out=out)
-            return out.copy_(item.pretrained + delta)
+                torch.add(item.pretrained, delta, out=out)
+            else:
+                out.copy_(item.pretrained + delta)
 
         # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
-        shared = dict(stream.map(merge_item, self.name))
-        return single_result(self, pool, stream.plan, shared)
+        for _ in stream.map(merge_item, self.name, row_blocks=self.splits_rows()):
+            pass
+        return single_result(self, pool, stream.plan, outputs)
 
     def _merge_into(
         self, target: ArtifactTarget, pool: ModelPool, stream: TaskVectorStream
@@ -178,9 +187,12 @@ class TaskVectorMethod(Method):
                     torch.add(item.pretrained, delta, out=out)
                 else:
                     out.copy_(item.pretrained + delta)
-                writer.write(item.key, out)
+                if item.rows is None:
+                    writer.write(item.key, out)
+                else:
+                    writer.write_rows(item.key, out, item.rows[0])
 
-            for _ in stream.map(merge_item, self.name):
+            for _ in stream.map(merge_item, self.name, row_blocks=self.splits_rows()):
                 pass
             for key in [*plan.pretrained_excluded, *plan.copied]:
                 writer.write(key, pre.get(key))

@@ -139,15 +139,20 @@ class EMR(Method):
 
         def per_key(item: TensorItem) -> KeyModulators:
             taus, scratch = item.task_vectors, thread_scratch()
+            # Everything but the rescaler sums goes entry by entry: a big key may come in
+            # row blocks, whose sums (over the whole key's size) add up.
+            where = {"rows": item.rows, "size": stream.numel(item.key)}
             if self.elect and numpy_kernels(taus):  # elect block by block, in the cache
                 return modulate_key(
                     taus, None, self.mask, self.rescaler, scratch, self.rescale,
-                    block_unify=elect_block, task_sum=item.task_sum(),
+                    block_unify=elect_block, task_sum=item.task_sum(), **where,
                 )  # fmt: skip
             unified = self.unify(taus, item.task_sum(), scratch)
-            return modulate_key(taus, unified, self.mask, self.rescaler, scratch, self.rescale)
+            return modulate_key(
+                taus, unified, self.mask, self.rescaler, scratch, self.rescale, **where
+            )
 
-        keys = stream.map(per_key, self.name)
+        keys = stream.map(per_key, self.name, row_blocks=True)
         return assemble_result(
             self, pool, stream.plan, keys, self.mask, self.rescale, self.rescaler, context.target
         )

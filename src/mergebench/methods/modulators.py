@@ -70,6 +70,7 @@ class KeyModulators:
     packed: torch.Tensor | None  # uint8 [N, ceil(numel/8)], on the CPU; None = no masks
     numerator: torch.Tensor  # float64 [N]: reduce|tau_t| over this key
     denominator: torch.Tensor  # float64 [N]: reduce|M_t * tau_uni| over this key
+    rows: tuple[int, int] | None = None  # a row block of the key (`TensorItem.rows`), or all
 
 
 # Computes `tau_uni` for one block in place: (task vectors [N, b], their task sum [b], out [b]).
@@ -85,8 +86,12 @@ def modulate_key(
     rescale: bool = True,
     block_unify: BlockUnify | None = None,
     task_sum: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,
+    size: int | None = None,
 ) -> KeyModulators:
-    """Masks (packed) and the rescaler statistics (if `rescale`) of one key.
+    """Masks (packed) and the rescaler statistics (if `rescale`) of one key, or of the row
+    block `rows` of a key of `size` entries (a `tensor_mean` statistic is divided by the
+    whole key's size, so the blocks' statistics add up to the key's).
 
     Every statistic is a float64 sum over the whole tensor for one task (divided by its
     size for `tensor_mean`), as the official code takes `mean(abs(tau_t))` per tensor and
@@ -96,12 +101,15 @@ def modulate_key(
     task vectors and `task_sum` (EMR's election), while the block is in the cache.
     """
     if numpy_kernels(task_vectors):
-        return _modulate_blocks(
-            task_vectors, unified, mask, rescaler, scratch, rescale, block_unify, task_sum
+        out = _modulate_blocks(
+            task_vectors, unified, mask, rescaler, scratch, rescale, block_unify, task_sum, size
         )
-    if unified is None:
+    elif unified is None:
         raise ValueError("modulate_key: the torch (GPU) path needs `unified`")
-    return _modulate_torch(task_vectors, unified, mask, rescaler, scratch, rescale)
+    else:
+        out = _modulate_torch(task_vectors, unified, mask, rescaler, scratch, rescale, size)
+    out.rows = rows
+    return out
 
 
 # Entries per block: the `[N, block]` work arrays stay in the core's cache, and a multiple
@@ -118,6 +126,7 @@ def _modulate_blocks(
     rescale: bool,
     block_unify: BlockUnify | None = None,
     task_sum: torch.Tensor | None = None,
+    size: int | None = None,
 ) -> KeyModulators:
     """CPU kernel: one cache-sized block of entries at a time, numpy ufuncs throughout
     (numpy's comparisons and casting reductions are vectorized where torch's are not, and
@@ -160,8 +169,8 @@ def _modulate_blocks(
             else:
                 denominator += np.add.reduce(u_abs, dtype=np.float64)
     if rescaler == "tensor_mean" and numel:
-        numerator /= numel
-        denominator /= numel
+        numerator /= size or numel
+        denominator /= size or numel
     return KeyModulators(
         unified=unified,
         packed=torch.from_numpy(packed) if packed is not None else None,
@@ -177,6 +186,7 @@ def _modulate_torch(
     rescaler: str,
     scratch: Scratch | None,
     rescale: bool,
+    size: int | None = None,
 ) -> KeyModulators:
     """Device-agnostic kernel (the GPU path): whole rows, float64 reductions in torch."""
     scratch = scratch if scratch is not None else Scratch()
@@ -199,8 +209,8 @@ def _modulate_torch(
                 else torch.mul(unified_abs, masks[t].reshape(-1), out=wide).sum()
             )
         if rescaler == "tensor_mean":
-            numerator /= numel
-            denominator /= numel
+            numerator /= size or numel
+            denominator /= size or numel
     return KeyModulators(
         unified=unified.cpu(),
         packed=pack_bits(masks).cpu() if masks is not None else None,
@@ -269,9 +279,12 @@ def assemble_result(
         unified, packed = {}, {}
         for key, modulators in keys:
             accumulator.add_key(modulators)
-            unified[key] = modulators.unified
-            if modulators.packed is not None:
-                packed[key] = modulators.packed
+            if modulators.rows is None:
+                unified[key] = modulators.unified
+                if modulators.packed is not None:
+                    packed[key] = modulators.packed
+            else:
+                _place_block(pool, key, modulators, unified, packed)
     else:  # written into the artifact key by key, in key order
         unified, packed = _stream_modulators(target, pool, plan, keys, accumulator, mask)
     if rescale:
@@ -318,9 +331,15 @@ def _stream_modulators(
     try:
         for key, modulators in keys:
             accumulator.add_key(modulators)
-            unified.write(key, modulators.unified)
-            if masks is not None:
-                masks.write(key, modulators.packed)
+            if modulators.rows is None:
+                unified.write(key, modulators.unified)
+                if masks is not None:
+                    masks.write(key, modulators.packed)
+                continue
+            start, row = modulators.rows[0], math.prod(shapes[key][1:])
+            unified.write_rows(key, modulators.unified, start)
+            if masks is not None:  # a block holds a multiple of 8 entries: whole bytes
+                masks.write_columns(key, modulators.packed, start * row // 8)
         for writer in writers:
             writer.close()
     except BaseException:
@@ -328,3 +347,24 @@ def _stream_modulators(
             writer.abort()
         raise
     return target.tensors("unified"), target.tensors("masks") if mask else {}
+
+
+def _place_block(
+    pool: ModelPool,
+    key: str,
+    block: KeyModulators,
+    unified: dict[str, torch.Tensor],
+    packed: dict[str, torch.Tensor],
+) -> None:
+    """Copy a row block's unified vector and packed masks into the key's whole tensors."""
+    shape = tuple(pool.pretrained.shape(key))
+    start, stop = block.rows
+    if key not in unified:
+        unified[key] = torch.empty(shape, dtype=torch.float32)
+    unified[key][start:stop] = block.unified
+    if block.packed is not None:
+        if key not in packed:
+            packed[key] = torch.empty((len(pool.tasks), math.ceil(math.prod(shape) / 8)),
+                                      dtype=torch.uint8)  # fmt: skip
+        first = start * math.prod(shape[1:]) // 8
+        packed[key][:, first : first + block.packed.shape[1]] = block.packed

@@ -15,6 +15,9 @@ class TaskArithmetic(TaskVectorMethod):
 
     scaling: float = option(number)
 
+    def splits_rows(self) -> bool:
+        return True  # entry by entry
+
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self.scaling * sum_tasks(task_vectors)
 

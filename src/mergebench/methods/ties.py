@@ -120,15 +120,19 @@ class Ties(TaskVectorMethod):
         n = sum(stream.numel(key) for key in stream.plan.merged)
         select = RadixSelect([keep_count(self.k, n)] * len(stream.tasks))
         for _, counts in stream.map(
-            lambda item: select.high_counts(item.task_vectors), f"{self.name}: top-k 1/2"
+            lambda item: select.high_counts(item.task_vectors), f"{self.name}: top-k 1/2", True
         ):
             select.add_high(counts)
         select.targets()  # computed once, before the workers read them
         for _, counts in stream.map(
-            lambda item: select.low_counts(item.task_vectors), f"{self.name}: top-k 2/2"
+            lambda item: select.low_counts(item.task_vectors), f"{self.name}: top-k 2/2", True
         ):
             select.add_low(counts)
         self._thresholds = select.values()
+
+    def splits_rows(self) -> bool:
+        # A global threshold is known before the merge pass; a per-tensor one needs the key.
+        return self.topk_scope == "global"
 
     def thresholds_for(self, task_vectors: torch.Tensor) -> torch.Tensor:
         if self.topk_scope == "global":

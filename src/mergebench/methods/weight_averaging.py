@@ -11,6 +11,9 @@ from mergebench.methods.base import TaskVectorMethod
 class WeightAveraging(TaskVectorMethod):
     name = "weight_averaging"
 
+    def splits_rows(self) -> bool:
+        return True  # entry by entry
+
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return sum_tasks(task_vectors) / task_vectors.shape[0]
 

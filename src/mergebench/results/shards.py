@@ -114,6 +114,7 @@ class ShardedWriter:
         self._where: dict[str, tuple[int, int]] = {}  # key -> (shard, absolute offset)
         self._fds: list[int] = []
         self._written: set[str] = set()
+        self._bytes: dict[str, int] = {}  # bytes written per key (row blocks add up)
         self._lock = threading.Lock()
         try:
             for shard, group in enumerate(groups):
@@ -133,21 +134,70 @@ class ShardedWriter:
             raise
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        entry = self._entries.get(key)
-        if entry is None:
-            raise MergeBenchError(f"{self.stem}: {key!r} is not a tensor of this artifact")
+        entry = self._entry(key)
         if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
             raise MergeBenchError(
                 f"{self.stem}: {key!r} is {tensor.dtype} {list(tensor.shape)}, the artifact "
                 f"laid out {entry.dtype} {list(entry.shape)}"
             )
         shard, offset = self._where[key]
+        self._pwrite(shard, tensor, offset)
+        self._done(key, entry.nbytes)
+
+    def write_rows(self, key: str, tensor: torch.Tensor, start: int) -> None:
+        """Rows `start : start + len(tensor)` of tensor `key` (a row block of a merge that
+        cuts big keys): the key counts as written once all its bytes are."""
+        entry = self._entry(key)
+        self._check_part(key, entry, tensor, start, dim=0)
+        shard, offset = self._where[key]
+        self._pwrite(shard, tensor, offset + start * (entry.nbytes // entry.shape[0]))
+        self._done(key, tensor.numel() * tensor.element_size())
+
+    def write_columns(self, key: str, tensor: torch.Tensor, start: int) -> None:
+        """Columns `start : start + tensor.shape[1]` of the 2-D tensor `key` (the packed masks
+        of one row block, `[N, bytes]`): one positional write per row."""
+        entry = self._entry(key)
+        self._check_part(key, entry, tensor, start, dim=1)
+        shard, offset = self._where[key]
+        row_bytes = entry.nbytes // entry.shape[0]
+        for index, row in enumerate(tensor):
+            self._pwrite(shard, row, offset + index * row_bytes + start * tensor.element_size())
+        self._done(key, tensor.numel() * tensor.element_size())
+
+    def _entry(self, key: str) -> Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            raise MergeBenchError(f"{self.stem}: {key!r} is not a tensor of this artifact")
+        return entry
+
+    def _check_part(
+        self, key: str, entry: Entry, tensor: torch.Tensor, start: int, dim: int
+    ) -> None:
+        shape = list(entry.shape)
+        fits = (
+            tensor.dtype == entry.dtype
+            and tensor.dim() == len(shape) > dim
+            and all(tensor.shape[i] == shape[i] for i in range(len(shape)) if i != dim)
+            and start >= 0
+            and start + tensor.shape[dim] <= shape[dim]
+        )
+        if not fits:
+            raise MergeBenchError(
+                f"{self.stem}: {key!r} part {tensor.dtype} {list(tensor.shape)} at {start} (dim "
+                f"{dim}) does not fit the artifact's {entry.dtype} {shape}"
+            )
+
+    def _pwrite(self, shard: int, tensor: torch.Tensor, offset: int) -> None:
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
             _pwrite_all(self._fds[shard], memoryview(data.reshape(-1).view(torch.uint8).numpy()),
                         offset)  # fmt: skip
+
+    def _done(self, key: str, nbytes: int) -> None:
         with self._lock:
-            self._written.add(key)
+            self._bytes[key] = self._bytes.get(key, 0) + nbytes
+            if self._bytes[key] >= self._entries[key].nbytes:
+                self._written.add(key)
 
     def close(self) -> list[str]:
         """Check every tensor was written, close the shards, write the index; the file

@@ -1,0 +1,307 @@
+"""LLM-shaped merges, measured: memory of a streamed merge whose largest key is an 8B model's
+vocabulary, and (with a mergekit venv) mergebench beside mergekit on a TinyLlama-shaped pool.
+
+Two pools, built once (random bf16 weights, seeded; a base and three experts, each a
+`save_pretrained`-style folder with a Llama `config.json` and one `model.safetensors`):
+- `embedding`: Llama-3.1-8B's shapes (vocabulary 128,256 x 4,096, untied `lm_head`, MLP
+  14,336) with `--layers` decoder layers (default 1): 2.5 GB per model;
+- `tinyllama`: TinyLlama-1.1B's shapes (22 layers, 2,048 wide, vocabulary 32,000): 2.2 GB
+  per model.
+
+Each merge runs in a fresh process; the table gives wall and CPU seconds (the kernel's
+`wait4` rusage), the process's peak RSS (`VmHWM`) and the merge's own peak above the
+process's resident size when the merge started (everything a process holds after importing
+torch and mergebench is not the merge's). `tinyllama --mergekit PYTHON` runs the same
+recipes with mergekit (`PYTHON -m mergekit.scripts.run_yaml`, its own venv) and with
+`mergebench-merge mergekit=recipe.yml` when this mergebench has it, otherwise with the
+equivalent mergebench options. Figures go to outputs/bench_llm_<pool>.json and, with
+`--write-doc`, between markers in docs/performance.md.
+
+    .venv/bin/python scripts/bench_llm.py embedding                  # ties + emr, ~10 min
+    .venv/bin/python scripts/bench_llm.py tinyllama --mergekit /tmp/mk/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import machine_facts, write_doc  # noqa: E402  (a sibling script)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_POOLS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebench"
+TASKS = ("a", "b", "c")
+SHAPES = {
+    # vocab, hidden, intermediate, heads, kv heads, layers (default)
+    "embedding": (128_256, 4_096, 14_336, 32, 8, 1),
+    "tinyllama": (32_000, 2_048, 5_632, 32, 4, 22),
+}
+# mergebench method and options per measured recipe (mergekit's granularity: per-tensor
+# top-k). The mergekit recipe beside each is written by `recipe`.
+RUNS = {
+    "embedding": {
+        "task_arithmetic": ("task_arithmetic", {"scaling": 0.3}),
+        "ties_global": ("ties", {"k": 0.2, "topk_scope": "global"}),
+        "emr": ("emr", {}),
+        "ties_tensor": ("ties", {"k": 0.2, "topk_scope": "tensor"}),
+    },
+    "tinyllama": {
+        "task_arithmetic": ("task_arithmetic", {"scaling": 0.3}),
+        "ties": ("ties", {"k": 0.2, "topk_scope": "tensor", "scaling": 1.0}),
+        "dare_ties": (
+            "dare",
+            {
+                "drop": 0.9,
+                "base": "ties",
+                "base_params": {"k": 1.0, "topk_scope": "tensor", "scaling": 1.0},
+            },
+        ),  # fmt: skip
+        "emr": ("emr", {}),
+    },
+}
+MARKERS = {
+    "embedding": ("<!-- bench_llm_embedding:begin -->", "<!-- bench_llm_embedding:end -->"),
+    "tinyllama": ("<!-- bench_llm_tinyllama:begin -->", "<!-- bench_llm_tinyllama:end -->"),
+}
+
+
+# --- the pool -----------------------------------------------------------------------------
+def llama_shapes(kind: str, layers: int) -> dict[str, tuple[int, ...]]:
+    vocab, hidden, mlp, heads, kv_heads, _ = SHAPES[kind]
+    kv = hidden // heads * kv_heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (mlp, hidden),
+            p + "mlp.up_proj.weight": (mlp, hidden),
+            p + "mlp.down_proj.weight": (hidden, mlp),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        })  # fmt: skip
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def build_pool(kind: str, layers: int, folder: Path) -> Path:
+    """Base and experts, each written once (a stamp file says the pool is complete)."""
+    pool = folder / f"llm-{kind}-{layers}"
+    if (pool / "complete").exists():
+        return pool
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    vocab, hidden, mlp, heads, kv_heads, _ = SHAPES[kind]
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False,
+        dtype="bfloat16",
+    )  # fmt: skip
+    shapes = llama_shapes(kind, layers)
+    for index, name in enumerate(("base", *TASKS)):
+        print(f"building {pool.name}/{name}", flush=True)
+        target = pool / name
+        target.mkdir(parents=True, exist_ok=True)
+        config.to_json_file(target / "config.json")
+        tensors = {}
+        for k, (key, shape) in enumerate(shapes.items()):
+            g = torch.Generator().manual_seed(k)  # the base: the same draw in every model
+            base = torch.randn(shape, generator=g).mul_(0.02)
+            if index:
+                delta = torch.Generator().manual_seed(1_000 * index + k)
+                base.add_(torch.randn(shape, generator=delta).mul_(0.002))
+            tensors[key] = base.to(torch.bfloat16)
+            del base
+        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+    (pool / "complete").write_text("")
+    return pool
+
+
+def recipe(name: str, pool: Path, output_dtype: str = "bfloat16") -> dict:
+    """The mergekit recipe measured beside mergebench's `RUNS["tinyllama"][name]`."""
+    params = {
+        "task_arithmetic": {"weight": 0.3},
+        "ties": {"weight": 1.0, "density": 0.2},
+        "dare_ties": {"weight": 1.0, "density": 0.1},
+    }[name]
+    return {
+        "merge_method": name,
+        "base_model": str(pool / "base"),
+        "models": [{"model": str(pool / t), "parameters": params} for t in TASKS],
+        "parameters": {"normalize": True} if name != "task_arithmetic" else {},
+        "dtype": "float32",
+        "out_dtype": output_dtype,
+    }
+
+
+# --- one measured run (child process) -----------------------------------------------------
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import mergebench
+
+    pool = Path(args.pool)
+    finetuned = {t: str(pool / t) for t in TASKS}
+    params = json.loads(args.params)
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    mergebench.merge(args.method, str(pool / "base"), finetuned, progress=False,
+                     output_dir=args.out, **params)  # fmt: skip
+    report = {"merge_s": time.perf_counter() - start, "rss_before_bytes": before}
+    print(json.dumps({**report, "vm_hwm_bytes": _status("VmHWM")}))
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(command: list[str]) -> dict:
+    """Run `command` in a fresh process: wall, CPU and peak RSS from the kernel."""
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{command[:4]} failed ({code}):\n{errors[-3000:]}")
+    lines = [line for line in output.strip().splitlines() if line.startswith("{")]
+    report = json.loads(lines[-1]) if lines else {}
+    report.update(
+        wall_s=time.perf_counter() - started,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        system_s=usage.ru_stime,
+        ru_maxrss_bytes=usage.ru_maxrss * 1024,
+        load_before=load_before,
+    )
+    if "vm_hwm_bytes" in report:
+        report["merge_peak_above_start_bytes"] = report["vm_hwm_bytes"] - report["rss_before_bytes"]
+    return report
+
+
+def mergebench_run(pool: Path, method: str, params: dict, out: Path, threads: int) -> dict:
+    command = [
+        sys.executable, __file__, "_worker", "--pool", str(pool), "--method", method,
+        "--params", json.dumps(params), "--out", str(out), "--threads", str(threads),
+    ]  # fmt: skip
+    return measure(command)
+
+
+def mergekit_run(python: str, pool: Path, name: str, work: Path) -> dict:
+    import yaml
+
+    path = work / f"{name}.yml"
+    path.write_text(yaml.safe_dump(recipe(name, pool)))
+    out = work / f"mergekit-{name}"
+    command = [python, "-m", "mergekit.scripts.run_yaml", str(path), str(out),
+               "--no-copy-tokenizer", "--lazy-unpickle"]  # fmt: skip
+    return measure(command)
+
+
+def warm(pool: Path) -> float:
+    """Read every file once (page cache); returns the seconds one read took."""
+    start = time.perf_counter()
+    for path in sorted(pool.glob("*/model.safetensors")):
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    return time.perf_counter() - start
+
+
+# --- the table ----------------------------------------------------------------------------
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def render(results: dict) -> str:
+    facts = results["machine"]
+    lines = [
+        f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores, "
+        f"{gib(facts['memory_bytes'])} GiB), torch {facts['torch']}, {results['threads']} "
+        f"threads; pool `{results['pool']}` ({results['pool_gib']:.1f} GiB), page cache "
+        f"warm (one read: {results['read_s']:.1f} s); load before each run in the table.",
+        "",
+        "| run | tool | wall s | CPU s (system) | process peak RSS GiB | merge's own peak GiB "
+        "| load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in results["rows"]:
+        own = row.get("merge_peak_above_start_bytes")
+        lines.append(
+            f"| {row['run']} | {row['tool']} | {row['wall_s']:.0f} | {row['cpu_s']:.0f} "
+            f"({row['system_s']:.0f}) | {gib(row['ru_maxrss_bytes'])} | "
+            f"{gib(own) if own is not None else '-'} | {row['load_before']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("_worker")
+    for name in ("pool", "method", "params", "out"):
+        worker.add_argument(f"--{name}", required=True)
+    worker.add_argument("--threads", type=int, default=2)
+    for kind in SHAPES:
+        run = sub.add_parser(kind)
+        run.add_argument("--runs", nargs="+", default=list(RUNS[kind]), choices=list(RUNS[kind]))
+        run.add_argument("--layers", type=int, default=SHAPES[kind][5])
+        run.add_argument("--pools", type=Path, default=DEFAULT_POOLS)
+        run.add_argument("--threads", type=int, default=2)
+        run.add_argument("--mergekit", help="python of a venv with mergekit 0.1.5")
+        run.add_argument("--write-doc", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "_worker":
+        run_worker(args)
+        return
+    pool = build_pool(args.command, args.layers, args.pools)
+    size = sum(p.stat().st_size for p in pool.glob("*/model.safetensors"))
+    results = {
+        "pool": pool.name, "pool_gib": size / 2**30, "threads": args.threads,
+        "machine": machine_facts(args.threads), "read_s": warm(pool), "rows": [],
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=args.pools) as work:
+        for name in args.runs:
+            method, params = RUNS[args.command][name]
+            print(f"mergebench {name} ...", flush=True)
+            out = Path(work) / f"mergebench-{name}"
+            row = mergebench_run(pool, method, params, out, args.threads)
+            results["rows"].append({"run": name, "tool": "mergebench", **row})
+            print(json.dumps(results["rows"][-1]), flush=True)
+            if args.mergekit and args.command == "tinyllama" and name != "emr":
+                print(f"mergekit {name} ...", flush=True)
+                row = mergekit_run(args.mergekit, pool, name, Path(work))
+                results["rows"].append({"run": name, "tool": "mergekit 0.1.5", **row})
+                print(json.dumps(results["rows"][-1]), flush=True)
+    table = render(results)
+    print(table)
+    out = ROOT / "outputs" / f"bench_llm_{args.command}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.write_doc:
+        write_doc(ROOT / "docs" / "performance.md", table, *MARKERS[args.command])
+
+
+if __name__ == "__main__":
+    main()
