@@ -210,8 +210,31 @@ def test_bad_inputs_are_one_line_and_store_nothing(world, tmp_path, capsys, monk
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, err
         assert lines[0].startswith("mergebench-eval: error: ") and expected in lines[0], err
+    code, _, err = eval_cli(world, db, tmp_path, capsys, monkeypatch, str(tmp_path / "ties"),
+                            "--name", "x")  # fmt: skip
+    assert code == 2 and "name: " in err and "is a mergebench result" in err
     code, _, err = eval_cli(world, db, tmp_path, capsys, monkeypatch)
     assert code == 2 and "RESULT_DIR: missing" in err
     code, _, err = eval_cli(world, db, tmp_path, capsys, monkeypatch, "x", "method=ties")
     assert code == 2 and "method: not a setting of mergebench-eval" in err
     assert rows(db) == []
+
+
+def test_a_missing_folder_is_refused_before_the_family_is_opened(
+    world, tmp_path, capsys, monkeypatch
+):
+    """A zoo may need training before the family's checkpoints open: no reason to wait for
+    that to learn that RESULT_DIR is a typo."""
+    from mergebench.bench import evaluate_saved
+
+    def opened(*args):
+        raise AssertionError("the family was opened")
+
+    monkeypatch.setattr(evaluate_saved, "_context", opened)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("no weights here")
+    for path, expected in ((tmp_path / "typo", "typo: not found"),
+                           (tmp_path / "notes", "no checkpoint found in folder")):  # fmt: skip
+        code, _, err = eval_cli(world, tmp_path / "db.sqlite", tmp_path, capsys, monkeypatch,
+                                str(path))  # fmt: skip
+        assert code == 2 and expected in err, err

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mergebench.bench.job import _context, _open_store, print_run_scores, reference_records
-from mergebench.bench.saved import open_saved
+from mergebench.bench.saved import check_saved, open_saved
 from mergebench.bench.settings import check_run_settings
 from mergebench.evaluation import evaluate_timed
 from mergebench.report.records import RunRecord
@@ -38,6 +38,7 @@ def run_saved(
     for key in ("hydra", *NOT_FOR_SAVED):
         plain.pop(key, None)
     check_run_settings(plain)
+    check_saved(path, name)
     progress = bool(plain.get("progress", True))
     set_threads(plain.get("threads"))
     ctx = _context(plain, progress)

@@ -45,18 +45,27 @@ class SavedMerge:
     base_label: str | None = None
 
 
+def check_saved(path: str | Path, name: str | None = None) -> None:
+    """Refuse what is not a saved model before the family's checkpoints and data are opened
+    (a zoo may need training first)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MergeBenchError(f"{path}: not found (expected a result folder or a model folder)")
+    if not (path / META).is_file():
+        open_checkpoint(path, role="saved model")  # headers only
+    elif name is not None:
+        raise MergeBenchError(
+            f"name: {path} is a mergebench result, named by its method and options "
+            "(name= is for another tool's output; label= sets the row's name)"
+        )
+
+
 def open_saved(path: str | Path, pool: ModelPool, name: str | None = None) -> SavedMerge:
     """`path` as a merge of `pool`'s family and tasks; `name` names another tool's output
     (default: its folder or file name) and is refused for a mergebench result."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise MergeBenchError(f"{path}: not found (expected a result folder or a model folder)")
+    check_saved(path, name)
     if (path / META).is_file():
-        if name is not None:
-            raise MergeBenchError(
-                f"name: {path} is a mergebench result, named by its method and options "
-                "(name= is for another tool's output; label= sets the row's name)"
-            )
         return _mergebench_result(path, pool)
     return _external(path, pool, name or path.name)
 
@@ -79,7 +88,11 @@ def _mergebench_result(path: Path, pool: ModelPool) -> SavedMerge:
             )
         for key in result.unified:
             if key not in pool.pretrained:
-                raise MergeBenchError(f"{path}: tensor {key!r} is not in the family's model")
+                raise MergeBenchError(
+                    f"{path}: tensor {key!r} is not in the family's model (a task-conditioned "
+                    "result is read under its own key names: merge it from a pretrained "
+                    f"checkpoint named as the family's, e.g. {pool.pretrained.keys()[0]!r})"
+                )
             _check_shape(path, key, shape_of(result.unified, key), pool.pretrained)
         return SavedMerge(result, result.method, label, identity, base_label)
     if not isinstance(result, SingleModelResult) or not isinstance(result.shared, LazyTensors):
