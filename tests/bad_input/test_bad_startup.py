@@ -41,6 +41,7 @@ COMMANDS = [
     ("experiment", "mergebench.cli.experiments", "mergebench-experiment"),
     ("convert", "mergebench.cli.convert", "mergebench-convert"),
     ("export", "mergebench.cli.export", "mergebench-export"),
+    ("evaluate", "mergebench.cli.evaluate", "mergebench-eval"),
 ]
 
 

@@ -52,3 +52,7 @@ def convert() -> Any:
 
 def export() -> Any:
     return _run("export", "mergebench-export")
+
+
+def evaluate() -> Any:
+    return _run("evaluate", "mergebench-eval")
