@@ -59,7 +59,8 @@ def elect(
         total = torch.sum(task_vectors, dim=0, out=buffer("elect_sum"))
     if magnitude == "sum":
         positive = buffer("elect_positive", torch.bool)
-        return elect_sum(task_vectors, total, positive, buffer("elect_flag"), buffer("elect_work"))
+        flag, work = buffer("elect_flag"), buffer("elect_sum_work")
+        return elect_sum(task_vectors, total, positive, flag, work)
     high = torch.amax(task_vectors, dim=0, out=buffer("elect_high"))
     low = torch.amin(task_vectors, dim=0, out=buffer("elect_low"))
     return _select_unified(total, high, low, buffer("elect_work", torch.int32))
