@@ -11,6 +11,7 @@ import torch
 
 from mergebench.engine.align import describe_alignment
 from mergebench.engine.checkpoints import CheckpointLike, TensorReader
+from mergebench.engine.keyplan import check_task_specific, plan_keys
 from mergebench.engine.llm import check_vocab, dtype_name, parse_out_dtype, prepare_pool
 from mergebench.engine.pool import ModelPool
 from mergebench.methods.base import RunContext
@@ -39,6 +40,7 @@ def merge(
     out_dtype: str | torch.dtype | None = None,
     key_map: Mapping[str, Any] | None = None,
     strip_prefix: str | Mapping[str, str] | None = None,
+    task_specific: str = "exclude",
     **params: Any,
 ) -> MergeResult:
     """Merge `finetuned` models (task name -> path or state dict) into one result.
@@ -51,6 +53,9 @@ def merge(
     `pretrained`) or `key_map` ({from: to} rules, `from` a key prefix or a `^regex`, for
     every fine-tuned model or per checkpoint). The renaming is recorded in
     `result.extra["key_alignment"]`.
+    `task_specific="auto"` keeps each task's own tensor for every key that some model
+    lacks or holds in another shape (instead of an error), recorded with the reason in
+    `result.extra["task_specific_keys"]`.
     `params` override the method's defaults from `conf/method/<method>.yaml`.
     With `output_dir`, the artifact is written there (atomically, in safetensors shards of
     at most `shard_size`) as the merge goes, data-free methods writing each tensor as it is
@@ -76,9 +81,11 @@ def merge(
     check_params(method, params)  # before any checkpoint is read
     if output_dir is not None:
         parse_size(shard_size)  # a bad size fails before any checkpoint is read
+    check_task_specific(task_specific)
     pool = ModelPool.from_checkpoints(
-        pretrained, finetuned, exclude, heads_separate, key_map=key_map, strip_prefix=strip_prefix
-    )
+        pretrained, finetuned, exclude, heads_separate, key_map=key_map,
+        strip_prefix=strip_prefix, task_specific=task_specific,
+    )  # fmt: skip
     record = {"checkpoints": _checkpoint_files(pool)}
     return _merge_pool(method, pool, device, progress, output_dir, shard_size, vocab, out_dtype,
                        record, params)  # fmt: skip
@@ -132,6 +139,8 @@ def _merge_pool(
         notes["out_dtype"] = dtype_name(dtype)
     if alignment:
         notes["key_alignment"] = alignment
+    if pool.task_specific == "auto":
+        notes["task_specific_keys"] = plan_keys(pool).auto
     notes.update(record)
 
     def noted(result: MergeResult) -> MergeResult:

@@ -120,6 +120,62 @@ def test_emr_without_election_uses_the_mean_task_vector():
     assert_task_weights(result, expected_weights(lams, masks=masks, uni=uni))
 
 
+# magnitude=sum (the official BEiT-3 script): eps is the SUM of the agreeing |tau_t|, on TAUS:
+#   A: gamma [+, -, +, -, -] as above; eps [2+1, 1+2, 3+1, 0, 1] -> tau_uni [3, -3, 4, -0.0, -1]
+#      (entry 4: sum 0 elects -1, so t2's -1 agrees: +1 would give +1, a sign of 0 gives 0)
+#   B: gamma +, eps 1+1 -> [2]. Masks as for max (same signs).
+UNI_SUM = {"A": [3.0, -3.0, 4.0, -0.0, -1.0], "B": [2.0]}
+# tensor_mean: t1 (7/5 + 1) / (10/5 + 2) = 3/5;  t2 (5/5 + 1) / (8/5 + 2) = 5/9;
+#              t3 (4/5 + 1) / (3/5 + 0) = 3
+LAM_SUM = {"t1": 0.6, "t2": 5 / 9, "t3": 3.0}
+
+
+@pytest.mark.parametrize("torch_kernels", ["0", "1"])  # the numpy kernels and the GPU's torch path
+def test_emr_sum_magnitude_is_the_beit3_election(torch_kernels, monkeypatch):
+    monkeypatch.setenv("MERGEBENCH_TORCH_KERNELS", torch_kernels)
+    result = run(magnitude="sum")
+    for key, expected in UNI_SUM.items():
+        assert result.unified[key].tolist() == expected, key
+    assert torch.signbit(result.unified["A"][3])  # no task agrees: 0 * -1 = -0.0, as the script
+    assert result.mask("t2", "A")[4]  # a negative task agrees where the sum is 0
+    for task in TAUS:
+        for key in UNI:
+            assert result.mask(task, key).to(torch.int64).tolist() == MASKS[task][key]
+    assert result.rescalers == pytest.approx(LAM_SUM)
+    assert_task_weights(result, expected_weights(LAM_SUM, uni=UNI_SUM))
+
+
+def test_emr_max_magnitude_is_the_default():
+    assert run(magnitude="max").unified["A"].tolist() == UNI["A"]
+    assert run().unified["A"].tolist() == UNI["A"]
+
+
+@pytest.mark.parametrize("magnitude", ["max", "sum"])
+def test_emr_streamed_equals_in_memory(magnitude, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(70_000, generator=g), "b": torch.zeros(3)}  # several CPU blocks
+    finetuned = {
+        t: {k: v + torch.randint(-2, 3, v.shape, generator=g).float() for k, v in pre.items()}
+        for t in ("a", "b", "c", "d")
+    }  # coarse integer steps: many zero sums
+    in_memory = mergebench.merge("emr", pre, finetuned, progress=False, magnitude=magnitude)
+    streamed = mergebench.merge(
+        "emr", pre, finetuned, progress=False, magnitude=magnitude, output_dir=tmp_path / "out"
+    )
+    assert streamed.rescalers == in_memory.rescalers
+    for key in pre:
+        u, v = in_memory.unified[key], streamed.unified[key]
+        assert torch.equal(u.view(torch.int32), v.view(torch.int32)), key
+        for task in finetuned:
+            assert torch.equal(in_memory.mask(task, key), streamed.mask(task, key))
+            assert torch.equal(in_memory.state_dict(task)[key], streamed.state_dict(task)[key])
+
+
+def test_emr_rejects_an_unknown_magnitude():
+    with pytest.raises(MergeBenchError, match=r"emr\.magnitude: 'mean' is not one of"):
+        run(magnitude="mean")
+
+
 @pytest.mark.parametrize(
     ("params", "label"),
     [
@@ -132,6 +188,10 @@ def test_emr_without_election_uses_the_mean_task_vector():
         ({"elect": False}, "emr (mean)"),
         ({"elect": False, "mask": False}, "emr (mean)"),
         ({"elect": False, "mask": False, "rescale": False}, "emr (mean only)"),
+        ({"magnitude": "sum"}, "emr (sum)"),
+        ({"magnitude": "sum", "rescaler": "global"}, "emr (global, sum)"),
+        ({"magnitude": "sum", "rescale": False}, "emr (elect+mask, sum)"),
+        ({"magnitude": "sum", "elect": False}, "emr (mean)"),
     ],
 )
 def test_emr_labels_name_the_ablation(params, label):
@@ -151,6 +211,21 @@ def test_a_mask_that_is_all_false_gives_the_pretrained_weights():
     assert result.rescalers["z"] == 0.0
     assert result.extra["empty_mask_tasks"] == ["z"]
     torch.testing.assert_close(result.state_dict("z")["w"], pre["w"])
+
+
+@pytest.mark.parametrize("torch_kernels", ["0", "1"])
+def test_a_task_whose_vector_is_zero_gets_lambda_zero_not_nan(torch_kernels, monkeypatch):
+    # methods.md: the official code divides 0 by 0 here and returns NaN weights.
+    monkeypatch.setenv("MERGEBENCH_TORCH_KERNELS", torch_kernels)
+    pre = {"w": torch.tensor([0.5, -0.5, 1.0])}
+    finetuned = {
+        "x": {"w": pre["w"] + torch.tensor([1.0, -2.0, 0.5])},
+        "zero": {"w": pre["w"].clone()},
+    }
+    for magnitude in ("max", "sum"):
+        result = mergebench.merge("emr", pre, finetuned, progress=False, magnitude=magnitude)
+        assert result.rescalers["zero"] == 0.0
+        assert torch.equal(result.state_dict("zero")["w"], pre["w"])
 
 
 # Masks compare signs (methods.md): entries too small for their product with tau_uni to be

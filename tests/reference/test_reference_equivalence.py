@@ -96,6 +96,8 @@ CONDITIONED_CASES = [
     ("emr", {}),
     ("emr", {"rescaler": "global"}),
     ("emr", {"mask": False}),
+    ("emr", {"magnitude": "sum"}),
+    ("emr", {"magnitude": "sum", "rescaler": "global", "rescale": False}),
     ("emr", {"elect": False, "rescale": False}),
     ("mask_rescale", {"base": "task_arithmetic"}),
     ("mask_rescale", {"base": "ties", "base_params": {"k": 0.3}}),

@@ -31,6 +31,7 @@ KEYS = (
     "finetuned",
     "exclude",
     "heads_separate",
+    "task_specific",
     "output_dir",
     "shard_size",
     "vocab",
@@ -120,6 +121,7 @@ def _merge(cfg: DictConfig) -> None:
             out_dtype=_scalar(cfg, "out_dtype", None),
             key_map=key_map,
             strip_prefix=strip_prefix,
+            task_specific=_scalar(cfg, "task_specific", "exclude") or "exclude",
             **params,
         )
         merged_s = time.perf_counter() - start

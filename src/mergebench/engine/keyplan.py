@@ -5,6 +5,12 @@
 - copied: non-floating tensors (e.g. `position_ids`), taken from the pretrained model and
   required to be equal in every model;
 - task-specific: keys matched by `exclude` (task heads): each task keeps its own.
+
+`task_specific: auto` (the official BEiT-3 merge's rule, for heterogeneous pools) also makes
+task-specific every key that some model lacks or whose shape differs across the pool
+(heads, position tables of other resolutions): each task keeps its own tensor, if it has
+one, and the plan says which keys and why (`KeyPlan.auto`). The default, `exclude`, treats
+such a key as an error.
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ from mergebench.engine.keymatch import (
 from mergebench.engine.pool import ModelPool
 from mergebench.util.errors import MergeBenchError
 
+TASK_SPECIFIC_MODES = ("exclude", "auto")
+
+
+def check_task_specific(value: object) -> str:
+    """The `task_specific` option: `exclude` (only the keys `exclude` names) or `auto`."""
+    if not isinstance(value, str) or value not in TASK_SPECIFIC_MODES:
+        raise MergeBenchError(f"task_specific: {value!r} is not one of {list(TASK_SPECIFIC_MODES)}")
+    return value
+
 
 @dataclass
 class KeyPlan:
@@ -30,6 +45,8 @@ class KeyPlan:
     copied: list[str]
     task_specific: dict[str, list[str]]
     pretrained_excluded: list[str] = field(default_factory=list)
+    # task_specific=auto: {key: why it is task-specific}, in key order.
+    auto: dict[str, str] = field(default_factory=dict)
 
 
 def plan_keys(pool: ModelPool) -> KeyPlan:
@@ -39,10 +56,16 @@ def plan_keys(pool: ModelPool) -> KeyPlan:
     merged: list[str] = []
     copied: list[str] = []
     pre_excluded: list[str] = []
-    _check_same_keys(pool, patterns)
+    auto: dict[str, str] = {}
+    if check_task_specific(pool.task_specific) == "auto":
+        auto = heterogeneous_keys(pool, patterns)
+    else:
+        _check_same_keys(pool, patterns)
     for key in pre.keys():
         if is_excluded(key, patterns):
             pre_excluded.append(key)
+            continue
+        if key in auto:
             continue
         for ft in pool.finetuned.values():
             if ft.shape(key) != pre.shape(key):
@@ -56,25 +79,54 @@ def plan_keys(pool: ModelPool) -> KeyPlan:
             _check_equal_integers(pool, key)
             copied.append(key)
 
-    task_specific = {
+    heads = {
         task: [k for k in ft.keys() if is_excluded(k, patterns)]
         for task, ft in pool.finetuned.items()
     }
     if not pool.heads_separate:
-        expected = set(pre_excluded).union(*task_specific.values())
-        for task, keys in task_specific.items():
+        expected = set(pre_excluded).union(*heads.values())
+        for task, keys in heads.items():
             missing = sorted(expected - set(keys))
             if missing:
                 raise MergeBenchError(
                     f"{pool.finetuned[task].name}: task-specific key {missing[0]!r} is missing "
                     f"(task {task!r} must supply its own head)"
                 )
+    task_specific = {
+        task: [k for k in ft.keys() if is_excluded(k, patterns) or k in auto]
+        for task, ft in pool.finetuned.items()
+    }
     _check_patterns_match(pool, patterns)
     if not merged:
         raise MergeBenchError(
             f"{pre.name}: no floating-point tensors left to merge (check the exclude patterns)"
         )
-    return KeyPlan(merged, copied, task_specific, pre_excluded)
+    return KeyPlan(merged, copied, task_specific, pre_excluded, auto)
+
+
+def heterogeneous_keys(pool: ModelPool, patterns: list[re.Pattern[str]]) -> dict[str, str]:
+    """The keys (not excluded) that some model of the pool lacks, or whose shape differs
+    between models, each with the reason, in key order (pretrained keys first)."""
+    pre = pool.pretrained
+    models = {"pretrained": pre, **pool.finetuned}
+    keys = dict.fromkeys(pre.keys())
+    for ft in pool.finetuned.values():
+        keys.update(dict.fromkeys(ft.keys()))
+    held = {name: set(model.keys()) for name, model in models.items()}
+    reasons: dict[str, str] = {}
+    for key in keys:
+        if is_excluded(key, patterns):
+            continue
+        lacking = [name for name in models if key not in held[name]]
+        if lacking:
+            reasons[key] = f"missing in {', '.join(lacking)}"
+            continue
+        shapes = {name: list(model.shape(key)) for name, model in models.items()}
+        if len({tuple(shape) for shape in shapes.values()}) > 1:
+            reasons[key] = "shapes differ: " + ", ".join(
+                f"{shape} in {name}" for name, shape in shapes.items()
+            )
+    return reasons
 
 
 def _check_same_keys(pool: ModelPool, patterns: list[re.Pattern[str]]) -> None:

@@ -49,6 +49,8 @@ class ModelPool:
     exclude: list[str] = field(default_factory=list)
     # CLIP zero-shot: heads come from text prompts, so a task may lack the excluded keys.
     heads_separate: bool = False
+    # `auto`: keys some model lacks or holds in another shape stay each task's own (keyplan).
+    task_specific: str = "exclude"
     family: TaskFamily | None = None
     name: str = "custom"
     # The family's block regex (one group: the block number), for layer-wise methods (LiNeS).
@@ -80,6 +82,7 @@ class ModelPool:
         layer_pattern: str | None = None,
         key_map: Any = None,
         strip_prefix: Any = None,
+        task_specific: str = "exclude",
     ) -> ModelPool:
         """The pool over opened checkpoints, each fine-tuned one seen under the pretrained
         model's key names (a detected prefix, or `key_map`/`strip_prefix`: see align.py)."""
@@ -99,6 +102,7 @@ class ModelPool:
             key_alignment=alignment,
             exclude=exclude,
             heads_separate=heads_separate,
+            task_specific=task_specific,
             family=family,
             name=name,
             layer_pattern=layer_pattern,

@@ -1,9 +1,10 @@
 """EMR-Merging: Elect a unified task vector, then per-task Masks and Rescalers (methods.md).
 
-Elect, per entry: `gamma = sgn(sum_t tau_t)`, `eps = max |tau_t|` over the tasks whose
-`tau_t` agrees with `gamma` (0 if none), `tau_uni = gamma * eps`. Ablations: `elect=false`
-uses the plain mean of the task vectors, `mask=false` uses `M_t = 1`, `rescale=false`
-uses `lam_t = 1`.
+Elect, per entry: `gamma = sgn(sum_t tau_t)` (-1 where the sum is 0), `eps = max |tau_t|`
+over the tasks whose `tau_t` agrees with `gamma` (0 if none), `tau_uni = gamma * eps`.
+`magnitude=sum` takes `eps = sum |tau_t|` over the agreeing tasks instead, as the official
+BEiT-3 script does (methods.md). Ablations: `elect=false` uses the plain mean of the task
+vectors, `mask=false` uses `M_t = 1`, `rescale=false` uses `lam_t = 1`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,17 @@ from mergebench.methods.modulators import (
 from mergebench.methods.options import choice, flag, option
 from mergebench.results import TaskConditionedResult
 
+MAGNITUDES = ("max", "sum")
+
 
 def elect(
     task_vectors: torch.Tensor,
     task_sum: torch.Tensor | None = None,
     scratch: Scratch | None = None,
+    magnitude: str = "max",
 ) -> torch.Tensor:
-    """`tau_uni = gamma * eps` with `gamma = sgn(sum_t tau_t)`, `eps` the largest agreeing |tau_t|.
+    """`tau_uni = gamma * eps` with `gamma = sgn(sum_t tau_t)`, `eps` the largest agreeing |tau_t|
+    (`magnitude="sum"`: their sum, see `elect_sum`).
 
     Computed without `[N, ...]` temporaries: where gamma = +1 (sum > 0) some tau_t is
     positive and `tau_uni = max_t tau_t`; where gamma = -1, `tau_uni = min_t tau_t` if that
@@ -52,6 +57,10 @@ def elect(
     total = task_sum
     if total is None:
         total = torch.sum(task_vectors, dim=0, out=buffer("elect_sum"))
+    if magnitude == "sum":
+        positive = buffer("elect_positive", torch.bool)
+        flag, work = buffer("elect_flag"), buffer("elect_sum_work")
+        return elect_sum(task_vectors, total, positive, flag, work)
     high = torch.amax(task_vectors, dim=0, out=buffer("elect_high"))
     low = torch.amin(task_vectors, dim=0, out=buffer("elect_low"))
     return _select_unified(total, high, low, buffer("elect_work", torch.int32))
@@ -96,30 +105,65 @@ def elect_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) ->
     np.bitwise_xor(negative, np.bitwise_and(np.bitwise_xor(negative, h), positive), out=chosen)
 
 
+def elect_sum(
+    task_vectors: torch.Tensor,
+    total: torch.Tensor,
+    positive: torch.Tensor,
+    flag: torch.Tensor,
+    work: torch.Tensor,
+) -> torch.Tensor:
+    """The official BEiT-3 election: `flag = (total > 0) * 2 - 1`, `eps` the sum over tasks,
+    in task order, of `|tau_t|` where `tau_t * flag > 0`, `tau_uni = eps * flag`.
+
+    `tau_t * flag` is exact (flag is +-1), so `max(tau_t * flag, 0)` is the agreeing |tau_t|
+    or 0; where no task agrees `tau_uni = 0 * -1 = -0.0`, as in that script. `positive`,
+    `flag` and `work` are overwritten; only the result is a new tensor.
+    """
+    flag.copy_(torch.gt(total, 0, out=positive)).mul_(2).sub_(1)
+    eps = torch.zeros_like(flag)
+    for tau in task_vectors:
+        eps.add_(torch.mul(tau, flag, out=work).clamp_min_(0))
+    return eps.mul_(flag)
+
+
+def elect_sum_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) -> None:
+    """`elect_sum` for one block of the CPU kernel, in numpy: float32 `[N, b]` -> `out [b]`."""
+    flag = np.where(total > 0, np.float32(1), np.float32(-1))
+    work = np.empty_like(out)
+    out.fill(0)
+    for tau in task_vectors:
+        out += np.maximum(np.multiply(tau, flag, out=work), 0, out=work)
+    out *= flag
+
+
 class EMR(Method):
     name = "emr"
     task_conditioned = True
 
-    label_options = ("elect", "mask", "rescale", "rescaler")
+    label_options = ("elect", "mask", "rescale", "rescaler", "magnitude")
 
     @classmethod
     def label(cls, params: Mapping[str, Any]) -> str:
         """`emr`, or the ablation of paper Table 8 it is: `emr (elect)`, `emr (elect+mask)`,
         `emr (elect+rescale)`; `emr (mean)` without the election; `emr (global)` for
-        Algorithm 1's rescaler."""
+        Algorithm 1's rescaler; `sum` last for the BEiT-3 election (`emr (sum)`)."""
         mask, rescale = bool(params.get("mask", True)), bool(params.get("rescale", True))
-        if not params.get("elect", True):
+        if not params.get("elect", True):  # no election: `magnitude` plays no part
             return "emr (mean)" if mask or rescale else "emr (mean only)"
+        parts = []
         if mask and rescale:
             rescaler = params.get("rescaler", "tensor_mean")
-            return "emr" if rescaler == "tensor_mean" else f"emr ({rescaler})"
-        parts = ["elect"] + (["mask"] if mask else []) + (["rescale"] if rescale else [])
-        return f"emr ({'+'.join(parts)})"
+            parts += [] if rescaler == "tensor_mean" else [str(rescaler)]
+        else:
+            parts.append("+".join(["elect"] + ["mask"] * mask + ["rescale"] * rescale))
+        parts += ["sum"] if params.get("magnitude", "max") == "sum" else []
+        return f"emr ({', '.join(parts)})" if parts else "emr"
 
     elect: bool = option(flag)
     mask: bool = option(flag)
     rescale: bool = option(flag)
     rescaler: str = option(choice, allowed=RESCALERS)
+    magnitude: str = option(choice, allowed=MAGNITUDES)
 
     def unify(
         self,
@@ -128,7 +172,7 @@ class EMR(Method):
         scratch: Scratch | None = None,
     ) -> torch.Tensor:
         if self.elect:
-            return elect(task_vectors, task_sum, scratch)
+            return elect(task_vectors, task_sum, scratch, self.magnitude)
         return sum_tasks(task_vectors) / task_vectors.shape[0]  # the `elect=false` ablation
 
     def merge(
@@ -145,7 +189,8 @@ class EMR(Method):
             if self.elect and numpy_kernels(taus):  # elect block by block, in the cache
                 return modulate_key(
                     taus, None, self.mask, self.rescaler, scratch, self.rescale,
-                    block_unify=elect_block, task_sum=item.task_sum(), **where,
+                    block_unify=elect_sum_block if self.magnitude == "sum" else elect_block,
+                    task_sum=item.task_sum(), **where,
                 )  # fmt: skip
             unified = self.unify(taus, item.task_sum(), scratch)
             return modulate_key(

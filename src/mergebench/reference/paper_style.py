@@ -69,7 +69,9 @@ def merge_reference(
     elif method in CONDITIONED:
         if method == "emr":
             unified = (
-                _elect(task_vectors) if params["elect"] else _sum_rows(task_vectors) / len(tasks)
+                _elect(task_vectors, params["magnitude"])
+                if params["elect"]
+                else _sum_rows(task_vectors) / len(tasks)
             )
         else:
             base = _single(params["base"], _base_params(params), task_vectors, flat_pre, layout)
@@ -215,14 +217,18 @@ def _dare(task_vectors: torch.Tensor, params: dict[str, Any], layout: _Layout) -
 
 
 # --- EMR and "X w/ M&R" -------------------------------------------------------------------
-def _elect(task_vectors: torch.Tensor) -> torch.Tensor:
-    """Official `emr_merge`: flag = sign of the sum; running max of agreeing |tau_t|."""
+def _elect(task_vectors: torch.Tensor, magnitude: str = "max") -> torch.Tensor:
+    """Official `emr_merge`: flag = sign of the sum; running max of agreeing |tau_t|
+    (`magnitude="sum"`: the BEiT-3 script's `EMR_merge`, a running sum)."""
     flag = _sign(_sum_rows(task_vectors))
     param_max = torch.zeros_like(flag)
     for tau in task_vectors:
         agreeing = tau * flag > 0
         param_abs = torch.abs(agreeing * tau)
-        param_max = torch.where(param_abs > param_max, param_abs, param_max)
+        if magnitude == "sum":
+            param_max += param_abs
+        else:
+            param_max = torch.where(param_abs > param_max, param_abs, param_max)
     return param_max * flag
 
 

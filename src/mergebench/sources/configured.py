@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from mergebench.engine.checkpoints import TensorReader, open_checkpoint
-from mergebench.engine.keyplan import compile_patterns, is_excluded
+from mergebench.engine.keyplan import check_task_specific, compile_patterns, is_excluded
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.renamed import CanonicalSource, canonical_source
 from mergebench.families import family_class
@@ -115,6 +115,7 @@ def configured_pool(
         finetuned=dict(finetuned),
         exclude=family.exclude_patterns(cfg_model),
         heads_separate=family.heads_separate,
+        task_specific=check_task_specific(cfg_model.get("task_specific", "exclude")),
         family=family,
         name=f"{cfg_model.get('name')}/{cfg_taskset.get('name', 'custom')}",
         layer_pattern=cfg_model.get("layer_pattern"),
