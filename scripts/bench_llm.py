@@ -9,7 +9,8 @@ Two pools, built once (random bf16 weights, seeded; a base and three experts, ea
   per model.
 
 Each merge runs in a fresh process; the table gives wall and CPU seconds (the kernel's
-`wait4` rusage), the process's peak RSS (`VmHWM`) and the merge's own peak above the
+`wait4` rusage), the process's peak RSS (`ru_maxrss`; the parent holds no weights, so a
+child's figure is its own) and, for mergebench, the merge's own peak above the
 process's resident size when the merge started (everything a process holds after importing
 torch and mergebench is not the merge's). `tinyllama --mergekit PYTHON` runs the same
 recipes with mergekit (`PYTHON -m mergekit.scripts.run_yaml`, its own venv) and with
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         worker.add_argument(f"--{name}", required=True)
     worker.add_argument("--threads", type=int, default=2)
     for kind in SHAPES:
+        build = sub.add_parser(f"_build_{kind}")
+        build.add_argument("--layers", type=int, default=SHAPES[kind][5])
+        build.add_argument("--pools", type=Path, default=DEFAULT_POOLS)
         run = sub.add_parser(kind)
         run.add_argument("--runs", nargs="+", default=list(RUNS[kind]), choices=list(RUNS[kind]))
         run.add_argument("--layers", type=int, default=SHAPES[kind][5])
@@ -275,7 +279,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "_worker":
         run_worker(args)
         return
-    pool = build_pool(args.command, args.layers, args.pools)
+    if args.command.startswith("_build_"):
+        build_pool(args.command.removeprefix("_build_"), args.layers, args.pools)
+        return
+    # Built in a child: a parent that held the weights would count in its children's
+    # `ru_maxrss` (a forked child starts with the parent's resident pages).
+    subprocess.run([sys.executable, __file__, f"_build_{args.command}", "--layers",
+                    str(args.layers), "--pools", str(args.pools)], check=True)  # fmt: skip
+    pool = args.pools / f"llm-{args.command}-{args.layers}"
     size = sum(p.stat().st_size for p in pool.glob("*/model.safetensors"))
     results = {
         "pool": pool.name, "pool_gib": size / 2**30, "threads": args.threads,

@@ -65,6 +65,7 @@ CASES = [
     ("ties", {"k": 0.3, "topk_scope": "global"}),
     ("emr", {}),
     ("emr", {"rescaler": "global"}),
+    ("emr", {"magnitude": "sum"}),
 ]
 
 
