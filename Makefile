@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 
 .PHONY: setup test test-all lint bench bench-all zoo data clean mutation
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[zoo,dev]'
