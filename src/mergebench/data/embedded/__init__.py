@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from mergebench.data.embedded import sources
+from mergebench.data.embedded import packaged_vision, sources
 from mergebench.data.embedded.sources import RawData
 from mergebench.data.metrics import METRICS, build_metric
 from mergebench.data.splits import SPLITS, Split, SplitSizes, TaskSplits, make_splits
@@ -42,6 +42,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("mnist", "image", sources.mnist, "handwritten digits 28x28"),
         TaskSpec("digits", "image", sources.digits, "handwritten digits 8x8"),
         TaskSpec("faces", "image", sources.faces, "LFW face vs non-face"),
+        TaskSpec("animal_mnist", "image", packaged_vision.animal_mnist, "animal silhouettes"),
+        TaskSpec("emoji", "image", packaged_vision.emoji, "Noto emoji category, colour"),
+        TaskSpec("openclipart", "image", packaged_vision.openclipart, "clip art subject, colour"),
+        TaskSpec("textures", "image", packaged_vision.textures, "texture photo patches"),
     ]
 }
 
