@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 import mergebench
 import mergebench.engine.stream as stream_module
+from mergebench.engine.checkpoints import StateDictReader
 from mergebench.engine.stream import TaskVectorStream, row_blocks_of
 from mergebench.engine.views import RowsView
-from mergebench.engine.checkpoints import StateDictReader
 from mergebench.results.shards import Entry, ShardedWriter, open_stem
 from mergebench.util.errors import MergeBenchError
 
