@@ -164,7 +164,7 @@ class WandbLogger:
         if once and run_id and self.mode == "offline":
             folder = self.logged_offline(run_id)
             if folder is not None:
-                say(f"W&B: {run_name(record)} already logged offline in {folder}")
+                _say(f"W&B: {run_name(record)} already logged offline in {folder}")
                 return False
         self.dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
@@ -197,7 +197,7 @@ class WandbLogger:
         where = run_location(run)
         if once and run.resumed:  # online, and W&B has this run already
             run.finish()
-            say(f"W&B: {run_name(record)} already logged at {where}")
+            _say(f"W&B: {run_name(record)} already logged at {where}")
             return False
         try:
             metrics = run_metrics(record, boards)
@@ -208,7 +208,7 @@ class WandbLogger:
                 run.log({"leaderboard": wandb.Table(columns=columns, data=data)})
         finally:
             run.finish()
-        say(f"W&B: {run_name(record)} -> {where}")
+        _say(f"W&B: {run_name(record)} -> {where}")
         return True
 
 
@@ -222,7 +222,7 @@ def run_location(run: Any) -> str:
     return str(run.url)
 
 
-def say(line: str) -> None:
+def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
