@@ -57,14 +57,21 @@ ifneq ($(shell [[ "$(MUTATION_JOBS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),ok)
 $(error MUTATION_JOBS=$(MUTATION_JOBS): expected an integer >= 1)
 endif
 
+# W&B: every bench job logs one run to outputs/wandb/offline-run-* (offline unless WANDB_MODE
+# says otherwise; `wandb sync` uploads them). LOGGER=none turns it off.
+LOGGER ?= wandb
+ifeq ($(filter wandb none,$(LOGGER)),)
+$(error LOGGER=$(LOGGER): expected wandb or none)
+endif
+
 zoo: setup data
 	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo seed=$$seed || exit 1; done
 
 bench: zoo
-	$(PY) scripts/run_bench.py --seeds $(SEEDS)
+	$(PY) scripts/run_bench.py --seeds $(SEEDS) logger=$(LOGGER)
 
 bench-all: zoo
-	$(PY) scripts/run_bench.py --all --seeds $(SEEDS)
+	$(PY) scripts/run_bench.py --all --seeds $(SEEDS) logger=$(LOGGER)
 
 # Mutation testing (not part of CI; docs/mutation.md): mutmut over the methods, kernels, key
 # plan, store hashing and label guard ([tool.mutmut] in pyproject.toml), in mutants/.

@@ -11,6 +11,11 @@ each job, evaluated once per zoo), then the leaderboard: printed, and written to
 
 Runs already in the results database (same resolved config) are skipped, so an interrupted
 sweep resumes; `--force` runs everything again.
+
+Every job logs one W&B run (`logger=wandb`, unless an override says `logger=none`) next to
+the database, `outputs/wandb/offline-run-*`: offline unless `WANDB_MODE` says otherwise, no
+account needed; `wandb sync outputs/wandb/offline-run-*` uploads them. A job skipped as
+stored logs its stored run, unless that run was logged before.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 from mergebench.bench.variants import variants_in
+from mergebench.report.wandb import resolve_mode
 
 # Each variant's group is its `board:` key (conf/variant/<name>.yaml, mergebench.bench.variants).
 DATA_FREE_VARIANTS = variants_in("default")  # make bench
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "progress=false",
         *([f"seed={','.join(seeds)}"] if seeds != ["0"] else []),
         *(["force=true"] if args.force else []),
+        # W&B by default; an explicit `logger=...` is the user's (Hydra refuses two)
+        *([] if any(o.startswith("logger=") for o in args.overrides) else ["logger=wandb"]),
         *args.overrides,
     ]
     start = time.perf_counter()
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     for path in write_leaderboard(args.db, args.out):
         print(f"wrote {path}", file=sys.stderr)
+    if "logger=wandb" in common and resolve_mode(None) == "offline":
+        runs = Path(args.db).parent / "wandb" / "offline-run-*"
+        print(f"W&B runs (offline): {runs}; upload with: wandb sync {runs}", file=sys.stderr)
     print(f"benchmark runs took {seconds:.0f} s", file=sys.stderr)
     return 0
 

@@ -97,8 +97,12 @@ def test_bench_sweep_stores_runs_and_writes_leaderboard(tiny_zoo, tmp_path, monk
     bench = run_bench_module()
     argv = [*tiny(tiny_zoo.parent), "--sets", "text", "--db", str(db), "--out", str(out)]
     assert bench.main([*argv, "--variants", "emr", "task_arithmetic"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "individual" in printed and "emr" in printed
+    # make bench's default logger: one offline W&B run per job beside the database
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    assert f"W&B: emr | minilm/text -> {tmp_path / 'wandb'}" in captured.err
 
     board = json.loads((out / "leaderboard.json").read_text())["boards"]
     assert len(board) == 1 and board[0]["tasks"] == TASKS
@@ -126,5 +130,7 @@ def test_bench_sweep_stores_runs_and_writes_leaderboard(tiny_zoo, tmp_path, monk
     # References are cached per zoo; a rerun of a stored config is skipped (resume).
     assert (tiny_zoo / "references" / "text.json").exists()
     assert bench.main([*argv, "--variants", "emr"]) == 0
-    assert "already in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already in" in err and "W&B: emr | minilm/text already logged offline" in err
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
     assert len(SQLiteStore(db).runs()) == len(runs)

@@ -198,7 +198,7 @@ def run_hparam(cfg: Mapping[str, Any]) -> list[int]:
         )
         if store is not None:
             run_ids.append(store.add_run(record, config_hash_=key, sweep_id=current_sweep_id()))
-        logger.log_run(record, sweep_id=current_sweep_id())
+        logger.log_run(record, sweep_id=current_sweep_id(), key=key)
     return run_ids
 
 

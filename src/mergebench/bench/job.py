@@ -39,8 +39,14 @@ from mergebench.evaluation import ModelCache, average, evaluate_timed, normalize
 from mergebench.families.labeled import LabeledData
 from mergebench.methods.registry import method_base_label
 from mergebench.report.records import RunRecord, TaskScore
-from mergebench.report.store import open_store
-from mergebench.report.wandb import current_sweep_id, log_with_leaderboard, logger_from_config
+from mergebench.report.store import Store, open_store
+from mergebench.report.wandb import (
+    NoLogger,
+    RunLogger,
+    current_sweep_id,
+    log_with_leaderboard,
+    logger_from_config,
+)
 from mergebench.results import artifact_bytes
 from mergebench.sources import REFERENCE_ROWS, CheckpointSource, open_source
 from mergebench.sources.zoo import set_threads
@@ -223,9 +229,11 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         probe = RunRecord(
             method=name, label=label, family=family, taskset=taskset, config=config, scores=[]
         )
-        if store.has_run(store.record_hash(probe)):
+        key = store.record_hash(probe)
+        if store.has_run(key):
             print(f"{label} on {family}/{taskset}: already in {store.location} "
                   "(force=true to run again)", file=sys.stderr)  # fmt: skip
+            log_stored_run(logger, store, key, probe)
             return {"label": label, "skipped": True}
 
     references = reference_records(plain, ctx, progress) if plain.get("references", True) else []
@@ -281,7 +289,8 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
             if not store.has_run(store.record_hash(ref)):
                 store.add_run(ref, sweep_id=sweep)
         store.add_run(record, sweep_id=sweep)
-    log_with_leaderboard(logger, record, store, sweep)
+    key = store.record_hash(record) if store is not None else None
+    log_with_leaderboard(logger, record, store, sweep, key=key)
     print_run_scores([*references, record], file=sys.stdout)
     print(
         f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "
@@ -295,6 +304,18 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         "scores": [asdict(s) for s in ev.scores],
         "merge_seconds": merge_seconds,
     }
+
+
+def log_stored_run(logger: RunLogger, store: Store, key: str, probe: RunRecord) -> None:
+    """`logger=wandb` on a run already stored: log the stored run (scores, cost and config as
+    stored) unless it was logged under its hash before."""
+    if isinstance(logger, NoLogger):
+        return
+    for row in store.runs(family=probe.family, taskset=probe.taskset, method=probe.method):
+        if row["config_hash"] == key:
+            record = store.get_record(row["run_id"])
+            log_with_leaderboard(logger, record, store, row.get("sweep_id"), key=key, once=True)
+            return
 
 
 def _open_store(plain: Mapping[str, Any]):

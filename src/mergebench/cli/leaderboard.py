@@ -24,18 +24,22 @@ def log_stored_runs(
     family: str | None,
     taskset: str | None,
     logger: RunLogger,
-) -> int:
-    """Log every stored run of the stores (scores, cost, config as stored) with the boards;
-    returns how many runs were logged."""
-    count = 0
+) -> tuple[int, int]:
+    """Log every stored run of the stores (scores, cost, config as stored) with the boards,
+    each under its hash and once: a run logged before (by an earlier call, or by its job)
+    is not logged again. Returns (logged now, logged before)."""
+    logged = before = 0
     for spec in stores:
         store = open_store(spec, readonly=True)
         for run in store.runs(family=family, taskset=taskset):
             record = store.get_record(run["run_id"])
             record.extra.pop("outcomes", None)  # per-example predictions stay in the store
-            logger.log_run(record, boards, sweep_id=run.get("sweep_id"))
-            count += 1
-    return count
+            key = run["config_hash"]
+            if logger.log_run(record, boards, sweep_id=run.get("sweep_id"), key=key, once=True):
+                logged += 1
+            else:
+                before += 1
+    return logged, before
 
 
 @contextmanager
@@ -105,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--wandb",
         action="store_true",
-        help="log every stored run (and the boards) to W&B without recomputing anything; "
+        help="log every stored run (and the boards) to W&B without recomputing anything, "
+        "each once (W&B run id from the run's hash: a second call skips what is logged); "
         "offline unless WANDB_MODE says otherwise (files under --wandb-dir)",
     )
     parser.add_argument("--wandb-project", default="mergebench")
@@ -143,11 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             sys.stdout.write(render(boards, args.format, args.plots))
         if args.wandb:
-            logged = log_stored_runs(
+            logged, before = log_stored_runs(
                 args.stores or [str(DEFAULT_DB)], boards, args.family, args.taskset,
                 WandbLogger(project=args.wandb_project, dir=args.wandb_dir),
             )  # fmt: skip
-            print(f"logged {logged} stored runs to W&B ({args.wandb_dir})", file=sys.stderr)
+            print(f"logged {logged} stored runs to W&B ({args.wandb_dir}); "
+                  f"{before} logged before", file=sys.stderr)  # fmt: skip
     except MergeBenchError as exc:
         print(f"mergebench-leaderboard: error: {exc}", file=sys.stderr)
         return 2

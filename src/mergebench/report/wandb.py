@@ -1,10 +1,13 @@
 """Experiment loggers: `logger=none` (nothing) or `logger=wandb` (Weights & Biases).
 
 W&B runs offline unless the user asks otherwise (`logger.mode=online`, or `WANDB_MODE` set
-in the environment), so a benchmark never needs a network: runs land in
-`<dir>/wandb/offline-run-*` and can be uploaded later with `wandb sync`. One W&B run per
-mergebench run, grouped by sweep, carrying the resolved config, per-task metrics, averages,
-merge cost, and the leaderboard as a table.
+in the environment; being logged in alone uploads nothing), so a benchmark never needs a
+network: runs land in `<dir>/wandb/offline-run-*` and can be uploaded later with `wandb
+sync`. One W&B run per mergebench run, grouped by sweep, carrying the resolved config,
+per-task metrics, averages, merge cost, and the leaderboard as a table. A run logged with
+its store key (the run's hash) gets the W&B run id `wandb_run_id(key)`, so logging a stored
+run again can find the first one (`once=True`). Every run prints one line saying where it
+went.
 
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,17 +28,30 @@ from mergebench.util.errors import MergeBenchError
 
 class RunLogger(Protocol):
     def log_run(
-        self, record: RunRecord, boards: Sequence[Board] | None = None, sweep_id: str | None = None
-    ) -> None: ...
+        self,
+        record: RunRecord,
+        boards: Sequence[Board] | None = None,
+        sweep_id: str | None = None,
+        key: str | None = None,
+        once: bool = False,
+    ) -> bool:
+        """Log `record`; `key` is its store hash, `once` skips a run logged under that key
+        before. True when a run was logged now."""
+        ...
 
 
 class NoLogger:
     """`logger=none`: logs nothing."""
 
     def log_run(
-        self, record: RunRecord, boards: Sequence[Board] | None = None, sweep_id: str | None = None
-    ) -> None:
-        return None
+        self,
+        record: RunRecord,
+        boards: Sequence[Board] | None = None,
+        sweep_id: str | None = None,
+        key: str | None = None,
+        once: bool = False,
+    ) -> bool:
+        return False
 
 
 def run_metrics(record: RunRecord, boards: Sequence[Board] | None = None) -> dict[str, float]:
@@ -93,6 +110,16 @@ def resolve_mode(mode: str | None) -> str:
     return chosen
 
 
+def wandb_run_id(key: str) -> str:
+    """The W&B run id of the run stored under hash `key` (its first 32 hex digits): the same
+    stored run always maps to the same W&B run."""
+    return key[:32]
+
+
+def run_name(record: RunRecord) -> str:
+    return f"{record.label} | {record.family}/{record.taskset}"
+
+
 class WandbLogger:
     """`logger=wandb`: one W&B run per mergebench run, offline unless configured otherwise."""
 
@@ -114,20 +141,42 @@ class WandbLogger:
         self.tags = list(tags)
         self.job_type = job_type
 
+    def logged_offline(self, run_id: str) -> Path | None:
+        """The newest offline run folder of W&B run `run_id` under this logger's dir, if any."""
+        found = sorted((self.dir / "wandb").glob(f"offline-run-*-{run_id}"))
+        return found[-1] if found else None
+
     def log_run(
-        self, record: RunRecord, boards: Sequence[Board] | None = None, sweep_id: str | None = None
-    ) -> None:
+        self,
+        record: RunRecord,
+        boards: Sequence[Board] | None = None,
+        sweep_id: str | None = None,
+        key: str | None = None,
+        once: bool = False,
+    ) -> bool:
+        """One W&B run for `record`, under the id `wandb_run_id(key)` when `key` (the run's
+        store hash) is given. `once`: skip a run already logged under that id (offline: its
+        folder under `<dir>/wandb`; online: W&B resumes an existing run). Prints where the
+        run went; True when it was logged now."""
         import wandb
 
+        run_id = wandb_run_id(key) if key else None
+        if once and run_id and self.mode == "offline":
+            folder = self.logged_offline(run_id)
+            if folder is not None:
+                _say(f"W&B: {run_name(record)} already logged offline in {folder}")
+                return False
         self.dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
             project=self.project,
             entity=self.entity,
             mode=self.mode,
             dir=str(self.dir),
+            id=run_id,
+            resume="allow" if run_id else None,  # online: a forced rerun updates its run
             group=self.group or sweep_id or current_sweep_id(),
             job_type=self.job_type,
-            name=f"{record.label} | {record.family}/{record.taskset}",
+            name=run_name(record),
             tags=[*self.tags, record.method, record.family, record.taskset],
             config={
                 **redact_secrets(record.config),  # a store URL's password never reaches W&B
@@ -136,11 +185,20 @@ class WandbLogger:
                     "label": record.label,
                     "family": record.family,
                     "taskset": record.taskset,
+                    "run_hash": key,
                 },
             },
             reinit="finish_previous",
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+            # use_dot_wandb=False: always `<dir>/wandb`, where `logged_offline` looks
+            settings=wandb.Settings(
+                silent=True, console="off", x_disable_stats=True, use_dot_wandb=False
+            ),
         )
+        where = run_location(run)
+        if once and run.resumed:  # online, and W&B has this run already
+            run.finish()
+            _say(f"W&B: {run_name(record)} already logged at {where}")
+            return False
         try:
             metrics = run_metrics(record, boards)
             run.log(metrics)
@@ -150,6 +208,22 @@ class WandbLogger:
                 run.log({"leaderboard": wandb.Table(columns=columns, data=data)})
         finally:
             run.finish()
+        _say(f"W&B: {run_name(record)} -> {where}")
+        return True
+
+
+def run_location(run: Any) -> str:
+    """Where a W&B run went: its URL online, its folder and how to upload it offline."""
+    if run.settings.mode == "disabled":
+        return "nowhere (W&B mode disabled)"
+    if run.offline:
+        folder = run.settings.sync_dir
+        return f"{folder} (offline; upload: wandb sync {folder})"
+    return str(run.url)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def build_logger(cfg: Mapping[str, Any] | None, output_dir: str | os.PathLike[str] = "outputs"):
@@ -172,23 +246,28 @@ def build_logger(cfg: Mapping[str, Any] | None, output_dir: str | os.PathLike[st
 
 
 def logger_from_config(cfg: Mapping[str, Any]) -> RunLogger:
-    """The logger of a `mergebench` job config; WW&B files go next to the results database.B files go next to the runs store.
+    """The logger of a `mergebench` job config; W&B files go next to the runs store.
     Built before the run starts, so a bad `logger` option fails before any work is done."""
     db = (cfg.get("store") or {}).get("path")
     return build_logger(cfg.get("logger"), output_dir=Path(db).parent if db else "outputs")
 
 
 def log_with_leaderboard(
-    logger: RunLogger, record: RunRecord, db: str | Store | None, sweep_id: str | None = None
-) -> None:
+    logger: RunLogger,
+    record: RunRecord,
+    db: str | Store | None,
+    sweep_id: str | None = None,
+    key: str | None = None,
+    once: bool = False,
+) -> bool:
     """Log one run, with the leaderboard of its family and task set from the store (which
-    already holds the run): a `Store`, or a database path."""
+    already holds the run): a `Store`, or a database path. `key`, `once`: as `log_run`."""
     if isinstance(logger, NoLogger):
-        return
+        return False
     boards = None
     if isinstance(db, Store) or (db and Path(db).is_file()):
         boards = load_boards(db, family=record.family, taskset=record.taskset)
-    logger.log_run(record, boards, sweep_id=sweep_id)
+    return logger.log_run(record, boards, sweep_id=sweep_id, key=key, once=once)
 
 
 def current_sweep_id() -> str | None:
