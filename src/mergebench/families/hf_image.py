@@ -111,7 +111,7 @@ def checkpoint_names(model: nn.Module) -> Callable[[str], str]:
         )
     # A prefix is matched per key by the pool (canonical_source), not by transformers.
     renamings = [
-        t for t in transforms if type(t) is WeightRenaming and not isinstance(t, PrefixChange)
+        t for t in transforms if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)
     ]
     return lambda key: apply_renamings(key, renamings)
 
@@ -350,8 +350,8 @@ class TimmImageFamily(HFImageClassificationFamily):
         if isinstance(given, list):
             given = dict(enumerate(given))
         labels = {int(i): str(n) for i, n in given.items()}
-        return head_classes(spec, option, count, tuple(labels.get(i, f"LABEL_{i}")
-                                                       for i in range(count)))  # fmt: skip
+        names = tuple(labels.get(i, f"LABEL_{i}") for i in range(count))
+        return head_classes(spec, option, count, names)
 
     def pixels(self, images: list[Any]) -> torch.Tensor:
         return torch.stack([self.transform(image) for image in images])
