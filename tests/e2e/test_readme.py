@@ -140,7 +140,7 @@ def test_readme_own_models_section_runs(tmp_path, monkeypatch, capsys):
     tiny_hf.make_own_world(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
-    (block,) = re.findall(r"```bash\n(.*?)```", section("Your own models"), flags=re.S)
+    block = re.findall(r"```bash\n(.*?)```", section("Your own models"), flags=re.S)[0]
     lines = commands(block)
     assert [argv[0] for argv in lines] == ["mergebench", "mergebench-leaderboard"]
     overrides = [*lines[0][1:], "progress=false", f"taskset.cache_dir={tmp_path / 'hf'}"]
@@ -152,3 +152,24 @@ def test_readme_own_models_section_runs(tmp_path, monkeypatch, capsys):
     board = capsys.readouterr().out
     for row in ("individual", "pretrained", "ties"):
         assert f"| {row} " in board, board
+
+
+def test_readme_own_images_runs(tmp_path, monkeypatch):
+    """ "Your own models", "Images": the section's command on a ViT base, two fine-tunes and
+    their image data made here (tests/tiny_images.py), in its folder."""
+    import tiny_images
+
+    from mergebench.bench import job as bench
+    from mergebench.util.config import compose_config
+
+    tiny_images.make_image_world(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
+    images = section("Your own models").split("### Images\n", 1)[1]
+    (block,) = re.findall(r"```bash\n(.*?)```", images, flags=re.S)
+    (line,) = commands(block)
+    assert line[0] == "mergebench"
+    overrides = [*line[1:], "progress=false", f"taskset.cache_dir={tmp_path / 'hf'}"]
+    summary = bench.run(compose_config(overrides), overrides)
+    assert [s["task"] for s in summary["scores"]] == ["colour", "shade"]
+    assert (tmp_path / "outputs" / "merged_images").is_dir()

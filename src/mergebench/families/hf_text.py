@@ -59,6 +59,12 @@ def checkpoint_classes(spec: DataSpec, path: Path) -> DataSpec:
     config = _load_config(path, option)
     count = int(config.num_labels)
     names = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(count))
+    return head_classes(spec, option, count, names)
+
+
+def head_classes(spec: DataSpec, option: str, count: int, names: tuple[str, ...]) -> DataSpec:
+    """`spec` with the classes of a fine-tuned head of `count` outputs named `names`
+    (`LABEL_<i>` where the checkpoint names none), checked against the task's data."""
     if spec.regression or count == 1:
         if not (spec.regression and count == 1):
             what = "a regression" if spec.regression else "a classification"
@@ -227,4 +233,5 @@ __all__ = [
     "HFTextFamily",
     "RobertaFamily",
     "checkpoint_classes",
+    "head_classes",
 ]
