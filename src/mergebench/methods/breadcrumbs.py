@@ -74,6 +74,4 @@ class Breadcrumbs(TaskVectorMethod):
     scope: str = option(choice, allowed=("row", "tensor"))
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
-        return breadcrumbs_delta(
-            task_vectors, self.density, self.outlier, self.scaling, self.scope
-        )
+        return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling, self.scope)

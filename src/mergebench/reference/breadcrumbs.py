@@ -46,9 +46,7 @@ def crumbs_row(row: np.ndarray, density: float, outlier: float) -> np.ndarray:
     return out
 
 
-def crumbs(
-    tau: torch.Tensor, density: float, outlier: float, scope: str = "row"
-) -> torch.Tensor:
+def crumbs(tau: torch.Tensor, density: float, outlier: float, scope: str = "row") -> torch.Tensor:
     if tau.dim() == 0:
         return tau.clone()
     values = tau.to(torch.float32).numpy()
