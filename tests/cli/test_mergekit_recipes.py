@@ -180,16 +180,18 @@ def test_each_merge_method_maps_to_a_method(rec, method, params):
         (recipe("slerp", None, models=(BASE, A)), "parameters.t: required by slerp"),
         (recipe("ties", None, {"density": 0.5}), "models[0].parameters.weight: required by ties"),
         ({**recipe("ties", None, W), "slices": []}, "slices: recipe key not supported"),
-        ({**recipe("linear", None, W), "models": [{"model": A, "parameters": {"weight": 1.0}},
+        ({**recipe("linear", None, W, base=None), "models": [{"model": A, "parameters": {"weight": 1.0}},
                                                    {"model": B, "parameters": {"weight": 2.0}}]},
          "models[1].parameters.weight: 2.0 differs from models[0].parameters.weight (1.0)"),
-        (recipe("linear", {"normalize": False}, {"weight": 1.0}), "normalize=False sums to 2.0"),
+        (recipe("linear", {"normalize": False}, {"weight": 1.0}, base=None),
+         "normalize=False sums to 2.0"),
         (recipe("ties", {"rescale": True}, {**W, "density": 0.5}), "parameters.rescale: true"),
         (recipe("della", {"normalize": False}, W), "parameters.normalize: false"),
         (recipe("della_linear", None, W), "merge_method: della_linear has no mergebench method"),
         (recipe("breadcrumbs_ties", None, W), "merge_method: breadcrumbs_ties has no mergebench"),
         (recipe("ties", None, {**W, "lambda": 1.0}), "not a per-model parameter"),
         (recipe("model_stock", None, models=(BASE, A)), "model_stock needs at least two models"),
+        (recipe("linear", None, W), "base_model: linear merges it as one more model and needs"),
     ],
 )  # fmt: skip
 def test_bad_recipes_are_one_line(rec, needle):
@@ -202,6 +204,12 @@ def test_bad_recipes_are_one_line(rec, needle):
 def test_linear_sums_to_one_without_normalize():
     run = from_recipe(recipe("linear", {"normalize": False}, W, base=None))
     assert run.method == "weight_averaging"
+
+
+def test_linear_merges_a_base_model_outside_models_as_one_more_model():
+    run = from_recipe(recipe("linear", {"weight": 1.0}))
+    assert run.method == "weight_averaging" and run.pretrained == BASE
+    assert run.finetuned == {"a": A, "b": B, "base": BASE}
 
 
 @pytest.mark.parametrize(

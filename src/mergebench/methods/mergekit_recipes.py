@@ -12,7 +12,7 @@ mergekit's top-k count and tie breaking, its zero-sum sign, and DARE/DELLA's res
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,8 +223,15 @@ def from_recipe(recipe: Mapping[str, Any]) -> RecipeMerge:
 
 
 def _linear(r: _Recipe) -> RecipeMerge:
-    indices = range(len(r.models))
-    weight = r.one_value("weight", indices)
+    # mergekit's linear merges `base_model` as one more input, weighted like the others.
+    if r.base is not None and r.base not in r.models:
+        if "weight" not in r.shared:
+            raise MergeBenchError(
+                "base_model: linear merges it as one more model and needs its weight "
+                "(parameters.weight)"
+            )
+        r = replace(r, models=[*r.models, r.base], per_model=[*r.per_model, {}])
+    weight = r.one_value("weight", range(len(r.models)))
     normalize = r.shared_value("normalize", True, bool)
     n = len(r.models)
     total = _divided(n * weight, n * weight) if normalize else n * weight
@@ -233,9 +240,8 @@ def _linear(r: _Recipe) -> RecipeMerge:
             f"models[0].parameters.weight: {weight} with normalize={normalize} sums to "
             f"{total}, not 1; mergebench's weight_averaging is the mean of the models"
         )
-    names = _task_names(r.models)
     pretrained = r.base if r.base is not None else r.models[0]
-    finetuned = dict(zip(names, r.models, strict=True))
+    finetuned = dict(zip(_task_names(r.models), r.models, strict=True))
     return RecipeMerge("weight_averaging", {}, pretrained, finetuned, r.out_dtype)
 
 
