@@ -7,6 +7,7 @@ interpreter when it imports mergekit; without either, skipped."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -181,3 +182,22 @@ def test_dare_and_della_keep_rates_and_rescaling_match_mergekit(method, extra, l
     for rate, ratio in stats.values():
         assert abs(rate - 0.4) < 0.03  # ~13,000 entries: sd 0.005
         assert abs(ratio - 1) < 0.05
+
+
+def test_ties_keep_count_is_the_only_difference_from_mergekit(llama_pool, tmp_path):
+    # density 0.3: where the fraction of 0.3 * n is >= 0.5 we keep floor(0.3 n + 0.5), one
+    # entry more than mergekit's int(0.3 n) (docs/methods.md, "mergekit recipes"); every
+    # other entry agrees to a few ulps.
+    recipe = {
+        **deterministic_recipes(llama_pool)["ties"], "dtype": "float32",
+        "models": models(llama_pool, ("a", "b", "c"), weight=0.7, density=0.3),
+    }  # fmt: skip
+    ours, theirs = run_both(recipe, tmp_path)
+    differing = extra = 0
+    for key, value in theirs.items():
+        close = torch.isclose(ours[key], value, **TOLERANCE)
+        differing += int((~close).sum())
+        n = value.numel()
+        extra += 3 * (math.floor(0.3 * n + 0.5) - max(1, int(0.3 * n)))
+    print(f"ties density 0.3: {differing} entries differ, {extra} extra kept")
+    assert extra > 0 and differing <= extra
