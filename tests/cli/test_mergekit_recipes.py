@@ -192,6 +192,9 @@ def test_each_merge_method_maps_to_a_method(rec, method, params):
         (recipe("ties", None, {**W, "lambda": 1.0}), "not a per-model parameter"),
         (recipe("model_stock", None, models=(BASE, A)), "model_stock needs at least two models"),
         (recipe("linear", None, W), "base_model: linear merges it as one more model and needs"),
+        (recipe("ties", {"t": 0.5}, W), "parameters.t: not a parameter of merge_method ties"),
+        (recipe("slerp", {"t": 0.5}, W, models=(BASE, A)),
+         "models[0].parameters.weight: not a parameter of merge_method slerp"),
     ],
 )  # fmt: skip
 def test_bad_recipes_are_one_line(rec, needle):

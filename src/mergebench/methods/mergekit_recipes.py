@@ -40,6 +40,18 @@ MERGE_METHODS = ("linear", *_GTA, "slerp", "model_stock")
 # Per-model parameter -> its mergekit default (None: required).
 _PER_MODEL = {"weight": None, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 _SHARED = ("normalize", "lambda", "rescale", "int8_mask", "t", "filter_wise")
+_GTA_PARAMS = ("weight", "density", "normalize", "lambda", "rescale", "int8_mask")
+# The parameters each merge_method takes (mergekit 0.1.5's specs).
+PARAMETERS = {
+    "linear": ("weight", "normalize"),
+    **{name: _GTA_PARAMS for name in _GTA},
+    "breadcrumbs": (*_GTA_PARAMS, "gamma"),
+    "breadcrumbs_ties": (*_GTA_PARAMS, "gamma"),
+    "della": (*_GTA_PARAMS, "epsilon"),
+    "della_linear": (*_GTA_PARAMS, "epsilon"),
+    "slerp": ("t",),
+    "model_stock": ("filter_wise",),
+}
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,13 @@ def _parse(recipe: Mapping[str, Any]) -> _Recipe:
     for key in shared:
         if key not in _SHARED and key not in _PER_MODEL:
             raise MergeBenchError(f"parameters.{key}: not a parameter mergebench runs")
+    taken = PARAMETERS[str(method)]
+    for where, params in [("parameters", shared)] + [
+        (f"models[{i}].parameters", p) for i, p in enumerate(per_model)
+    ]:
+        for key in params:
+            if key not in taken:
+                raise MergeBenchError(f"{where}.{key}: not a parameter of merge_method {method}")
     dtype = recipe.get("out_dtype", recipe.get("dtype"))
     if dtype is not None and dtype not in DTYPES:
         raise MergeBenchError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -264,7 +283,8 @@ def _task_vector_method(r: _Recipe, experts: list[int]) -> tuple[str, dict[str, 
     lam = float(r.shared_value("lambda", 1.0, float))
     r.shared_value("int8_mask", False, bool)  # the mask's storage type: no effect on values
     weight = r.one_value("weight", experts)
-    density = r.one_value("density", experts)
+    # task_arithmetic sparsifies nothing: mergekit ignores its density.
+    density = 1.0 if r.method == "task_arithmetic" else r.one_value("density", experts)
     n = len(experts)
     if consensus:
         # normalize divides by the weights of the agreeing models: with one weight, the
