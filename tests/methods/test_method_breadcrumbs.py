@@ -152,3 +152,17 @@ def test_bad_options_are_errors_naming_the_option(option, value):
     pre, finetuned = {"w": torch.zeros(3)}, {"a": {"w": torch.ones(3)}}
     with pytest.raises(MergeBenchError, match=f"breadcrumbs.{option}"):
         merge(pre, finetuned, **{option: value})
+
+
+def test_scope_tensor_ranks_the_whole_tensor_as_one_row():
+    # 2 x 4 = 8 entries as one row: g = floor(0.125 * 8) = 1, k = floor(0.25 * 8) = 2,
+    # so the 2nd and 3rd largest |tau| of the whole tensor survive (5 is the outlier; 4, -3
+    # kept), whatever row they sit in; per row (scope=row) each row would keep its own.
+    pre = {"w": torch.zeros(2, 4)}
+    tau = torch.tensor([[5.0, 0.5, -3.0, 0.1], [1.0, 4.0, 0.2, 0.3]])
+    got = merge(pre, {"a": {"w": tau}}, density=0.25, outlier=0.125, scope="tensor")["w"]
+    assert torch.equal(got, torch.tensor([[0.0, 0.0, -3.0, 0.0], [0.0, 4.0, 0.0, 0.0]]))
+    ref = breadcrumbs_reference(pre, {"a": {"w": tau}}, density=0.25, outlier=0.125, scope="tensor")
+    assert torch.equal(ref["w"], got)
+    per_row = merge(pre, {"a": {"w": tau}}, density=0.25, outlier=0.125)["w"]
+    assert not torch.equal(per_row, got)

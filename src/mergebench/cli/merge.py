@@ -13,11 +13,13 @@ from mergebench.api import merge
 from mergebench.cli.common import (
     check_top_level_keys,
     fail,
+    hydra_overrides,
     method_params,
     no_run_folder_on_failure,
     require_values,
     run_hydra_app,
 )
+from mergebench.methods.mergekit_recipes import load_recipe, to_recipe, write_recipe
 from mergebench.methods.registry import method_names
 from mergebench.results import artifact_bytes, parse_size
 from mergebench.util.config import conf_dir
@@ -40,6 +42,8 @@ KEYS = (
     "progress",
     "key_map",
     "strip_prefix",
+    "mergekit",
+    "mergekit_out",
 )
 
 
@@ -86,21 +90,44 @@ def _merge_app(cfg: DictConfig) -> None:
         _merge(cfg)
 
 
+def _checkpoints(cfg: DictConfig) -> tuple[str, dict, str, dict[str, str], str | None]:
+    """Method, options, pretrained, {task: path}, out_dtype: from the command line, or from
+    the mergekit recipe `mergekit=recipe.yml`."""
+    out_dtype = _scalar(cfg, "out_dtype", None)
+    recipe = _scalar(cfg, "mergekit", None)
+    if recipe is not None:
+        for key in ("pretrained", "finetuned"):
+            if not OmegaConf.is_missing(cfg, key):
+                raise MergeBenchError(f"{key}: given with mergekit=; the recipe names the models")
+        if any(o.split("=")[0].lstrip("+~").startswith("method") for o in hydra_overrides()):
+            raise MergeBenchError("method: given with mergekit=; the recipe names the method")
+        run = load_recipe(recipe)
+        out_dtype = out_dtype if out_dtype is not None else run.out_dtype
+        return run.method, run.params, run.pretrained, run.finetuned, out_dtype
+    require_values(cfg, ("pretrained", "finetuned"))
+    name, params = method_params(cfg.method)
+    if not isinstance(cfg.finetuned, DictConfig) or not cfg.finetuned:
+        raise MergeBenchError(
+            f"finetuned: expected a mapping {{task: path}}, e.g. "
+            f"'finetuned={{a: a.safetensors, b: b.safetensors}}', got {cfg.finetuned!r}"
+        )
+    finetuned = OmegaConf.to_container(cfg.finetuned, resolve=True)
+    assert isinstance(finetuned, dict)
+    for task, path in finetuned.items():
+        if not isinstance(path, str | int | float) or isinstance(path, bool):
+            raise MergeBenchError(f"finetuned.{task}: expected a path, got {path!r}")
+    paths = {str(t): str(p) for t, p in finetuned.items()}
+    return name, params, _path(cfg, "pretrained"), paths, out_dtype
+
+
 def _merge(cfg: DictConfig) -> None:
     try:
         check_top_level_keys(cfg, known=KEYS)
-        require_values(cfg, ("pretrained", "finetuned", "output_dir"))
-        name, params = method_params(cfg.method)
-        if not isinstance(cfg.finetuned, DictConfig) or not cfg.finetuned:
-            raise MergeBenchError(
-                f"finetuned: expected a mapping {{task: path}}, e.g. "
-                f"'finetuned={{a: a.safetensors, b: b.safetensors}}', got {cfg.finetuned!r}"
-            )
-        finetuned = OmegaConf.to_container(cfg.finetuned, resolve=True)
-        assert isinstance(finetuned, dict)
-        for task, path in finetuned.items():
-            if not isinstance(path, str | int | float) or isinstance(path, bool):
-                raise MergeBenchError(f"finetuned.{task}: expected a path, got {path!r}")
+        name, params, pretrained, finetuned, out_dtype = _checkpoints(cfg)
+        require_values(cfg, ("output_dir",))
+        recipe_out = _scalar(cfg, "mergekit_out", None)
+        # Refused before any work: nothing is written for a method mergekit lacks.
+        recipe = to_recipe(name, params, pretrained, finetuned, out_dtype) if recipe_out else None
         exclude = cfg.exclude
         if isinstance(exclude, ListConfig):
             exclude = OmegaConf.to_container(exclude, resolve=True)
@@ -109,8 +136,8 @@ def _merge(cfg: DictConfig) -> None:
         start = time.perf_counter()
         result = merge(
             name,
-            pretrained=_path(cfg, "pretrained"),
-            finetuned={str(t): str(p) for t, p in finetuned.items()},
+            pretrained=pretrained,
+            finetuned=finetuned,
             exclude=exclude if exclude is not None else [],
             heads_separate=_flag(cfg, "heads_separate"),
             device=str(cfg.device),
@@ -118,13 +145,15 @@ def _merge(cfg: DictConfig) -> None:
             output_dir=out,
             shard_size=_shard_size(cfg),
             vocab=_scalar(cfg, "vocab", "base"),
-            out_dtype=_scalar(cfg, "out_dtype", None),
+            out_dtype=out_dtype,
             key_map=key_map,
             strip_prefix=strip_prefix,
             task_specific=_scalar(cfg, "task_specific", "exclude") or "exclude",
             **params,
         )
         merged_s = time.perf_counter() - start
+        if recipe is not None and recipe_out is not None:
+            write_recipe(recipe, recipe_out)
     except MergeBenchError as err:
         fail(PROGRAM, str(err))
         return

@@ -1,7 +1,8 @@
 """Model Breadcrumbs: per row, drop the largest outliers and the small entries (methods.md).
 
 Rows are slices along the last dimension (the tensor viewed as `(-1, shape[-1])`; a 1-D
-tensor is one row; a 0-D tensor is kept whole). Per task and row of `n` entries,
+tensor is one row; a 0-D tensor is kept whole); `scope=tensor` makes the whole flattened
+tensor one row (mergekit's granularity). Per task and row of `n` entries,
 `g = floor(outlier * n)`, `k = floor(density * n)`; the entries ranked `g+1 .. g+k` by
 |tau| descending (equal values: lower index first) are kept, the rest set to 0; ranks past
 `n` simply do not exist (`g + k > n` keeps `g+1 .. n`). Then
@@ -16,7 +17,7 @@ import torch
 
 from mergebench.engine.stream import sum_tasks
 from mergebench.methods.base import TaskVectorMethod
-from mergebench.methods.options import fraction, number, option
+from mergebench.methods.options import choice, fraction, number, option
 
 
 def row_keep_range(n: int, density: float, outlier: float) -> tuple[int, int]:
@@ -48,10 +49,19 @@ def crumbs(task_vectors: torch.Tensor, density: float, outlier: float) -> torch.
 
 
 def breadcrumbs_delta(
-    task_vectors: torch.Tensor, density: float, outlier: float, scaling: float
+    task_vectors: torch.Tensor,
+    density: float,
+    outlier: float,
+    scaling: float,
+    scope: str = "row",
 ) -> torch.Tensor:
     """`scaling * sum_t crumbs(tau_t)` for one key (float32 in, float32 out)."""
-    return scaling * sum_tasks(crumbs(task_vectors, density, outlier))
+    if scope == "tensor" and task_vectors.dim() > 1:
+        flat = task_vectors.reshape(task_vectors.shape[0], -1)
+        kept = crumbs(flat, density, outlier).reshape(task_vectors.shape)
+    else:
+        kept = crumbs(task_vectors, density, outlier)
+    return scaling * sum_tasks(kept)
 
 
 class Breadcrumbs(TaskVectorMethod):
@@ -61,6 +71,7 @@ class Breadcrumbs(TaskVectorMethod):
     density: float = option(fraction)
     outlier: float = option(fraction, low_open=False, high_open=True)
     scaling: float = option(number)
+    scope: str = option(choice, allowed=("row", "tensor"))
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
-        return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling)
+        return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling, self.scope)

@@ -46,11 +46,11 @@ def crumbs_row(row: np.ndarray, density: float, outlier: float) -> np.ndarray:
     return out
 
 
-def crumbs(tau: torch.Tensor, density: float, outlier: float) -> torch.Tensor:
+def crumbs(tau: torch.Tensor, density: float, outlier: float, scope: str = "row") -> torch.Tensor:
     if tau.dim() == 0:
         return tau.clone()
     values = tau.to(torch.float32).numpy()
-    rows = values.reshape(-1, values.shape[-1])
+    rows = values.reshape(1, -1) if scope == "tensor" else values.reshape(-1, values.shape[-1])
     out = np.stack([crumbs_row(r, density, outlier) for r in rows]) if rows.size else rows
     return torch.from_numpy(out.reshape(values.shape).copy())
 
@@ -62,6 +62,7 @@ def breadcrumbs_reference(
     density: float = 0.1,
     outlier: float = 0.01,
     scaling: float = 1.0,
+    scope: str = "row",
 ) -> dict[str, torch.Tensor]:
     """The merged weights of every merged key (cast to the pretrained dtype)."""
     out = {}
@@ -69,7 +70,7 @@ def breadcrumbs_reference(
         pre = pretrained[key].to(torch.float32)
         total = None
         for ft in finetuned.values():
-            crumb = crumbs(ft[key].to(torch.float32) - pre, density, outlier)
+            crumb = crumbs(ft[key].to(torch.float32) - pre, density, outlier, scope)
             total = crumb if total is None else total + crumb
         out[key] = (pre + scaling * total).to(pretrained[key].dtype)
     return out
