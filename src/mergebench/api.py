@@ -103,8 +103,9 @@ def merge_pool(
     **params: Any,
 ) -> MergeResult:
     """`merge` on an opened pool (see there)."""
+    record = {"checkpoints": _checkpoint_files(pool)}
     return _merge_pool(method, pool, device, progress, output_dir, shard_size, vocab, out_dtype,
-                       {}, params)  # fmt: skip
+                       record, params)  # fmt: skip
 
 
 def _merge_pool(
@@ -160,6 +161,13 @@ def _checkpoint_files(pool: ModelPool) -> dict[str, Any]:
     """Where each checkpoint was read from (absolute file paths; [] for a state dict)."""
 
     def files(source: TensorReader) -> list[str]:
+        # Through views and renamings to the files read (a renamed reader reports none, so
+        # that a result never reopens them under the other names; export wants the folder).
+        while not source.files():
+            inner = getattr(source, "inner", None) or getattr(source, "source", None)
+            if not isinstance(inner, TensorReader):
+                break
+            source = inner
         return [str(path.resolve()) for path in source.files()]
 
     return {

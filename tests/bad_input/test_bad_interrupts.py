@@ -28,12 +28,12 @@ def mark():
 if phase == "merge":
     from mergebench.engine import stream
     real_map = stream.TaskVectorStream.map
-    def slow_map(self, fn, description="merging"):
+    def slow_map(self, fn, description="merging", **options):
         def slow(item):
             mark()
             time.sleep(0.2)
             return fn(item)
-        return real_map(self, slow, description)
+        return real_map(self, slow, description, **options)
     stream.TaskVectorStream.map = slow_map
 else:
     from mergebench.results import kinds

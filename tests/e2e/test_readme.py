@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +143,9 @@ def test_readme_own_models_section_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
     block = re.findall(r"```bash\n(.*?)```", section("Your own models"), flags=re.S)[0]
     lines = commands(block)
-    assert [argv[0] for argv in lines] == ["mergebench", "mergebench-leaderboard"]
+    assert [argv[0] for argv in lines] == [
+        "mergebench", "mergebench-leaderboard", "mergebench-export"
+    ]  # fmt: skip
     overrides = [*lines[0][1:], "progress=false", f"taskset.cache_dir={tmp_path / 'hf'}"]
     summary = bench.run(compose_config(overrides), overrides)
     assert [s["task"] for s in summary["scores"]] == ["sentiment", "topic"]
@@ -152,6 +155,20 @@ def test_readme_own_models_section_runs(tmp_path, monkeypatch, capsys):
     board = capsys.readouterr().out
     for row in ("individual", "pretrained", "ties"):
         assert f"| {row} " in board, board
+
+    from transformers import AutoModelForSequenceClassification
+
+    from mergebench.cli import export
+    from mergebench.results import load_result
+
+    export.main(lines[2][1:])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf/ties-sentiment")
+    assert model.config.id2label == {0: "negative", 1: "positive"}  # the fine-tune's labels
+    merged = load_result(tmp_path / "outputs" / "merged_ties").state_dict("sentiment")
+    loaded = model.state_dict()
+    for key, value in merged.items():
+        name = key if key in loaded else f"bert.{key}"
+        assert torch.equal(loaded[name], value), key
 
 
 def test_readme_own_images_runs(tmp_path, monkeypatch):

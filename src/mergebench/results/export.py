@@ -120,7 +120,7 @@ def write_model(
     write_tensors(folder, "model", entries, lambda key: cast(tensors[key]).contiguous(),
                   shard_size, metadata={"format": "pt"})  # fmt: skip
     vocab = result.extra.get("vocab") or {}
-    config = _read_json(base / "config.json")
+    config = _read_json(_config_folder(result, task, base) / "config.json")
     dtypes = {e.dtype for e in entries if e.dtype.is_floating_point}
     if len(dtypes) == 1:
         name = str(dtypes.pop()).removeprefix("torch.")
@@ -188,6 +188,21 @@ def _base_folder(result: MergeResult, result_dir: Path) -> Path:
         raise MergeBenchError(
             f"{folder}: base checkpoint of {result_dir} has no config.json; export needs a "
             "save_pretrained folder"
+        )
+    return folder
+
+
+def _config_folder(result: MergeResult, task: str | None, base: Path) -> Path:
+    """The base's folder, unless the task keeps heads of its own (a classifier): then its
+    fine-tune's, whose config describes that head (`num_labels`, `id2label`, architecture)."""
+    if task is None or not result.task_specific.get(task):
+        return base
+    files = (result.extra.get("checkpoints") or {}).get("finetuned", {}).get(task) or []
+    folder = Path(files[0]).parent if files else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise MergeBenchError(
+            f"export: task {task!r} keeps its own head, but its fine-tune's folder (with the "
+            "config.json that describes the head) is not recorded or has no config.json"
         )
     return folder
 
