@@ -156,7 +156,7 @@ def reference_records(
         row = cached["rows"][kind]
         records.append(
             RunRecord(
-                method=kind,
+                method=kind.partition(":")[0],  # `expert:<name>` rows are `expert` rows
                 label=kind,
                 family=str(cfg["model"]["name"]),
                 taskset=taskset,
@@ -247,7 +247,7 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         # With `save_result`, the artifact is written as the merge goes and read back lazily.
         result = merge_pool(
             name, pool, device=device, progress=progress, output_dir=save_to or None,
-            **{**method_cfg, **selection.selected},
+            **_llm_options(plain["model"]), **{**method_cfg, **selection.selected},
         )  # fmt: skip
         merge_seconds = time.perf_counter() - start
     size = artifact_bytes(save_to) if save_to else _artifact_size(result, artifact_bytes)
@@ -295,6 +295,11 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         "scores": [asdict(s) for s in ev.scores],
         "merge_seconds": merge_seconds,
     }
+
+
+def _llm_options(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
+    """A causal LM's vocabulary policy and output dtype (`model.vocab`, `model.out_dtype`)."""
+    return {k: cfg_model[k] for k in ("vocab", "out_dtype") if cfg_model.get(k) is not None}
 
 
 def _open_store(plain: Mapping[str, Any]):
