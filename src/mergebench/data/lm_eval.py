@@ -9,8 +9,10 @@ recomputes it exactly. A task with no such metric is refused.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,27 @@ from mergebench.util.errors import MergeBenchError, first_line
 # eval.lm_eval.* passed to lm_eval.simple_evaluate (batch_size goes to the model wrapper).
 OPTIONS = ("batch_size", "limit", "gen_kwargs", "apply_chat_template", "num_fewshot")
 _NOT_METRICS = ("alias", "name", "sample_len", "samples")
+# What HFLM says every time it is handed a model instance, which is how we use it.
+_EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized")
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's per-task INFO lines and its warnings about model instances held back;
+    its other warnings and errors pass."""
+    root, hf = logging.getLogger("lm_eval"), logging.getLogger("lm_eval.models.huggingface")
+    level = root.level
+
+    def expected(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_EXPECTED)
+
+    root.setLevel(logging.WARNING)
+    hf.addFilter(expected)
+    try:
+        yield
+    finally:
+        hf.removeFilter(expected)
+        root.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -87,12 +110,13 @@ def score_task(
     from lm_eval.models.huggingface import HFLM
 
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device,
-              batch_size=int(options.get("batch_size") or batch_size))  # fmt: skip
     kwargs = {k: v for k, v in options.items() if k != "batch_size"}
     try:
-        out = simple_evaluate(lm, tasks=[task], task_manager=manager, log_samples=True,
-                              bootstrap_iters=0, **kwargs)  # fmt: skip
+        with _quiet_lm_eval():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device,
+                      batch_size=int(options.get("batch_size") or batch_size))  # fmt: skip
+            out = simple_evaluate(lm, tasks=[task], task_manager=manager, log_samples=True,
+                                  bootstrap_iters=0, **kwargs)  # fmt: skip
     except MergeBenchError:
         raise
     except Exception as err:  # lm-eval's own errors (a task's data, a bad option)
