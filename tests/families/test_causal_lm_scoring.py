@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny_llm import GEN_TASK, MC_TASK, llm_pool, lm_eval_tasks
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[llm]')")
@@ -124,6 +125,23 @@ def test_task_conditioned_result_switches_in_place(llama):
     state = result.state_dict("b")
     for key, value in model.state_dict().items():
         assert value.equal(state[key].to(value.dtype)), key
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "emr"])
+def test_tied_embeddings_load_and_switch(tmp_path, method):
+    """A tied base (Gemma's way): the result stores the embedding once, the model's output
+    matrix is that embedding, loaded or switched in place."""
+    base, experts = llm_pool(tmp_path / "pool", "llama", tie=True)
+    include = lm_eval_tasks(tmp_path / "tasks", examples=8)
+    data = lm_eval_data(base, experts, include, tasks=[MC_TASK], expert_tasks={"a": MC_TASK})
+    result = merge(method, base, experts, progress=False)
+    (score,) = evaluate_timed(result, data).scores
+    model = data._merged_model(result, MC_TASK)[0]
+    state = result.state_dict("a")
+    assert "lm_head.weight" not in state
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.equal(state["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert 0.0 <= score.value <= 1.0
 
 
 # -- bad input: one line naming the option ------------------------------------------------------
