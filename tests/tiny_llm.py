@@ -24,16 +24,26 @@ def config(arch: str, tie: bool = False, vocab: int = VOCAB):
     )  # fmt: skip
 
 
-def tokenizer(extra_tokens: list[str] | None = None):
+def tokenizer(extra_tokens: list[str] | None = None, arch: str = "llama"):
     """A word-level fast tokenizer of `VOCAB` tokens (`w0` ... ; 0-2 special), plus
-    `extra_tokens` as added tokens (ids from `VOCAB` on)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    `extra_tokens` as added tokens (ids from `VOCAB` on). Qwen2's: byte-level BPE over
+    single characters (transformers loads any Qwen2 tokenizer as its own byte-level
+    `Qwen2Tokenizer`, which splits `w12` into `w`, `1`, `2`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i for i in range(4, VOCAB)})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if arch == "qwen2":
+        chars = ["\u0120", *"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+        vocab.update({c: i for i, c in enumerate(chars, start=4)})
+        vocab.update({f"<x{i}>": i for i in range(len(vocab), VOCAB)})
+        core = Tokenizer(models.BPE(vocab, merges=[]))
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+    else:
+        vocab.update({f"w{i}": i for i in range(4, VOCAB)})
+        core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>", unk_token="<unk>")  # fmt: skip
     if extra_tokens:
@@ -64,7 +74,7 @@ def make_llm(
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(noise * torch.randn_like(param))
-    tok = tokenizer(extra_tokens)
+    tok = tokenizer(extra_tokens, arch)
     if extra_tokens:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
         with torch.no_grad():  # rows of their own, seeded
@@ -87,3 +97,44 @@ def llm_pool(root: Path, arch: str = "llama", tasks: tuple[str, ...] = ("a", "b"
         t: make_llm(root / t, arch, seed=i + 1, like=base, **kw) for i, t in enumerate(tasks)
     }
     return base, experts
+
+
+# -- local lm-eval tasks ------------------------------------------------------------------------
+MC_TASK, GEN_TASK = "tiny_mc", "tiny_gen"
+
+
+def lm_eval_tasks(folder: Path, examples: int = 12, seed: int = 0) -> Path:
+    """Two lm-eval tasks over the tiny tokenizer's words, as task YAMLs beside JSON data files
+    (the form `--include_path` reads): `tiny_mc` (multiple_choice, acc) and `tiny_gen`
+    (generate_until, exact_match). Returns the folder."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(4, VOCAB)}" for _ in range(n))
+
+    mc = [{"question": words(3), "choices": [words(1) for _ in range(3)],
+           "answer": rng.randrange(3)} for _ in range(examples)]  # fmt: skip
+    gen = [{"prompt": words(3), "answer": words(1)} for _ in range(examples)]
+    for name, rows in ((MC_TASK, mc), (GEN_TASK, gen)):
+        (folder / f"{name}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = (
+        "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    )
+    (folder / f"{MC_TASK}.yaml").write_text(
+        f"task: {MC_TASK}\n" + data.format(path=folder / f"{MC_TASK}.json")
+        + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )  # fmt: skip
+    (folder / f"{GEN_TASK}.yaml").write_text(
+        f"task: {GEN_TASK}\n" + data.format(path=folder / f"{GEN_TASK}.json")
+        + "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['</s>']\n  max_gen_toks: 2\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        "    ignore_case: true\n    ignore_punctuation: true\n"
+    )  # fmt: skip
+    return folder

@@ -162,7 +162,7 @@ def reference_records(
         row = cached["rows"][kind]
         records.append(
             RunRecord(
-                method=kind,
+                method=kind.partition(":")[0],  # `expert:<name>` rows are `expert` rows
                 label=kind,
                 family=str(cfg["model"]["name"]),
                 taskset=taskset,
@@ -255,7 +255,7 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         # With `save_result`, the artifact is written as the merge goes and read back lazily.
         result = merge_pool(
             name, pool, device=device, progress=progress, output_dir=save_to or None,
-            **{**method_cfg, **selection.selected},
+            **_llm_options(plain["model"]), **{**method_cfg, **selection.selected},
         )  # fmt: skip
         merge_seconds = time.perf_counter() - start
     size = artifact_bytes(save_to) if save_to else _artifact_size(result, artifact_bytes)
@@ -316,6 +316,11 @@ def log_stored_run(logger: RunLogger, store: Store, key: str, probe: RunRecord) 
             record = store.get_record(row["run_id"])
             log_with_leaderboard(logger, record, store, row.get("sweep_id"), key=key, once=True)
             return
+
+
+def _llm_options(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
+    """A causal LM's vocabulary policy and output dtype (`model.vocab`, `model.out_dtype`)."""
+    return {k: cfg_model[k] for k in ("vocab", "out_dtype") if cfg_model.get(k) is not None}
 
 
 def _open_store(plain: Mapping[str, Any]):

@@ -12,13 +12,14 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 from torchmetrics import Metric
 
+from mergebench.data.lm_eval import SampleScores
 from mergebench.engine.pool import Batch
 from mergebench.report.records import TaskScore, average_score, primary_scores
 from mergebench.report.stats import Outcome
@@ -67,6 +68,27 @@ class EvalData(Protocol):
         order: np.ndarray | None = None,
         by_length: bool = False,
     ) -> Iterator[tuple[Batch, torch.Tensor, np.ndarray]]: ...
+
+
+@runtime_checkable
+class SampleScoredData(Protocol):
+    """A task set scored by its own harness (lm-eval: `families.causal_lm.LMEvalData`): per
+    task the harness's score and each example's value; None where `result` has no model."""
+
+    def sample_scores(
+        self, result: Any, task: str, split: str, batch_size: int
+    ) -> SampleScores | None: ...
+
+
+def _harness_outcome(
+    data: SampleScoredData, result: Any, task: str, split: str, batch_size: int
+) -> tuple[TaskScore, Outcome] | None:
+    scored = data.sample_scores(result, task, split, batch_size)
+    if scored is None:
+        return None
+    n = len(scored.samples)
+    score = TaskScore(task=task, metric=scored.metric, value=scored.value, split=split)
+    return score, Outcome("mean", scored.samples, np.zeros(n, dtype=np.int64), 1)
 
 
 @dataclass(frozen=True)
@@ -163,8 +185,14 @@ def evaluate_timed(
     scores, outcomes, total, start = [], {}, 0, time.perf_counter()
     for task in track(names, "evaluating", enabled=progress and on_terminal(), unit="task"):
         began = time.perf_counter()
-        model = cache.model_with(task, result)
-        score, outcome = score_model_outcome(model, data, task, split, batch_size)
+        if isinstance(data, SampleScoredData):
+            scored = _harness_outcome(data, result, task, split, batch_size)
+            if scored is None:  # a reference row without a model for this task
+                continue
+            score, outcome = scored
+        else:
+            model = cache.model_with(task, result)
+            score, outcome = score_model_outcome(model, data, task, split, batch_size)
         scores.append(score)
         outcomes[task] = outcome
         total += len(outcome.label)

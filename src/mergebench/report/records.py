@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Rows that are not merges: the upper and lower references every board shows first.
-REFERENCE_ROWS = ("individual", "multitask", "pretrained")
+# Rows that are not merges: the upper and lower references every board shows first
+# (`expert`: one expert on every task, LLM task sets; its rows are labeled `expert:<name>`).
+REFERENCE_ROWS = ("individual", "multitask", "pretrained", "expert")
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,14 @@ def pearson_spearman(pred: np.ndarray, label: np.ndarray, classes: int) -> np.nd
     return (_pearson(pred, label) + _pearson(_ranks(pred), _ranks(label))) / 2
 
 
+def mean(pred: np.ndarray, label: np.ndarray, classes: int) -> np.ndarray:
+    """Mean of per-example scores (`pred`; a harness such as lm-eval scored each example)."""
+    return pred.astype(np.float64).mean(axis=-1)
+
+
 METRIC_FUNCTIONS = {
     "accuracy": accuracy,
+    "mean": mean,
     "macro_f1": macro_f1,
     "mcc": mcc,
     "pearson_spearman": pearson_spearman,

@@ -20,7 +20,7 @@ tensors (its head) change between tasks.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -37,16 +37,23 @@ class TaskSwitcher:
     """Switches `model` between the tasks of `result` in place."""
 
     def __init__(
-        self, result: MergeResult, model: nn.Module, cache_pretrained: bool | None = None
+        self,
+        result: MergeResult,
+        model: nn.Module,
+        cache_pretrained: bool | None = None,
+        aliases: Collection[str] = (),
     ) -> None:
         """`cache_pretrained`: keep the pretrained merged tensors on the model's device
-        (default: yes, unless the result is read from files on the CPU)."""
+        (default: yes, unless the result is read from files on the CPU). `aliases`: model
+        names sharing their tensor with another (a tied output matrix), which the result
+        need not carry."""
         if not isinstance(result, (TaskConditionedResult, SingleModelResult)):
             raise MergeBenchError(f"cannot switch tasks of a {type(result).__name__}")
         self.result = result
         self.model = model
         # Every name load_state_dict would fill, tied weights included.
         self._targets: dict[str, torch.Tensor] = model.state_dict(keep_vars=True)
+        self._aliases = frozenset(aliases)
         self.task: str | None = None
         self._device = _device_of(model)
         if isinstance(result, TaskConditionedResult):
@@ -163,7 +170,7 @@ class TaskSwitcher:
         expected |= set(result.task_specific.get(task, {}))
         if isinstance(result, TaskConditionedResult):
             expected |= set(result.unified)
-        missing = sorted(set(self._targets) - expected)
+        missing = sorted(set(self._targets) - expected - self._aliases)
         unexpected = sorted(expected - set(self._targets))
         if missing or unexpected:
             what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"

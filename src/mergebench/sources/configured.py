@@ -57,6 +57,16 @@ class OwnPoolSources(Protocol):
         """(pretrained reader, one reader per task) from the resolved task checkpoints."""
 
 
+@runtime_checkable
+class OwnReferences(Protocol):
+    """Labeled data that builds its own reference rows (lm-eval task sets: the base, each
+    expert on every task, each expert on its own tasks)."""
+
+    def reference_kinds(self) -> tuple[str, ...]: ...
+
+    def reference(self, kind: str) -> Any: ...
+
+
 def _finetuned_path(finetuned_cfg: Mapping[str, Any], task: str) -> Path:
     option = f"model.checkpoints.finetuned.{task}"
     if not finetuned_cfg.get(task):
@@ -183,15 +193,20 @@ class ConfiguredSource:
         return self._pool
 
     def reference_kinds(self) -> tuple[str, ...]:
+        if isinstance(self.data, OwnReferences):
+            return self.data.reference_kinds()
         return ("individual", "pretrained")
 
-    def reference(self, kind: str) -> PoolReferences:
+    def reference(self, kind: str) -> Any:
+        if isinstance(self.data, OwnReferences):
+            return self.data.reference(kind)
         return PoolReferences(kind, self._pool)
 
 
 __all__ = [
     "ConfiguredSource",
     "OwnPoolSources",
+    "OwnReferences",
     "PoolReferences",
     "configured_family",
     "configured_pool",
