@@ -24,11 +24,12 @@ from mergebench.util import progress
 @pytest.fixture(autouse=True)
 def plain_logging(monkeypatch):
     """No logging set up (as outside Hydra), whatever an earlier in-process Hydra run left."""
-    root = logging.getLogger()
+    root, level = logging.getLogger(), logging.getLogger().level
     monkeypatch.setattr(root, "handlers", [])
-    monkeypatch.setattr(root, "level", logging.WARNING)
+    root.setLevel(logging.WARNING)  # setLevel, not the attribute: it clears isEnabledFor's cache
     yield
     logging.getLogger("mergebench").handlers.clear()
+    root.setLevel(level)
 
 
 def validate(result) -> list[TaskScore]:
