@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from mergebench.api import merge_pool
-    from mergebench.bench.job import PeakRSS
     from mergebench.sources import load_family
     from mergebench.sources.zoo import family_dir, zoo_pool
     from mergebench.util.config import compose_config
+    from mergebench.util.memory import PeakRSS
 
     rows = []
     for set_name in args.sets:

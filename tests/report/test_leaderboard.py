@@ -250,6 +250,8 @@ def test_boards_carry_intervals_ties_selection_and_cost(tmp_path) -> None:
     assert emr.cost == {
         "merge_seconds": 1.5, "peak_rss_mib": 3.0, "artifact_mib": 1.0,
         "eval_examples_per_second": 400.0,
+        # stored without `extra["cost"]` (as before it existed): blank, not zero
+        "selection_seconds": None, "selection_candidates": None, "merge_rss_mib": None,
     }  # fmt: skip
     data = json.loads(render([board], "json"))["boards"][0]["rows"]
     row = next(r for r in data if r["label"] == "ties")

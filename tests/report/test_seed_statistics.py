@@ -186,13 +186,13 @@ def board_row_mean(boards, label: str) -> float:
 
 
 OLD_MD_HEADER = (
-    "| rank | method | a | b | avg | 95% CI | norm. avg | selected | merge s | peak RSS MiB "
-    "| artifact MiB | eval ex/s |"
+    "| rank | method | a | b | avg | 95% CI | norm. avg | selected | merge s | select s "
+    "| candidates | merge RSS MiB | artifact MiB | eval ex/s |"
 )
 OLD_CSV_HEADER = (
     "family,taskset,num_tasks,label,method,rank,tied_with_best,task,metric,value,ci_low,"
     "ci_high,normalized,published,selected,merge_seconds,peak_rss_mib,artifact_mib,"
-    "eval_examples_per_second"
+    "eval_examples_per_second,selection_seconds,selection_candidates,merge_rss_mib"
 )
 
 

@@ -16,11 +16,9 @@ its data and the evaluation models are loaded once per task set and reused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,45 +50,8 @@ from mergebench.sources import REFERENCE_ROWS, CheckpointSource, open_source
 from mergebench.sources.zoo import set_threads
 from mergebench.util.fs import atomic_write_text
 from mergebench.util.hashing import stable_hash
-
-# ---------------------------------------------------------------------------- measuring
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 5 ms from
-    /proc (ru_maxrss would report the largest value since the process started, which in a
-    multirun is an earlier job's)."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:  # not Linux: the process-lifetime peak is the best we have
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self._rss()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
+from mergebench.util.memory import PeakRSS
+from mergebench.util.progress import say, to_log_files
 
 # ---------------------------------------------------------------------------- context
 
@@ -239,16 +200,14 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
     references = reference_records(plain, ctx, progress) if plain.get("references", True) else []
     pool = ctx.source.pool()
     device = str(plain.get("device", "cpu"))
-    selection, selection_seconds = Selection(), 0.0
+    selection = Selection()
     if (plain.get("protocol") or {}).get("select", True):
-        start = time.perf_counter()
         selection = select(
             name, method_cfg, pool,
             lambda r: evaluate_timed(r, ctx.data, split="validation", cache=ctx.cache).scores,
-            device=device, say=lambda line: print(line, file=sys.stderr, flush=True),
-            memo=ctx.selections, settings=settings, search=search,
+            device=device, say=say, memo=ctx.selections, settings=settings, search=search,
+            progress=progress,
         )  # fmt: skip
-        selection_seconds = time.perf_counter() - start
     save_to = plain.get("save_result")
     with PeakRSS() as rss:
         start = time.perf_counter()
@@ -280,7 +239,8 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
             "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
             "base_label": method_base_label(name, method_cfg),
             "selected": selection.selected,
-            "selection": {**selection.to_json(), "seconds": round(selection_seconds, 2)},
+            "selection": selection.to_json(),
+            "cost": run_cost(selection, rss),
         },
     )
     sweep = current_sweep_id()
@@ -292,13 +252,18 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
     key = store.record_hash(record) if store is not None else None
     log_with_leaderboard(logger, record, store, sweep, key=key)
     print_run_scores([*references, record], file=sys.stdout)
-    print(
-        f"{label}: merge {merge_seconds:.1f} s, peak RSS {rss.peak / 2**20:.0f} MiB, artifact "
-        f"{size / 2**20:.1f} MiB, evaluation {ev.seconds:.1f} s ({ev.examples_per_second:.0f} examples/s)"
+    done = (
+        f"{label}: merge {merge_seconds:.1f} s (+{rss.own / 2**20:.0f} MiB resident at its peak, "
+        f"process {rss.peak / 2**20:.0f} MiB), validation selection {selection.seconds:.1f} s "
+        f"({selection.evaluated} candidates), artifact {size / 2**20:.1f} MiB, "
+        f"evaluation {ev.seconds:.1f} s ({ev.examples_per_second:.0f} examples/s)"
     )
     # Where the row went (issue 22.7): the board reads it from there.
-    print(f"{label}: stored in {store.location}" if store is not None
-          else f"{label}: not stored (store.path and store.url are null)")  # fmt: skip
+    stored = (f"{label}: stored in {store.location}" if store is not None
+              else f"{label}: not stored (store.path and store.url are null)")  # fmt: skip
+    for line in (done, stored):
+        print(line)
+        to_log_files(line)  # the job's log (Hydra) holds them too
     return {
         "label": label,
         "scores": [asdict(s) for s in ev.scores],
@@ -321,6 +286,21 @@ def log_stored_run(logger: RunLogger, store: Store, key: str, probe: RunRecord) 
 def _llm_options(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
     """A causal LM's vocabulary policy and output dtype (`model.vocab`, `model.out_dtype`)."""
     return {k: cfg_model[k] for k in ("vocab", "out_dtype") if cfg_model.get(k) is not None}
+
+
+def run_cost(selection: Selection, rss: PeakRSS) -> dict[str, Any]:
+    """The costs a row records beside its merge seconds (`extra["cost"]`): the validation
+    selection's seconds and candidates (`Selection.seconds`, `.evaluated`), the merge's own
+    resident peak above the process's resident size when it started, that starting size, and
+    the process's high-water mark (the `peak_rss_bytes` column keeps the process's resident
+    peak during the merge, as before)."""
+    return {
+        "selection_seconds": round(selection.seconds, 2),
+        "selection_candidates": selection.evaluated,
+        "merge_peak_bytes": rss.own,
+        "merge_start_rss_bytes": rss.start,
+        "process_high_water_bytes": rss.high_water,
+    }
 
 
 def _open_store(plain: Mapping[str, Any]):

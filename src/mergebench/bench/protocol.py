@@ -28,6 +28,7 @@ A method built on another (`X w/ M&R`, `dare (X)`) first takes X's selected valu
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ from mergebench.report.records import TaskScore, average_score, primary_scores
 from mergebench.results import MergeResult, SingleModelResult
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.hashing import stable_hash
+from mergebench.util.progress import stage
 
 # result -> validation scores
 Validate = Callable[[MergeResult], list[TaskScore]]
@@ -56,14 +58,19 @@ Validate = Callable[[MergeResult], list[TaskScore]]
 
 @dataclass
 class Selection:
-    """What the protocol chose, and every validation average it saw."""
+    """What the protocol chose, and every validation average it saw. `seconds` and
+    `evaluated` (candidates scored) include a base method's selection (`dare (ties)`), even
+    when a multirun made it for an earlier row: what the row costs on its own."""
 
     selected: dict[str, Any] = field(default_factory=dict)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     merges: int = 0
+    seconds: float = 0.0
+    evaluated: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"selected": self.selected, "candidates": self.candidates, "merges": self.merges}
+        return {"selected": self.selected, "candidates": self.candidates, "merges": self.merges,
+                "seconds": round(self.seconds, 2), "evaluated": self.evaluated}  # fmt: skip
 
 
 def _grid(options: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -195,11 +202,13 @@ def select(
     memo: dict[str, Selection] | None = None,
     settings: UserSettings = UserSettings(),
     search: Mapping[str, Any] | None = None,
+    progress: bool = False,
 ) -> Selection:
     """Choose method `name`'s searchable options on validation; returns the values.
 
     `settings`: what the user set (fixed options); `search`: the composed config's grid
-    (None: the method's config). `memo` keeps selections by method, options and grid (give
+    (None: the method's config). `progress`: a line per candidate (its values, validation
+    average and seconds) or, on a terminal, a bar (`util.progress.stage`). `memo` keeps selections by method, options and grid (give
     one per pool): a multirun then selects TIES once for `ties`, `dare (ties)` and
     `ties w/ M&R`."""
     search = method_search(name) if search is None else check_search(name, search)
@@ -207,7 +216,7 @@ def select(
     key = stable_hash([name, full, sorted(settings.options), search])
     if memo is not None and key in memo:
         return memo[key]
-    selection = _select(name, params, pool, validate, device, say, memo, settings, search)
+    selection = _select(name, params, pool, validate, device, say, memo, settings, search, progress)
     if memo is not None:
         memo[key] = selection
     return selection
@@ -223,6 +232,7 @@ def _select(
     memo: dict[str, Selection] | None,
     settings: UserSettings,
     search: Mapping[str, Any],
+    progress: bool,
 ) -> Selection:
     params = dict(params)
     selection = Selection()
@@ -232,27 +242,61 @@ def _select(
         base = str(params["base"])
         base_params = dict(params.get("base_params") or {})
         base_sel = select(base, base_params, pool, validate, device, say, memo,
-                          settings.nested("base_params"))  # fmt: skip
+                          settings.nested("base_params"), progress=progress)  # fmt: skip
         if base_sel.selected:
             merged_base = {**dict(params.get("base_params") or {}), **base_sel.selected}
             params["base_params"] = merged_base
             selection.selected["base_params"] = merged_base
         selection.merges += base_sel.merges
+        selection.seconds += base_sel.seconds
+        selection.evaluated += base_sel.evaluated
     grid, per_task = searchable(name, params, settings.options, search)
     if not grid and not per_task:
         return selection
+    if per_task and grid:
+        raise MergeBenchError(f"{name}.search: per-task options cannot be combined with a grid")
+    total = len(_grid(grid)) if grid else sum(len(v) for v in per_task.values())
+    start = time.perf_counter()
+    with stage(total, f"{name}: validation", progress, "candidate", every=1) as bar:
+        _search(name, params, pool, validate, device, say, selection, grid, per_task, bar)
+    selection.seconds += time.perf_counter() - start
+    selection.evaluated += len(selection.candidates)
+    return selection
+
+
+def _search(
+    name: str,
+    params: dict[str, Any],
+    pool: ModelPool,
+    validate: Validate,
+    device: str,
+    say: Callable[[str], None],
+    selection: Selection,
+    grid: dict[str, list],
+    per_task: dict[str, list],
+    bar: Any,
+) -> None:
+    """Merge and score every candidate of `grid` (or `per_task`), recording them in
+    `selection`; one `bar` step per candidate, whose seconds are the wall time since the
+    previous one (its merge included, or its share of one merge at scaling 1)."""
+    cls = method_class(name)
+    since = [time.perf_counter()]
 
     def score(values: Mapping[str, Any], result: MergeResult) -> tuple[float, dict[str, float]]:
         scores = validate(result)
         entry = {"params": dict(values), "validation_average": average_score(scores, None)}
         selection.candidates.append(entry)
+        now = time.perf_counter()
+        shown = ", ".join(f"{k}={setting_text(v)}" for k, v in values.items())
+        bar.set_postfix_str(f"{shown}: validation {entry['validation_average']:.4f} "
+                            f"in {now - since[0]:.1f} s")  # fmt: skip
+        bar.update()
+        since[0] = now
         return entry["validation_average"], primary_scores(scores, None)
 
-    if per_task and grid:
-        raise MergeBenchError(f"{name}.search: per-task options cannot be combined with a grid")
     if per_task:
         _select_per_task(name, params, pool, per_task, selection, score, device, say)
-        return selection
+        return
     post = cls.post_scaling if cls.post_scaling in grid else None
     outer = {o: v for o, v in grid.items() if o != post}
     keys = plan_keys(pool).merged if post else []
@@ -278,7 +322,6 @@ def _select(
         selection.selected.update(best[1])
         say(f"{name}: selected {best[1]} on validation (average {best[0]:.4f}, "
             f"{selection.merges} merges)")  # fmt: skip
-    return selection
 
 
 def _select_per_task(

@@ -255,7 +255,8 @@ class AdaMerging(Method):
             for task in tasks
         ]
         history: list[float] = []
-        with stage(self.steps, self.name, enabled=progress, unit="step") as bar:
+        every = max(1, self.steps // 10)  # about ten lines in a log, whatever `steps`
+        with stage(self.steps, self.name, enabled=progress, unit="step", every=every) as bar:
             for _ in range(self.steps):
                 entropies = model([next(s) for s in streams])
                 loss = entropies.sum()
@@ -263,6 +264,7 @@ class AdaMerging(Method):
                 fabric.backward(loss)
                 optimizer.step()
                 history.append(float(loss.detach()))
+                bar.set_postfix_str(f"entropy {history[-1]:.4f}", refresh=False)
                 bar.update()
         module.to("cpu")
         return history

@@ -133,7 +133,7 @@ class Fisher(Method):
         numerator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
         denominator = {k: torch.zeros(pool.pretrained.shape(k), device=device) for k in keys}
         norms: dict[str, float] = {}
-        for task in track(pool.tasks, "fisher", enabled=context.progress, unit="task"):
+        for task in track(pool.tasks, "fisher", enabled=context.progress, unit="task", every=1):
             model = load_task_model(pool, data, task, device, self.name)
             fisher, _ = diagonal_fisher(
                 data,

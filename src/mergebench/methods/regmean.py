@@ -135,7 +135,8 @@ class RegMean(Method):
         rhs: dict[str, torch.Tensor] = {}
         reached: dict[str, int] = {}  # layer -> number of tasks whose inputs reached it
         rows_per_task: dict[str, int] = {}
-        for task in track(pool.tasks, "regmean: grams", enabled=context.progress, unit="task"):
+        grams = track(pool.tasks, "regmean: grams", enabled=context.progress, unit="task", every=1)
+        for task in grams:
             model = load_task_model(pool, data, task, device, self.name)
             modules = dict(model.named_modules())
             collector = GramCollector({name: modules[name] for name in transposed})

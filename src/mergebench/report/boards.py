@@ -310,10 +310,16 @@ def _cost(run: dict[str, Any], extra: dict[str, Any]) -> dict[str, float | None]
 
     is_merge = run["method"] not in REFERENCE_ROWS
     rate = extra.get("examples_per_second")
+    # `extra["cost"]` (bench.job.run_cost): absent in rows stored before it, shown blank
+    cost = (extra.get("cost") or {}) if is_merge else {}
+    merge_peak = cost.get("merge_peak_bytes")
     return {
         "merge_seconds": round(run["merge_seconds"], 2)
         if is_merge and run.get("merge_seconds")
         else None,
+        "selection_seconds": cost.get("selection_seconds"),
+        "selection_candidates": cost.get("selection_candidates"),
+        "merge_rss_mib": None if merge_peak is None else round(merge_peak / 2**20, 1),
         "peak_rss_mib": mib(run.get("peak_rss_bytes")) if is_merge else None,
         "artifact_mib": mib(run.get("artifact_bytes")) if is_merge else None,
         "eval_examples_per_second": round(rate, 1) if isinstance(rate, int | float) else None,

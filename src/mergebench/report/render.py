@@ -63,7 +63,17 @@ def _fmt_cost(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-COST_COLUMNS = ("merge s", "peak RSS MiB", "artifact MiB", "eval ex/s")
+# The boards' cost columns: header, key of `Row.cost`, digits. The process's resident peak
+# (`peak_rss_mib`) is in the CSV and JSON only: it counts what the process held before.
+COSTS = (
+    ("merge s", "merge_seconds", 1),
+    ("select s", "selection_seconds", 1),
+    ("candidates", "selection_candidates", 0),
+    ("merge RSS MiB", "merge_rss_mib", 0),
+    ("artifact MiB", "artifact_mib", 1),
+    ("eval ex/s", "eval_examples_per_second", 0),
+)
+COST_COLUMNS = tuple(header for header, _, _ in COSTS)
 SEEDS_COLUMN = "seeds mean ± std"  # shown only on boards with a row run under 2+ seeds
 
 
@@ -95,27 +105,32 @@ def _cells(board: Board, row: Row, percent: bool) -> list[str]:
     if board.multi_seed:
         cells.append(_fmt_row_seeds(row, percent))
     cells += [_fmt(row.normalized_average, True), _selected_text(row)]
-    cost = row.cost
-    cells += [
-        _fmt_cost(cost.get("merge_seconds")),
-        _fmt_cost(cost.get("peak_rss_mib"), 0),
-        _fmt_cost(cost.get("artifact_mib")),
-        _fmt_cost(cost.get("eval_examples_per_second"), 0),
-    ]
+    cells += [_fmt_cost(row.cost.get(key), digits) for _, key, digits in COSTS]
     if board.published_setting:
         cells.append(_fmt(row.published_average, percent))
     return cells
 
 
-def _caption(board: Board, percent: bool) -> str:
+# What the cost columns measure (dropped with the columns on a narrow terminal).
+COST_LEGEND = (
+    "merge s: the final merge only; select s, candidates: the validation selection of its "
+    "options (each candidate merged and scored on validation; a base method's selection "
+    "included); merge RSS MiB: the merge's own resident peak above what the process held as "
+    "it began (the process's peak is in the CSV and JSON); eval ex/s depends on the machine's "
+    "load when the row ran"
+)
+
+
+def _caption(board: Board, percent: bool, costs: bool = True) -> str:
     metrics = sorted(set(board.metrics.values()))
     unit = "%" if percent else "raw values"
     text = (
         f"metric: {', '.join(metrics)} ({unit}); norm. avg: % of individual; 95% CI: paired "
         f"bootstrap over test examples ({RESAMPLES} resamples); rank `k=`: tied (the 95% "
-        "interval of the paired difference contains 0); eval ex/s depends on the machine's "
-        "load when the row ran"
+        "interval of the paired difference contains 0)"
     )
+    if costs:
+        text += f"; {COST_LEGEND}"
     if board.multi_seed:
         text += (
             "; seeds: mean ± sample std (n−1) of the average over zoo seeds (data splits and "
@@ -146,7 +161,9 @@ def to_csv(boards: Sequence[Board]) -> str:
     """Long format: one line per (board, row, task), plus an `average` line per row."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    cost_keys = ("merge_seconds", "peak_rss_mib", "artifact_mib", "eval_examples_per_second")
+    # the columns of old CSVs keep their places; the costs added since follow
+    cost_keys = ("merge_seconds", "peak_rss_mib", "artifact_mib", "eval_examples_per_second",
+                 "selection_seconds", "selection_candidates", "merge_rss_mib")  # fmt: skip
     # Seed columns (beside the interval) only when some board has a row run under 2+ seeds.
     seeded = any(b.multi_seed for b in boards)
     seed_cols = ["seed_mean", "seed_std", "seeds"] if seeded else []
@@ -190,8 +207,7 @@ def _csv(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-_COST_DIGITS = {"merge_seconds": 1, "peak_rss_mib": 0, "artifact_mib": 1,
-                "eval_examples_per_second": 0}  # fmt: skip
+_COST_DIGITS = {key: digits for _, key, digits in COSTS} | {"peak_rss_mib": 0}
 
 
 def to_json(boards: Sequence[Board]) -> dict[str, Any]:
@@ -324,10 +340,8 @@ def to_html(boards: Sequence[Board], plot_dir: str | os.PathLike[str] | None = N
             body.append(f"<td>{esc(_fmt(row.normalized_average, True))}</td>")
             tied = "" if row.tied_with_best is None else ("yes" if row.tied_with_best else "no")
             body.append(f"<td>{tied}</td><td class='sel'>{esc(_selected_text(row))}</td>")
-            cost = row.cost
-            for key, digits in (("merge_seconds", 1), ("peak_rss_mib", 0), ("artifact_mib", 1),
-                                ("eval_examples_per_second", 0)):  # fmt: skip
-                body.append(f"<td>{esc(_fmt_cost(cost.get(key), digits))}</td>")
+            for _, key, digits in COSTS:
+                body.append(f"<td>{esc(_fmt_cost(row.cost.get(key), digits))}</td>")
             body.append("</tr>")
         body.append("</tbody></table>")
         images = _plot_images(board, folder)
@@ -348,21 +362,23 @@ def print_boards(boards: Sequence[Board], file: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file)
-    if not console.is_terminal:  # files and pipes: wide enough that task names fit
-        widest = max((len(b.tasks) for b in boards), default=0)
-        seeds = 32 if any(b.multi_seed for b in boards) else 0  # `73.0 ± 3.6 (3 seeds)`
-        console = Console(file=file, width=max(100, 16 * (widest + 5) + seeds))
-    if not boards:
-        console.print("No results stored yet.")
+    tables = []
     for board in boards:
         percent = _as_percent(board)
         header = _header(board)
-        rows = [_cells(board, row, percent) for row in board.rows]
+        tables.append((board, percent, header, [_cells(board, r, percent) for r in board.rows]))
+    console = Console(file=file)
+    if not console.is_terminal:  # files and pipes: wide enough that every column fits
+        needed = (_width(h, rows, range(len(h))) for _, _, h, rows in tables)
+        console = Console(file=file, width=max([100, *needed]))
+    if not boards:
+        console.print("No results stored yet.")
+    for board, percent, header, rows in tables:
         caption = _caption(board, percent)
         keep = list(range(len(header)))
         if _width(header, rows, keep) > console.width:  # a narrow terminal: costs go first
             keep = [i for i, col in enumerate(header) if col not in COST_COLUMNS]
+            caption = _caption(board, percent, costs=False)
             caption += "; cost columns hidden (terminal too narrow: --format markdown shows them)"
         table = Table(title=board.title, caption=caption)
         for i in keep:
