@@ -9,8 +9,8 @@ Two pools, built once (random bf16 weights, seeded; a base and three experts, ea
   per model.
 
 Each merge runs in a fresh process; the table gives wall and CPU seconds (the kernel's
-`wait4` rusage), the process's peak RSS (`ru_maxrss`; the parent holds no weights, so a
-child's figure is its own) and, for mergebench, the merge's own peak above the
+`wait4` rusage), the process's peak RSS (mergebench: the child's own `VmHWM`; mergekit:
+`ru_maxrss`, the parent holding no weights) and, for mergebench, the merge's own peak above the
 process's resident size when the merge started (everything a process holds after importing
 torch and mergebench is not the merge's). `tinyllama --mergekit PYTHON` runs the same
 recipes with mergekit (`PYTHON -m mergekit.scripts.run_yaml`, its own venv) and with
@@ -251,7 +251,7 @@ def render(results: dict) -> str:
         own = row.get("merge_peak_above_start_bytes")
         lines.append(
             f"| {row['run']} | {row['tool']} | {row['wall_s']:.0f} | {row['cpu_s']:.0f} "
-            f"({row['system_s']:.0f}) | {gib(row['ru_maxrss_bytes'])} | "
+            f"({row['system_s']:.0f}) | {gib(row.get('vm_hwm_bytes', row['ru_maxrss_bytes']))} | "
             f"{gib(own) if own is not None else '-'} | {row['load_before']:.1f} |"
         )
     return "\n".join(lines) + "\n"
