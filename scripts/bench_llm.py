@@ -13,13 +13,14 @@ Each merge runs in a fresh process; the table gives wall and CPU seconds (the ke
 `ru_maxrss`, the parent holding no weights) and, for mergebench, the merge's own peak above the
 process's resident size when the merge started (everything a process holds after importing
 torch and mergebench is not the merge's). `tinyllama --mergekit PYTHON` runs the same
-recipes with mergekit (`PYTHON -m mergekit.scripts.run_yaml`, its own venv) and with
-`mergebench-merge mergekit=recipe.yml` when this mergebench has it, otherwise with the
-equivalent mergebench options. Figures go to outputs/bench_llm_<pool>.json and, with
+recipes (task arithmetic, TIES, DARE + TIES, DARE + task arithmetic, Breadcrumbs, DELLA)
+with mergekit (`PYTHON -m mergekit.scripts.run_yaml`, its own venv) and with mergebench
+(what `mergebench-merge mergekit=recipe.yml` runs), one after the other. Figures go to outputs/bench_llm_<pool>.json and, with
 `--write-doc`, between markers in docs/performance.md.
 
     .venv/bin/python scripts/bench_llm.py embedding                  # ties + emr, ~10 min
     .venv/bin/python scripts/bench_llm.py tinyllama --mergekit /tmp/mk/bin/python
+    .venv/bin/python scripts/bench_llm.py smoke --mergekit /tmp/mk/bin/python   # a toy pool
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SHAPES = {
     # vocab, hidden, intermediate, heads, kv heads, layers (default)
     "embedding": (128_256, 4_096, 14_336, 32, 8, 1),
     "tinyllama": (32_000, 2_048, 5_632, 32, 4, 22),
+    "smoke": (512, 64, 128, 4, 2, 2),  # the tinyllama runs on a toy pool: checks the script
 }
 # mergebench method and options per measured recipe (mergekit's granularity: per-tensor
 # top-k). The mergekit recipe beside each is written by `recipe`.
@@ -53,20 +55,25 @@ RUNS = {
         "emr": ("emr", {}),
         "ties_tensor": ("ties", {"k": 0.2, "topk_scope": "tensor"}),
     },
+    # tinyllama: mergekit recipes (`RECIPES`), run by both tools (mergebench through
+    # `mergebench.methods.mergekit_recipes`, the `mergebench-merge mergekit=` translation).
     "tinyllama": {
-        "task_arithmetic": ("task_arithmetic", {"scaling": 0.3}),
-        "ties": ("ties", {"k": 0.2, "topk_scope": "tensor", "scaling": 1.0}),
-        "dare_ties": (
-            "dare",
-            {
-                "drop": 0.9,
-                "base": "ties",
-                "base_params": {"k": 1.0, "topk_scope": "tensor", "scaling": 1.0},
-            },
-        ),  # fmt: skip
-        "emr": ("emr", {}),
+        name: ("recipe", {})
+        for name in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della")
     },
 }
+# Recipe parameters as in issue 25's table: TIES k 0.2, DARE drop 0.9, mergekit's defaults
+# for Breadcrumbs (density 0.9, gamma 0.01) and DELLA (epsilon 0.05 around density 0.1).
+RECIPES = {
+    "task_arithmetic": ({"weight": 0.3}, {}),
+    "ties": ({"weight": 1.0, "density": 0.2}, {"normalize": True}),
+    "dare_ties": ({"weight": 1.0, "density": 0.1}, {"normalize": True}),
+    "dare_linear": ({"weight": 0.3, "density": 0.1}, {}),
+    "breadcrumbs": ({"weight": 0.3, "density": 0.9, "gamma": 0.01}, {}),
+    "della": ({"weight": 1.0, "density": 0.1, "epsilon": 0.05},
+              {"normalize": True, "lambda": 1.0}),
+}  # fmt: skip
+RUNS["smoke"] = RUNS["tinyllama"]
 MARKERS = {
     "embedding": ("<!-- bench_llm_embedding:begin -->", "<!-- bench_llm_embedding:end -->"),
     "tinyllama": ("<!-- bench_llm_tinyllama:begin -->", "<!-- bench_llm_tinyllama:end -->"),
@@ -111,6 +118,7 @@ def build_pool(kind: str, layers: int, folder: Path) -> Path:
         num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False,
         dtype="bfloat16",
     )  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]  # mergekit reads the architecture from it
     shapes = llama_shapes(kind, layers)
     for index, name in enumerate(("base", *TASKS)):
         print(f"building {pool.name}/{name}", flush=True)
@@ -132,20 +140,16 @@ def build_pool(kind: str, layers: int, folder: Path) -> Path:
     return pool
 
 
-def recipe(name: str, pool: Path, output_dtype: str = "bfloat16") -> dict:
-    """The mergekit recipe measured beside mergebench's `RUNS["tinyllama"][name]`."""
-    params = {
-        "task_arithmetic": {"weight": 0.3},
-        "ties": {"weight": 1.0, "density": 0.2},
-        "dare_ties": {"weight": 1.0, "density": 0.1},
-    }[name]
+def recipe(name: str, pool: Path) -> dict:
+    """The mergekit recipe `RECIPES[name]` on the pool (bf16 out, float32 arithmetic)."""
+    models, parameters = RECIPES[name]
     return {
         "merge_method": name,
         "base_model": str(pool / "base"),
-        "models": [{"model": str(pool / t), "parameters": params} for t in TASKS],
-        "parameters": {"normalize": True} if name != "task_arithmetic" else {},
+        "models": [{"model": str(pool / t), "parameters": dict(models)} for t in TASKS],
+        "parameters": dict(parameters),
         "dtype": "float32",
-        "out_dtype": output_dtype,
+        "out_dtype": "bfloat16",
     }
 
 
@@ -157,12 +161,17 @@ def run_worker(args: argparse.Namespace) -> None:
     import mergebench
 
     pool = Path(args.pool)
-    finetuned = {t: str(pool / t) for t in TASKS}
-    params = json.loads(args.params)
+    base, finetuned = str(pool / "base"), {t: str(pool / t) for t in TASKS}
+    method, params = args.method, json.loads(args.params)
+    if method == "recipe":  # what `mergebench-merge mergekit=recipe.yml` runs
+        from mergebench.methods.mergekit_recipes import from_recipe
+
+        run = from_recipe(recipe(params.pop("name"), pool))
+        method, base, finetuned = run.method, run.pretrained, run.finetuned
+        params = {**run.params, "out_dtype": run.out_dtype}
     before = _status("VmRSS")
     start = time.perf_counter()
-    mergebench.merge(args.method, str(pool / "base"), finetuned, progress=False,
-                     output_dir=args.out, **params)  # fmt: skip
+    mergebench.merge(method, base, finetuned, progress=False, output_dir=args.out, **params)
     report = {"merge_s": time.perf_counter() - start, "rss_before_bytes": before}
     print(json.dumps({**report, "vm_hwm_bytes": _status("VmHWM")}))
 
@@ -295,12 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.pools) as work:
         for name in args.runs:
             method, params = RUNS[args.command][name]
+            if method == "recipe":
+                params = {"name": name}
             print(f"mergebench {name} ...", flush=True)
             out = Path(work) / f"mergebench-{name}"
             row = mergebench_run(pool, method, params, out, args.threads)
             results["rows"].append({"run": name, "tool": "mergebench", **row})
             print(json.dumps(results["rows"][-1]), flush=True)
-            if args.mergekit and args.command == "tinyllama" and name != "emr":
+            if args.mergekit and args.command != "embedding":
                 print(f"mergekit {name} ...", flush=True)
                 row = mergekit_run(args.mergekit, pool, name, Path(work))
                 results["rows"].append({"run": name, "tool": "mergekit 0.1.5", **row})
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     out = ROOT / "outputs" / f"bench_llm_{args.command}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    if args.write_doc:
+    if args.write_doc and args.command in MARKERS:
         write_doc(ROOT / "docs" / "performance.md", table, *MARKERS[args.command])
 
 
