@@ -9,6 +9,7 @@ bar is shown, the lines still reach the log files (`to_log_files`), not the cons
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -32,21 +33,29 @@ def _logging_on() -> bool:
 def say(line: str) -> None:
     """A progress or status line: to the logging handlers when logging is set up, else stderr."""
     if _logging_on():
-        LOG.info(line)
+        _dispatch(line, files_only=False)
     else:
         print(line, file=sys.stderr, flush=True)
 
 
 def to_log_files(line: str) -> None:
     """`line` to the log files only (a bar, or a printed line, stands for it on the console)."""
-    if not _logging_on():
-        return
+    if _logging_on():
+        _dispatch(line, files_only=True)
+
+
+def _dispatch(line: str, files_only: bool) -> None:
+    """The handlers `LOG.info(line)` would reach (less the console's with `files_only`). A log
+    file that cannot be opened (its run folder removed: an earlier in-process Hydra run's
+    handler) is skipped: a progress line must never fail the work it reports on."""
     record = LOG.makeRecord(LOG.name, logging.INFO, __file__, 0, line, None, None)
     logger: logging.Logger | None = LOG
-    while logger is not None:  # the handlers `LOG.info` would reach, less the console's
+    while logger is not None:
         for handler in logger.handlers:
-            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
-                handler.handle(record)
+            is_file = isinstance(handler, logging.FileHandler)
+            if (is_file or not files_only) and record.levelno >= handler.level:
+                with contextlib.suppress(OSError):
+                    handler.handle(record)
         logger = logger.parent if logger.propagate else None
 
 
