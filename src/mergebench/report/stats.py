@@ -12,7 +12,9 @@ examples: comparisons between rows are paired. From `resamples` draws we report
 
 Metrics are recomputed from predictions with the same definitions as the evaluator's
 torchmetrics (accuracy, macro F1, Matthews correlation, mean of Pearson and Spearman);
-`tests/report/test_stats.py` holds them to torchmetrics on random data.
+`tests/report/test_stats.py` holds them to torchmetrics on random data. Tasks scored by
+their own evaluation (`mean_score`: BEiT-3's VQA, captioning, retrieval) store each
+example's score as its prediction.
 """
 
 from __future__ import annotations
@@ -92,8 +94,15 @@ def pearson_spearman(pred: np.ndarray, label: np.ndarray, classes: int) -> np.nd
     return (_pearson(pred, label) + _pearson(_ranks(pred), _ranks(label))) / 2
 
 
+def mean_score(pred: np.ndarray, label: np.ndarray, classes: int) -> np.ndarray:
+    """The mean of per-example scores stored as `pred` (VQA accuracy, CIDEr, retrieval
+    hits: tasks whose metric is an average over examples); `label` is unused."""
+    return pred.astype(np.float64).mean(axis=-1)
+
+
 METRIC_FUNCTIONS = {
     "accuracy": accuracy,
+    "mean_score": mean_score,
     "macro_f1": macro_f1,
     "mcc": mcc,
     "pearson_spearman": pearson_spearman,
