@@ -80,7 +80,7 @@ class Beit3TaskSpec:
 
     task: str
     root: Path
-    index: dict[str, tuple[str, ...]]  # split -> index files (a split may have none)
+    index: dict[str, tuple[str, ...]]  # split -> index files (reading a split without: error)
     num_classes: int
     answers: tuple[str, ...] = ()  # VQA answer vocabulary
     references: str | None = None  # captioning ground truth file (COCO format)
@@ -93,7 +93,12 @@ class Beit3TaskSpec:
 
     def items(self, split: str) -> list[dict[str, Any]]:
         files = self.index.get(split, ())
-        items = read_index(self.root, files, f"{self.where}.{split}") if files else []
+        if not files:
+            hint = " (hyperparameter selection reads it: set one, or protocol.select=false)"
+            raise MergeBenchError(
+                f"{self.where}.{split}: no index file" + (hint if split == "validation" else "")
+            )
+        items = read_index(self.root, files, f"{self.where}.{split}")
         limit = self.max_examples.get(split)
         return items if limit is None else items[: int(limit)]
 
