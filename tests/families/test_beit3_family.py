@@ -60,6 +60,9 @@ def test_beit3_vqa_accuracy_of_ten_answers_hand_computed():
     assert vqa_accuracy("maybe", answers) == 0.0
     # One match: 9 subsets hold it (1/3), the one leaving it out holds none: 0.3.
     assert vqa_accuracy("two", ["2"] + ["3"] * 9) == pytest.approx(0.3)
+    # Unanimous humans: the script compares without normalising.
+    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0
 
 
 def test_beit3_vqa_answer_normalization():
@@ -265,6 +268,12 @@ def test_beit3_merge_keeps_task_specific_keys(world):
 
 
 def test_beit3_published_table6():
-    setting = find_setting("beit3_base", "beit3_5")
-    assert setting is not None and setting.n_tasks == 5
-    assert setting.per_task["emr"][setting.tasks.index("COCO Captioning")] == pytest.approx(1.060)
+    from omegaconf import OmegaConf
+
+    name = OmegaConf.load(conf_dir() / "model" / "beit3_base.yaml").name
+    taskset = OmegaConf.load(conf_dir() / "taskset" / "beit3_5.yaml")
+    setting = find_setting(name, taskset.name, len(taskset.tasks))
+    assert setting is not None and setting.key == "beit3-base-5"
+    assert [setting.task_index(t) for t in taskset.tasks] == [0, 1, 2, 3, 4]
+    assert setting.task_score_for("emr", "coco_captioning") == pytest.approx(1.060)
+    assert setting.task_score_for("individual", "coco_retrieval") == pytest.approx(0.8456)

@@ -1,7 +1,8 @@
 """Vision-language metrics as each task's own evaluation computes them (BEiT-3 tasks).
 
-- VQA accuracy (the VQAv2 evaluation script): answers normalised (punctuation, number words,
-  articles, common contractions); against each of the ten human answers left out in turn,
+- VQA accuracy (the VQAv2 evaluation script): answers normalised where the humans disagree
+  (punctuation, number words, articles, common contractions); against each of the ten human
+  answers left out in turn,
   min(#matches among the other nine / 3, 1); the mean of the ten.
 - Retrieval recall@k (unilm's retrieval evaluation): an image query hits when one of its
   captions is among the k best texts; a caption query when its image is among the k best
@@ -69,11 +70,15 @@ def normalize_answer(answer: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """One question's VQA accuracy against its (ten) human answers."""
+    """One question's VQA accuracy against its (ten) human answers, as the evaluation script
+    computes it (answers normalised where they are not all the same)."""
     if not answers:
         return 0.0
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in answers]
+    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
+    gts = list(answers)
+    if len(set(gts)) > 1:  # the script normalises only where the humans disagree
+        pred = normalize_answer(pred)
+        gts = [normalize_answer(a) for a in gts]
     scores = []
     for i in range(len(gts)):
         matches = sum(gt == pred for j, gt in enumerate(gts) if j != i)
