@@ -86,6 +86,10 @@ def test_beit3_retrieval_recalls_hand_computed():
     assert result.mean == pytest.approx((0.5 + 0.5 + 4) / 6)
     assert result.per_image == pytest.approx([5.5 / 6, 4.5 / 6])
     assert result.per_image.mean() == pytest.approx(result.mean)  # two captions each
+    # Unequal caption counts: the score stays the six recalls' mean.
+    uneven = retrieval_scores(images, texts[:3], [0, 0, 1])
+    assert uneven.recalls["ir_r1"] == pytest.approx(2 / 3)
+    assert uneven.mean == pytest.approx(sum(uneven.recalls.values()) / 6)
 
 
 def _pycocoevalcap_direct(preds, refs):
@@ -209,6 +213,9 @@ def test_beit3_scores_primary_first(world, no_java):
     assert all(any(abs(p - a) < 1e-9 for a in allowed) for p in vqa.pred[:5])
     assert vqa.pred[5] in (0.0, 1.0)
     assert ev.outcomes["coco_retrieval"].pred.shape == (3,)  # per image
+    retrieval = {s.metric: s.value for s in ev.scores if s.task == "coco_retrieval"}
+    six = [retrieval[f"{d}_r{k}"] for d in ("tr", "ir") for k in (1, 5, 10)]
+    assert retrieval["recall_mean"] == pytest.approx(sum(six) / 6)  # unilm's average_score
 
 
 def _run_cli(world, monkeypatch, capsys, *args: str) -> str:

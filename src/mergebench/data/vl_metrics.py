@@ -114,14 +114,16 @@ def retrieval_scores(
     tr_hits, ir_hits = [], []
     for k in RECALL_KS:
         top_t = scores.topk(min(k, n_txt), dim=1).indices  # texts per image
-        tr = (owner[top_t] == torch.arange(n_img)[:, None]).any(dim=1).float()
+        tr = (owner[top_t] == torch.arange(n_img)[:, None]).any(dim=1).double()
         top_i = scores.T.topk(min(k, n_img), dim=1).indices  # images per text
-        ir = (top_i == owner[:, None]).any(dim=1).float()
+        ir = (top_i == owner[:, None]).any(dim=1).double()
         recalls[f"tr_r{k}"], recalls[f"ir_r{k}"] = float(tr.mean()), float(ir.mean())
         tr_hits.append(tr)
         ir_hits.append(ir)
-    counts = torch.bincount(owner, minlength=n_img).clamp(min=1).float()
-    ir_per_image = [torch.zeros(n_img).index_add_(0, owner, h) / counts for h in ir_hits]
+    counts = torch.bincount(owner, minlength=n_img).clamp(min=1).double()
+    ir_per_image = [
+        torch.zeros(n_img, dtype=torch.float64).index_add_(0, owner, h) / counts for h in ir_hits
+    ]
     per_image = (sum(tr_hits) + sum(ir_per_image)) / (2 * len(RECALL_KS))
     order = [f"{d}_r{k}" for d in ("tr", "ir") for k in RECALL_KS]
     mean = float(np.mean([recalls[name] for name in order]))

@@ -380,10 +380,15 @@ class Beit3Data:
 
     @staticmethod
     def _per_example(
-        name: str, values: Sequence[float] | np.ndarray, extra: Mapping[str, float] | None = None
+        name: str,
+        values: Sequence[float] | np.ndarray,
+        extra: Mapping[str, float] | None = None,
+        value: float | None = None,
     ) -> ScoredTask:
+        """The task's score (`value`, else the mean of the per-example `values`)."""
         scores = np.asarray(values, dtype=np.float64)
-        value = float(scores.mean()) if len(scores) else float("nan")
+        if value is None:
+            value = float(scores.mean()) if len(scores) else float("nan")
         label = np.zeros(len(scores), np.int64)
         return ScoredTask({name: value, **(extra or {})}, "mean_score", scores, label)
 
@@ -420,7 +425,9 @@ class Beit3Data:
             text_feats.append(model.encode_text(text, mask))
         owners = [row_of[it["image_id"]] for it in items]
         result = retrieval_scores(torch.cat(image_feats), torch.cat(text_feats), owners)
-        return self._per_example("recall_mean", result.per_image, result.recalls)
+        # unilm's mean of the six recalls; the per-image shares (for the bootstrap) average
+        # to it only where every image has the same number of captions.
+        return self._per_example("recall_mean", result.per_image, result.recalls, result.mean)
 
     def _captioning(self, model: nn.Module, split: str, batch_size: int) -> ScoredTask:
         spec = self.specs["coco_captioning"]
