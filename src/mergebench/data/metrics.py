@@ -1,9 +1,12 @@
-"""Task metrics, all from torchmetrics, named as they appear in results (`accuracy` ...)."""
+"""Task metrics, all from torchmetrics, named as they appear in results (`accuracy` ...),
+and `ScoredTask`, what a task scored by its own evaluation reports (BEiT-3)."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.classification import (
@@ -62,3 +65,17 @@ def build_task_metric(name: str, num_classes: int) -> Metric:
     if name == REGRESSION_METRIC:
         return PearsonSpearman()
     return build_metric(name, num_classes)
+
+
+@dataclass(frozen=True)
+class ScoredTask:
+    """A task scored by its own evaluation (not a torchmetrics metric over logits): its
+    metrics, primary first, and what the bootstrap resamples: per example a prediction and
+    label under `per_example` (`accuracy`), or the example's own score as `pred`
+    (`mean_score`: VQA accuracy, CIDEr, retrieval hits; `label` unused)."""
+
+    values: dict[str, float]
+    per_example: str
+    pred: np.ndarray
+    label: np.ndarray
+    classes: int = 0

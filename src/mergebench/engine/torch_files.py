@@ -72,8 +72,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         raise MergeBenchError(
             f"{path}: cannot load as a torch state dict with weights_only=True ({first_line(err)})"
         ) from None
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]  # Lightning / many training scripts wrap it once
+    for wrapper in ("state_dict", "model"):  # Lightning, many scripts; unilm's {"model": ...}
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise MergeBenchError(f"{path}: expected a state dict of tensors")
     return dict(obj)

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from mergebench.data.lm_eval import SampleScores
+from mergebench.data.metrics import ScoredTask
 from mergebench.engine.pool import Batch
 from mergebench.report.records import TaskScore, average_score, primary_scores
 from mergebench.report.stats import Outcome
@@ -108,14 +109,20 @@ class ModelCache:
 
     def __init__(self, data: EvalData) -> None:
         self.data = data
-        self._models: dict[int, nn.Module] = {}
-        self._switchers: dict[int, TaskSwitcher] = {}
+        self._models: dict[object, nn.Module] = {}
+        self._switchers: dict[object, TaskSwitcher] = {}
+
+    def _key(self, task: str) -> object:
+        """What makes two tasks' models the same shape: their class count, or the family's
+        own `model_shape(task)` where its tasks have different architectures (BEiT-3)."""
+        shape = getattr(self.data.family, "model_shape", None)
+        return shape(task) if shape is not None else self.data.num_classes(task)
 
     def _model(self, task: str) -> nn.Module:
-        classes = self.data.num_classes(task)
-        if classes not in self._models:
-            self._models[classes] = self.data.family.build_model(task).eval()
-        return self._models[classes]
+        key = self._key(task)
+        if key not in self._models:
+            self._models[key] = self.data.family.build_model(task).eval()
+        return self._models[key]
 
     def model_for(self, task: str, state: dict[str, torch.Tensor]) -> nn.Module:
         model = self._model(task)
@@ -128,11 +135,35 @@ class ModelCache:
         if not isinstance(result, TaskConditionedResult):
             return self.model_for(task, result.state_dict(task))
         model = self._model(task)
-        classes = self.data.num_classes(task)
-        switcher = self._switchers.get(classes)
+        key = self._key(task)
+        switcher = self._switchers.get(key)
         if switcher is None or switcher.result is not result:
-            switcher = self._switchers[classes] = TaskSwitcher(result, model)
+            switcher = self._switchers[key] = TaskSwitcher(result, model)
         return switcher.switch(task)
+
+
+class OwnScoring(Protocol):
+    """Task data that scores a model itself (generation, retrieval, several metrics per task:
+    the BEiT-3 tasks): its metrics, primary first, and per-example outcomes to resample."""
+
+    def score_task(
+        self, model: nn.Module, task: str, split: str, batch_size: int
+    ) -> ScoredTask: ...
+
+
+def score_task_outcome(
+    model: nn.Module, data: EvalData, task: str, split: str, batch_size: int
+) -> tuple[list[TaskScore], Outcome]:
+    """Every score of one task (primary first) and its outcome."""
+    own = getattr(data, "score_task", None)
+    if own is not None:
+        model.eval()
+        with torch.inference_mode():
+            scored: ScoredTask = own(model, task, split, batch_size)
+        scores = [TaskScore(task, name, v, split) for name, v in scored.values.items()]
+        return scores, Outcome(scored.per_example, scored.pred, scored.label, scored.classes)
+    score, outcome = score_model_outcome(model, data, task, split, batch_size)
+    return [score], outcome
 
 
 def score_model_outcome(
@@ -190,10 +221,12 @@ def evaluate_timed(
             if scored is None:  # a reference row without a model for this task
                 continue
             score, outcome = scored
+            scores.append(score)
         else:
             model = cache.model_with(task, result)
-            score, outcome = score_model_outcome(model, data, task, split, batch_size)
-        scores.append(score)
+            task_scores, outcome = score_task_outcome(model, data, task, split, batch_size)
+            score = task_scores[0]
+            scores.extend(task_scores)
         outcomes[task] = outcome
         total += len(outcome.label)
         if progress and not on_terminal():  # logs: one plain line per task

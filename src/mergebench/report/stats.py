@@ -12,7 +12,9 @@ examples: comparisons between rows are paired. From `resamples` draws we report
 
 Metrics are recomputed from predictions with the same definitions as the evaluator's
 torchmetrics (accuracy, macro F1, Matthews correlation, mean of Pearson and Spearman);
-`tests/report/test_stats.py` holds them to torchmetrics on random data.
+`tests/report/test_stats.py` holds them to torchmetrics on random data. Tasks scored by
+their own evaluation (`mean`: BEiT-3's VQA, captioning, retrieval) store each
+example's score as its prediction.
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ def pearson_spearman(pred: np.ndarray, label: np.ndarray, classes: int) -> np.nd
 
 
 def mean(pred: np.ndarray, label: np.ndarray, classes: int) -> np.ndarray:
-    """Mean of per-example scores (`pred`; a harness such as lm-eval scored each example)."""
+    """The mean of per-example scores stored as `pred`, for tasks scored example by example
+    by their own evaluation (lm-eval; BEiT-3's VQA accuracy, CIDEr, retrieval hits);
+    `label` is unused."""
     return pred.astype(np.float64).mean(axis=-1)
 
 

@@ -135,7 +135,9 @@ def configured_pool(
 class PoolReferences:
     """The reference rows of a configured pool, with the evaluator's `state_dict(task)`:
     `individual` (each task's fine-tuned model) and `pretrained` (the pretrained backbone
-    with the task's own head). There is no multi-task model in these settings."""
+    with the task's own head; under `task_specific: auto`, with every key of the task's own
+    that the pretrained model lacks or holds in another shape). There is no multi-task model
+    in these settings."""
 
     def __init__(self, kind: str, pool: ModelPool) -> None:
         if kind not in ("individual", "pretrained"):
@@ -152,6 +154,11 @@ class PoolReferences:
         heads = compile_patterns(self.pool.exclude)
         state = self.pool.pretrained.state_dict()
         state.update({k: own.get(k) for k in own.keys() if is_excluded(k, heads)})
+        if self.pool.task_specific == "auto":  # the task's own where the pretrained differs
+            keys = set(own.keys())
+            state = {k: v for k, v in state.items() if k in keys}
+            state.update({k: own.get(k) for k in keys
+                          if k not in state or tuple(state[k].shape) != tuple(own.shape(k))})  # fmt: skip
         return state
 
 
