@@ -214,6 +214,16 @@ def test_clip20_lineages_never_share_a_board_and_published_rows_follow_lineage()
     text = to_markdown(list(boards.values()))
     assert "[tall_masks]" in text and "[task_vectors]" in text and LINEAGE_WHY in text
     assert "CART README" in text
+    # FusionBench's own reference numbers: on boards of its lineage only.
+    tasks20 = EIGHT + SIX14 + SIX20
+    hf = _scores(5, "individual", "clip_vit_b32", "clip20", dict.fromkeys(tasks20, 0.9))
+    hf += _scores(6, "individual", "clip_vit_b32", "clip20", dict.fromkeys(tasks20, 0.8))
+    by = {b.lineage: b for b in build_boards(hf, lineages={5: "fusionbench", 6: "tall_masks"})}
+    fb = by["fusionbench"].row("individual")
+    assert by["fusionbench"].published_setting == "clip-vit-b32-20"
+    assert fb.published_average == pytest.approx(0.8977, abs=1e-4)
+    assert fb.published_scores["pcam"] == pytest.approx(0.8796)
+    assert by["tall_masks"].published_setting is None
     # Runs without a lineage (older stores) keep their boards, unlabeled.
     plain = build_boards(rows[: len(tasks) * 2])
     assert len(plain) == 1 and plain[0].lineage is None and "[" not in plain[0].title
