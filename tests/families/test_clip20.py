@@ -227,3 +227,28 @@ def test_clip20_lineages_never_share_a_board_and_published_rows_follow_lineage()
     # Runs without a lineage (older stores) keep their boards, unlabeled.
     plain = build_boards(rows[: len(tasks) * 2])
     assert len(plain) == 1 and plain[0].lineage is None and "[" not in plain[0].title
+
+
+def test_clip20_wandb_metrics_read_the_board_of_the_run_lineage():
+    from mergebench.report.records import RunRecord, TaskScore
+    from mergebench.report.wandb import run_metrics
+
+    tasks = EIGHT + SIX14
+    rows = (
+        _scores(1, "individual", "openclip_vit_b32", "clip14", dict.fromkeys(tasks, 0.9))
+        + _scores(2, "consensus", "openclip_vit_b32", "clip14", dict.fromkeys(tasks, 0.6))
+        + _scores(3, "individual", "openclip_vit_b32", "clip14", dict.fromkeys(tasks, 0.8))
+        + _scores(4, "consensus", "openclip_vit_b32", "clip14", dict.fromkeys(tasks, 0.6))
+    )
+    boards = build_boards(rows, lineages={1: "tall_masks", 2: "tall_masks", 3: "x", 4: "x"})
+    for lineage, individual in (("tall_masks", 0.9), ("x", 0.8)):
+        record = RunRecord(
+            method="consensus",
+            label="consensus",
+            family="openclip_vit_b32",
+            taskset="clip14",
+            config={"model": {"lineage": lineage}},
+            scores=[TaskScore(t, "accuracy", 0.6) for t in tasks],
+        )
+        normalized = run_metrics(record, boards)["test/normalized_avg"]
+        assert normalized == pytest.approx(0.6 / individual)
