@@ -91,12 +91,13 @@ def test_registry_and_configs_name_the_paper_checkpoints():
             name, "large-patch14"
         )
         assert cfg.model.checkpoints.pretrained == f"openai/clip-vit-{pattern}"
-        assert list(cfg.model.checkpoints.finetuned) == list(cfg.taskset.tasks)
+        # The eight first; then clip14/clip20's twelve (tests/families/test_clip20.py).
+        assert list(cfg.model.checkpoints.finetuned)[:8] == list(cfg.taskset.tasks)
         assert cfg.model.checkpoints.finetuned.stanford_cars == (
             f"tanganke/clip-vit-{pattern}_stanford-cars"
         )
-    assert set(cfg.taskset.tasks) == set(PROMPTS)
-    counts = {t: len(PROMPTS[t].classnames) for t in PROMPTS}
+    assert set(cfg.taskset.tasks) <= set(PROMPTS)
+    counts = {t: len(PROMPTS[t].classnames) for t in cfg.taskset.tasks}
     assert counts == {
         "sun397": 397, "stanford_cars": 196, "resisc45": 45, "eurosat": 10,
         "svhn": 10, "gtsrb": 43, "mnist": 10, "dtd": 47,

@@ -1,7 +1,9 @@
 """Leaderboards from the runs store: methods x tasks, average, normalized average, rank.
 
-One board per (family, task set, set of tasks): runs that merged a different subset of tasks
-(the number-of-tasks experiment) are not comparable and get their own board. Within a
+One board per (family, task set, set of tasks, checkpoint lineage): runs that merged a
+different subset of tasks (the number-of-tasks experiment) are not comparable and get their
+own board, and so are runs whose model config names another `lineage` (the fine-tunes come
+from another release, e.g. FusionBench's or TALL masks' CLIP checkpoints, `LINEAGE_WHY`). Within a
 board each row is a label (method or variant); when a label was run several times, the
 latest run wins. Normalized score = method / `individual` on the same task (the individual
 row of the same family, looked up per task, so subset boards are normalized too). Ranks
@@ -39,6 +41,11 @@ from mergebench.report.store import (
     redact_url,
 )
 from mergebench.util.errors import MergeBenchError
+
+LINEAGE_WHY = (
+    "runs of other checkpoint lineages are on boards of their own: their fine-tuned models "
+    "differ, so their numbers are not comparable"
+)
 
 
 @dataclass
@@ -83,10 +90,12 @@ class Board:
     metrics: dict[str, str]  # task -> the metric shown (the first one the evaluator reported)
     rows: list[Row]
     published_setting: str | None = None
+    lineage: str | None = None  # `model.lineage` of its runs (None: not named)
 
     @property
     def title(self) -> str:
-        return f"{self.family} / {self.taskset} ({len(self.tasks)} tasks)"
+        lineage = f" [{self.lineage}]" if self.lineage else ""
+        return f"{self.family} / {self.taskset} ({len(self.tasks)} tasks){lineage}"
 
     def row(self, label: str) -> Row | None:
         return next((r for r in self.rows if r.label == label), None)
@@ -133,11 +142,22 @@ def run_seed(run: Mapping[str, Any]) -> int:
         return 0
 
 
+def run_lineage(run: Mapping[str, Any]) -> str | None:
+    """The checkpoint lineage of a `Store.runs()` row: its config's `model.lineage`."""
+    model = (run.get("config") or {}).get("model")
+    value = model.get("lineage") if isinstance(model, Mapping) else None
+    return str(value) if value else None
+
+
 def build_boards(
-    score_rows: Sequence[dict[str, Any]], seeds: Mapping[int, int] | None = None
+    score_rows: Sequence[dict[str, Any]],
+    seeds: Mapping[int, int] | None = None,
+    lineages: Mapping[int, str | None] | None = None,
 ) -> list[Board]:
     """Boards from `Store.scores()` rows (pure: no database access). `seeds` maps
-    run id -> zoo seed (`run_seed` of each stored run); runs it lacks count as seed 0."""
+    run id -> zoo seed (`run_seed` of each stored run); runs it lacks count as seed 0.
+    `lineages` maps run id -> checkpoint lineage (`run_lineage`); runs it lacks have none."""
+    lineages = lineages or {}
     # run_id -> its identity and {task: {metric: value}} in reported order
     runs: dict[int, dict[str, Any]] = {}
     for s in score_rows:
@@ -146,36 +166,39 @@ def build_boards(
             {k: s[k] for k in ("run_id", "method", "label", "family", "taskset")} | {"tasks": {}},
         )
         run["tasks"].setdefault(s["task"], {})[s["metric"]] = s["value"]
+    for run in runs.values():
+        run["lineage"] = lineages.get(run["run_id"])
 
-    # Individual scores per (family, task, metric), latest run wins: the normalization base.
-    individual: dict[tuple[str, str, str], float | None] = {}
+    # Individual scores per (family, lineage, task, metric), latest run wins: the
+    # normalization base.
+    individual: dict[tuple[str, str | None, str, str], float | None] = {}
     for run in sorted(runs.values(), key=lambda r: r["run_id"]):
         if run["method"] == "individual":
             for task, metrics in run["tasks"].items():
                 for metric, value in metrics.items():
-                    individual[(run["family"], task, metric)] = value
+                    individual[(run["family"], run["lineage"], task, metric)] = value
 
-    groups: dict[tuple[str, str, frozenset[str]], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, frozenset[str], str | None], list[dict[str, Any]]] = {}
     for run in sorted(runs.values(), key=lambda r: r["run_id"]):
-        key = (run["family"], run["taskset"], frozenset(run["tasks"]))
+        key = (run["family"], run["taskset"], frozenset(run["tasks"]), run["lineage"])
         groups.setdefault(key, []).append(run)
 
     boards = []
-    for (family, taskset, _), group in groups.items():
+    for (family, taskset, _, lineage), group in groups.items():
         tasks = list(group[0]["tasks"])
         metrics = {t: next(iter(group[0]["tasks"][t])) for t in tasks}
         latest = {run["label"]: run for run in group}  # later runs overwrite earlier ones
-        setting = find_setting(family, taskset, len(tasks))
+        setting = find_setting(family, taskset, len(tasks), lineage)
         rows = [
-            _make_row(run, tasks, metrics, individual, family, setting) for run in latest.values()
+            _make_row(run, tasks, metrics, individual, (family, lineage), setting)
+            for run in latest.values()
         ]
         _seed_statistics(rows, group, tasks, metrics, seeds or {})
         _rank(rows)
         rows.sort(key=_row_order)
-        boards.append(
-            Board(family, taskset, tasks, metrics, rows, setting.key if setting else None)
-        )
-    boards.sort(key=lambda b: (b.family, b.taskset, -len(b.tasks)))
+        key = setting.key if setting else None
+        boards.append(Board(family, taskset, tasks, metrics, rows, key, lineage))
+    boards.sort(key=lambda b: (b.family, b.taskset, -len(b.tasks), b.lineage or ""))
     return boards
 
 
@@ -183,14 +206,14 @@ def _make_row(
     run: dict[str, Any],
     tasks: list[str],
     metrics: dict[str, str],
-    individual: dict[tuple[str, str, str], float | None],
-    family: str,
+    individual: dict[tuple[str, str | None, str, str], float | None],
+    checkpoints: tuple[str, str | None],
     setting: Setting | None,
 ) -> Row:
     scores = {t: run["tasks"].get(t, {}).get(metrics[t]) for t in tasks}
     normalized: dict[str, float | None] = {}
     for t in tasks:
-        base = individual.get((family, t, metrics[t]))
+        base = individual.get((*checkpoints, t, metrics[t]))
         value = scores[t]
         normalized[t] = value / base if value is not None and base else None
     row = Row(
@@ -277,7 +300,11 @@ def load_boards(
     if all_runs:
         names = variant_labels(runs, volatile_keys)
         rows = [r | {"label": names.get(r["run_id"], r["label"])} for r in rows]
-    boards = build_boards(rows, seeds={r["run_id"]: run_seed(r) for r in runs})
+    boards = build_boards(
+        rows,
+        seeds={r["run_id"]: run_seed(r) for r in runs},
+        lineages={r["run_id"]: run_lineage(r) for r in runs},
+    )
     attach_run_details(boards, runs)
     return boards
 

@@ -256,7 +256,7 @@ def plot_num_tasks(
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     full = max((b for b in boards if b.family == family), key=lambda b: len(b.tasks))
-    setting = find_setting(family, full.taskset)
+    setting = find_setting(family, full.taskset, lineage=full.lineage)
     colors = row_colors([r for r in full.rows if r.label in series] or [])
     counts: set[int] = set()
     for label, points in series.items():

@@ -50,13 +50,21 @@ class Setting:
     per_task: dict[str, tuple[float, ...]] = field(default_factory=dict)
     # Number of merged tasks -> average, per method (Fig. "score against number of tasks").
     num_tasks: dict[str, dict[int, float]] = field(default_factory=dict)
+    # The checkpoints the numbers were measured on (`model.lineage` of our runs, e.g.
+    # `tall_masks`); None: any lineage (the EMR-Merging paper's settings).
+    lineage: str | None = None
+    source: str = "EMR-Merging paper"  # where the numbers are quoted from, for captions
 
     def fraction(self, value: float) -> float:
         return value / 100.0 if self.unit == "percent" else value
 
-    def matches(self, family: str, taskset: str, n_tasks: int | None = None) -> bool:
+    def matches(
+        self, family: str, taskset: str, n_tasks: int | None = None, lineage: str | None = None
+    ) -> bool:
         if n_tasks is not None and n_tasks != self.n_tasks:
             return False
+        if self.lineage is not None and lineage != self.lineage:
+            return False  # numbers of other checkpoints are not comparable
         return norm(family) in {norm(f) for f in self.families} and norm(taskset) in {
             norm(t) for t in self.tasksets
         }
@@ -128,10 +136,17 @@ def canonical_label(label: str) -> str | None:
     return _ALIAS_TO_LABEL.get(norm(label))
 
 
-def find_setting(family: str, taskset: str, n_tasks: int | None = None) -> Setting | None:
+def find_setting(
+    family: str, taskset: str, n_tasks: int | None = None, lineage: str | None = None
+) -> Setting | None:
     """The paper setting whose backbone and task set (and number of tasks, if given) match
-    ours, if any."""
+    ours, if any; a setting measured on one checkpoint lineage matches that lineage only."""
     for setting in SETTINGS:
-        if setting.matches(family, taskset, n_tasks):
+        if setting.matches(family, taskset, n_tasks, lineage):
             return setting
     return None
+
+
+def setting_source(key: str) -> str:
+    """Where the numbers of the setting `key` are quoted from (a caption's words)."""
+    return next((s.source for s in SETTINGS if s.key == key), "EMR-Merging paper")

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mergebench.report.boards import DEFAULT_DB, Board, Row, load_boards
+from mergebench.report.boards import DEFAULT_DB, LINEAGE_WHY, Board, Row, load_boards
 from mergebench.report.plots import plot_stem
+from mergebench.report.published import setting_source
 from mergebench.report.stats import RESAMPLES
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import atomic_write_text
@@ -136,8 +137,11 @@ def _caption(board: Board, percent: bool, costs: bool = True) -> str:
             "; seeds: mean ± sample std (n−1) of the average over zoo seeds (data splits and "
             "fine-tuning), the latest run of each seed; the other columns are the latest run's"
         )
+    if board.lineage:
+        text += f"; checkpoints: lineage `{board.lineage}` ({LINEAGE_WHY})"
     if board.published_setting:
-        text += f"; published: EMR-Merging paper, setting `{board.published_setting}`"
+        source = setting_source(board.published_setting)
+        text += f"; published: {source}, setting `{board.published_setting}`"
     return text
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from mergebench.report.boards import Board, load_boards
+from mergebench.report.boards import Board, load_boards, run_lineage
 from mergebench.report.records import RunRecord, average_score, primary_scores
 from mergebench.report.store import Store, redact_secrets
 from mergebench.util.errors import MergeBenchError
@@ -77,11 +77,13 @@ def run_metrics(record: RunRecord, boards: Sequence[Board] | None = None) -> dic
 
 def _board_row(record: RunRecord, boards: Sequence[Board] | None):
     tasks = {s.task for s in record.scores if s.split == "test"}
+    lineage = run_lineage({"config": record.config})  # boards of other lineages are not its
     for board in boards or ():
-        if (board.family, board.taskset, set(board.tasks)) == (
+        if (board.family, board.taskset, set(board.tasks), board.lineage) == (
             record.family,
             record.taskset,
             tasks,
+            lineage,
         ):
             return board.row(record.label)
     return None
