@@ -152,3 +152,23 @@ def test_bad_options_are_errors_naming_the_option(option, value):
     pre, finetuned = {"w": torch.zeros(3)}, {"a": {"w": torch.ones(3)}}
     with pytest.raises(MergeBenchError, match=f"breadcrumbs.{option}"):
         merge(pre, finetuned, **{option: value})
+
+
+@pytest.mark.parametrize(("block", "reuse"), [(50, None), (700, None), (700, 200)])
+def test_blocks_of_rows_give_the_reference_bit_for_bit(random_pool, monkeypatch, block, reuse):
+    """The method masks blocks of rows (`BLOCK_NUMEL`), and big keys may come from the stream
+    as row blocks (`REUSE_MAX_NUMEL`): neither changes a bit."""
+    import mergebench.engine.stream as stream_module
+    import mergebench.methods.breadcrumbs as breadcrumbs
+
+    monkeypatch.setattr(breadcrumbs, "BLOCK_NUMEL", block)
+    if reuse is not None:
+        monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", reuse)
+    pre, finetuned = random_pool
+    params = {"density": 0.3, "outlier": 0.1, "scaling": 0.7}
+    out = mergebench.merge(
+        "breadcrumbs", pre, finetuned, exclude=[r"head\..*"], progress=False, **params
+    ).state_dict("a")
+    expected = breadcrumbs_reference(pre, finetuned, exclude=[r"head\..*"], **params)
+    for key, value in expected.items():
+        assert torch.equal(out[key], value), key
