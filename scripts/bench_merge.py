@@ -223,6 +223,22 @@ def warm_page_cache(pool: Path) -> None:
                 pass
 
 
+def read_once_s(pool: Path, tries: int = 3) -> float:
+    """Seconds to read every checkpoint of the pool once from the page cache into one reused
+    16 MiB buffer (unbuffered `readinto`, so one read(2) per 16 MiB), best of `tries`: the
+    floor a merge that reads the pool once could reach on this machine at this moment."""
+    buffer = memoryview(bytearray(1 << 24))
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        for path in sorted(pool.glob("*.safetensors")):
+            with open(path, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):
+                    pass
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def baseline_rss(threads: int) -> int:
     """Peak RSS of a process that only imports torch and mergebench (counted in every row)."""
     code = (
@@ -462,8 +478,9 @@ def render(results: dict) -> str:
         "fresh process, files to saved artifact. Peak RSS includes "
         f"{results['baseline_rss_bytes'] / mib:.0f} MiB that importing torch alone costs.",
         "",
-        "| method | impl | wall s | peak RSS MiB | artifact MiB | CPU s | load | identical |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| method | impl | wall s | read once s | limit (x read) | peak RSS MiB | artifact MiB "
+        "| CPU s | load | identical |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for method, row in results["methods"].items():
         check = row["check"]
@@ -474,20 +491,23 @@ def render(results: dict) -> str:
         for impl in ("reference", "stream"):
             r = row[impl]
             lines.append(
-                f"| {method} | {impl} | {r['total_s']:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
-                f"{r['bytes'] / mib:.0f} | {r['cpu_s']:.1f} | {r['load_before']:.1f} | "
-                f"{same if impl == 'stream' else ''} |"
+                f"| {method} | {impl} | {r['total_s']:.1f} | {_limit(row, r)} | "
+                f"{r['peak_rss_bytes'] / mib:.0f} | {r['bytes'] / mib:.0f} | {r['cpu_s']:.1f} | "
+                f"{r['load_before']:.1f} | {same if impl == 'stream' else ''} |"
             )
         cpu = row["reference"]["cpu_s"] / row["stream"]["cpu_s"]
         lines.append(
             f"| {method} | **ratio** | **{row['ratio']['time']:.1f}x faster** | "
-            f"**{row['ratio']['rss']:.2f}** | **{row['ratio']['bytes']:.2f}** | "
+            f"| | **{row['ratio']['rss']:.2f}** | **{row['ratio']['bytes']:.2f}** | "
             f"**{cpu:.1f}x less** | | |"
         )
     lines += [
         "",
         "Ratios: wall time and CPU time reference / stream; peak RSS and artifact bytes "
-        "stream / reference. `load`: the machine's 1-minute load average as the run started "
+        "stream / reference. `read once s`: reading every checkpoint of the pool once from "
+        "the page cache into one reused buffer (best of 3, measured just before the method's "
+        "runs); `limit`: the row's wall time as a multiple of it. "
+        "`load`: the machine's 1-minute load average as the run started "
         "(it is shared; a busy machine stretches the reference's wall time more than its CPU "
         "time, so read both ratios).",
     ]
@@ -602,10 +622,11 @@ def measure_new(pool: Path, work: Path, args: argparse.Namespace, methods: list[
         )
         return r
 
-    ta = {
-        impl: run("task_arithmetic", impl, "task_arithmetic", {})
+    ta: dict = {"read_once_s": read_once_s(pool)}
+    ta.update(
+        (impl, run("task_arithmetic", impl, "task_arithmetic", {}))
         for impl in ("reference", "stream")
-    }
+    )
     ta["check"] = verify(
         pool, work / "task_arithmetic_stream", work / "task_arithmetic_reference" / "reference.pt"
     )
@@ -622,7 +643,8 @@ def measure_new(pool: Path, work: Path, args: argparse.Namespace, methods: list[
             nofit = {**params, "keys": NO_KEYS}
             variants = [("wudi", fitted, WUDI_BLOCKS), ("wudi_nofit", nofit, 0)]
         for name, run_params, blocks in variants:
-            row = {"stream": run(name, "stream", method, run_params), "params": run_params}
+            row = {"read_once_s": read_once_s(pool)}
+            row.update(stream=run(name, "stream", method, run_params), params=run_params)
             if blocks is not None:
                 row["blocks_fitted"] = blocks
             if name != "wudi_nofit":
@@ -666,23 +688,23 @@ def render_methods(results: dict) -> str:
         "(`mergebench.merge` then `result.save`), default settings. Peak RSS includes "
         f"{results['baseline_rss_bytes'] / mib:.0f} MiB that importing torch alone costs.",
         "",
-        "| method | impl | wall s | CPU s | x TA wall | x TA CPU | peak RSS MiB | "
-        "artifact MiB | load | check |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| method | impl | wall s | CPU s | x TA wall | x TA CPU | read once s | limit (x read) "
+        "| peak RSS MiB | artifact MiB | load | check |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
 
-    def line(label: str, impl: str, r: dict, check: str) -> None:
+    def line(label: str, impl: str, r: dict, check: str, row: dict) -> None:
         load = "" if r.get("load_before") is None else f"{r['load_before']:.1f}"
         lines.append(
             f"| {label} | {impl} | {r['total_s']:.1f} | {r['cpu_s']:.1f} | "
-            f"{r['total_s'] / base_wall:.1f} | {r['cpu_s'] / base_cpu:.1f} | "
+            f"{r['total_s'] / base_wall:.1f} | {r['cpu_s'] / base_cpu:.1f} | {_limit(row, r)} | "
             f"{r['peak_rss_bytes'] / mib:.0f} | {r['bytes'] / mib:.0f} | {load} | {check} |"
         )
 
     check = ta["check"]
     same = "= stream, bit for bit" if check["differing_tensors"] == 0 else "**differs**"
-    line("task_arithmetic", "reference", ta["reference"], "")
-    line("task_arithmetic", "stream", ta["stream"], f"reference {same}")
+    line("task_arithmetic", "reference", ta["reference"], "", ta)
+    line("task_arithmetic", "stream", ta["stream"], f"reference {same}", ta)
     for name, row in rows.items():
         if name == "task_arithmetic":
             continue
@@ -690,7 +712,7 @@ def render_methods(results: dict) -> str:
             line(
                 f"wudi (all {BLOCKS} blocks) **extrapolated**", "stream", row["stream"],
                 f"**estimate**: no-fit run + {row['scale']:.0f} x the fitting time measured "
-                "above; RSS and artifact as measured",
+                "above; RSS and artifact as measured", rows["wudi"],
             )  # fmt: skip
             continue
         label = name
@@ -698,10 +720,12 @@ def render_methods(results: dict) -> str:
             label = f"wudi ({row['blocks_fitted']} of {BLOCKS} blocks fitted, measured)"
         if name == "wudi_nofit":
             label = "wudi (no matrix fitted: read, write)"
-        line(label, "stream", row["stream"], _spot_text(row.get("check")))
+        line(label, "stream", row["stream"], _spot_text(row.get("check")), row)
     lines += [
         "",
         "`x TA`: the row's wall / CPU time over task arithmetic's streamed one in this run. "
+        "`read once s`: reading the pool once from the page cache (best of 3, just before the "
+        "method's runs); `limit`: the row's wall time as a multiple of it. "
         "`check`: the streamed artifact against the method's in-memory reference "
         "(`mergebench.reference.*`: per-tensor, float64 for the SVD methods and WUDI) on "
         f"{len(SPOT_KEYS)} keys (DELLA and WUDI: the small ones; for TALL masks every task's "
@@ -712,6 +736,14 @@ def render_methods(results: dict) -> str:
         "float64). `load`: the 1-minute load average as the run started.",
     ]
     return "\n".join(lines)
+
+
+def _limit(row: dict, r: dict) -> str:
+    """`read once s | limit` cells: the pool's read-once time and the wall time over it."""
+    read = row.get("read_once_s")
+    if read is None:
+        return " | "
+    return f"{read:.2f} | {r['total_s'] / read:.1f}x"
 
 
 def _spot_text(check: dict | None) -> str:
@@ -805,7 +837,8 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
         for method in paper:
             params = RUNS[method]
-            row = {}
+            row = {"read_once_s": read_once_s(pool)}
+            print(f"{method:17s} read once {row['read_once_s']:7.2f} s", flush=True)
             for impl in ("reference", "stream"):
                 out = work / f"{method}_{impl}"
                 row[impl] = measure(pool, impl, method, params, out, args.threads)

@@ -142,6 +142,7 @@ def _merge_pool(
         notes["key_alignment"] = alignment
     if pool.task_specific == "auto":
         notes["task_specific_keys"] = plan_keys(pool).auto
+    notes["method_version"] = type(instance).version
     notes.update(record)
 
     def noted(result: MergeResult) -> MergeResult:

@@ -1,6 +1,6 @@
 """Keys above the stream's buffer size come in blocks of rows to methods that go entry by
-entry (task arithmetic, weight averaging, TIES with a global threshold, EMR): the results
-equal the whole-key merge bit for bit (EMR's rescalers to float64 rounding), in memory and
+entry (task arithmetic, weight averaging, TIES with a global threshold, EMR, DARE on those):
+the results equal the whole-key merge bit for bit (EMR's rescalers to float64 rounding), in memory and
 streamed into an artifact, and the blocks are what is read."""
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ CASES = [
     ("emr", {}),
     ("emr", {"rescaler": "global"}),
     ("emr", {"magnitude": "sum"}),
+    # DARE's draws are per (key, entry): its base's row blocks come through it.
+    ("dare", {"drop": 0.5}),
+    ("dare", {"drop": 0.5, "base": "ties", "base_params": {"topk_scope": "global"}}),
 ]
 
 
@@ -110,17 +113,6 @@ def test_a_method_that_needs_whole_tensors_gets_them(tmp_path, monkeypatch):
     whole, _ = run("ties", {"k": 0.3, "topk_scope": "tensor"}, pre, finetuned)
     monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", LIMIT)
     blocked, _ = run("ties", {"k": 0.3, "topk_scope": "tensor"}, pre, finetuned)
-    for task in whole:
-        for key, value in whole[task].items():
-            assert torch.equal(blocked[task][key], value), (task, key)
-
-
-def test_dare_draws_stay_key_by_key(tmp_path, monkeypatch):
-    """DARE's transform draws per key: its keys are never cut, so the result is unchanged."""
-    pre, finetuned = pool_files(tmp_path)
-    whole, _ = run("dare", {"drop": 0.5}, pre, finetuned)
-    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", LIMIT)
-    blocked, _ = run("dare", {"drop": 0.5}, pre, finetuned)
     for task in whole:
         for key, value in whole[task].items():
             assert torch.equal(blocked[task][key], value), (task, key)

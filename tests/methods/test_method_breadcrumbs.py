@@ -166,3 +166,40 @@ def test_scope_tensor_ranks_the_whole_tensor_as_one_row():
     assert torch.equal(ref["w"], got)
     per_row = merge(pre, {"a": {"w": tau}}, density=0.25, outlier=0.125)["w"]
     assert not torch.equal(per_row, got)
+
+
+@pytest.mark.parametrize(("block", "reuse"), [(50, None), (700, None), (700, 200)])
+def test_blocks_of_rows_give_the_reference_bit_for_bit(random_pool, monkeypatch, block, reuse):
+    """The method masks blocks of rows (`BLOCK_NUMEL`), and big keys may come from the stream
+    as row blocks (`REUSE_MAX_NUMEL`): neither changes a bit."""
+    import mergebench.engine.stream as stream_module
+    import mergebench.methods.breadcrumbs as breadcrumbs
+
+    monkeypatch.setattr(breadcrumbs, "BLOCK_NUMEL", block)
+    if reuse is not None:
+        monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", reuse)
+    pre, finetuned = random_pool
+    params = {"density": 0.3, "outlier": 0.1, "scaling": 0.7}
+    out = mergebench.merge(
+        "breadcrumbs", pre, finetuned, exclude=[r"head\..*"], progress=False, **params
+    ).state_dict("a")
+    expected = breadcrumbs_reference(pre, finetuned, exclude=[r"head\..*"], **params)
+    for key, value in expected.items():
+        assert torch.equal(out[key], value), key
+
+
+def test_scope_tensor_sees_whole_keys_when_the_stream_cuts_rows(random_pool, monkeypatch):
+    """`scope: tensor` ranks a tensor as one row: big keys must not come in row blocks."""
+    import mergebench.engine.stream as stream_module
+
+    pre, finetuned = random_pool
+    params = {"density": 0.3, "outlier": 0.1, "scaling": 0.7, "scope": "tensor"}
+    whole = mergebench.merge(
+        "breadcrumbs", pre, finetuned, exclude=[r"head\..*"], progress=False, **params
+    ).state_dict("a")
+    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", 200)
+    cut = mergebench.merge(
+        "breadcrumbs", pre, finetuned, exclude=[r"head\..*"], progress=False, **params
+    ).state_dict("a")
+    for key, value in whole.items():
+        assert torch.equal(cut[key], value), key

@@ -169,3 +169,20 @@ def test_bad_options_are_errors_naming_the_option(option, value, extra):
     pre, finetuned = {"w": torch.zeros(3)}, {"a": {"w": torch.ones(3)}}
     with pytest.raises(MergeBenchError, match=f"della.{option}"):
         merge(pre, finetuned, **{option: value, **extra})
+
+
+@pytest.mark.parametrize("block", [50, 700])
+def test_blocks_of_rows_give_the_reference_bit_for_bit(random_pool, monkeypatch, block):
+    """Each key is pruned and elected in blocks of rows (`BLOCK_NUMEL`), every task's
+    generator drawn block after block: the same bits as whole keys."""
+    import mergebench.methods.della as della
+
+    monkeypatch.setattr(della, "BLOCK_NUMEL", block)
+    pre, finetuned = random_pool
+    params = {"density": 0.4, "window": 0.3, "scaling": 0.8, "seed": 9}
+    out = mergebench.merge(
+        "della", pre, finetuned, exclude=[r"head\..*"], progress=False, **params
+    ).state_dict("b")
+    expected = della_reference(pre, finetuned, exclude=[r"head\..*"], **params)
+    for key, value in expected.items():
+        assert torch.equal(out[key], value), key

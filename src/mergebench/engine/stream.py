@@ -44,9 +44,12 @@ from mergebench.engine.pool import ModelPool
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.progress import stage
 
-# A transform rewrites the task vectors of one key (DARE's drop-and-rescale). A factory makes
-# a fresh one per pass so that random transforms replay identically in every pass.
-TaskVectorTransform = Callable[[str, torch.Tensor], torch.Tensor]
+# A transform rewrites the task vectors of one key, or of the rows `rows` of it (DARE's
+# drop-and-rescale): `transform(key, task_vectors, rows)`. A factory makes a fresh one per
+# pass so that random transforms replay identically in every pass. A transform whose result
+# depends only on its arguments says so with a true `order_free` attribute: it then runs on
+# the workers in any order and may get row blocks; any other is applied key by key in order.
+TaskVectorTransform = Callable[[str, torch.Tensor, "tuple[int, int] | None"], torch.Tensor]
 TransformFactory = Callable[[], TaskVectorTransform]
 R = TypeVar("R")
 
@@ -250,14 +253,16 @@ class TaskVectorStream:
         """Yield `(key, fn(item))` for every merged key, in key order.
 
         `fn` runs in worker threads on items whose tensors live in reused buffers: it must
-        return new tensors (or numbers) and keep no reference to the item's tensors. A
-        transform (DARE) is applied in key order, so its random draws replay exactly.
+        return new tensors (or numbers) and keep no reference to the item's tensors. An
+        `order_free` transform (DARE) runs on the workers too; any other is applied in key
+        order, so that draws from a shared generator would replay exactly.
         With `row_blocks`, a key above `REUSE_MAX_NUMEL` entries comes as several items in
-        row order, each with its `rows`, and yields once per block (not with a transform:
-        its draws are made key by key).
+        row order, each with its `rows`, and yields once per block (not with a transform
+        that is not `order_free`: it sees whole keys).
         """
         transform = self.transform_factory() if self.transform_factory else None
-        units = self._units(row_blocks and transform is None)
+        ordered = transform is not None and not getattr(transform, "order_free", False)
+        units = self._units(row_blocks and not ordered)
         if not units:
             return
         workers = self.threads
@@ -287,11 +292,12 @@ class TaskVectorStream:
                 loaded, buffers = loading.result()
                 item = self._item(loaded, None)
                 if transform is not None:
-                    if index > 0:
+                    if ordered and index > 0:
                         transformed[index - 1].wait()
                     item = TensorItem(
-                        item.key, item.pretrained, transform(item.key, item.task_vectors),
-                        item.dtype, rows=item.rows,
+                        item.key, item.pretrained,
+                        transform(item.key, item.task_vectors, item.rows), item.dtype,
+                        rows=item.rows,
                     )  # fmt: skip
                     transformed[index].set()
                 return fn(item)
@@ -419,7 +425,9 @@ class TaskVectorStream:
             raise self._non_finite(key)
         item = TensorItem(key, pre, taus, self.pool.pretrained.dtype(key), task_sum, loaded.rows)
         if transform is not None:
-            item = TensorItem(key, pre, transform(key, taus), item.dtype, rows=loaded.rows)
+            item = TensorItem(
+                key, pre, transform(key, taus, loaded.rows), item.dtype, rows=loaded.rows
+            )
         return item
 
     def _non_finite(self, key: str) -> MergeBenchError:

@@ -45,6 +45,9 @@ class Method:
     needs_data: ClassVar[bool] = False
     task_conditioned: ClassVar[bool] = False
     options: ClassVar[dict[str, Option]] = {}  # the declared options, in declaration order
+    # Bumped when the same options give different numbers (DARE's new draws); recorded in
+    # each result's `extra["method_version"]`.
+    version: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

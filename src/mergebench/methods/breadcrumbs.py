@@ -48,6 +48,12 @@ def crumbs(task_vectors: torch.Tensor, density: float, outlier: float) -> torch.
     return (rows * keep).reshape(task_vectors.shape)
 
 
+# Entries of the `[N, rows, n]` stack masked at a time: the sort's keys and int64 indices
+# are that block's size, so a large key (an LLM's embedding) costs one float32 copy (the
+# result) beyond the stream's buffers instead of several of the whole stack.
+BLOCK_NUMEL = 1 << 20
+
+
 def breadcrumbs_delta(
     task_vectors: torch.Tensor,
     density: float,
@@ -55,13 +61,22 @@ def breadcrumbs_delta(
     scaling: float,
     scope: str = "row",
 ) -> torch.Tensor:
-    """`scaling * sum_t crumbs(tau_t)` for one key (float32 in, float32 out)."""
-    if scope == "tensor" and task_vectors.dim() > 1:
+    """`scaling * sum_t crumbs(tau_t)` for one key (float32 in, float32 out), computed in
+    blocks of rows (each entry's value does not depend on the blocks)."""
+    if scope == "tensor" and task_vectors.dim() > 1:  # mergekit's: the tensor is one row
         flat = task_vectors.reshape(task_vectors.shape[0], -1)
-        kept = crumbs(flat, density, outlier).reshape(task_vectors.shape)
-    else:
-        kept = crumbs(task_vectors, density, outlier)
-    return scaling * sum_tasks(kept)
+        return scaling * sum_tasks(crumbs(flat, density, outlier).reshape(task_vectors.shape))
+    if task_vectors.dim() == 1 or task_vectors.numel() == 0:
+        return scaling * sum_tasks(crumbs(task_vectors, density, outlier))
+    n = task_vectors.shape[-1]
+    stack = task_vectors.reshape(task_vectors.shape[0], -1, n)
+    out = torch.empty(task_vectors.shape[1:], dtype=task_vectors.dtype, device=stack.device)
+    rows = out.view(-1, n)
+    per = max(1, BLOCK_NUMEL // (n * stack.shape[0]))
+    for start in range(0, rows.shape[0], per):
+        sum_tasks(crumbs(stack[:, start : start + per], density, outlier),
+                  out=rows[start : start + per])  # fmt: skip
+    return out.mul_(scaling)
 
 
 class Breadcrumbs(TaskVectorMethod):
@@ -72,6 +87,11 @@ class Breadcrumbs(TaskVectorMethod):
     outlier: float = option(fraction, low_open=False, high_open=True)
     scaling: float = option(number)
     scope: str = option(choice, allowed=("row", "tensor"))
+
+    def splits_rows(self) -> bool:
+        # Masks are per row along the last dimension: a block of whole first-axis rows
+        # holds whole rows (`scope: tensor` ranks the whole tensor: it needs the key).
+        return self.scope == "row"
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling, self.scope)

@@ -1,16 +1,23 @@
 """DARE: drop each task-vector entry with probability p, rescale the kept ones by 1/(1-p),
 then hand the task vectors to a data-free base method.
 
-Randomness: one `torch.Generator` per task, seeded by `seed` and the task index, consumed
-tensor by tensor in key order, so a run is reproducible bit for bit (and replays exactly
-in every pass a base method makes, e.g. TIES' global top-k).
+Randomness (method version 2): a counter-based generator, numpy's Philox-4x64, keyed by
+(seed, task index, key name). Entry `i` of a key (row-major order) gets the 32-bit word `i`
+of that generator's output stream from counter 0, so any block of any key is drawn on its
+own, on any worker thread, in any order: a run is reproducible bit for bit whatever the
+thread count, the row blocks and the machine, and replays exactly in every pass a base
+method makes (e.g. TIES' global top-k). Version 1 (a torch generator per task consumed key
+by key, hence one key at a time) is gone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergebench.engine.pool import ModelPool
@@ -21,32 +28,83 @@ from mergebench.methods.registry import build_method, method_label
 from mergebench.results import SingleModelResult
 from mergebench.util.errors import MergeBenchError
 
-# Large odd constant: seeds for different tasks never collide for any practical `seed`.
-_TASK_STRIDE = 1_000_003
+# Version of DARE's draws recorded with each result (`Method.version`): 2 = Philox, per key.
+DRAWS_VERSION = 2
+# Entries drawn and applied at a time: the words and the mask stay in the cache.
+_CHUNK = 1 << 16
+# Philox-4x64 gives 4 uint64 words, i.e. 8 entries' 32-bit words, per counter value.
+_ENTRIES_PER_COUNTER = 8
+
+
+def philox_key(seed: int, task_index: int, key: str) -> np.ndarray:
+    """The 128-bit Philox key of one (seed, task, key): numpy's SeedSequence hash of
+    `[|seed|, seed < 0, task index, blake2b-128 of the key name as an integer]`."""
+    name = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest(), "little")
+    entropy = [abs(seed), int(seed < 0), task_index, name]
+    return np.random.SeedSequence(entropy).generate_state(2, np.uint64)
+
+
+def draw_words(key: np.ndarray, start: int, count: int) -> np.ndarray:
+    """The uint32 words of entries `start .. start + count` of a key: word `i` is the low
+    (even `i`) or high (odd `i`) half of uint64 output `i // 2` of `Philox(key)` from counter
+    0 (each counter value gives 4 uint64 outputs), whatever `start` is."""
+    first = start // _ENTRIES_PER_COUNTER
+    skip = start - first * _ENTRIES_PER_COUNTER
+    counters = -(-(skip + count) // _ENTRIES_PER_COUNTER)
+    raw = np.random.Philox(key=key, counter=first).random_raw(counters * 4)
+    # Little-endian uint64 -> two uint32, low half first, on any machine.
+    return raw.astype("<u8", copy=False).view("<u4")[skip : skip + count]
+
+
+def keep_threshold(p: float) -> int:
+    """Keep an entry when its word `x >= ceil(p * 2^32)`: `u >= p` for `u = x / 2^32`
+    (exact: `p * 2^32` is exact in float64)."""
+    return math.ceil(p * 2.0**32)
 
 
 def drop_and_rescale(
-    task_vector: torch.Tensor, p: float, rescale: bool, generator: torch.Generator
+    task_vector: torch.Tensor, p: float, rescale: bool, key: np.ndarray, start: int = 0
 ) -> torch.Tensor:
-    keep = torch.rand(task_vector.shape, generator=generator) >= p  # P(keep) = 1 - p
-    dropped = task_vector * keep.to(task_vector.device)
-    return dropped / (1.0 - p) if rescale else dropped
+    """Drop entries of one task's tensor in place (entry `i` of it is entry `start + i` of
+    its key, row-major), dividing the kept ones by `1 - p` if `rescale`; returns it."""
+    flat = task_vector.view(-1)
+    threshold = keep_threshold(p)
+    for offset in range(0, flat.numel(), _CHUNK):
+        part = flat[offset : offset + _CHUNK]
+        words = draw_words(key, start + offset, part.numel())
+        if threshold > np.iinfo(np.uint32).max:
+            keep = np.zeros(words.shape, dtype=bool)
+        else:
+            keep = words >= threshold  # P(keep) = 1 - p
+        part.mul_(torch.from_numpy(keep).to(part.device))
+        if rescale:
+            part.div_(1.0 - p)
+    return task_vector
+
+
+class Dropper:
+    """DARE's transform of one key's (or row block's) task-vector stack, in place. Its draws
+    depend only on (seed, task, key, entry), so the stream may run it on any thread, in any
+    order, on row blocks (`order_free`)."""
+
+    order_free = True
+
+    def __init__(self, num_tasks: int, p: float, rescale: bool, seed: int) -> None:
+        self.num_tasks, self.p, self.rescale, self.seed = num_tasks, p, rescale, seed
+
+    def __call__(
+        self, key: str, task_vectors: torch.Tensor, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        start = 0
+        if rows is not None and task_vectors.dim() > 1:
+            start = rows[0] * math.prod(task_vectors.shape[2:])
+        for index, tau in enumerate(task_vectors):
+            drop_and_rescale(tau, self.p, self.rescale, philox_key(self.seed, index, key), start)
+        return task_vectors
 
 
 def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVectorTransform:
-    generators = [
-        torch.Generator().manual_seed(seed * _TASK_STRIDE + index) for index in range(num_tasks)
-    ]
-
-    def transform(key: str, task_vectors: torch.Tensor) -> torch.Tensor:
-        return torch.stack(
-            [
-                drop_and_rescale(tau, p, rescale, g)
-                for tau, g in zip(task_vectors, generators, strict=True)
-            ]
-        )
-
-    return transform
+    return Dropper(num_tasks, p, rescale, seed)
 
 
 def any_integer(method: str, option: str, value: Any) -> int:
@@ -57,6 +115,7 @@ def any_integer(method: str, option: str, value: Any) -> int:
 
 class Dare(Method):
     name = "dare"
+    version = DRAWS_VERSION
 
     label_options = ("base",)
 

@@ -18,6 +18,7 @@ the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,6 +78,12 @@ def elect_and_disjoint_mean(pruned: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, agreeing / count.clamp(min=1), torch.zeros_like(agreeing))
 
 
+# Entries per task pruned and elected at a time: the ranks (int64), probabilities and draws
+# are that block's size, so a large key costs one float32 copy (the result) beyond the
+# stream's buffers instead of several of the whole stack.
+BLOCK_NUMEL = 1 << 20
+
+
 def della_delta(
     task_vectors: torch.Tensor,
     key_index: int,
@@ -86,20 +93,29 @@ def della_delta(
     scaling: float,
     seed: int,
 ) -> torch.Tensor:
-    """`scaling * delta` of one key from its float32 task-vector stack `[N, *shape]`."""
-    pruned = torch.stack(
-        [
-            magprune(
-                tau,
-                density,
-                window,
-                rescale,
-                torch.Generator().manual_seed(della_seed(seed, t, key_index)),
-            )
-            for t, tau in enumerate(task_vectors)
-        ]
-    )
-    return scaling * elect_and_disjoint_mean(pruned)
+    """`scaling * delta` of one key from its float32 task-vector stack `[N, *shape]`, in
+    blocks of rows: ranks are per row, elect and mean per entry, and each task's generator
+    is drawn block after block in the key's flat order, as one whole-key draw would be."""
+    generators = [
+        torch.Generator().manual_seed(della_seed(seed, t, key_index))
+        for t in range(task_vectors.shape[0])
+    ]
+    shape = task_vectors.shape[1:]
+    blocks: list[slice | None] = [None]  # None: the whole key (0-D and 1-D keys are one row)
+    if len(shape) >= 2 and task_vectors.numel() > 0:
+        per = max(1, BLOCK_NUMEL // math.prod(shape[1:]))
+        blocks = [slice(start, start + per) for start in range(0, shape[0], per)]
+    out = torch.empty(shape, dtype=task_vectors.dtype, device=task_vectors.device)
+    for rows in blocks:
+        pruned = torch.stack(
+            [
+                magprune(tau if rows is None else tau[rows], density, window, rescale, generator)
+                for tau, generator in zip(task_vectors, generators, strict=True)
+            ]
+        )
+        target = out if rows is None else out[rows]
+        torch.mul(elect_and_disjoint_mean(pruned), scaling, out=target)
+    return out
 
 
 def window_fits(where: str, given: Any, window: float, earlier: Mapping[str, Any]) -> None:

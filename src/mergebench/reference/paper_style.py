@@ -12,12 +12,15 @@ code does when it adds task vectors one after the other.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -204,14 +207,22 @@ def _ties_merge(
 
 
 def _dare(task_vectors: torch.Tensor, params: dict[str, Any], layout: _Layout) -> torch.Tensor:
-    """DARE: drop with probability p, rescale by 1/(1-p); one generator per task, drawn
-    tensor by tensor in key order (as `mergebench` seeds it)."""
-    p, dropped = params["drop"], torch.empty_like(task_vectors)
+    """DARE: drop with probability p, rescale by 1/(1-p). Draws as docs/methods.md says: per
+    task and key, a Philox-4x64 stream keyed by SeedSequence([|seed|, seed < 0, task, blake2b
+    of the key]) from counter 0, entry i taking the low (even i) or high (odd i) 32 bits of
+    uint64 output i // 2, kept where that word >= ceil(p * 2^32); drawn whole per key."""
+    p, seed, dropped = params["drop"], params["seed"], torch.empty_like(task_vectors)
+    threshold = math.ceil(p * 2.0**32)
     for index in range(task_vectors.shape[0]):
-        generator = torch.Generator().manual_seed(params["seed"] * 1_000_003 + index)
         for key, part in layout.slices.items():
-            keep = torch.rand(layout.shapes[key], generator=generator) >= p
-            values = task_vectors[index, part] * keep.reshape(-1)
+            digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+            entropy = [abs(seed), int(seed < 0), index, int.from_bytes(digest, "little")]
+            philox = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
+            n = part.stop - part.start
+            raw = np.random.Philox(key=philox).random_raw((n + 1) // 2).astype(np.uint64)
+            words = np.stack([raw & np.uint64(0xFFFFFFFF), raw >> np.uint64(32)], axis=1)
+            keep = torch.from_numpy(words.reshape(-1)[:n] >= threshold)
+            values = task_vectors[index, part] * keep
             dropped[index, part] = values / (1.0 - p) if params["rescale"] else values
     return dropped
 
