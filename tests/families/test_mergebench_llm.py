@@ -5,6 +5,8 @@ composed and checked, and the family runs on tiny local stand-ins with the same 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -134,10 +136,11 @@ def test_code_task_refused_without_the_option(stand_ins):
     )
 
 
-def test_stand_ins_merge_and_score_with_code_confirmed(stand_ins):
+def test_stand_ins_merge_and_score_with_code_confirmed(stand_ins, monkeypatch):
     from mergebench import merge
     from mergebench.evaluation import evaluate_timed
 
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     base, experts, _ = stand_ins
     data = stand_in_data(stand_ins, "eval.lm_eval.confirm_run_unsafe_code=true")
     assert data.expert_of == {GEN_TASK: "instruction", MC_TASK: "math", CODE_TASK: "coding"}
@@ -147,3 +150,15 @@ def test_stand_ins_merge_and_score_with_code_confirmed(stand_ins):
     assert [s.task for s in ev.scores] == [MC_TASK, GEN_TASK, CODE_TASK]
     for score in ev.scores:
         assert len(ev.outcomes[score.task].pred) == 6 and 0.0 <= score.value <= 1.0
+    assert "HF_ALLOW_CODE_EVAL" not in os.environ  # set only while the tasks were scored
+
+
+def test_code_eval_env_is_set_only_inside_and_restored(monkeypatch):
+    from mergebench.data.lm_eval import _code_eval_allowed
+
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "0")
+    with _code_eval_allowed(True):
+        assert os.environ["HF_ALLOW_CODE_EVAL"] == "1"
+    assert os.environ["HF_ALLOW_CODE_EVAL"] == "0"
+    with _code_eval_allowed(False):
+        assert os.environ["HF_ALLOW_CODE_EVAL"] == "0"
