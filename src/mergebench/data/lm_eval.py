@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from torch import nn
 from mergebench.util.errors import MergeBenchError, first_line
 
 # eval.lm_eval.* passed to lm_eval.simple_evaluate (batch_size goes to the model wrapper).
-OPTIONS = ("batch_size", "limit", "gen_kwargs", "apply_chat_template", "num_fewshot")
+OPTIONS = ("batch_size", "limit", "gen_kwargs", "apply_chat_template", "num_fewshot",
+           "confirm_run_unsafe_code")  # fmt: skip
+UNSAFE_OPTION = "eval.lm_eval.confirm_run_unsafe_code"
 _NOT_METRICS = ("alias", "name", "sample_len", "samples")
 # What HFLM says every time it is handed a model instance, which is how we use it.
 _EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized")
@@ -96,6 +99,39 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def check_unsafe_code(manager: Any, tasks: Sequence[str], options: Mapping[str, Any]) -> None:
+    """Tasks that run the model's generated code (lm-eval's `unsafe_code`: humaneval_plus,
+    mbpp_plus, ...) only with `eval.lm_eval.confirm_run_unsafe_code=true`; refused up front,
+    before any model is loaded."""
+    if options.get("confirm_run_unsafe_code"):
+        return
+    index = manager.task_index
+    unsafe = [t for t in tasks if t in index and (index[t].cfg or {}).get("unsafe_code")]
+    if unsafe:
+        raise MergeBenchError(
+            f"taskset.tasks: {', '.join(unsafe)} execute the model's generated code: set "
+            f"{UNSAFE_OPTION}=true to run them (or leave them out of taskset.tasks)"
+        )
+
+
+@contextmanager
+def _code_eval_allowed(allowed: bool) -> Iterator[None]:
+    """HF `evaluate`'s code_eval metric (lm-eval's pass@k) reads HF_ALLOW_CODE_EVAL=1; set
+    only while a run that confirmed unsafe code is scored."""
+    if not allowed:
+        yield
+        return
+    before = os.environ.get("HF_ALLOW_CODE_EVAL")
+    os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = before
+
+
 def score_task(
     model: nn.Module,
     tokenizer: Any,
@@ -112,7 +148,7 @@ def score_task(
     device = str(next(model.parameters()).device)
     kwargs = {k: v for k, v in options.items() if k != "batch_size"}
     try:
-        with _quiet_lm_eval():
+        with _quiet_lm_eval(), _code_eval_allowed(bool(kwargs.get("confirm_run_unsafe_code"))):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device,
                       batch_size=int(options.get("batch_size") or batch_size))  # fmt: skip
             out = simple_evaluate(lm, tasks=[task], task_manager=manager, log_samples=True,
@@ -147,4 +183,12 @@ def _mean_metric(task: str, results: Mapping[str, Any], samples: Sequence[Mappin
     )
 
 
-__all__ = ["OPTIONS", "SampleScores", "check_options", "score_task", "task_manager"]
+__all__ = [
+    "OPTIONS",
+    "UNSAFE_OPTION",
+    "SampleScores",
+    "check_options",
+    "check_unsafe_code",
+    "score_task",
+    "task_manager",
+]

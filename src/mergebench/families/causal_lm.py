@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergebench.data.lm_eval import SampleScores, check_options, score_task, task_manager
+from mergebench.data.lm_eval import (
+    SampleScores,
+    check_options,
+    check_unsafe_code,
+    score_task,
+    task_manager,
+)
 from mergebench.data.splits import SPLITS
 from mergebench.engine.checkpoints import TensorReader, open_checkpoint
 from mergebench.engine.llm import parse_out_dtype
@@ -78,12 +84,13 @@ class CausalLMFamily(PaperFamily):
                 "model.checkpoints.finetuned: no experts (a mapping {name: folder or hub id})"
             )
         tasks = [str(t) for t in (to_plain(cfg_taskset.get("tasks")) or [])]
+        lm_options = check_options(to_plain(cfg_taskset.get("lm_eval")))
         manager = task_manager(cfg_taskset.get("include_path"), tasks)
+        check_unsafe_code(manager, tasks, lm_options)
         mapping = expert_tasks(list(experts), tasks, to_plain(cfg_taskset.get("expert_tasks")))
         options = dict(to_plain(cfg_model.get("options")) or {})
         inputs = {str(e): TaskInputs(0, {s: [] for s in SPLITS}) for e in experts}
         family = construct(cls, "model.options", inputs, pretrained, specs={}, **options)
-        lm_options = check_options(to_plain(cfg_taskset.get("lm_eval")))
         return family, LMEvalData(family, tasks, manager, mapping, lm_options)
 
     # -- the pool: the checkpoints as they are --------------------------------------------
