@@ -35,7 +35,7 @@ from mergebench.bench.protocol import Selection, UserSettings, run_label, select
 from mergebench.bench.settings import check_run_settings
 from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
 from mergebench.families.labeled import LabeledData
-from mergebench.methods.registry import method_base_label
+from mergebench.methods.registry import method_base_label, method_class
 from mergebench.report.records import RunRecord, TaskScore, primary_scores
 from mergebench.report.store import Store, open_store
 from mergebench.report.wandb import (
@@ -182,7 +182,7 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
     settings: UserSettings = user_settings(overrides)
     label = plain.get("label") or run_label(name, method_cfg, search, settings)
     family, taskset = str(plain["model"]["name"]), str(plain["taskset"]["name"])
-    config = {**plain, "zoo_signature": ctx.signature}
+    config = {**plain, "zoo_signature": ctx.signature, **method_versions(name, method_cfg)}
 
     store = _open_store(plain)
     logger = logger_from_config(plain)  # a bad logger option fails before any work
@@ -301,6 +301,16 @@ def run_cost(selection: Selection, rss: PeakRSS) -> dict[str, Any]:
         "merge_start_rss_bytes": rss.start,
         "process_high_water_bytes": rss.high_water,
     }
+
+
+def method_versions(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"method_versions": {method: version}}` for a method (or the base method it builds
+    on) whose results changed since version 1 (DARE's draws: 2), else nothing: a changed
+    method gets new run hashes, so a resumed sweep reruns it, and every other stored run
+    keeps its hash."""
+    names = [name] + [str(options["base"])] if options.get("base") else [name]
+    versions = {n: method_class(n).version for n in names if method_class(n).version > 1}
+    return {"method_versions": versions} if versions else {}
 
 
 def _open_store(plain: Mapping[str, Any]):
