@@ -138,3 +138,29 @@ def lm_eval_tasks(folder: Path, examples: int = 12, seed: int = 0) -> Path:
         "    ignore_case: true\n    ignore_punctuation: true\n"
     )  # fmt: skip
     return folder
+
+
+def mergekit_llama_pool(folder: Path) -> dict[str, Path]:
+    """A base and three experts (`a`, `b`, `c`): save_pretrained folders of a 2-layer random
+    Llama, as the mergekit parity tests merge them with both tools."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    paths = {"base": folder / "base"}
+    base.save_pretrained(paths["base"])
+    g = torch.Generator().manual_seed(1)
+    for index, name in enumerate(("a", "b", "c")):
+        state = {
+            k: v + (0.02 + 0.05 * index) * torch.randn(v.shape, generator=g)
+            for k, v in base.state_dict().items()
+        }
+        expert = LlamaForCausalLM(config)
+        expert.load_state_dict(state)
+        paths[name] = folder / name
+        expert.save_pretrained(paths[name])
+    return paths

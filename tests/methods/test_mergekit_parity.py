@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import tiny_llm
 import torch
 from safetensors.torch import load_file
 
@@ -24,29 +25,7 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 @pytest.fixture(scope="module")
 def llama_pool(tmp_path_factory) -> dict[str, Path]:
-    """A base and three experts: save_pretrained folders of a 2-layer random Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    paths = {"base": folder / "base"}
-    base.save_pretrained(paths["base"])
-    g = torch.Generator().manual_seed(1)
-    for index, name in enumerate(("a", "b", "c")):
-        state = {
-            k: v + (0.02 + 0.05 * index) * torch.randn(v.shape, generator=g)
-            for k, v in base.state_dict().items()
-        }
-        expert = LlamaForCausalLM(config)
-        expert.load_state_dict(state)
-        paths[name] = folder / name
-        expert.save_pretrained(paths[name])
-    return paths
+    return tiny_llm.mergekit_llama_pool(tmp_path_factory.mktemp("llama"))
 
 
 def mergekit_merge(recipe: dict, out: Path) -> dict[str, torch.Tensor]:

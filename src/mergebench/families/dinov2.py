@@ -15,13 +15,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mergebench.engine.pool import Batch
 from mergebench.families.base import HEAD, TaskInputs, ZooFamily
 from mergebench.families.dinov2_onnx import PATCH, pretrained_state
-from mergebench.families.efficientnet import IMAGENET_MEAN, IMAGENET_STD
+from mergebench.families.image_inputs import imagenet_batch
 from mergebench.util.errors import MergeBenchError
 
 EMBED_DIM = 384
@@ -62,23 +61,9 @@ class Dinov2ViTS14Family(ZooFamily):
                 f"model.options.image_size: {image_size!r} is not a positive multiple of {PATCH}"
             )
         self.image_size = image_size
-        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def encode(self, inputs: Sequence[np.ndarray] | np.ndarray) -> Batch:
-        images = torch.as_tensor(np.asarray(inputs), dtype=torch.float32) / 255.0
-        if images.ndim == 3:  # grayscale [B, H, W] -> [B, 1, H, W]
-            images = images.unsqueeze(1)
-        elif images.ndim == 4 and images.shape[-1] in (1, 3):  # [B, H, W, C] -> [B, C, H, W]
-            images = images.permute(0, 3, 1, 2)
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bilinear",
-                align_corners=False, antialias=True,
-            )  # fmt: skip
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        return {"pixel_values": ((images - self._mean) / self._std).contiguous()}
+        return {"pixel_values": imagenet_batch(inputs, self.image_size).contiguous()}
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["pixel_values"])

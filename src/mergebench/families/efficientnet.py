@@ -17,15 +17,12 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mergebench.engine.pool import Batch
 from mergebench.families.base import HEAD, TaskInputs, ZooFamily
+from mergebench.families.image_inputs import imagenet_batch
 from mergebench.util.errors import MergeBenchError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _timm_model(num_classes: int, dropout: float) -> nn.Module:
@@ -102,23 +99,9 @@ class EfficientNetLite0Family(ZooFamily):
         self.image_size = image_size
         self.dropout = dropout
         self.freeze_batchnorm = freeze_batchnorm
-        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def encode(self, inputs: Sequence[np.ndarray] | np.ndarray) -> Batch:
-        images = torch.as_tensor(np.asarray(inputs), dtype=torch.float32) / 255.0
-        if images.ndim == 3:  # grayscale [B, H, W] -> [B, 1, H, W]
-            images = images.unsqueeze(1)
-        elif images.ndim == 4 and images.shape[-1] in (1, 3):  # [B, H, W, C] -> [B, C, H, W]
-            images = images.permute(0, 3, 1, 2)
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bilinear",
-                align_corners=False, antialias=True,
-            )  # fmt: skip
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        images = (images - self._mean) / self._std
+        images = imagenet_batch(inputs, self.image_size)
         return {"pixel_values": images.contiguous(memory_format=torch.channels_last)}
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
