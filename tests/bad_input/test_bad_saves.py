@@ -138,3 +138,18 @@ def test_save_into_a_folder_beside_its_pretrained_is_fine(tmp_path, earlier):
     assert sorted(result.tasks) == ["a", "b", "c"] and os.path.isdir(tmp_path / "emr")
     assert torch.is_tensor(next(iter(result.state_dict("a").values())))
     save_file({"x": torch.ones(1)}, tmp_path / "unrelated.safetensors")
+
+
+def test_a_removed_run_folder_leaves_no_log_handler_behind(work, merge_cli):
+    """A refused command removes its run folder: the job-log handler Hydra opened there goes
+    too, or the next log line of this process (transformers' warnings) would fail."""
+    import logging
+
+    outcome = merge_cli("method=ties", "pretrained=missing.safetensors",
+                        "finetuned={a: a.safetensors}", "output_dir=res")  # fmt: skip
+    assert outcome.code == 2
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in [h for lg in loggers for h in getattr(lg, "handlers", [])]:
+        path = getattr(handler, "baseFilename", None)
+        assert path is None or os.path.isdir(os.path.dirname(path)), path
+    logging.getLogger("transformers").warning("a warning after a refused command")

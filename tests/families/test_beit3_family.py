@@ -206,7 +206,7 @@ def test_beit3_scores_primary_first(world, no_java):
         ("coco_retrieval", "tr_r1")
     )
     vqa = ev.outcomes["vqav2"]
-    assert vqa.metric == "mean_score" and len(vqa.pred) == 6
+    assert vqa.metric == "mean" and len(vqa.pred) == 6
     # Items with ten answers get the official accuracy, one without its unilm soft score.
     allowed = {vqa_accuracy(a, ["yes"] * (i + 1) + ["no"] * (9 - i))
                for i in range(5) for a in tiny.ANSWERS}  # fmt: skip

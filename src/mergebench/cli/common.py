@@ -111,6 +111,7 @@ def _discard_run_folder() -> None:
     hydra_own = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
     if not folder.is_dir() or any(p.name not in hydra_own for p in folder.iterdir()):
         return
+    _close_log_files_in(folder)
     shutil.rmtree(folder, ignore_errors=True)
     # The parents Hydra created for it (`outputs/merge/`), while empty, up to the working folder.
     cwd, parent = Path.cwd().resolve(), folder.resolve().parent
@@ -120,6 +121,21 @@ def _discard_run_folder() -> None:
         except OSError:  # not empty: someone else's
             break
         parent = parent.parent
+
+
+def _close_log_files_in(folder: Path) -> None:
+    """Detach the logging handlers Hydra opened on the job's log in `folder`: once the folder
+    is gone, a later log line in this process (a notebook or a test calling the command
+    again; transformers' warnings) would try to reopen it and fail."""
+    import logging
+
+    inside = folder.resolve()
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            path = getattr(handler, "baseFilename", None)
+            if path is not None and inside in Path(path).resolve().parents:
+                logger.removeHandler(handler)
+                handler.close()
 
 
 def _is_run_folder_error(err: OSError) -> bool:
