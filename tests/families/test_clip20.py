@@ -252,3 +252,23 @@ def test_clip20_wandb_metrics_read_the_board_of_the_run_lineage():
         )
         normalized = run_metrics(record, boards)["test/normalized_avg"]
         assert normalized == pytest.approx(0.6 / individual)
+
+
+def test_clip20_published_tsv_m_per_task_on_tall_masks_boards_only():
+    """TSV-M's per-task numbers (the TSV authors' results on the TALL-masks checkpoints)
+    fill the published column of `method=tsv` rows on tall_masks boards, and no other."""
+    tasks = EIGHT + SIX14 + SIX20
+    rows = _scores(1, "individual", "openclip_vit_l14", "clip20", dict.fromkeys(tasks, 0.9))
+    rows += _scores(2, "tsv", "openclip_vit_l14", "clip20", dict.fromkeys(tasks, 0.8))
+    rows += _scores(3, "individual", "openclip_vit_l14", "clip20", dict.fromkeys(tasks, 0.9))
+    rows += _scores(4, "tsv", "openclip_vit_l14", "clip20", dict.fromkeys(tasks, 0.8))
+    lineages = {1: "tall_masks", 2: "tall_masks", 3: "fusionbench", 4: "fusionbench"}
+    boards = {b.lineage: b for b in build_boards(rows, lineages=lineages)}
+    tsv = boards["tall_masks"].row("tsv")
+    assert boards["tall_masks"].published_setting == "openclip-vit-l14-20"
+    assert tsv.published_average == pytest.approx(0.8771, abs=1e-4)  # mean of the 20 tasks
+    assert tsv.published_scores["emnist_letters"] == pytest.approx(0.9923)  # their EMNIST
+    assert tsv.published_scores["stanford_cars"] == pytest.approx(0.8094)
+    # CART's averages stay beside it; the FusionBench board shows none of them.
+    assert boards["tall_masks"].row("individual").published_average == pytest.approx(0.941)
+    assert boards["fusionbench"].row("tsv").published_average is None
