@@ -191,6 +191,33 @@ def test_beit3_encode_each_task_and_decode_captions(world):
     assert data.num_classes("vqav2") == len(tiny.ANSWERS)
 
 
+def test_beit3_caption_decoding_options_reach_the_family(world):
+    """Defaults: unilm's evaluation (beam 3, length penalty 0.6, 64 tokens); greedy by option;
+    on the tiny model both decode from the same captioner."""
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        plain = compose("config", overrides=["model=beit3_base", "taskset=beit3_5"])
+    assert plain.model.options.caption_decoding == "beam"
+    assert plain.model.options.caption_beams == 3
+    assert plain.model.options.caption_length_penalty == 0.6
+    assert plain.model.options.caption_max_len == 64
+    beam, _ = load_family(*_model_taskset(compose_cfg(world)))
+    greedy, _ = load_family(
+        *_model_taskset(compose_cfg(world, "model.options.caption_decoding=greedy"))
+    )
+    assert (beam.decoding.method, beam.decoding.num_beams) == ("beam", 3)
+    assert greedy.decoding.method == "greedy" and greedy.decoding.max_len == 6
+    model = beam.build_model("coco_captioning").eval()
+    image = beam.encode(beam.tasks["coco_captioning"].inputs["test"][:2])["image"]
+    with torch.inference_mode():
+        assert len(beam.caption(model, image)) == len(greedy.caption(model, image)) == 2
+    with pytest.raises(MergeBenchError, match="model.options.caption_decoding"):
+        load_family(*_model_taskset(compose_cfg(world, "model.options.caption_decoding=top_k")))
+
+
+def _model_taskset(cfg):
+    return cfg.model, cfg.taskset
+
+
 def test_beit3_scores_primary_first(world, no_java):
     from mergebench.evaluation import ModelCache, evaluate_timed
     from mergebench.sources.configured import PoolReferences

@@ -41,6 +41,7 @@ from mergebench.data.metrics import ScoredTask, build_metric
 from mergebench.data.vl_metrics import caption_scores, retrieval_scores, vqa_accuracy
 from mergebench.engine.pool import SPLITS, Batch
 from mergebench.families.base import TaskInputs
+from mergebench.families.beit3_decoding import CaptionDecoding, Tokens
 from mergebench.families.beit3_heads import BASE_ARCH, TASK_KINDS, build_task_model
 from mergebench.families.paper import PaperFamily
 from mergebench.util.config import to_plain
@@ -141,7 +142,10 @@ class Beit3Family(PaperFamily):
         arch: Mapping[str, Any] | None = None,
         img_size: Mapping[str, int] | None = None,
         max_text_len: int = 64,
-        caption_max_len: int = 32,
+        caption_max_len: int = 64,
+        caption_decoding: str = "beam",
+        caption_beams: int = 3,
+        caption_length_penalty: float = 0.6,
         eval_batch_size: int = 16,
     ) -> None:
         super().__init__(tasks, pretrained_path, {}, eval_batch_size)
@@ -163,7 +167,12 @@ class Beit3Family(PaperFamily):
                 f"the model's vocab_size {self.arch['vocab_size']}"
             )
         self.text = TextEncoder(self.tokenizer, int(max_text_len))
-        self.caption_max_len = int(caption_max_len)
+        self.decoding = CaptionDecoding(
+            method=str(caption_decoding),
+            num_beams=int(caption_beams),
+            length_penalty=float(caption_length_penalty),
+            max_len=int(caption_max_len),
+        )
         self.transforms = {t: image_transform(t, self.img_size[t]) for t in self.tasks}
 
     # -- construction ---------------------------------------------------------------------
@@ -236,23 +245,17 @@ class Beit3Family(PaperFamily):
         return out[:, -1] if out.dim() == 3 else out
 
     def caption(self, model: nn.Module, image: torch.Tensor) -> list[str]:
-        """Greedy masked-LM decoding (unilm's captioning with beam size 1): the next token is
-        predicted at a [MASK] after the prefix, until [eos] or `caption_max_len` tokens."""
-        n, length = image.shape[0], self.caption_max_len
-        text = torch.full((n, length), self.text.pad, dtype=torch.long, device=image.device)
-        text[:, 0], text[:, 1] = self.text.bos, self.text.mask
-        done = torch.zeros(n, dtype=torch.bool, device=image.device)
-        for cur in range(1, length):
-            prefix = text[:, : cur + 1]
-            logits = model(image, prefix, torch.zeros_like(prefix))
-            nxt = logits[:, cur].argmax(dim=-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.text.pad), nxt)
-            text[:, cur] = nxt
-            done |= nxt == self.text.eos
-            if bool(done.all()) or cur + 1 == length:
-                break
-            text[:, cur + 1] = self.text.mask
-        return [self.tokenizer.decode(row[1:].tolist()) for row in text]
+        """Captions of a batch of images, decoded as `self.decoding` says (unilm's beam
+        search by default; `model.options.caption_decoding=greedy` for argmax decoding)."""
+
+        def step(text: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+            return model(image[owner], text, torch.zeros_like(text))[:, -1]
+
+        t = self.text
+        ids = self.decoding.decode(
+            step, image.shape[0], Tokens(t.bos, t.eos, t.pad, t.mask), image.device
+        )
+        return [self.tokenizer.decode(row) for row in ids]
 
 
 def task_specs(cfg_taskset: Mapping[str, Any]) -> dict[str, Beit3TaskSpec]:

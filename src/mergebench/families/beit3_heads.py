@@ -8,7 +8,7 @@ checkpoint loads as it is.
 - `nlvr2`: both images with the sentence; the vision and language CLS tokens of each pass,
   concatenated (4D), into a two-layer MLP `head` (2 classes).
 - `coco_captioning`: the text tokens attend causally to themselves and fully to the image;
-  `mlm_head` predicts the masked next token (decoding in `mergebench.families.beit3`).
+  `mlm_head` predicts the masked next token (decoding in `mergebench.families.beit3_decoding`).
 - `coco_retrieval`: image and text encoded apart; `vision_head`, `language_head` on the
   first token, L2-normalised; `logit_scale` (unused at evaluation).
 """
