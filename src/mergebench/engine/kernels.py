@@ -25,71 +25,89 @@ from numba import njit
 
 # numpy's default buffer size: a casting reduction sums chunks of this many entries.
 _CAST_CHUNK = 8192
+# Depth bound of `_pairwise`'s stacks (a chunk of 8,192 entries needs 8 levels).
+_STACK = 64
 # Entries per inner block of the float32 kernels (work arrays stay in L1/L2).
 _BLOCK = 1024
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _FM1 = np.float32(-1.0)
 
-# What `_pairwise` sums, per entry i: |a[i]|, or |u[i]| where sgn(a[i]) * sgn(u[i]) > 0 else 0.
-_ABS = 0
-_MASKED_UNIFIED = 1
+
+@njit(cache=True, nogil=True, inline="always")
+def _same_sign(x: np.float32, y: np.float32) -> int:
+    """`sgn(x) * sgn(y) > 0` as 0 or 1, branch-free (a random mask mispredicts branches)."""
+    return np.int64(((x > 0) & (y > 0)) | ((x < 0) & (y < 0)))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _term(kind: int, a: np.ndarray, u: np.ndarray, i: int) -> float:
-    if kind == _ABS:
-        return np.float64(abs(a[i]))
-    x, y = a[i], u[i]
-    if (x > 0 and y > 0) or (x < 0 and y < 0):
-        return np.float64(abs(y))
-    return 0.0
+def _term(a: np.ndarray, i: int) -> float:
+    """Entry `i` as float64: itself (float64 `a`) or its magnitude (float32 `a`)."""
+    return np.float64(abs(a[i]))
 
 
 @njit(cache=True, nogil=True)
-def _pairwise(kind: int, a: np.ndarray, u: np.ndarray, start: int, n: int) -> float:
-    """numpy's `pairwise_sum` (loops_utils.h) of the float64 terms `start .. start + n`."""
+def _leaf_sum(a: np.ndarray, start: int, n: int) -> float:
+    """A leaf of numpy's pairwise sum (`n <= 128`): 8 running sums, combined as a tree."""
     if n < 8:
         res = 0.0
         for i in range(start, start + n):
-            res += _term(kind, a, u, i)
+            res += _term(a, i)
         return res
-    if n <= 128:
-        r0 = _term(kind, a, u, start)
-        r1 = _term(kind, a, u, start + 1)
-        r2 = _term(kind, a, u, start + 2)
-        r3 = _term(kind, a, u, start + 3)
-        r4 = _term(kind, a, u, start + 4)
-        r5 = _term(kind, a, u, start + 5)
-        r6 = _term(kind, a, u, start + 6)
-        r7 = _term(kind, a, u, start + 7)
-        whole = n - n % 8
-        for i in range(start + 8, start + whole, 8):
-            r0 += _term(kind, a, u, i)
-            r1 += _term(kind, a, u, i + 1)
-            r2 += _term(kind, a, u, i + 2)
-            r3 += _term(kind, a, u, i + 3)
-            r4 += _term(kind, a, u, i + 4)
-            r5 += _term(kind, a, u, i + 5)
-            r6 += _term(kind, a, u, i + 6)
-            r7 += _term(kind, a, u, i + 7)
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        for i in range(start + whole, start + n):
-            res += _term(kind, a, u, i)
-        return res
-    half = n // 2
-    half -= half % 8
-    return _pairwise(kind, a, u, start, half) + _pairwise(kind, a, u, start + half, n - half)
+    r0, r1, r2, r3 = _term(a, start), _term(a, start + 1), _term(a, start + 2), _term(a, start + 3)
+    r4, r5, r6, r7 = (
+        _term(a, start + 4),
+        _term(a, start + 5),
+        _term(a, start + 6),
+        _term(a, start + 7),
+    )
+    whole = n - n % 8
+    for i in range(start + 8, start + whole, 8):
+        r0 += _term(a, i)
+        r1 += _term(a, i + 1)
+        r2 += _term(a, i + 2)
+        r3 += _term(a, i + 3)
+        r4 += _term(a, i + 4)
+        r5 += _term(a, i + 5)
+        r6 += _term(a, i + 6)
+        r7 += _term(a, i + 7)
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(start + whole, start + n):
+        res += _term(a, i)
+    return res
 
 
 @njit(cache=True, nogil=True)
-def _row_sum(kind: int, a: np.ndarray, u: np.ndarray, start: int, stop: int) -> float:
-    """`np.add.reduce(terms[start:stop], dtype=np.float64)` bit for bit (one cast buffer at a
-    time, each summed pairwise, added from 0)."""
-    total = 0.0
-    for chunk in range(start, stop, _CAST_CHUNK):
-        total += _pairwise(kind, a, u, chunk, min(_CAST_CHUNK, stop - chunk))
-    return total
+def _pairwise(a: np.ndarray, n: int, nodes: np.ndarray, values: np.ndarray) -> float:
+    """numpy's `pairwise_sum` (loops_utils.h) of `float64(|a[:n]|)`: halves (cut at
+    a multiple of 8) summed on their own and added, down to leaves of <= 128 entries.
+
+    The entries are non-negative (magnitudes), so `abs` changes nothing in float64 and
+    turns a float32 `a` into its magnitudes on the fly. Iterative, on the caller's stacks `nodes` (int64 `[_STACK, 3]`) and `values`: numba's
+    cache cannot always reload a recursive function."""
+    top, count = 0, 0
+    nodes[0, 0], nodes[0, 1], nodes[0, 2] = 0, n, 0
+    while top >= 0:
+        start, size, stage = nodes[top, 0], nodes[top, 1], nodes[top, 2]
+        if size <= 128:
+            values[count] = _leaf_sum(a, start, size)
+            count += 1
+            top -= 1
+            continue
+        half = size // 2
+        half -= half % 8
+        if stage == 2:  # both halves done: left + right
+            values[count - 2] = values[count - 2] + values[count - 1]
+            count -= 1
+            top -= 1
+            continue
+        nodes[top, 2] = stage + 1
+        top += 1
+        if stage == 0:
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start, half, 0
+        else:
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start + half, size - half, 0
+    return values[0]
 
 
 @njit(cache=True, nogil=True)
@@ -155,19 +173,24 @@ def _elect_block(
     `max_t tau_t` where the task sum is > 0, else `min_t tau_t` if < 0, else -0.0."""
     n = taus.shape[0]
     total, high, low = work[0], work[1], work[2]
+    row = taus[0, start : start + width]
     for j in range(width):
-        x = taus[0, start + j]
+        x = row[j]
         total[j], high[j], low[j] = x, x, x
     for t in range(1, n):
+        row = taus[t, start : start + width]
         for j in range(width):
-            x = taus[t, start + j]
+            x = row[j]
             total[j] += x
-            high[j] = max(high[j], x)
-            low[j] = min(low[j], x)
+            h, lo = high[j], low[j]
+            high[j] = x if x > h else h
+            low[j] = x if x < lo else lo
+    chosen = out[start : start + width]
     for j in range(width):
         # low = -0.0 gives -0.0 either way: the sign of a zero max/min never shows.
-        chosen = low[j] if low[j] < 0 else np.float32(-0.0)
-        out[start + j] = high[j] if total[j] > 0 else chosen
+        lo = low[j]
+        negative = lo if lo < 0 else np.float32(-0.0)
+        chosen[j] = high[j] if total[j] > 0 else negative
 
 
 @njit(cache=True, nogil=True)
@@ -177,19 +200,25 @@ def _elect_sum_block(
     """The BEiT-3 election (`magnitude=sum`): `flag = +1` where the task sum is > 0 else -1,
     `eps = sum_t max(tau_t * flag, 0)` from +0 in task order, `out = eps * flag`."""
     n = taus.shape[0]
-    total = work[0]
+    total, flag, eps = work[0], work[1], work[2]
+    row = taus[0, start : start + width]
     for j in range(width):
-        total[j] = taus[0, start + j]
+        total[j] = row[j]
     for t in range(1, n):
+        row = taus[t, start : start + width]
         for j in range(width):
-            total[j] += taus[t, start + j]
+            total[j] += row[j]
     for j in range(width):
-        flag = _F1 if total[j] > 0 else _FM1
-        eps = _F0
-        for t in range(n):
-            agreeing = taus[t, start + j] * flag
-            eps += agreeing if agreeing > 0 else _F0
-        out[start + j] = eps * flag
+        flag[j] = _F1 if total[j] > 0 else _FM1
+        eps[j] = _F0
+    for t in range(n):
+        row = taus[t, start : start + width]
+        for j in range(width):
+            agreeing = row[j] * flag[j]
+            eps[j] += agreeing if agreeing > 0 else _F0
+    chosen = out[start : start + width]
+    for j in range(width):
+        chosen[j] = eps[j] * flag[j]
 
 
 # `modulate`'s election: none (`unified` is given), EMR's max, or the BEiT-3 sum.
@@ -218,6 +247,9 @@ def modulate(
     entries each, a multiple of 8)."""
     n, numel = taus.shape
     work = np.empty((3, _BLOCK), dtype=np.float32)
+    masked = np.empty(_CAST_CHUNK, dtype=np.float64)
+    nodes = np.empty((_STACK, 3), dtype=np.int64)
+    values = np.empty(_STACK, dtype=np.float64)
     for block in range(0, numel, sum_block):
         stop = min(numel, block + sum_block)
         if elect != ELECT_NONE:
@@ -227,24 +259,58 @@ def modulate(
                     _elect_block(taus, start, width, work, unified)
                 else:
                     _elect_sum_block(taus, start, width, work, unified)
-        if mask:
-            for t in range(n):
-                for first in range(block, stop, 8):
-                    byte = 0
-                    for bit in range(min(8, stop - first)):
-                        x, y = taus[t, first + bit], unified[first + bit]
-                        same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
-                        byte |= np.int64(same) << bit
-                    packed[t, first // 8] = byte
-        if rescale:
-            for t in range(n):
-                numerator[t] += _row_sum(_ABS, taus[t], unified, block, stop)
+        for t in range(n):
+            row = taus[t]
+            # numpy summed each block's row one cast buffer (chunk) at a time, from 0.
+            block_numerator, block_denominator = 0.0, 0.0
+            for chunk in range(block, stop, _CAST_CHUNK):
+                width = min(_CAST_CHUNK, stop - chunk)
                 if mask:
-                    denominator[t] += _row_sum(_MASKED_UNIFIED, taus[t], unified, block, stop)
-            if not mask:
-                plain = _row_sum(_ABS, unified, unified, block, stop)
-                for t in range(n):
-                    denominator[t] += plain
+                    part, uni = row[chunk : chunk + width], unified[chunk : chunk + width]
+                    for j in range(width):
+                        x, y = part[j], uni[j]
+                        # |tau_uni| * M_t: |tau_uni| or +0.0 (exact in float32); it is > 0
+                        # exactly where M_t = 1 (the mask needs tau_uni != 0).
+                        same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
+                        masked[j] = np.float64(abs(y)) if same else 0.0
+                    _pack(masked, width, packed[t], chunk // 8)
+                if rescale:
+                    block_numerator += _pairwise(row[chunk : chunk + width], width, nodes, values)
+                    if mask:
+                        block_denominator += _pairwise(masked, width, nodes, values)
+            numerator[t] += block_numerator
+            if mask:
+                denominator[t] += block_denominator
+        if rescale and not mask:
+            plain = 0.0
+            for chunk in range(block, stop, _CAST_CHUNK):
+                width = min(_CAST_CHUNK, stop - chunk)
+                plain += _pairwise(unified[chunk : chunk + width], width, nodes, values)
+            for t in range(n):
+                denominator[t] += plain
+
+
+@njit(cache=True, nogil=True)
+def _pack(masked: np.ndarray, width: int, out: np.ndarray, first: int) -> None:
+    """`np.packbits(masked[:width] > 0, bitorder="little")` into `out[first:]`."""
+    whole = width // 8
+    for b in range(whole):
+        i = 8 * b
+        out[first + b] = (
+            np.int64(masked[i] > 0)
+            | (np.int64(masked[i + 1] > 0) << 1)
+            | (np.int64(masked[i + 2] > 0) << 2)
+            | (np.int64(masked[i + 3] > 0) << 3)
+            | (np.int64(masked[i + 4] > 0) << 4)
+            | (np.int64(masked[i + 5] > 0) << 5)
+            | (np.int64(masked[i + 6] > 0) << 6)
+            | (np.int64(masked[i + 7] > 0) << 7)
+        )
+    if whole * 8 < width:  # the last, partial byte: zero bits after the end
+        byte = 0
+        for i in range(whole * 8, width):
+            byte |= np.int64(masked[i] > 0) << (i - whole * 8)
+        out[first + whole] = byte
 
 
 @njit(cache=True, nogil=True)
