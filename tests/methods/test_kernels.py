@@ -4,6 +4,8 @@ zero sums, -0.0, tiny and huge magnitudes, and odd sizes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +196,17 @@ def test_radix_counts_match_bincount():
     select.add_low(low)
     expected = [np.sort(np.abs(chunk[r].numpy()))[::-1][k - 1] for r, k in enumerate(select.k)]
     np.testing.assert_array_equal(select.values().numpy(), np.array(expected, np.float32))
+
+
+def test_the_kernel_cache_falls_back_to_a_writable_folder(tmp_path, monkeypatch):
+    """A read-only install (no writable `__pycache__` nor user cache): the temporary folder."""
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    assert kernels.first_writable([blocked / "pycache", tmp_path / "ok"]) == tmp_path / "ok"
+    assert kernels.first_writable([blocked / "pycache"]) is None
+    monkeypatch.setattr(kernels.numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(kernels, "__file__", str(blocked / "kernels.py"))
+    monkeypatch.setattr(kernels, "AppDirs", lambda **_: type("D", (), {"user_cache_dir": blocked}))
+    monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path))
+    kernels._ensure_cache_dir()
+    assert Path(kernels.numba.config.CACHE_DIR).parent == tmp_path

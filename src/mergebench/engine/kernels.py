@@ -14,14 +14,50 @@ computed:
 The kernels run serially and release the GIL (`nogil`): the stream already runs keys (and
 row blocks) on one worker thread per core, and numba's default threading layer refuses
 parallel kernels launched from several threads at once. `cache=True` keeps compiled code
-between processes: next to this file, or (a read-only install) in numba's per-user cache
-directory, `$NUMBA_CACHE_DIR` if set.
+between processes: in `$NUMBA_CACHE_DIR` if set, else next to this file, else (a read-only
+install) in numba's per-user cache folder, else (neither writable: numba would refuse to
+import this module) in a folder under the system's temporary directory.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
+import numba
 import numpy as np
 from numba import njit
+from numba.misc.appdirs import AppDirs
+
+
+def first_writable(folders: list[Path]) -> Path | None:
+    """The first folder that exists or can be made and takes a file (numba's own test)."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError:
+            continue
+        return folder
+    return None
+
+
+def _ensure_cache_dir() -> None:
+    if numba.config.CACHE_DIR:
+        return
+    numba_folders = [
+        Path(__file__).parent / "__pycache__",
+        Path(AppDirs(appname="numba", appauthor=False).user_cache_dir),
+    ]
+    if first_writable(numba_folders) is None:
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        fallback = first_writable([Path(tempfile.gettempdir()) / f"mergebench-numba-{user}"])
+        if fallback is not None:  # else nothing is writable: numba says so itself
+            numba.config.CACHE_DIR = str(fallback)
+
+
+_ensure_cache_dir()
 
 # numpy's default buffer size: a casting reduction sums chunks of this many entries.
 _CAST_CHUNK = 8192
