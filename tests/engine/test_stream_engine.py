@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import struct
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -18,7 +17,7 @@ from mergebench.engine.bits import _pack_bits_torch, _unpack_bits_torch, pack_bi
 from mergebench.engine.checkpoints import open_checkpoint
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import Scratch, TaskVectorStream, sum_tasks
-from mergebench.methods.emr import elect, elect_block
+from mergebench.methods.emr import elect
 from mergebench.util.errors import MergeBenchError
 
 
@@ -201,9 +200,8 @@ def test_elect_matches_the_formula_bit_for_bit():
         expected = gamma * eps  # -0.0 where no task agrees with gamma = -1
         assert torch.equal(bits(elect(taus)), bits(expected))
         assert torch.equal(bits(elect(taus, total, scratch)), bits(expected))
-        out = np.empty(n, dtype=np.float32)
-        elect_block(taus.numpy(), total.numpy(), out)
-        assert torch.equal(bits(torch.from_numpy(out)), bits(expected))
+        fused = modulators._modulate_blocks(taus, None, False, "global", False, "max")
+        assert torch.equal(bits(fused.unified), bits(expected))
 
 
 @pytest.mark.parametrize("block", [8, 64, 1 << 15])
@@ -219,10 +217,8 @@ def test_modulator_kernel_matches_the_torch_path(monkeypatch, block):
         unified = elect(taus)
         for mask in (True, False):
             for rescaler in ("tensor_mean", "global"):
-                fast = modulators._modulate_blocks(taus, unified, mask, rescaler, None, True)
-                fused = modulators._modulate_blocks(
-                    taus, None, mask, rescaler, None, True, elect_block, taus.sum(0)
-                )
+                fast = modulators._modulate_blocks(taus, unified, mask, rescaler, True)
+                fused = modulators._modulate_blocks(taus, None, mask, rescaler, True, "max")
                 slow = modulators._modulate_torch(taus, unified, mask, rescaler, None, True)
                 assert torch.equal(bits(fused.unified), bits(unified))
                 for other in (fused, slow):
@@ -238,7 +234,6 @@ def test_modulator_kernel_matches_the_torch_path(monkeypatch, block):
 def test_ties_kernel_matches_the_torch_formula_bit_for_bit(monkeypatch, block):
     monkeypatch.setattr(ties, "_BLOCK", block)
     g = torch.Generator().manual_seed(11)
-    scratch = Scratch()
     for _ in range(10):
         n_tasks, n = (
             int(torch.randint(1, 9, (1,), generator=g)),
@@ -250,7 +245,7 @@ def test_ties_kernel_matches_the_torch_formula_bit_for_bit(monkeypatch, block):
         thresholds = torch.rand(n_tasks, generator=g)
         for aggregate in ("sum", "mean"):
             for scaling in (0.3, 1.0, 1 / 3):
-                fast = ties._merge_blocks(taus, thresholds, aggregate, scaling, scratch)
+                fast = ties._merge_blocks(taus, thresholds, aggregate, scaling)
                 slow = scaling * ties.elect_and_disjoint_merge(
                     ties.trim(taus, thresholds), aggregate
                 )

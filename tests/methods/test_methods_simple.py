@@ -171,7 +171,6 @@ def test_ties_global_threshold_matches_a_full_sort_on_random_data():
 
 @pytest.mark.parametrize("aggregate", ["sum", "mean"])
 def test_ties_cpu_kernel_equals_the_formula_over_several_blocks(aggregate):
-    from mergebench.engine.stream import thread_scratch
     from mergebench.methods.ties import _BLOCK, _merge_blocks
 
     g = torch.Generator().manual_seed(0)
@@ -180,7 +179,7 @@ def test_ties_cpu_kernel_equals_the_formula_over_several_blocks(aggregate):
     # Quarter steps: exact sums in any order, ties at the thresholds, zeros, zero sums.
     taus = torch.randint(-12, 13, shape, generator=g).float() * 0.25
     thresholds = torch.tensor([1.0, 2.0, 0.25])
-    got = _merge_blocks(taus, thresholds, aggregate, 0.5, thread_scratch())
+    got = _merge_blocks(taus, thresholds, aggregate, 0.5)
     trimmed = taus * (taus.abs() >= thresholds.reshape(3, 1, 1))
     gamma = torch.where(trimmed.sum(0) > 0, 1.0, -1.0)
     agree = trimmed * gamma > 0

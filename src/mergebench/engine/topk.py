@@ -6,29 +6,27 @@ is found from the counts. Pass 2 histograms the low 16 bits of the entries in th
 pins the exact value. Memory: two 65,536-bin histograms per task, whatever the model size.
 
 `RadixSelect` splits the work so that chunks can be counted in any order and in parallel
-(counts are added up, which is exact); `kth_largest_abs` drives it over a callable that
+(counts are added up, which is exact; the counting is compiled, `kernels.high_counts` and
+`low_counts`); `kth_largest_abs` drives it over a callable that
 replays the chunks.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
+from mergebench.engine import kernels
+
 _BINS = 1 << 16
 
 
-def _halves(chunk: torch.Tensor, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per row, the high and low 16-bit halves of each float32 (views, no copy)."""
+def _bits(chunk: torch.Tensor, rows: int) -> np.ndarray:
+    """The float32 bits of a chunk as uint32 `[rows, numel]` (a view when it can be)."""
     flat = chunk.detach().to("cpu", torch.float32).contiguous().reshape(rows, -1).numpy()
-    if sys.byteorder == "little":
-        halves = flat.view(np.uint16)
-        return [(row[1::2], row[0::2]) for row in halves]
-    bits = flat.view(np.uint32)
-    return [((row >> 16).astype(np.uint16), (row & 0xFFFF).astype(np.uint16)) for row in bits]
+    return flat.view(np.uint32)
 
 
 class RadixSelect:
@@ -44,12 +42,10 @@ class RadixSelect:
     # -- pass 1 -------------------------------------------------------------------------------
     def high_counts(self, chunk: torch.Tensor) -> torch.Tensor:
         """Histogram of the high 16 bits of |chunk| per row (pure: safe from any thread)."""
-        counts = torch.zeros(self.rows, _BINS, dtype=torch.int64)
-        for r, (high, _) in enumerate(_halves(chunk, self.rows)):
-            # The sign bit is the top bit of the high half: fold -x onto |x|, no abs pass.
-            folded = torch.bincount(torch.from_numpy(high.astype(np.int32)), minlength=_BINS)
-            counts[r, : _BINS // 2] = folded[: _BINS // 2] + folded[_BINS // 2 :]
-        return counts
+        counts = np.zeros((self.rows, _BINS), dtype=np.int64)
+        # The sign bit is the top bit of the high half: masked off, -x counts as |x|.
+        kernels.high_counts(_bits(chunk, self.rows), counts)
+        return torch.from_numpy(counts)
 
     def add_high(self, counts: torch.Tensor) -> None:
         self.high += counts
@@ -65,13 +61,10 @@ class RadixSelect:
 
     def low_counts(self, chunk: torch.Tensor) -> torch.Tensor:
         """Histogram of the low 16 bits of the entries in each row's target bin."""
-        counts = torch.empty(self.rows, _BINS, dtype=torch.int64)
-        for r, ((high, low), (top, _)) in enumerate(
-            zip(_halves(chunk, self.rows), self.targets(), strict=True)
-        ):
-            selected = low[np.bitwise_and(high, 0x7FFF) == top]
-            counts[r] = torch.from_numpy(np.bincount(selected, minlength=_BINS))
-        return counts
+        counts = np.zeros((self.rows, _BINS), dtype=np.int64)
+        tops = np.array([top for top, _ in self.targets()], dtype=np.int64)
+        kernels.low_counts(_bits(chunk, self.rows), tops, counts)
+        return torch.from_numpy(counts)
 
     def add_low(self, counts: torch.Tensor) -> None:
         self.low += counts

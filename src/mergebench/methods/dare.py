@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergebench.engine import kernels
 from mergebench.engine.pool import ModelPool
-from mergebench.engine.stream import TaskVectorTransform
+from mergebench.engine.stream import TaskVectorTransform, numpy_kernels
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext, TaskVectorMethod
 from mergebench.methods.options import flag, fraction, method_name, option, params_mapping
 from mergebench.methods.registry import build_method, method_label
@@ -66,17 +67,26 @@ def drop_and_rescale(
     task_vector: torch.Tensor, p: float, rescale: bool, key: np.ndarray, start: int = 0
 ) -> torch.Tensor:
     """Drop entries of one task's tensor in place (entry `i` of it is entry `start + i` of
-    its key, row-major), dividing the kept ones by `1 - p` if `rescale`; returns it."""
+    its key, row-major), dividing the kept ones by `1 - p` if `rescale`; returns it.
+
+    On the CPU the drop and the division are one compiled pass per chunk of words
+    (`kernels.drop_and_rescale`); elsewhere (GPU) torch ops, with the same result."""
     flat = task_vector.view(-1)
     threshold = keep_threshold(p)
+    compiled = numpy_kernels(flat)
+    # torch divides float32 by the scalar rounded to float32
+    keep = np.float32(1.0 - p)
     for offset in range(0, flat.numel(), _CHUNK):
         part = flat[offset : offset + _CHUNK]
         words = draw_words(key, start + offset, part.numel())
+        if compiled:
+            kernels.drop_and_rescale(part.numpy(), words, np.int64(threshold), rescale, keep)
+            continue
         if threshold > np.iinfo(np.uint32).max:
-            keep = np.zeros(words.shape, dtype=bool)
+            kept = np.zeros(words.shape, dtype=bool)
         else:
-            keep = words >= threshold  # P(keep) = 1 - p
-        part.mul_(torch.from_numpy(keep).to(part.device))
+            kept = words >= threshold  # P(keep) = 1 - p
+        part.mul_(torch.from_numpy(kept).to(part.device))
         if rescale:
             part.div_(1.0 - p)
     return task_vector

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from mergebench.engine.keyplan import plan_keys
@@ -94,17 +93,6 @@ def _select_unified(
     return out.view(torch.float32)
 
 
-def elect_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) -> None:
-    """`elect` for one block of the CPU kernel, in numpy: float32 `[N, b]` -> `out [b]`."""
-    high = np.maximum.reduce(task_vectors, axis=0)
-    low = np.minimum.reduce(task_vectors, axis=0)
-    t, h, lo = total.view(np.int32), high.view(np.int32), low.view(np.int32)
-    positive = np.right_shift(np.bitwise_and(np.invert(t), np.negative(t)), 31)
-    negative = np.bitwise_or(np.bitwise_and(lo, np.right_shift(lo, 31)), np.int32(_SIGN_BIT))
-    chosen = out.view(np.int32)
-    np.bitwise_xor(negative, np.bitwise_and(np.bitwise_xor(negative, h), positive), out=chosen)
-
-
 def elect_sum(
     task_vectors: torch.Tensor,
     total: torch.Tensor,
@@ -124,16 +112,6 @@ def elect_sum(
     for tau in task_vectors:
         eps.add_(torch.mul(tau, flag, out=work).clamp_min_(0))
     return eps.mul_(flag)
-
-
-def elect_sum_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) -> None:
-    """`elect_sum` for one block of the CPU kernel, in numpy: float32 `[N, b]` -> `out [b]`."""
-    flag = np.where(total > 0, np.float32(1), np.float32(-1))
-    work = np.empty_like(out)
-    out.fill(0)
-    for tau in task_vectors:
-        out += np.maximum(np.multiply(tau, flag, out=work), 0, out=work)
-    out *= flag
 
 
 class EMR(Method):
@@ -186,11 +164,10 @@ class EMR(Method):
             # Everything but the rescaler sums goes entry by entry: a big key may come in
             # row blocks, whose sums (over the whole key's size) add up.
             where = {"rows": item.rows, "size": stream.numel(item.key)}
-            if self.elect and numpy_kernels(taus):  # elect block by block, in the cache
+            if self.elect and numpy_kernels(taus):  # elected in the same compiled pass
                 return modulate_key(
                     taus, None, self.mask, self.rescaler, scratch, self.rescale,
-                    block_unify=elect_sum_block if self.magnitude == "sum" else elect_block,
-                    task_sum=item.task_sum(), **where,
+                    elect=self.magnitude, **where,
                 )  # fmt: skip
             unified = self.unify(taus, item.task_sum(), scratch)
             return modulate_key(

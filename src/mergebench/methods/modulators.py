@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mergebench.engine import kernels
 from mergebench.engine.bits import pack_bits
 from mergebench.engine.keyplan import KeyPlan
 from mergebench.engine.pool import ModelPool
@@ -73,8 +74,8 @@ class KeyModulators:
     rows: tuple[int, int] | None = None  # a row block of the key (`TensorItem.rows`), or all
 
 
-# Computes `tau_uni` for one block in place: (task vectors [N, b], their task sum [b], out [b]).
-BlockUnify = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+# `elect` of `modulate_key`: the CPU kernel's election of `tau_uni` (EMR's `magnitude`).
+_ELECTIONS = {"max": kernels.ELECT_MAX, "sum": kernels.ELECT_SUM}
 
 
 def modulate_key(
@@ -84,8 +85,7 @@ def modulate_key(
     rescaler: str,
     scratch: Scratch | None = None,
     rescale: bool = True,
-    block_unify: BlockUnify | None = None,
-    task_sum: torch.Tensor | None = None,
+    elect: str | None = None,
     rows: tuple[int, int] | None = None,
     size: int | None = None,
 ) -> KeyModulators:
@@ -95,15 +95,13 @@ def modulate_key(
 
     Every statistic is a float64 sum over the whole tensor for one task (divided by its
     size for `tensor_mean`), as the official code takes `mean(abs(tau_t))` per tensor and
-    task. On the CPU this runs block by block in numpy (see `_modulate_blocks`); elsewhere
-    (GPU) in torch. Both give the same masks; the float64 sums agree to rounding.
-    On the CPU, `unified` may be None and computed block by block by `block_unify` from the
-    task vectors and `task_sum` (EMR's election), while the block is in the cache.
+    task. On the CPU this is one compiled pass (`_modulate_blocks`); elsewhere (GPU) in
+    torch. Both give the same masks; the float64 sums agree to rounding.
+    On the CPU, `unified` may be None and elected in that pass from the task vectors
+    (`elect`: EMR's `magnitude`, "max" or "sum").
     """
     if numpy_kernels(task_vectors):
-        out = _modulate_blocks(
-            task_vectors, unified, mask, rescaler, scratch, rescale, block_unify, task_sum, size
-        )
+        out = _modulate_blocks(task_vectors, unified, mask, rescaler, rescale, elect, size)
     elif unified is None:
         raise ValueError("modulate_key: the torch (GPU) path needs `unified`")
     else:
@@ -112,68 +110,44 @@ def modulate_key(
     return out
 
 
-# Entries per block: the `[N, block]` work arrays stay in the core's cache, and a multiple
-# of 8 lets each block's masks be bit-packed on their own.
+# Entries per block of the float64 sums (they are added block by block): a multiple of 8
+# lets each block's masks be bit-packed on their own.
 _BLOCK = 1 << 15
 
 
 def _modulate_blocks(
     task_vectors: torch.Tensor,
-    unified: torch.Tensor,
+    unified: torch.Tensor | None,
     mask: bool,
     rescaler: str,
-    scratch: Scratch | None,
     rescale: bool,
-    block_unify: BlockUnify | None = None,
-    task_sum: torch.Tensor | None = None,
+    elect: str | None = None,
     size: int | None = None,
 ) -> KeyModulators:
-    """CPU kernel: one cache-sized block of entries at a time, numpy ufuncs throughout
-    (numpy's comparisons and casting reductions are vectorized where torch's are not, and
-    release the GIL, so worker threads run in parallel)."""
-    scratch = scratch if scratch is not None else Scratch()
+    """CPU kernel: `kernels.modulate`, one pass over the task rows (releases the GIL, so
+    worker threads run in parallel)."""
     n = task_vectors.shape[0]
-    taus = task_vectors.reshape(n, -1).numpy()
-    total = None
+    taus = np.ascontiguousarray(task_vectors.reshape(n, -1).numpy())
+    code = kernels.ELECT_NONE
     if unified is None:
-        if block_unify is None or task_sum is None:
-            raise ValueError("modulate_key: give `unified`, or `block_unify` and `task_sum`")
+        if elect not in _ELECTIONS:
+            raise ValueError("modulate_key: give `unified`, or `elect` ('max' or 'sum')")
         unified = torch.empty(task_vectors.shape[1:], dtype=torch.float32)
-        total = task_sum.reshape(-1).numpy()
+        code = _ELECTIONS[elect]
     uni = unified.reshape(-1).numpy()
     numel = uni.shape[0]
-    block = max(1, min(_BLOCK, numel))  # a 0-size tensor: no block at all, not a 0 step
-    cpu = torch.device("cpu")
-    product = scratch.get("block_f32", (n, block), torch.float32, cpu).numpy()
-    bits = scratch.get("block_bool", (n, block), torch.bool, cpu).numpy()
-    packed = np.empty((n, (numel + 7) // 8), dtype=np.uint8) if mask else None
+    packed = np.empty((n, (numel + 7) // 8 if mask else 0), dtype=np.uint8)
     numerator = np.zeros(n)
     denominator = np.zeros(n)
-    for start in range(0, numel, block):
-        stop = min(numel, start + block)
-        t, u = taus[:, start:stop], uni[start:stop]
-        p, m = product[:, : stop - start], bits[:, : stop - start]
-        if total is not None:
-            block_unify(t, total[start:stop], u)
-        if mask:  # signs, not the product t * u, which underflows for tiny entries
-            np.sign(t, out=p)
-            np.multiply(p, np.sign(u), out=p)
-            np.greater(p, 0, out=m)
-            packed[:, start // 8 : (stop + 7) // 8] = np.packbits(m, axis=-1, bitorder="little")
-        if rescale:
-            numerator += np.add.reduce(np.abs(t, out=p), axis=1, dtype=np.float64)
-            u_abs = np.abs(u)
-            if mask:
-                # |tau_uni| * M_t: each entry is |tau_uni| or 0, exact in float32.
-                denominator += np.add.reduce(np.multiply(u_abs, m, out=p), axis=1, dtype=np.float64)
-            else:
-                denominator += np.add.reduce(u_abs, dtype=np.float64)
+    if code == kernels.ELECT_NONE:
+        uni = np.ascontiguousarray(uni)
+    kernels.modulate(taus, uni, code, mask, rescale, _BLOCK, packed, numerator, denominator)
     if rescaler == "tensor_mean" and numel:
         numerator /= size or numel
         denominator /= size or numel
     return KeyModulators(
         unified=unified,
-        packed=torch.from_numpy(packed) if packed is not None else None,
+        packed=torch.from_numpy(packed) if mask else None,
         numerator=torch.from_numpy(numerator),
         denominator=torch.from_numpy(denominator),
     )

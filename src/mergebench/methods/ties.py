@@ -6,9 +6,9 @@ together (`topk_scope=global`, exact even when streamed: two counting passes of 
 select, see `mergebench.engine.topk`) or per tensor (`tensor`).
 
 Sums over tasks are added in task order (`sum_tasks`), so a streamed merge is bit-identical
-to an in-memory one. On the CPU the per-key arithmetic runs block by block in numpy
-(`_merge_blocks`); `trim` and `elect_and_disjoint_merge` are the same arithmetic in torch
-(the GPU path, and what the tests hold the numpy kernel to).
+to an in-memory one. On the CPU the per-key arithmetic is one compiled pass
+(`_merge_blocks`, `mergebench.engine.kernels`); `trim` and `elect_and_disjoint_merge` are
+the same arithmetic in torch (the GPU path, and what the tests hold the kernel to).
 """
 
 from __future__ import annotations
@@ -18,20 +18,15 @@ import math
 import numpy as np
 import torch
 
-from mergebench.engine.stream import (
-    Scratch,
-    TaskVectorStream,
-    numpy_kernels,
-    sum_tasks,
-    thread_scratch,
-)
+from mergebench.engine import kernels
+from mergebench.engine.stream import TaskVectorStream, numpy_kernels, sum_tasks
 from mergebench.engine.topk import RadixSelect, kth_largest_abs_in_tensor
 from mergebench.methods.base import TaskVectorMethod, sign
 from mergebench.methods.options import choice, fraction, number, option
 
 AGGREGATES = ("sum", "mean")
-# Entries per block of the CPU kernel: the `[N, block]` work arrays stay in the core's cache.
-_BLOCK = 1 << 15
+# Entries per block of the CPU kernel: the `[N, block]` rows it reads twice stay in L1/L2.
+_BLOCK = 1024
 
 
 def keep_count(k: float, n: int) -> int:
@@ -57,47 +52,17 @@ def elect_and_disjoint_merge(trimmed: torch.Tensor, aggregate: str) -> torch.Ten
 
 
 def _merge_blocks(
-    task_vectors: torch.Tensor,
-    thresholds: torch.Tensor,
-    aggregate: str,
-    scaling: float,
-    scratch: Scratch,
+    task_vectors: torch.Tensor, thresholds: torch.Tensor, aggregate: str, scaling: float
 ) -> torch.Tensor:
-    """`scaling * elect_and_disjoint_merge(trim(taus, thresholds))`, bit for bit, on the CPU.
-
-    One cache-sized block of entries at a time with numpy ufuncs, whose comparisons are
-    vectorized where torch's are not (and which release the GIL, so keys run in parallel).
-    """
+    """`scaling * elect_and_disjoint_merge(trim(taus, thresholds))`, bit for bit, on the CPU:
+    one compiled pass over the task rows (`kernels.ties_merge`; releases the GIL, so keys
+    run in parallel)."""
     n = task_vectors.shape[0]
-    taus = task_vectors.reshape(n, -1).numpy()
-    numel = taus.shape[1]
-    thresholds_np = thresholds.to(torch.float32).reshape(n, 1).cpu().numpy()
-    out = np.empty(numel, dtype=np.float32)
-    block = max(1, min(_BLOCK, numel))
-    cpu = torch.device("cpu")
-    trimmed = scratch.get("ties_trimmed", (n, block), torch.float32, cpu).numpy()
-    work = scratch.get("ties_work", (n, block), torch.float32, cpu).numpy()
-    flags = scratch.get("ties_flags", (n, block), torch.bool, cpu).numpy()
-    positive = scratch.get("ties_positive", (block,), torch.bool, cpu).numpy()
-    gamma = scratch.get("ties_gamma", (block,), torch.float32, cpu).numpy()
-    for start in range(0, numel, block):
-        stop = min(numel, start + block)
-        width = stop - start
-        t, o = taus[:, start:stop], out[start:stop]
-        tr, wk, fl = trimmed[:, :width], work[:, :width], flags[:, :width]
-        pos, g = positive[:width], gamma[:width]
-        np.greater_equal(np.abs(t, out=tr), thresholds_np, out=fl)  # trim: |tau| >= threshold
-        np.multiply(t, fl, out=tr)
-        np.add.reduce(tr, axis=0, out=o)  # elect: gamma = +1 where the sum is > 0, else -1
-        np.greater(o, 0, out=pos)
-        np.subtract(np.multiply(pos, np.float32(2), out=g), np.float32(1), out=g)
-        np.greater(np.multiply(tr, g, out=wk), 0, out=fl)  # agree: trimmed * gamma > 0
-        np.add.reduce(np.multiply(tr, fl, out=wk), axis=0, out=o)  # disjoint sum, task order
-        if aggregate == "mean":
-            count = np.add.reduce(fl, axis=0, dtype=np.int64)
-            np.divide(o, np.maximum(count, 1).astype(np.float32), out=o)
-            o[count == 0] = 0.0
-    np.multiply(out, np.float32(scaling), out=out)  # torch scales float32 by float32(scaling)
+    taus = np.ascontiguousarray(task_vectors.reshape(n, -1).numpy())
+    limits = np.ascontiguousarray(thresholds.to(torch.float32).reshape(n).cpu().numpy())
+    out = np.empty(taus.shape[1], dtype=np.float32)
+    # torch scales float32 by float32(scaling)
+    kernels.ties_merge(taus, limits, aggregate == "mean", np.float32(scaling), _BLOCK, out)
     return torch.from_numpy(out).view(task_vectors.shape[1:])
 
 
@@ -144,8 +109,6 @@ class Ties(TaskVectorMethod):
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         thresholds = self.thresholds_for(task_vectors)
         if numpy_kernels(task_vectors) and task_vectors.is_contiguous():
-            return _merge_blocks(
-                task_vectors, thresholds, self.aggregate, self.scaling, thread_scratch()
-            )
+            return _merge_blocks(task_vectors, thresholds, self.aggregate, self.scaling)
         trimmed = trim(task_vectors, thresholds)
         return self.scaling * elect_and_disjoint_merge(trimmed, self.aggregate)

@@ -1,0 +1,383 @@
+"""Compiled CPU kernels (numba) for the hot data-free methods: one pass over the task rows.
+
+Each kernel reads the `[N, numel]` float32 task vectors of a key (or row block) and writes
+its outputs without `[N, ...]` temporaries, bit for bit what the numpy formulas they replace
+computed:
+- float32 sums over the task axis are added in task order from +0, `((0 + x_0) + x_1) + ...`
+  (what numpy's reduction over the first axis of a C-contiguous array does: all -0.0
+  entries sum to +0.0);
+- float64 sums along a row repeat numpy's casting reduction exactly: the row cut into
+  blocks (the old kernels' block size, `sum_block`), each summed as numpy does, i.e.
+  `0 + pairwise(chunk_0) + pairwise(chunk_1) + ...` over chunks of its 8,192-entry cast
+  buffer, with numpy's pairwise summation (`_pairwise`) inside each chunk.
+
+The kernels run serially and release the GIL (`nogil`): the stream already runs keys (and
+row blocks) on one worker thread per core, and numba's default threading layer refuses
+parallel kernels launched from several threads at once. `cache=True` keeps compiled code
+between processes: in `$NUMBA_CACHE_DIR` if set, else next to this file, else (a read-only
+install) in numba's per-user cache folder, else (neither writable: numba would refuse to
+import this module) in a folder under the system's temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit
+from numba.misc.appdirs import AppDirs
+
+
+def first_writable(folders: list[Path]) -> Path | None:
+    """The first folder that exists or can be made and takes a file (numba's own test)."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError:
+            continue
+        return folder
+    return None
+
+
+def _ensure_cache_dir() -> None:
+    if numba.config.CACHE_DIR:
+        return
+    numba_folders = [
+        Path(__file__).parent / "__pycache__",
+        Path(AppDirs(appname="numba", appauthor=False).user_cache_dir),
+    ]
+    if first_writable(numba_folders) is None:
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        fallback = first_writable([Path(tempfile.gettempdir()) / f"mergebench-numba-{user}"])
+        if fallback is not None:  # else nothing is writable: numba says so itself
+            numba.config.CACHE_DIR = str(fallback)
+
+
+_ensure_cache_dir()
+
+# numpy's default buffer size: a casting reduction sums chunks of this many entries.
+_CAST_CHUNK = 8192
+# Depth bound of `_pairwise`'s stacks (a chunk of 8,192 entries needs 8 levels).
+_STACK = 64
+# Entries per inner block of the float32 kernels (work arrays stay in L1/L2).
+_BLOCK = 1024
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_FM1 = np.float32(-1.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _same_sign(x: np.float32, y: np.float32) -> int:
+    """`sgn(x) * sgn(y) > 0` as 0 or 1, branch-free (a random mask mispredicts branches)."""
+    return np.int64(((x > 0) & (y > 0)) | ((x < 0) & (y < 0)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _term(a: np.ndarray, i: int) -> float:
+    """Entry `i` as float64: itself (float64 `a`) or its magnitude (float32 `a`)."""
+    return np.float64(abs(a[i]))
+
+
+@njit(cache=True, nogil=True)
+def _leaf_sum(a: np.ndarray, start: int, n: int) -> float:
+    """A leaf of numpy's pairwise sum (`n <= 128`): 8 running sums, combined as a tree."""
+    if n < 8:
+        res = 0.0
+        for i in range(start, start + n):
+            res += _term(a, i)
+        return res
+    r0, r1, r2, r3 = _term(a, start), _term(a, start + 1), _term(a, start + 2), _term(a, start + 3)
+    r4, r5, r6, r7 = (
+        _term(a, start + 4),
+        _term(a, start + 5),
+        _term(a, start + 6),
+        _term(a, start + 7),
+    )
+    whole = n - n % 8
+    for i in range(start + 8, start + whole, 8):
+        r0 += _term(a, i)
+        r1 += _term(a, i + 1)
+        r2 += _term(a, i + 2)
+        r3 += _term(a, i + 3)
+        r4 += _term(a, i + 4)
+        r5 += _term(a, i + 5)
+        r6 += _term(a, i + 6)
+        r7 += _term(a, i + 7)
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(start + whole, start + n):
+        res += _term(a, i)
+    return res
+
+
+@njit(cache=True, nogil=True)
+def _pairwise(a: np.ndarray, n: int, nodes: np.ndarray, values: np.ndarray) -> float:
+    """numpy's `pairwise_sum` (loops_utils.h) of `float64(|a[:n]|)`: halves (cut at
+    a multiple of 8) summed on their own and added, down to leaves of <= 128 entries.
+
+    The entries are non-negative (magnitudes), so `abs` changes nothing in float64 and
+    turns a float32 `a` into its magnitudes on the fly. Iterative, on the caller's stacks `nodes` (int64 `[_STACK, 3]`) and `values`: numba's
+    cache cannot always reload a recursive function."""
+    top, count = 0, 0
+    nodes[0, 0], nodes[0, 1], nodes[0, 2] = 0, n, 0
+    while top >= 0:
+        start, size, stage = nodes[top, 0], nodes[top, 1], nodes[top, 2]
+        if size <= 128:
+            values[count] = _leaf_sum(a, start, size)
+            count += 1
+            top -= 1
+            continue
+        half = size // 2
+        half -= half % 8
+        if stage == 2:  # both halves done: left + right
+            values[count - 2] = values[count - 2] + values[count - 1]
+            count -= 1
+            top -= 1
+            continue
+        nodes[top, 2] = stage + 1
+        top += 1
+        if stage == 0:
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start, half, 0
+        else:
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start + half, size - half, 0
+    return values[0]
+
+
+@njit(cache=True, nogil=True)
+def scaled_task_sum(taus: np.ndarray, scaling: np.float32, out: np.ndarray) -> None:
+    """Task arithmetic: `out = scaling * sum_t taus[t]` (float32, task order)."""
+    n, numel = taus.shape
+    for j in range(numel):
+        acc = _F0
+        for t in range(n):
+            acc += taus[t, j]
+        out[j] = acc * scaling
+
+
+@njit(cache=True, nogil=True)
+def ties_merge(
+    taus: np.ndarray,
+    thresholds: np.ndarray,
+    mean: bool,
+    scaling: np.float32,
+    block: int,
+    out: np.ndarray,
+) -> None:
+    """TIES on `[N, numel]`: trim (`|tau| >= threshold` of its task, else `tau * 0`), elect
+    `gamma = +1` where the trimmed task sum is > 0 else -1, disjoint sum (or mean) of the
+    trimmed entries with `trimmed * gamma > 0`, times `scaling` (all float32)."""
+    n, numel = taus.shape
+    total = np.empty(block, dtype=np.float32)
+    gamma = np.empty(block, dtype=np.float32)
+    count = np.empty(block, dtype=np.int64)
+    for start in range(0, numel, block):
+        width = min(block, numel - start)
+        for t in range(n):
+            limit = thresholds[t]
+            for j in range(width):
+                x = taus[t, start + j]
+                trimmed = x * (_F1 if abs(x) >= limit else _F0)
+                total[j] = (_F0 if t == 0 else total[j]) + trimmed
+        for j in range(width):
+            gamma[j] = _F1 if total[j] > 0 else _FM1
+        for t in range(n):
+            limit = thresholds[t]
+            for j in range(width):
+                x = taus[t, start + j]
+                trimmed = x * (_F1 if abs(x) >= limit else _F0)
+                agree = trimmed * gamma[j] > 0
+                kept = trimmed * (_F1 if agree else _F0)
+                if t == 0:
+                    total[j], count[j] = _F0, 0
+                total[j] += kept
+                count[j] += 1 if agree else 0
+        for j in range(width):
+            value = total[j]
+            if mean:
+                value = value / np.float32(max(count[j], 1)) if count[j] > 0 else _F0
+            out[start + j] = value * scaling
+
+
+@njit(cache=True, nogil=True)
+def _elect_block(
+    taus: np.ndarray, start: int, width: int, work: np.ndarray, out: np.ndarray
+) -> None:
+    """EMR's election (`magnitude=max`) of entries `start .. start + width` into `out`:
+    `max_t tau_t` where the task sum is > 0, else `min_t tau_t` if < 0, else -0.0."""
+    n = taus.shape[0]
+    total, high, low = work[0], work[1], work[2]
+    row = taus[0, start : start + width]
+    for j in range(width):
+        x = row[j]
+        total[j], high[j], low[j] = x, x, x
+    for t in range(1, n):
+        row = taus[t, start : start + width]
+        for j in range(width):
+            x = row[j]
+            total[j] += x
+            h, lo = high[j], low[j]
+            high[j] = x if x > h else h
+            low[j] = x if x < lo else lo
+    chosen = out[start : start + width]
+    for j in range(width):
+        # low = -0.0 gives -0.0 either way: the sign of a zero max/min never shows.
+        lo = low[j]
+        negative = lo if lo < 0 else np.float32(-0.0)
+        chosen[j] = high[j] if total[j] > 0 else negative
+
+
+@njit(cache=True, nogil=True)
+def _elect_sum_block(
+    taus: np.ndarray, start: int, width: int, work: np.ndarray, out: np.ndarray
+) -> None:
+    """The BEiT-3 election (`magnitude=sum`): `flag = +1` where the task sum is > 0 else -1,
+    `eps = sum_t max(tau_t * flag, 0)` from +0 in task order, `out = eps * flag`."""
+    n = taus.shape[0]
+    total, flag, eps = work[0], work[1], work[2]
+    row = taus[0, start : start + width]
+    for j in range(width):
+        total[j] = row[j]
+    for t in range(1, n):
+        row = taus[t, start : start + width]
+        for j in range(width):
+            total[j] += row[j]
+    for j in range(width):
+        flag[j] = _F1 if total[j] > 0 else _FM1
+        eps[j] = _F0
+    for t in range(n):
+        row = taus[t, start : start + width]
+        for j in range(width):
+            agreeing = row[j] * flag[j]
+            eps[j] += agreeing if agreeing > 0 else _F0
+    chosen = out[start : start + width]
+    for j in range(width):
+        chosen[j] = eps[j] * flag[j]
+
+
+# `modulate`'s election: none (`unified` is given), EMR's max, or the BEiT-3 sum.
+ELECT_NONE = 0
+ELECT_MAX = 1
+ELECT_SUM = 2
+
+
+@njit(cache=True, nogil=True)
+def modulate(
+    taus: np.ndarray,
+    unified: np.ndarray,
+    elect: int,
+    mask: bool,
+    rescale: bool,
+    sum_block: int,
+    packed: np.ndarray,
+    numerator: np.ndarray,
+    denominator: np.ndarray,
+) -> None:
+    """Mask & Rescale of one key (or row block) `[N, numel]` against `unified` `[numel]`
+    (written first by the election `elect`, if any): `packed[t]` gets the bits of
+    `sgn(tau_t) * sgn(tau_uni) > 0` (little bit order, 8 entries a byte), and, if `rescale`,
+    `numerator[t] += sum|tau_t|`, `denominator[t] += sum|M_t * tau_uni|` (or `sum|tau_uni|`
+    without masks) in float64, added block by block as the numpy kernel did (`sum_block`
+    entries each, a multiple of 8)."""
+    n, numel = taus.shape
+    work = np.empty((3, _BLOCK), dtype=np.float32)
+    masked = np.empty(_CAST_CHUNK, dtype=np.float64)
+    nodes = np.empty((_STACK, 3), dtype=np.int64)
+    values = np.empty(_STACK, dtype=np.float64)
+    for block in range(0, numel, sum_block):
+        stop = min(numel, block + sum_block)
+        if elect != ELECT_NONE:
+            for start in range(block, stop, _BLOCK):
+                width = min(_BLOCK, stop - start)
+                if elect == ELECT_MAX:
+                    _elect_block(taus, start, width, work, unified)
+                else:
+                    _elect_sum_block(taus, start, width, work, unified)
+        for t in range(n):
+            row = taus[t]
+            # numpy summed each block's row one cast buffer (chunk) at a time, from 0.
+            block_numerator, block_denominator = 0.0, 0.0
+            for chunk in range(block, stop, _CAST_CHUNK):
+                width = min(_CAST_CHUNK, stop - chunk)
+                if mask:
+                    part, uni = row[chunk : chunk + width], unified[chunk : chunk + width]
+                    for j in range(width):
+                        x, y = part[j], uni[j]
+                        # |tau_uni| * M_t: |tau_uni| or +0.0 (exact in float32); it is > 0
+                        # exactly where M_t = 1 (the mask needs tau_uni != 0).
+                        same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
+                        masked[j] = np.float64(abs(y)) if same else 0.0
+                    _pack(masked, width, packed[t], chunk // 8)
+                if rescale:
+                    block_numerator += _pairwise(row[chunk : chunk + width], width, nodes, values)
+                    if mask:
+                        block_denominator += _pairwise(masked, width, nodes, values)
+            numerator[t] += block_numerator
+            if mask:
+                denominator[t] += block_denominator
+        if rescale and not mask:
+            plain = 0.0
+            for chunk in range(block, stop, _CAST_CHUNK):
+                width = min(_CAST_CHUNK, stop - chunk)
+                plain += _pairwise(unified[chunk : chunk + width], width, nodes, values)
+            for t in range(n):
+                denominator[t] += plain
+
+
+@njit(cache=True, nogil=True)
+def _pack(masked: np.ndarray, width: int, out: np.ndarray, first: int) -> None:
+    """`np.packbits(masked[:width] > 0, bitorder="little")` into `out[first:]`."""
+    whole = width // 8
+    for b in range(whole):
+        i = 8 * b
+        out[first + b] = (
+            np.int64(masked[i] > 0)
+            | (np.int64(masked[i + 1] > 0) << 1)
+            | (np.int64(masked[i + 2] > 0) << 2)
+            | (np.int64(masked[i + 3] > 0) << 3)
+            | (np.int64(masked[i + 4] > 0) << 4)
+            | (np.int64(masked[i + 5] > 0) << 5)
+            | (np.int64(masked[i + 6] > 0) << 6)
+            | (np.int64(masked[i + 7] > 0) << 7)
+        )
+    if whole * 8 < width:  # the last, partial byte: zero bits after the end
+        byte = 0
+        for i in range(whole * 8, width):
+            byte |= np.int64(masked[i] > 0) << (i - whole * 8)
+        out[first + whole] = byte
+
+
+@njit(cache=True, nogil=True)
+def drop_and_rescale(
+    row: np.ndarray, words: np.ndarray, threshold: np.int64, rescale: bool, keep: np.float32
+) -> None:
+    """DARE on one task row, in place: `row[i] *= (words[i] >= threshold)`, then divided by
+    `keep = 1 - p` (float32) if `rescale`."""
+    for i in range(row.shape[0]):
+        x = row[i] * (_F1 if np.int64(words[i]) >= threshold else _F0)
+        row[i] = x / keep if rescale else x
+
+
+@njit(cache=True, nogil=True)
+def high_counts(bits: np.ndarray, counts: np.ndarray) -> None:
+    """Radix select pass 1: `counts[r, b] +=` the entries of row r (float32 bits as uint32)
+    whose |value|'s high 16 bits are b."""
+    rows, numel = bits.shape
+    for r in range(rows):
+        for i in range(numel):
+            counts[r, (bits[r, i] >> 16) & 0x7FFF] += 1
+
+
+@njit(cache=True, nogil=True)
+def low_counts(bits: np.ndarray, tops: np.ndarray, counts: np.ndarray) -> None:
+    """Radix select pass 2: `counts[r, b] +=` the entries of row r in the high-bits bin
+    `tops[r]` whose low 16 bits are b."""
+    rows, numel = bits.shape
+    for r in range(rows):
+        top = tops[r]
+        for i in range(numel):
+            value = bits[r, i]
+            if ((value >> 16) & 0x7FFF) == top:
+                counts[r, value & 0xFFFF] += 1

@@ -1,0 +1,212 @@
+"""The compiled kernels (`mergebench.engine.kernels`) against the numpy/torch code they
+replaced, bit for bit (`assert_array_equal` on the float bits), on data with exact ties,
+zero sums, -0.0, tiny and huge magnitudes, and odd sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mergebench.engine import kernels
+from mergebench.engine.topk import RadixSelect
+from mergebench.methods import modulators, ties
+from mergebench.methods.dare import draw_words, drop_and_rescale, keep_threshold, philox_key
+
+SIZES = [1, 7, 8, 9, 127, 129, 1000, 8193, 40_000, 70_001]
+
+
+def hard_task_vectors(rng: np.random.Generator, n_tasks: int, n: int) -> np.ndarray:
+    """Coarse values (exact ties, zero task sums, -0.0) mixed with values spread over 80
+    binades (float64 sums that depend on their order)."""
+    taus = rng.integers(-3, 4, (n_tasks, n)).astype(np.float32) * np.float32(0.5)
+    spread = rng.standard_normal((n_tasks, n)) * np.exp2(rng.integers(-40, 40, (n_tasks, n)))
+    wide = rng.random((n_tasks, n)) < 0.5
+    taus[wide] = spread[wide].astype(np.float32)
+    taus[:, ::7] = 0.0
+    taus[:, ::13] = -0.0
+    taus[rng.integers(n_tasks), ::11] = -0.0
+    return taus
+
+
+def f32_bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
+
+
+# --- the numpy code the kernels replaced (mergebench before the kernels), as the yardstick --
+_SIGN_BIT = -(2**31)
+
+
+def old_elect_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) -> None:
+    high = np.maximum.reduce(task_vectors, axis=0)
+    low = np.minimum.reduce(task_vectors, axis=0)
+    t, h, lo = total.view(np.int32), high.view(np.int32), low.view(np.int32)
+    positive = np.right_shift(np.bitwise_and(np.invert(t), np.negative(t)), 31)
+    negative = np.bitwise_or(np.bitwise_and(lo, np.right_shift(lo, 31)), np.int32(_SIGN_BIT))
+    chosen = out.view(np.int32)
+    np.bitwise_xor(negative, np.bitwise_and(np.bitwise_xor(negative, h), positive), out=chosen)
+
+
+def old_elect_sum_block(task_vectors: np.ndarray, total: np.ndarray, out: np.ndarray) -> None:
+    flag = np.where(total > 0, np.float32(1), np.float32(-1))
+    work = np.empty_like(out)
+    out.fill(0)
+    for tau in task_vectors:
+        out += np.maximum(np.multiply(tau, flag, out=work), 0, out=work)
+    out *= flag
+
+
+def old_modulate(taus, uni, elect, mask, rescale, block=1 << 15):
+    n, numel = taus.shape
+    uni = uni.copy()
+    total = np.add.reduce(taus, axis=0) if elect else None
+    packed = np.empty((n, (numel + 7) // 8), dtype=np.uint8)
+    numerator, denominator = np.zeros(n), np.zeros(n)
+    for start in range(0, numel, block):
+        stop = min(numel, start + block)
+        t, u = taus[:, start:stop], uni[start:stop]
+        if elect:
+            elect(t, total[start:stop], u)
+        m = np.sign(t) * np.sign(u) > 0
+        if mask:
+            packed[:, start // 8 : (stop + 7) // 8] = np.packbits(m, axis=-1, bitorder="little")
+        if rescale:
+            numerator += np.add.reduce(np.abs(t), axis=1, dtype=np.float64)
+            u_abs = np.abs(u)
+            if mask:
+                denominator += np.add.reduce(u_abs * m, axis=1, dtype=np.float64)
+            else:
+                denominator += np.add.reduce(u_abs, dtype=np.float64)
+    return uni, packed, numerator, denominator
+
+
+def old_ties(taus, thresholds, aggregate, scaling):
+    trimmed = taus * (np.abs(taus) >= thresholds[:, None])
+    total = np.add.reduce(trimmed, axis=0)
+    gamma = (total > 0) * np.float32(2) - np.float32(1)
+    agree = trimmed * gamma > 0
+    out = np.add.reduce(trimmed * agree, axis=0)
+    if aggregate == "mean":
+        count = np.add.reduce(agree, axis=0, dtype=np.int64)
+        out = out / np.maximum(count, 1).astype(np.float32)
+        out[count == 0] = 0.0
+    return out * np.float32(scaling)
+
+
+def old_drop(tau: torch.Tensor, p: float, rescale: bool, key: np.ndarray, start: int):
+    words = draw_words(key, start, tau.numel())
+    threshold = keep_threshold(p)
+    keep = np.zeros(words.shape, bool) if threshold > 2**32 - 1 else words >= threshold
+    tau.mul_(torch.from_numpy(keep))
+    return tau.div_(1.0 - p) if rescale else tau
+
+
+# --- tests ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("magnitude", [None, "max", "sum"])
+def test_modulate_kernel_matches_the_numpy_code_bit_for_bit(n, magnitude):
+    rng = np.random.default_rng(n)
+    elect = {None: None, "max": old_elect_block, "sum": old_elect_sum_block}[magnitude]
+    for n_tasks in (1, 2, 5, 8):
+        taus = hard_task_vectors(rng, n_tasks, n)
+        given = None if magnitude else hard_task_vectors(rng, 1, n)[0]
+        start = np.zeros(n, np.float32) if given is None else given
+        for mask in (True, False):
+            for rescale in (True, False):
+                uni, packed, num, den = old_modulate(taus, start, elect, mask, rescale)
+                new = modulators._modulate_blocks(
+                    torch.from_numpy(taus),
+                    None if given is None else torch.from_numpy(given),
+                    mask, "global", rescale, magnitude,
+                )  # fmt: skip
+                np.testing.assert_array_equal(f32_bits(new.unified.numpy()), f32_bits(uni))
+                if mask:
+                    np.testing.assert_array_equal(new.packed.numpy(), packed)
+                else:
+                    assert new.packed is None
+                np.testing.assert_array_equal(new.numerator.numpy().view(np.int64),
+                                              num.view(np.int64))  # fmt: skip
+                np.testing.assert_array_equal(new.denominator.numpy().view(np.int64),
+                                              den.view(np.int64))  # fmt: skip
+
+
+def test_float64_sums_depend_on_the_order_on_this_data():
+    """The sums test above would not see a wrong order on easy data: here a naive sum differs."""
+    row = np.abs(hard_task_vectors(np.random.default_rng(1), 1, 40_000)[0]).astype(np.float64)
+    naive = 0.0
+    for x in row:
+        naive += x
+    assert naive != np.add.reduce(row)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_ties_kernel_matches_the_numpy_code_bit_for_bit(n):
+    rng = np.random.default_rng(n)
+    for n_tasks in (1, 3, 8):
+        taus = hard_task_vectors(rng, n_tasks, n)
+        thresholds = np.abs(taus[:, rng.integers(n, size=n_tasks)]).diagonal().copy()
+        thresholds[0] = 0.0
+        for aggregate in ("sum", "mean"):
+            for scaling in (0.3, 1.0, -1 / 3):
+                expected = old_ties(taus, thresholds, aggregate, scaling)
+                got = ties._merge_blocks(
+                    torch.from_numpy(taus), torch.from_numpy(thresholds), aggregate, scaling
+                )
+                np.testing.assert_array_equal(f32_bits(got.numpy()), f32_bits(expected))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_task_sum_kernel_matches_numpy(n):
+    taus = hard_task_vectors(np.random.default_rng(n), 6, n)
+    out = np.empty(n, np.float32)
+    kernels.scaled_task_sum(taus, np.float32(0.3), out)
+    expected = np.float32(0.3) * np.add.reduce(taus, axis=0)
+    np.testing.assert_array_equal(f32_bits(out), f32_bits(expected))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1 - 2.0**-40])
+@pytest.mark.parametrize("start", [0, 3, 65_536 + 5])
+def test_dare_kernel_matches_the_torch_code_bit_for_bit(p, start):
+    taus = hard_task_vectors(np.random.default_rng(7), 1, 70_001)[0]
+    key = philox_key(5, 1, "layer.weight")
+    for rescale in (True, False):
+        got = drop_and_rescale(torch.from_numpy(taus.copy()), p, rescale, key, start)
+        expected = torch.from_numpy(taus.copy())
+        for offset in range(0, expected.numel(), 1 << 16):  # the old chunks
+            old_drop(expected[offset : offset + (1 << 16)], p, rescale, key, start + offset)
+        np.testing.assert_array_equal(f32_bits(got.numpy()), f32_bits(expected.numpy()))
+
+
+def test_radix_counts_match_bincount():
+    rng = np.random.default_rng(3)
+    chunk = torch.from_numpy(hard_task_vectors(rng, 3, 9_999))
+    select = RadixSelect([10, 500, 9_999])
+    high = select.high_counts(chunk)
+    bits = chunk.numpy().view(np.uint32)
+    for r in range(3):
+        folded = np.bincount((bits[r] >> 16) & 0x7FFF, minlength=1 << 16)
+        np.testing.assert_array_equal(high[r].numpy(), folded)
+    select.add_high(high)
+    low = select.low_counts(chunk)
+    for r, (top, _) in enumerate(select.targets()):
+        selected = bits[r][((bits[r] >> 16) & 0x7FFF) == top] & 0xFFFF
+        np.testing.assert_array_equal(low[r].numpy(), np.bincount(selected, minlength=1 << 16))
+    select.add_low(low)
+    expected = [np.sort(np.abs(chunk[r].numpy()))[::-1][k - 1] for r, k in enumerate(select.k)]
+    np.testing.assert_array_equal(select.values().numpy(), np.array(expected, np.float32))
+
+
+def test_the_kernel_cache_falls_back_to_a_writable_folder(tmp_path, monkeypatch):
+    """A read-only install (no writable `__pycache__` nor user cache): the temporary folder."""
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    assert kernels.first_writable([blocked / "pycache", tmp_path / "ok"]) == tmp_path / "ok"
+    assert kernels.first_writable([blocked / "pycache"]) is None
+    monkeypatch.setattr(kernels.numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(kernels, "__file__", str(blocked / "kernels.py"))
+    monkeypatch.setattr(kernels, "AppDirs", lambda **_: type("D", (), {"user_cache_dir": blocked}))
+    monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path))
+    kernels._ensure_cache_dir()
+    assert Path(kernels.numba.config.CACHE_DIR).parent == tmp_path
