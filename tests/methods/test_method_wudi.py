@@ -124,6 +124,31 @@ def test_history_matches_the_autograd_reference(num_tasks):
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-12)
 
 
+def test_rows_no_task_touches_stay_put_and_the_rest_match_the_reference():
+    # An embedding table: most rows are zero in every task vector, so R0's row is 0 and the
+    # fit skips it; the rows it fits must still follow the autograd reference.
+    g = torch.Generator().manual_seed(7)
+    taus = torch.zeros(3, 9, 5)
+    taus[:, [1, 4, 6]] = 0.05 * torch.randn(3, 3, 5, generator=g)
+    taus[2, 7] = 0.05 * torch.randn(5, generator=g)  # one task only: R0's row is not 0
+    merged, losses = wudi_matrix(taus, steps=50, lr=1e-3)
+    expected, expected_losses = wudi_fit(list(taus.double()), steps=50, lr=1e-3)
+    torch.testing.assert_close(merged.double(), expected, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-12)
+    assert torch.equal(merged[[0, 2, 3, 5, 8]], torch.zeros(5, 5))
+    assert not torch.equal(merged[7], taus[2, 7])  # fitted: the other tasks pull on it
+
+
+def test_history_off_keeps_the_first_and_last_loss():
+    g = torch.Generator().manual_seed(8)
+    taus = 0.05 * torch.randn(3, 6, 4, generator=g)
+    merged, losses = wudi_matrix(taus, steps=20, lr=1e-3)
+    short_merged, short = wudi_matrix(taus, steps=20, lr=1e-3, history=False)
+    assert torch.equal(short_merged, merged)
+    assert short == [losses[0], losses[-1]]
+    assert wudi_matrix(taus, steps=0, lr=1e-3, history=False)[1] == losses[:1]
+
+
 @pytest.mark.parametrize("others", ["pretrained", "mean"])
 @pytest.mark.parametrize("num_tasks", [2, 3])
 def test_matches_the_reference(others, num_tasks):
