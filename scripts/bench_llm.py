@@ -12,7 +12,8 @@ Each merge runs in a fresh process; the table gives wall and CPU seconds (the ke
 `wait4` rusage), the process's peak RSS (mergebench: the child's own `VmHWM`; mergekit:
 `ru_maxrss`, the parent holding no weights) and, for mergebench, the merge's own peak above the
 process's resident size when the merge started (everything a process holds after importing
-torch and mergebench is not the merge's). `tinyllama --mergekit PYTHON` runs the same
+torch and mergebench is not the merge's); the JSON rows add the merge's own user and system
+seconds and minor page faults (`getrusage` around the merge alone). `tinyllama --mergekit PYTHON` runs the same
 recipes (task arithmetic, TIES, DARE + TIES, DARE + task arithmetic, Breadcrumbs, DELLA)
 with mergekit (`PYTHON -m mergekit.scripts.run_yaml`, its own venv) and with mergebench
 (what `mergebench-merge mergekit=recipe.yml` runs), one after the other. Figures go to outputs/bench_llm_<pool>.json and, with
