@@ -12,7 +12,8 @@ Each merge runs in a fresh process; the table gives wall and CPU seconds (the ke
 `wait4` rusage), the process's peak RSS (mergebench: the child's own `VmHWM`; mergekit:
 `ru_maxrss`, the parent holding no weights) and, for mergebench, the merge's own peak above the
 process's resident size when the merge started (everything a process holds after importing
-torch and mergebench is not the merge's). `tinyllama --mergekit PYTHON` runs the same
+torch and mergebench is not the merge's); the JSON rows add the merge's own user and system
+seconds and minor page faults (`getrusage` around the merge alone). `tinyllama --mergekit PYTHON` runs the same
 recipes (task arithmetic, TIES, DARE + TIES, DARE + task arithmetic, Breadcrumbs, DELLA)
 with mergekit (`PYTHON -m mergekit.scripts.run_yaml`, its own venv) and with mergebench
 (what `mergebench-merge mergekit=recipe.yml` runs), one after the other. Figures go to outputs/bench_llm_<pool>.json and, with
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import machine_facts, write_doc  # noqa: E402  (a sibling script)
+from bench_merge import machine_facts, measure_child, write_doc  # noqa: E402  (a sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POOLS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergebench"
@@ -170,9 +172,17 @@ def run_worker(args: argparse.Namespace) -> None:
         method, base, finetuned = run.method, run.pretrained, run.finetuned
         params = {**run.params, "out_dtype": run.out_dtype}
     before = _status("VmRSS")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     mergebench.merge(method, base, finetuned, progress=False, output_dir=args.out, **params)
-    report = {"merge_s": time.perf_counter() - start, "rss_before_bytes": before}
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    report = {
+        "merge_s": time.perf_counter() - start,
+        "merge_user_s": after.ru_utime - usage.ru_utime,
+        "merge_system_s": after.ru_stime - usage.ru_stime,
+        "merge_minor_faults": after.ru_minflt - usage.ru_minflt,
+        "rss_before_bytes": before,
+    }
     print(json.dumps({**report, "vm_hwm_bytes": _status("VmHWM")}))
 
 
@@ -185,26 +195,8 @@ def _status(field: str) -> int:
 
 def measure(command: list[str]) -> dict:
     """Run `command` in a fresh process: wall, CPU and peak RSS from the kernel."""
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
-        _, status, usage = os.wait4(child.pid, 0)
-        stdout.seek(0)
-        stderr.seek(0)
-        output, errors = stdout.read(), stderr.read()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{command[:4]} failed ({code}):\n{errors[-3000:]}")
-    lines = [line for line in output.strip().splitlines() if line.startswith("{")]
-    report = json.loads(lines[-1]) if lines else {}
-    report.update(
-        wall_s=time.perf_counter() - started,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        system_s=usage.ru_stime,
-        ru_maxrss_bytes=usage.ru_maxrss * 1024,
-        load_before=load_before,
-    )
+    report = measure_child(command, " ".join(command[:4]))
+    report["wall_s"] = report.pop("process_s")
     if "vm_hwm_bytes" in report:
         report["merge_peak_above_start_bytes"] = report["vm_hwm_bytes"] - report["rss_before_bytes"]
     return report

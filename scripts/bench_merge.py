@@ -191,25 +191,36 @@ def measure(pool: Path, impl: str, method: str, params: dict, out: Path, threads
         "--params", json.dumps(params), "--pool", str(pool), "--out", str(out),
         "--threads", str(threads),
     ]  # fmt: skip
+    report = measure_child(command, f"{impl} {method}")
+    # The child's own high-water mark. (`ru_maxrss` from wait4 also counts the pages it
+    # shared with this parent before exec, which is why the parent imports no torch.)
+    report["peak_rss_bytes"] = report.pop("vm_hwm_bytes")
+    return report
+
+
+def measure_child(command: list[str], what: str) -> dict:
+    """Run `command` in a fresh process: the last JSON line it prints, with its wall time
+    (`process_s`), CPU seconds (`cpu_s` = `user_s` + `system_s`) and `ru_maxrss_bytes` from
+    the kernel (`wait4`: this child's own rusage) and the load average before it started."""
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
+        _, status, usage = os.wait4(child.pid, 0)
         stdout.seek(0)
         stderr.seek(0)
         output, errors = stdout.read(), stderr.read()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise RuntimeError(f"{impl} {method} failed ({code}):\n{errors[-3000:]}")
-    report = json.loads(output.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} failed ({code}):\n{errors[-3000:]}")
+    lines = [line for line in output.strip().splitlines() if line.startswith("{")]
+    report = json.loads(lines[-1]) if lines else {}
     report.update(
         process_s=time.perf_counter() - started,
-        # The child's own high-water mark. (`ru_maxrss` from wait4 also counts the pages it
-        # shared with this parent before exec, which is why the parent imports no torch.)
-        peak_rss_bytes=report.pop("vm_hwm_bytes"),
-        ru_maxrss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
         cpu_s=usage.ru_utime + usage.ru_stime,
+        user_s=usage.ru_utime,
+        system_s=usage.ru_stime,
+        ru_maxrss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
         load_before=load_before,
     )
     return report

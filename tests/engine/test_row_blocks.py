@@ -107,6 +107,33 @@ def test_row_blocks_give_the_whole_key_result(tmp_path, monkeypatch, method, par
             assert torch.equal(blocked[task][key], value), (task, key)
 
 
+@pytest.mark.parametrize(("method", "params"), [CASES[0], CASES[3]], ids=["ta", "emr"])
+def test_small_row_blocks_cut_keys_the_buffers_would_hold(tmp_path, monkeypatch, method, params):
+    """Entry-by-entry methods get keys above `ROW_BLOCK_NUMEL` in blocks of that size (small
+    buffers and temporaries), keys the reused buffers hold included; EMR, whose rescalers add
+    float64 sums per block, only keys above `REUSE_MAX_NUMEL`: bit for bit as before."""
+    pre, finetuned = pool_files(tmp_path)
+    whole, whole_result = run(method, params, pre, finetuned, tmp_path / "whole")
+    units = []
+    load = TaskVectorStream._load
+
+    def spy(self, unit, buffers):
+        units.append((unit.key, unit.rows))
+        return load(self, unit, buffers)
+
+    monkeypatch.setattr(stream_module, "ROW_BLOCK_NUMEL", LIMIT)
+    monkeypatch.setattr(TaskVectorStream, "_load", spy)
+    blocked, blocked_result = run(method, params, pre, finetuned, tmp_path / "blocks")
+    if method == "emr":
+        assert ("emb", None) in units and ("narrow", None) in units
+        assert blocked_result.rescalers == whole_result.rescalers
+    else:
+        assert ("emb", (0, 2)) in units and ("narrow", (48, 50)) in units
+    for task in whole:
+        for key, value in whole[task].items():
+            assert torch.equal(blocked[task][key], value), (task, key)
+
+
 def test_a_method_that_needs_whole_tensors_gets_them(tmp_path, monkeypatch):
     """TIES with per-tensor top-k ranks each tensor whole: no row blocks."""
     pre, finetuned = pool_files(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 
 import pytest
 import torch
@@ -60,6 +61,34 @@ def test_reads_by_offset_match_safetensors_for_every_dtype(tmp_path):
     assert torch.equal(out, tensors["bf16"].float())
     with pytest.raises(MergeBenchError, match="'f32' has shape \\[3, 4\\], buffer has 5"):
         source.read_into("f32", torch.empty(5))
+
+
+def test_converting_reads_go_chunk_by_chunk_through_one_staging_buffer(tmp_path, monkeypatch):
+    """bf16/f16 weights into float32 buffers: read and converted in small chunks (a chunk
+    that is not a whole number of rows, a last chunk shorter than the others), the same
+    numbers as a whole read, for whole keys and row blocks."""
+    import mergebench.engine.safetensors_reader as reader_module
+
+    monkeypatch.setattr(reader_module, "_STAGING_BYTES", 22)  # 11 bf16 entries per chunk
+    monkeypatch.setattr(reader_module, "_staging_local", threading.local())
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(9, 7, generator=g).bfloat16(),
+        "f16": torch.randn(5, 3, generator=g).half(),
+        "f32": torch.randn(4, 6, generator=g),
+    }
+    save_file(tensors, tmp_path / "x.safetensors")
+    source = open_checkpoint(tmp_path / "x.safetensors")
+    for key, value in tensors.items():
+        for dtype in (torch.float32, torch.float64):
+            out = source.read_into(key, torch.empty(value.shape, dtype=dtype))
+            assert torch.equal(out, value.to(dtype)), (key, dtype)
+            rows = source.read_rows_into(key, torch.empty(2, value.shape[1], dtype=dtype), 2)
+            assert torch.equal(rows, value[2:4].to(dtype)), (key, dtype)
+        strided = torch.empty(value.shape[1], value.shape[0]).t()  # not contiguous
+        assert torch.equal(source.read_into(key, strided), value.float()), key
+    staging = reader_module._staging_local.buffer
+    assert staging.numel() <= 22  # one small buffer, whatever the key's size
 
 
 def _write_raw(path, header: dict, data: bytes) -> None:

@@ -85,21 +85,39 @@ class SafetensorsReader(TensorReader):
         return out
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
-        if out.dtype == self.dtype(key) and out.is_contiguous() and out.device.type == "cpu":
-            self._check_numel(key, out)
-            self._read(key, out)  # no conversion: read straight into the caller's buffer
-            return out
-        return super().read_into(key, out)
+        self._check_numel(key, out)
+        return self._read_converted(key, out, 0)
 
     def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
         self._check_rows(key, out, start)
+        return self._read_converted(key, out, start * math.prod(out.shape[1:]))
+
+    def _read_converted(self, key: str, out: torch.Tensor, first: int) -> torch.Tensor:
+        """Entries `first : first + out.numel()` of the key into `out`, converted to its dtype.
+
+        Same dtype: read straight into the caller's buffer. Another dtype (bf16 weights into
+        the stream's float32 buffers): read in cache-sized chunks into one reused staging
+        buffer per thread and convert each chunk while it is in the cache. A fresh tensor per
+        key would cost a page fault and a zeroed page every 4 KiB, every key (measured:
+        docs/performance.md), and a copy of the key's size in memory.
+        """
         native = self.dtype(key)
-        direct = out.dtype == native and out.is_contiguous() and out.device.type == "cpu"
-        target = out if direct else torch.empty(out.shape, dtype=native)
-        row_bytes = math.prod(out.shape[1:]) * target.element_size()
-        self._read(key, target, skip=start * row_bytes)  # the rows' bytes only
-        if not direct:
-            out.copy_(target)
+        if out.is_contiguous() and out.device.type == "cpu":
+            if out.dtype == native:
+                self._read(key, out, skip=first * out.element_size())
+                return out
+            flat, itemsize = out.view(-1), _itemsize(native)
+            per = max(1, _STAGING_BYTES // itemsize)
+            staging = _staging(per * itemsize).view(native)
+            for begin in range(0, flat.numel(), per):
+                part = flat[begin : begin + per]
+                chunk = staging[: part.numel()]
+                self._read(key, chunk, skip=(first + begin) * itemsize)
+                part.copy_(chunk)
+            return out
+        target = torch.empty(out.shape, dtype=native)  # a GPU or strided target: rare
+        self._read(key, target, skip=first * target.element_size())
+        out.copy_(target)
         return out
 
     def _read(self, key: str, out: torch.Tensor, skip: int = 0) -> None:
@@ -210,6 +228,24 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 _SEEK_LOCK = threading.Lock()
+
+# Bytes read per chunk when converting: well inside a core's L2 cache with the converted
+# chunk beside it, large enough that a read costs little more than its copy.
+_STAGING_BYTES = 1 << 19
+_staging_local = threading.local()
+
+
+def _staging(nbytes: int) -> torch.Tensor:
+    """This thread's staging buffer of at least `nbytes` bytes (allocated once)."""
+    buffer = getattr(_staging_local, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        _staging_local.buffer = buffer
+    return buffer[:nbytes]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _pread_exact(handle, buffer: memoryview, offset: int) -> None:

@@ -18,9 +18,9 @@ Either way the fine-tuned tensors are read straight into the rows of the `[N, *s
 stack and become task vectors in place (`W_t - W_pre`): one copy of the data per key.
 Peak memory is the output plus about `(threads + 1) * (N + 1)` copies of the largest
 tensor, whatever the model size. Methods whose arithmetic goes entry by entry ask for
-`map(..., row_blocks=True)`: a key above `REUSE_MAX_NUMEL` entries (an LLM's embedding or
-output matrix) then comes as blocks of whole rows (`TensorItem.rows`), so the largest
-tensor no longer sets the peak.
+`map(..., row_blocks=True)`: a key above `ROW_BLOCK_NUMEL` entries (an LLM's embedding,
+output and MLP matrices) then comes as blocks of whole rows (`TensorItem.rows`), so the
+largest tensor no longer sets the peak.
 """
 
 from __future__ import annotations
@@ -173,6 +173,13 @@ class _Unit:
 # float32 copies of them, and keep resident the pages of every set a big key passed through
 # (an untied embedding and LM head go through two sets) for the rest of the merge.
 REUSE_MAX_NUMEL = 1 << 25
+# Entry-by-entry methods (`map(..., row_blocks=True)`) get keys above this many entries as
+# blocks of rows of at most this many (or `REUSE_MAX_NUMEL`, if smaller). Small blocks keep
+# every buffer of a pass small: the reused sets (threads + 1) * (N + 1) * 16 MiB, and the
+# temporaries a method allocates per block stay below glibc's mmap threshold (32 MiB), so
+# the allocator reuses them instead of mapping, faulting in and zeroing fresh pages for every
+# key (measured: docs/performance.md, "Where the system time went").
+ROW_BLOCK_NUMEL = 1 << 22
 
 
 def row_blocks_of(shape: tuple[int, ...], limit: int) -> list[tuple[int, int]] | None:
@@ -249,6 +256,7 @@ class TaskVectorStream:
         fn: Callable[[TensorItem], R],
         description: str = "merging",
         row_blocks: bool = False,
+        small_blocks: bool = True,
     ) -> Iterator[tuple[str, R]]:
         """Yield `(key, fn(item))` for every merged key, in key order.
 
@@ -256,13 +264,16 @@ class TaskVectorStream:
         return new tensors (or numbers) and keep no reference to the item's tensors. An
         `order_free` transform (DARE) runs on the workers too; any other is applied in key
         order, so that draws from a shared generator would replay exactly.
-        With `row_blocks`, a key above `REUSE_MAX_NUMEL` entries comes as several items in
+        With `row_blocks`, a key above `ROW_BLOCK_NUMEL` entries comes as several items in
         row order, each with its `rows`, and yields once per block (not with a transform
-        that is not `order_free`: it sees whole keys).
+        that is not `order_free`: it sees whole keys). `small_blocks=False` cuts only keys
+        above `REUSE_MAX_NUMEL`, into blocks that size: for a method whose per-block float
+        sums add up differently when the blocks move (EMR's rescalers).
         """
         transform = self.transform_factory() if self.transform_factory else None
         ordered = transform is not None and not getattr(transform, "order_free", False)
-        units = self._units(row_blocks and not ordered)
+        limit = min(REUSE_MAX_NUMEL, ROW_BLOCK_NUMEL) if small_blocks else REUSE_MAX_NUMEL
+        units = self._units(row_blocks and not ordered, limit)
         if not units:
             return
         workers = self.threads
@@ -363,10 +374,10 @@ class TaskVectorStream:
                 bar.update()
 
     # -- internals ---------------------------------------------------------------------------
-    def _units(self, row_blocks: bool) -> list[_Unit]:
+    def _units(self, row_blocks: bool, limit: int) -> list[_Unit]:
         units: list[_Unit] = []
         for key in self.plan.merged:
-            blocks = row_blocks_of(self.pool.pretrained.shape(key), REUSE_MAX_NUMEL)
+            blocks = row_blocks_of(self.pool.pretrained.shape(key), limit)
             if row_blocks and blocks is not None:
                 units.extend(_Unit(key, rows) for rows in blocks)
             else:

@@ -174,7 +174,9 @@ class EMR(Method):
                 taus, unified, self.mask, self.rescaler, scratch, self.rescale, **where
             )
 
-        keys = stream.map(per_key, self.name, row_blocks=True)
+        # Blocks only above the reused buffers' size: the rescalers' float64 sums per block
+        # keep the grouping they had (smaller blocks would move their last bits).
+        keys = stream.map(per_key, self.name, row_blocks=True, small_blocks=False)
         return assemble_result(
             self, pool, stream.plan, keys, self.mask, self.rescale, self.rescaler, context.target
         )
