@@ -18,9 +18,12 @@ FINETUNE_KEYS = (
 # convolutions add up in a thread-count-dependent order; a fixed count makes the zoo the
 # same bit for bit on any machine). `multitask_batches`: `per_task` (default: each batch holds
 # one task) or `mixed` (each batch drawn from all tasks' examples: what BatchNorm statistics
-# that train need, since the model is evaluated with statistics of the mixture).
-OPTIONAL_FINETUNE_KEYS = ("threads", "multitask_batches")
+# that train need, since the model is evaluated with statistics of the mixture). `head_init`:
+# `random` (default) or `probe` (LP-FT: each head starts as the logistic-regression probe of
+# the frozen pretrained features, sources/zoo/probe.py).
+OPTIONAL_FINETUNE_KEYS = ("threads", "multitask_batches", "head_init")
 MULTITASK_BATCHES = ("per_task", "mixed")
+HEAD_INITS = ("random", "probe")
 
 
 def finetune_settings(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
@@ -38,6 +41,10 @@ def finetune_settings(cfg_model: Mapping[str, Any]) -> dict[str, Any]:
         raise MergeBenchError(
             f"model.finetune.multitask_batches: {hp['multitask_batches']!r} "
             f"(choose from {', '.join(MULTITASK_BATCHES)})"
+        )
+    if hp.get("head_init", "random") not in HEAD_INITS:
+        raise MergeBenchError(
+            f"model.finetune.head_init: {hp['head_init']!r} (choose from {', '.join(HEAD_INITS)})"
         )
     return hp
 

@@ -16,6 +16,7 @@ import torch
 
 from mergebench.families.base import HEAD, ZooFamily
 from mergebench.families.labeled import LabeledData
+from mergebench.sources.zoo.probe import fit_probe_head
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.progress import on_terminal
 
@@ -189,7 +190,8 @@ def fit(
     seed: int,
     progress: bool,
 ) -> tuple[dict[str, torch.nn.Module], float]:
-    """Fine-tune one model per task in `tasks`; with several tasks, one shared backbone."""
+    """Fine-tune one model per task in `tasks`; with several tasks, one shared backbone.
+    `hp["head_init"] == "probe"`: each head starts as its task's linear probe (LP-FT)."""
     import lightning as L
 
     _quiet_lightning()
@@ -225,6 +227,10 @@ def fit(
     if hp.get("threads"):  # a fixed count: the same weights bit for bit on any machine
         torch.set_num_threads(int(hp["threads"]))
     try:
+        if hp.get("head_init", "random") == "probe":  # before any backbone update
+            for task, model in models.items():
+                fit_probe_head(family, model, data, task)
+            module.train()  # the family's training mode again (the features ran in eval)
         trainer.fit(module, train_dataloaders=loader)
     finally:
         torch.set_num_threads(threads_before)
