@@ -9,7 +9,8 @@ ascending (stable), keep probability
 float32 draws (`torch.rand`, the key's flat order) from a CPU `torch.Generator` seeded by
 `della_seed(seed, task index, key index)`, the key index being the key's position in the
 key plan's merged list: every key has its own generator, so keys run in parallel and a
-run is reproducible bit for bit.
+run is reproducible bit for bit. A row block of a key (the stream's, for big keys) first
+draws and drops the draws of the entries before it, so it gets what the whole key would.
 
 Elect: `gamma = +1 where sum_t tau'_t >= 0 else -1` (a zero sum is +); disjoint mean over
 the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
