@@ -203,3 +203,71 @@ def test_scope_tensor_sees_whole_keys_when_the_stream_cuts_rows(random_pool, mon
     ).state_dict("a")
     for key, value in whole.items():
         assert torch.equal(cut[key], value), key
+
+
+def sorted_tensor_scope(task_vectors, density, outlier, scaling):
+    """`scope: tensor` the way it ran before the radix select: a stable sort of every task's
+    whole flattened tensor (`crumbs` on one row), summed in task order, then scaled."""
+    from mergebench.engine.stream import sum_tasks
+
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    masked = crumbs(flat, density, outlier).reshape(task_vectors.shape)
+    return scaling * sum_tasks(masked)
+
+
+def tied_stack(shape, seed, levels=4):
+    """Task vectors whose |tau| take a few values, both signs and zeros: ties everywhere,
+    at both cuts too."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-levels, levels + 1, shape, generator=g).float() * 0.5
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 64, 1 << 20])
+@pytest.mark.parametrize(
+    ("density", "outlier"),
+    [(0.1, 0.01), (0.3, 0.1), (0.5, 0.25), (0.9, 0.3), (0.95, 0.2), (0.02, 0.0), (0.5, 0.5)],
+)
+def test_scope_tensor_in_blocks_is_the_whole_tensor_sort_with_ties(monkeypatch, block,
+                                                                   density, outlier):  # fmt: skip
+    """The radix cuts applied block by block (down to one entry per task) keep exactly the
+    entries a stable sort of the whole tensor keeps, equal |tau| at the cuts included."""
+    import mergebench.methods.breadcrumbs as breadcrumbs
+
+    monkeypatch.setattr(breadcrumbs, "BLOCK_NUMEL", block)
+    for seed, shape, levels in [(0, (3, 9, 7), 4), (1, (4, 40), 1), (2, (2, 5, 2, 3), 2)]:
+        taus = tied_stack(shape, seed, levels)
+        got = breadcrumbs.breadcrumbs_delta(taus, density, outlier, -0.7, scope="tensor")
+        expected = sorted_tensor_scope(taus, density, outlier, -0.7)
+        assert torch.equal(got, expected), (seed, shape)
+        # Signed zeros too (dropped negative entries give -0.0, as `tau * mask` does).
+        assert torch.equal(torch.signbit(got), torch.signbit(expected)), (seed, shape)
+
+
+@pytest.mark.parametrize("block", [1, 3, 100])
+def test_scope_tensor_ties_at_the_cut_keep_the_lower_indices(monkeypatch, block):
+    # 10 entries, outlier 0.1 -> g = 1, density 0.3 -> k = 3: ranks 2..4 of |tau| descending.
+    # |tau|: 4 (i1) r1, then the five 2s tie at both cuts: ranks 2..6 by index (i0, i3, i5,
+    # i6, i9), so i0, i3, i5 are kept and i6, i9 dropped, whatever the blocks.
+    import mergebench.methods.breadcrumbs as breadcrumbs
+
+    monkeypatch.setattr(breadcrumbs, "BLOCK_NUMEL", block)
+    tau = torch.tensor([[2.0, -4.0, 1.0, -2.0, 0.0, 2.0, 2.0, 1.0, 0.5, -2.0]])
+    expected = torch.tensor([2.0, 0.0, 0.0, -2.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    assert torch.equal(breadcrumbs.breadcrumbs_delta(tau, 0.3, 0.1, 1.0, "tensor"), expected)
+
+
+@pytest.mark.parametrize("block", [50, 1 << 20])
+def test_scope_tensor_streamed_merge_is_bit_identical_to_the_reference(random_pool, monkeypatch,
+                                                                       block):  # fmt: skip
+    import mergebench.methods.breadcrumbs as breadcrumbs
+
+    monkeypatch.setattr(breadcrumbs, "BLOCK_NUMEL", block)
+    pre, finetuned = random_pool
+    for params in ({"density": 0.3, "outlier": 0.1, "scaling": 0.7}, {"density": 0.9}):
+        params = {**params, "scope": "tensor"}
+        out = mergebench.merge(
+            "breadcrumbs", pre, finetuned, exclude=[r"head\..*"], progress=False, **params
+        ).state_dict("a")
+        expected = breadcrumbs_reference(pre, finetuned, exclude=[r"head\..*"], **params)
+        for key, value in expected.items():
+            assert torch.equal(out[key], value), (key, params)

@@ -186,3 +186,44 @@ def test_blocks_of_rows_give_the_reference_bit_for_bit(random_pool, monkeypatch,
     expected = della_reference(pre, finetuned, exclude=[r"head\..*"], **params)
     for key, value in expected.items():
         assert torch.equal(out[key], value), key
+
+
+@pytest.mark.parametrize(("block", "reuse"), [(1 << 20, 16), (50, 40), (7, 200)])
+def test_stream_row_blocks_give_the_reference_bit_for_bit(monkeypatch, block, reuse):
+    """Big keys come from the stream as blocks of whole first-axis rows (DELLA's rows), down
+    to one row a block: each block's draws start where the whole key's would."""
+    import mergebench.engine.stream as stream_module
+    import mergebench.methods.della as della
+
+    monkeypatch.setattr(della, "BLOCK_NUMEL", block)
+    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", reuse)
+    g = torch.Generator().manual_seed(4)
+    pre = {
+        "embed.weight": torch.randn(24, 16, generator=g),  # 1-row blocks when reuse is 16
+        "cube.weight": torch.randn(9, 4, 8, generator=g),
+        "conv.weight": torch.randn(6, 2, 3, 3, generator=g),
+        "wide.weight": torch.randn(30, 56, generator=g).to(torch.bfloat16),
+        "norm.weight": torch.ones(40),
+    }
+    finetuned = {
+        t: {k: (v.float() + torch.randint(-3, 4, v.shape, generator=g) * 0.25).to(v.dtype)
+            for k, v in pre.items()}
+        for t in "abc"
+    }  # fmt: skip
+    params = {"density": 0.4, "window": 0.3, "scaling": 0.8, "seed": 9}
+    out = mergebench.merge("della", pre, finetuned, progress=False, **params).state_dict()
+    expected = della_reference(pre, finetuned, **params)
+    for key, value in expected.items():
+        assert torch.equal(out[key], value), key
+
+
+def test_a_block_with_its_offset_is_the_same_rows_of_the_whole_key():
+    from mergebench.methods.della import della_delta
+
+    g = torch.Generator().manual_seed(8)
+    taus = torch.randint(-2, 3, (3, 10, 6), generator=g).float()
+    whole = della_delta(taus, 5, 0.5, 0.4, True, 1.0, 3)
+    for start, stop in [(0, 1), (1, 4), (4, 10), (9, 10)]:
+        block = della_delta(taus[:, start:stop].contiguous(), 5, 0.5, 0.4, True, 1.0, 3,
+                            offset=start * 6)  # fmt: skip
+        assert torch.equal(block, whole[start:stop]), (start, stop)

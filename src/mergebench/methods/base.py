@@ -128,6 +128,12 @@ class TaskVectorMethod(Method):
         tensor), so that a big key may come as blocks of rows (`TaskVectorStream.map`)."""
         return False
 
+    def small_row_blocks(self) -> bool:
+        """Whether split keys come in the stream's small blocks (`ROW_BLOCK_NUMEL`) rather
+        than its large ones: small keeps buffers and temporaries reused; a method whose
+        per-block cost grows with the block's offset (DELLA skips earlier draws) says no."""
+        return True
+
     def accept_pool(self, pool: ModelPool) -> None:
         """Before any key is read: refuse a pool this method cannot merge (a number of
         tasks, say), or take what it needs from the task list (SLERP's endpoints)."""
@@ -168,7 +174,12 @@ class TaskVectorMethod(Method):
                 out.copy_(item.pretrained + delta)
 
         # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
-        for _ in stream.map(merge_item, self.name, row_blocks=self.splits_rows()):
+        for _ in stream.map(
+            merge_item,
+            self.name,
+            row_blocks=self.splits_rows(),
+            small_blocks=self.small_row_blocks(),
+        ):
             pass
         return single_result(self, pool, stream.plan, outputs)
 
@@ -195,7 +206,12 @@ class TaskVectorMethod(Method):
                 else:
                     writer.write_rows(item.key, out, item.rows[0])
 
-            for _ in stream.map(merge_item, self.name, row_blocks=self.splits_rows()):
+            for _ in stream.map(
+                merge_item,
+                self.name,
+                row_blocks=self.splits_rows(),
+                small_blocks=self.small_row_blocks(),
+            ):
                 pass
             for key in [*plan.pretrained_excluded, *plan.copied]:
                 writer.write(key, pre.get(key))

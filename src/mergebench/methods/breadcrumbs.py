@@ -54,6 +54,65 @@ def crumbs(task_vectors: torch.Tensor, density: float, outlier: float) -> torch.
 BLOCK_NUMEL = 1 << 20
 
 
+class _RankCut:
+    """One task's kept ranks `[start, stop)` of a flat tensor as |tau| thresholds.
+
+    With `a` the (start+1)-th and `b` the stop-th largest |tau|, an entry of |tau| `v` has
+    0-based rank `(entries > v) + (entries == v before it)`: `b < v < a` is kept, `v > a`
+    and `v < b` are not, and an entry equal to `a` or `b` is kept when its rank, counted
+    through the ties in index order, lies in `[start, stop)`: the stable sort's rule."""
+
+    def __init__(self, size: torch.Tensor, largest: int) -> None:
+        # kthvalue: an exact selection (the k-th smallest), one copy of `size`, no sort.
+        value = torch.kthvalue(size, size.numel() + 1 - largest).values
+        self.value = float(value)  # |tau| at the cut (a float32 value, exact as a float)
+        self.above = int((size > value).sum())  # entries with |tau| > value
+        self.seen = 0  # entries equal to `value` in the blocks before this one
+
+    def ranks(self, equal: torch.Tensor) -> torch.Tensor:
+        """0-based ranks of the block's entries equal to the cut (`equal`: a 1-D mask)."""
+        return self.above + self.seen + torch.cumsum(equal, 0) - 1
+
+
+def _tensor_scope_delta(task_vectors: torch.Tensor, density: float, outlier: float,
+                        scaling: float) -> torch.Tensor:  # fmt: skip
+    """`scope: tensor` without sorting the tensor: each task's two cuts come from exact
+    selections on its |tau| (one task at a time: two working copies of one task's tensor),
+    then the mask is applied in blocks in flat order. Bit-identical to masking with a stable
+    sort of the whole tensor (which held the stack's |tau|, sorted values, int64 indices)."""
+    tasks = task_vectors.shape[0]
+    flat = task_vectors.reshape(tasks, -1)
+    n = flat.shape[1]
+    start, stop = row_keep_range(n, density, outlier)
+    if n == 0 or start >= stop:
+        return torch.zeros(task_vectors.shape[1:], dtype=task_vectors.dtype,
+                           device=flat.device).mul_(scaling)  # fmt: skip
+    cuts = []
+    for tau in flat:
+        size = tau.abs()
+        cuts.append((_RankCut(size, start + 1), _RankCut(size, stop)))
+        del size
+    out = torch.empty(task_vectors.shape[1:], dtype=task_vectors.dtype, device=flat.device)
+    result = out.view(-1)
+    per = max(1, BLOCK_NUMEL // tasks)
+    for first in range(0, n, per):
+        chunk = flat[:, first : first + per]
+        masked = torch.empty_like(chunk)
+        for t, (upper, lower) in enumerate(cuts):
+            size = chunk[t].abs()
+            keep = (size <= upper.value) & (size >= lower.value)
+            for cut in (upper, lower) if upper.value != lower.value else (upper,):
+                equal = size == cut.value
+                ties = int(equal.sum())
+                if ties:
+                    ranks = cut.ranks(equal)
+                    keep &= ~equal | ((ranks >= start) & (ranks < stop))
+                    cut.seen += ties
+            torch.mul(chunk[t], keep, out=masked[t])
+        sum_tasks(masked, out=result[first : first + per])
+    return out.mul_(scaling)
+
+
 def breadcrumbs_delta(
     task_vectors: torch.Tensor,
     density: float,
@@ -64,8 +123,7 @@ def breadcrumbs_delta(
     """`scaling * sum_t crumbs(tau_t)` for one key (float32 in, float32 out), computed in
     blocks of rows (each entry's value does not depend on the blocks)."""
     if scope == "tensor" and task_vectors.dim() > 1:  # mergekit's: the tensor is one row
-        flat = task_vectors.reshape(task_vectors.shape[0], -1)
-        return scaling * sum_tasks(crumbs(flat, density, outlier).reshape(task_vectors.shape))
+        return _tensor_scope_delta(task_vectors, density, outlier, scaling)
     if task_vectors.dim() == 1 or task_vectors.numel() == 0:
         return scaling * sum_tasks(crumbs(task_vectors, density, outlier))
     n = task_vectors.shape[-1]

@@ -9,7 +9,8 @@ ascending (stable), keep probability
 float32 draws (`torch.rand`, the key's flat order) from a CPU `torch.Generator` seeded by
 `della_seed(seed, task index, key index)`, the key index being the key's position in the
 key plan's merged list: every key has its own generator, so keys run in parallel and a
-run is reproducible bit for bit.
+run is reproducible bit for bit. A row block of a key (the stream's, for big keys) first
+draws and drops the draws of the entries before it, so it gets what the whole key would.
 
 Elect: `gamma = +1 where sum_t tau'_t >= 0 else -1` (a zero sum is +); disjoint mean over
 the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergebench.engine.stream import TaskVectorStream, sum_tasks
+from mergebench.engine.stream import TaskVectorStream, TensorItem, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import flag, fraction, integer, number, option
 from mergebench.util.errors import MergeBenchError
@@ -78,6 +79,17 @@ def elect_and_disjoint_mean(pruned: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, agreeing / count.clamp(min=1), torch.zeros_like(agreeing))
 
 
+def skip_draws(generator: torch.Generator, count: int) -> torch.Generator:
+    """`generator` after `count` float32 draws, made and dropped in blocks (`torch.rand`
+    takes one draw per entry in flat order, however the draws are cut: the block tests)."""
+    scratch = torch.empty(min(count, BLOCK_NUMEL))
+    while count > 0:
+        step = min(count, BLOCK_NUMEL)
+        torch.rand(step, generator=generator, out=scratch[:step])
+        count -= step
+    return generator
+
+
 # Entries per task pruned and elected at a time: the ranks (int64), probabilities and draws
 # are that block's size, so a large key costs one float32 copy (the result) beyond the
 # stream's buffers instead of several of the whole stack.
@@ -92,12 +104,15 @@ def della_delta(
     rescale: bool,
     scaling: float,
     seed: int,
+    offset: int = 0,
 ) -> torch.Tensor:
     """`scaling * delta` of one key from its float32 task-vector stack `[N, *shape]`, in
     blocks of rows: ranks are per row, elect and mean per entry, and each task's generator
-    is drawn block after block in the key's flat order, as one whole-key draw would be."""
+    is drawn block after block in the key's flat order, as one whole-key draw would be.
+    `offset`: the stack holds the key's rows from flat entry `offset` on (a row block of
+    the stream): each generator first skips the draws of the entries before it."""
     generators = [
-        torch.Generator().manual_seed(della_seed(seed, t, key_index))
+        skip_draws(torch.Generator().manual_seed(della_seed(seed, t, key_index)), offset)
         for t in range(task_vectors.shape[0])
     ]
     shape = task_vectors.shape[1:]
@@ -147,7 +162,26 @@ class Della(TaskVectorMethod):
         # Read-only while the workers run: each key finds its own generator seed.
         self._key_index = {key: i for i, key in enumerate(stream.plan.merged)}
 
+    def splits_rows(self) -> bool:
+        # Rows are first-axis rows, which the stream's row blocks keep whole; a block's draws
+        # start where the key's flat order has them (`della_delta`'s `offset`).
+        return True
+
+    def small_row_blocks(self) -> bool:
+        # A block skips the draws of every entry before it: 32M-entry blocks keep that to a
+        # few blocks' worth per task on an 8B vocabulary instead of ~120 with 4M blocks.
+        return False
+
+    def merge_item(self, item: TensorItem) -> torch.Tensor:
+        offset = 0
+        if item.rows is not None:
+            offset = item.rows[0] * math.prod(item.task_vectors.shape[2:])
+        return self._delta(item.key, item.task_vectors, offset)
+
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
+        return self._delta(key, task_vectors, 0)
+
+    def _delta(self, key: str, task_vectors: torch.Tensor, offset: int) -> torch.Tensor:
         return della_delta(
             task_vectors,
             self._key_index[key],
@@ -156,4 +190,5 @@ class Della(TaskVectorMethod):
             self.rescale,
             self.scaling,
             self.seed,
+            offset,
         )
