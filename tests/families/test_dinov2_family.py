@@ -33,6 +33,20 @@ def test_backbone_is_the_converted_one_and_the_head_is_classifier():
             assert family.logits(model, {"pixel_values": x}).shape == (2, 3)
 
 
+def test_multitask_models_share_the_class_token_and_position_table():
+    """A ViT keeps its class token and position table on the model itself, not in a child
+    module: the multi-task models share them too (else each task trained its own copy and
+    the saved multi-task model had the first task's)."""
+    family = Dinov2ViTS14Family({"a": TaskInputs(3, {}), "b": TaskInputs(5, {})}, image_size=28)
+    a, b = family.new_finetuning_model("a"), family.build_model("b")
+    family.share_backbone(a, b)
+    shared_a = {n: p for n, p in a.named_parameters() if not n.startswith(HEAD)}
+    shared_b = {n: p for n, p in b.named_parameters() if not n.startswith(HEAD)}
+    assert {"cls_token", "pos_embed"} <= shared_a.keys() and shared_a.keys() == shared_b.keys()
+    assert all(shared_a[n] is shared_b[n] for n in shared_a)
+    assert a.classifier is not b.classifier and b.classifier.out_features == 5
+
+
 @pytest.mark.parametrize("size", [0, 30, "56"])
 def test_image_size_must_be_a_multiple_of_the_patch(size):
     with pytest.raises(MergeBenchError, match=r"^model\.options\.image_size"):

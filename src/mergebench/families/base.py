@@ -121,10 +121,16 @@ class ZooFamily(Family):
 
     @staticmethod
     def share_backbone(source: nn.Module, target: nn.Module) -> None:
-        """Make `target` use `source`'s modules for everything but the head (multi-task model)."""
+        """Make `target` use `source`'s modules, and its own parameters and buffers (a ViT's
+        class token and position table sit on the model itself), for everything but the head
+        (multi-task model)."""
         for name, child in source.named_children():
             if name != HEAD:
                 setattr(target, name, child)
+        for name, param in source.named_parameters(recurse=False):
+            setattr(target, name, param)
+        for name, buffer in source.named_buffers(recurse=False):
+            target._buffers[name] = buffer
 
 
 def model_folder(path: Path) -> Path:
