@@ -5,6 +5,7 @@ the run); rows stored before these existed show blanks."""
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import torch
@@ -61,14 +62,23 @@ def test_selection_seconds_and_candidates_are_stored_and_shown(tmp_path, monkeyp
     assert "candidates" in render([board], "table")
 
 
+def fresh_pages(size: int) -> mmap.mmap:
+    """`size` bytes of new resident memory: an anonymous mapping, every page written. (A
+    `torch.ones` of that size may come from memory the allocator already holds after
+    earlier tests, which adds nothing to the resident size.)"""
+    pages = mmap.mmap(-1, size)
+    pages.write(b"\x01" * size)
+    return pages
+
+
 def test_the_merges_own_peak_leaves_out_what_the_process_held_before(tmp_path, monkeypatch):
     fake = FakeJob(monkeypatch)
 
     def merge(name, pool, device, progress, **params):  # a merge that holds ~64 MiB a while
         fake.merges.append(params)
-        work = torch.ones(64 * MiB // 4)
+        work = fresh_pages(64 * MiB)
         time.sleep(0.1)  # the sampler (every 5 ms) sees it
-        del work
+        work.close()
         return object()
 
     monkeypatch.setattr(job, "merge_pool", merge)
@@ -89,9 +99,9 @@ def test_the_merges_own_peak_leaves_out_what_the_process_held_before(tmp_path, m
 def test_peak_rss_counts_only_what_the_block_added():
     held = torch.ones(100 * MiB // 4)
     with PeakRSS() as rss:
-        work = torch.ones(32 * MiB // 4)
+        work = fresh_pages(32 * MiB)
         time.sleep(0.05)
-        del work
+        work.close()
     assert rss.start >= 100 * MiB
     assert 24 * MiB <= rss.own < 90 * MiB
     assert rss.high_water >= rss.peak >= rss.start + rss.own
