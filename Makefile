@@ -67,19 +67,12 @@ ifeq ($(filter wandb none,$(LOGGER)),)
 $(error LOGGER=$(LOGGER): expected wandb or none)
 endif
 
-# The zoo's task sets: text (MiniLM) and vision_vit (the DINOv2 ViT-S/14) for `make bench`;
-# `make bench-all` adds vision (EfficientNet-Lite0).
-ZOO_SETS ?= text vision_vit
-
 zoo: setup data
-	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo seed=$$seed --set $(ZOO_SETS) || exit 1; done
+	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo seed=$$seed || exit 1; done
 
-# The twenty-one data-free rows on the text board and the ViT vision board.
 bench: zoo
 	$(PY) scripts/run_bench.py --seeds $(SEEDS) logger=$(LOGGER)
 
-# Plus model_stock, the data-dependent methods and the EfficientNet-Lite0 board.
-bench-all: ZOO_SETS = text vision_vit vision
 bench-all: zoo
 	$(PY) scripts/run_bench.py --all --seeds $(SEEDS) logger=$(LOGGER)
 

@@ -57,7 +57,7 @@ def main() -> int:
         "cache_dir": str(cache),
     }
     if not args.skip_zoo:
-        for name in ("text", "vision_vit"):  # make zoo's sets (ZOO_SETS in the Makefile)
+        for name in ("text", "vision"):
             report[f"zoo_{name}"] = timed(
                 [
                     str(Path(PY).with_name("mergebench-zoo")),  # what `make zoo` runs

@@ -1,6 +1,6 @@
-"""`scripts/run_bench.py` (what `make bench` runs) covers the text set and the ViT vision set
-with all twenty-one data-free rows; `--all` (`make bench-all`) adds model_stock, the
-data-dependent methods and the EfficientNet-Lite0 vision set."""
+"""`scripts/run_bench.py --all` (what `make bench-all` runs) covers both task sets with the
+eleven paper variants, the ten 2024-2025 methods, model_stock and the data-dependent
+methods."""
 
 from __future__ import annotations
 
@@ -35,49 +35,46 @@ def value(overrides: list[str], key: str) -> list[str]:
     return found.split(",")
 
 
-NINE = {"weight_averaging", "task_arithmetic", "task_arithmetic_mr", "ties", "ties_mr", "emr",
-        "emr_elect", "emr_elect_mask", "emr_elect_rescale"}  # fmt: skip
-TEN = {"breadcrumbs", "della", "tall_masks", "consensus", "tsv", "iso_c", "iso_cts", "cart",
-       "lines", "wudi"}  # fmt: skip
-
-
-def test_make_bench_runs_all_21_data_free_rows_on_text_and_the_vit(monkeypatch):
-    module = load_run_bench()
-    (only,) = planned([], monkeypatch)  # what `make bench` runs
-    assert value(only, "+experiment") == ["bench_text", "bench_vision_vit"]
-    rows = value(only, "+variant")
-    assert set(rows) == NINE | {"dare_task_arithmetic", "dare_ties"} | TEN
-    assert len(rows) == 21 == len(module.DATA_FREE_VARIANTS)
-    # the ViT half is the DINOv2 family on vision_vit; EfficientNet-Lite0 is --all's
-    from mergebench.util.config import load_group
-
-    vit = load_group("experiment", "bench_vision_vit")["defaults"]
-    assert {"override /model": "dinov2_vits14"} in vit
-    assert {"override /taskset": "vision_vit"} in vit
-
-
-def test_all_adds_model_stock_the_data_methods_and_the_cnn_set(monkeypatch):
+def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
     module = load_run_bench()
     first, second = planned(["--all"], monkeypatch)
     for overrides in (first, second):
-        assert value(overrides, "+experiment") == ["bench_text", "bench_vision_vit", "bench_vision"]
-    assert value(first, "+variant") == module.DATA_FREE_VARIANTS + module.MERGEKIT_VARIANTS
+        assert value(overrides, "+experiment") == ["bench_text", "bench_vision"]
+    assert value(first, "+variant") == (
+        module.DATA_FREE_VARIANTS
+        + module.SLOW_VARIANTS
+        + module.NEW_METHOD_VARIANTS
+        + module.MERGEKIT_VARIANTS
+    )
     assert {"dare_task_arithmetic", "dare_ties"} <= set(module.SLOW_VARIANTS)
     # The groups come from the variants' `board:` keys: a new variant joins without an edit here.
-    assert set(module.PAPER_VARIANTS) == NINE
-    assert set(module.NEW_METHOD_VARIANTS) >= TEN
+    ten = {"breadcrumbs", "della", "tall_masks", "consensus", "tsv", "iso_c", "iso_cts", "cart",
+           "lines", "wudi"}  # fmt: skip
+    assert ten <= set(module.NEW_METHOD_VARIANTS)
     assert "model_stock" in module.MERGEKIT_VARIANTS  # slerp merges two models: no board
     assert "slerp" not in module.ALL_DATA_FREE
     assert value(second, "+variant") == module.DATA_DEPENDENT_VARIANTS
+
+
+def test_the_vit_board_runs_by_name_with_every_data_free_row(monkeypatch):
+    """`--sets vision_vit --data-free`: the DINOv2 board with the twenty-one data-free rows
+    (the paper's eleven variants, DARE on both bases, the ten 2024-2025 methods), and no
+    data-dependent multirun; the default sets stay text and EfficientNet-Lite0."""
+    module = load_run_bench()
+    (only,) = planned(["--sets", "vision_vit", "--data-free"], monkeypatch)
+    assert value(only, "+experiment") == ["bench_vision_vit"]
+    rows = value(only, "+variant")
+    assert rows == module.DATA_FREE_VARIANTS + module.SLOW_VARIANTS + module.NEW_METHOD_VARIANTS
+    assert len(rows) == len(set(rows)) and "model_stock" not in rows
+    (default,) = planned([], monkeypatch)
+    assert value(default, "+experiment") == ["bench_text", "bench_vision"]
+    assert value(default, "+variant") == module.DATA_FREE_VARIANTS
 
 
 def test_make_bench_all_calls_run_bench_all():
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\nbench-all:", 1)[1].split("\n\n", 1)[0]
     assert "scripts/run_bench.py --all" in recipe
-    # its zoo adds EfficientNet-Lite0's set to make bench's text and ViT sets
-    assert "bench-all: ZOO_SETS = text vision_vit vision" in makefile
-    assert "ZOO_SETS ?= text vision_vit" in makefile
 
 
 def test_variants_and_sets_narrow_the_run(monkeypatch):
@@ -109,7 +106,7 @@ def test_make_bench_passes_the_seeds_to_the_zoo_and_the_runs():
     assert "SEEDS ?= 0" in makefile
     assert "run_bench.py --seeds $(SEEDS)" in makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     zoo = makefile.split("\nzoo:", 1)[1].split("\n\n", 1)[0]
-    assert "mergebench-zoo seed=$$seed --set $(ZOO_SETS)" in zoo
+    assert "mergebench-zoo seed=$$seed" in zoo
 
 
 def test_every_variant_names_its_board_group(tmp_path, monkeypatch):

@@ -60,7 +60,8 @@ def test_vision_vit_task_set_pairs_with_the_vit_and_has_colour_tasks():
     assert len(taskset["tasks"]) >= 6 and {"emoji", "openclipart"} <= set(taskset["tasks"])
     assert taskset["examples"]["test"] >= 1000  # Fashion-MNIST, MNIST, animal-mnist have them
     assert model["exclude"] == [r"classifier\..*"] and model["finetune"]["threads"] == 1
-    # chosen by measurement (docs/benchmark.md): every fine-tune above its probe; LP-FT heads
+    # chosen by measurement (docs/benchmark.md): LP-FT heads; five of six fine-tunes clearly
+    # above their probes (Fashion-MNIST +0.7 is not)
     assert taskset["tasks"] == ["fashion_mnist", "mnist", "animal_mnist", "emoji",
                                 "openclipart", "digits"]  # fmt: skip
     assert model["finetune"]["head_init"] == "probe"

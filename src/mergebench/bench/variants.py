@@ -1,12 +1,11 @@
 """The benchmark's variants (`conf/variant/<name>.yaml`) by board group: each variant says
 which group runs it (`board:`), so a new method needs a variant file, not a script edit.
 
-Groups, in the order `scripts/run_bench.py` runs them (`make bench` runs the first three:
-every data-free row):
-- `default`: the EMR paper's Tables 7 and 8 rows;
-- `slow`: DARE on task arithmetic and on TIES (random drops, `drop` selected on top of the
-  base's selection: the slowest of the data-free rows);
-- `new`: the 2024-2025 methods papers compare EMR against;
+Groups, in the order `scripts/run_bench.py` runs them:
+- `default`: `make bench` (the EMR paper's Tables 7 and 8 rows);
+- `slow`: DARE on task arithmetic and on TIES (`make bench-all`: their random drops, with
+  `drop` selected on top of the base's selection, would break `make bench`'s budget);
+- `new`: the 2024-2025 methods papers compare EMR against (`make bench-all`);
 - `mergekit`: mergekit's methods that take any number of tasks (`make bench-all`);
 - `data`: the data-dependent methods' CPU presets (`make bench-all`, a multirun of their own).
 
