@@ -16,7 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mergebench.bench.job import _context, _open_store, print_run_scores, reference_records
+from mergebench.bench.job import (
+    _context,
+    _open_store,
+    evaluation_extra,
+    print_run_scores,
+    reference_records,
+)
 from mergebench.bench.saved import check_saved, open_saved
 from mergebench.bench.settings import check_run_settings
 from mergebench.evaluation import evaluate_timed
@@ -79,9 +85,8 @@ def run_saved(
         eval_seconds=ev.seconds,
         artifact_bytes=size,
         extra={
-            "examples_per_second": ev.examples_per_second,
+            **evaluation_extra(ev),
             "zoo": str(ctx.source.cache_dir()),
-            "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
             "base_label": saved.base_label,
             "evaluated_from": str(where.resolve()),
         },

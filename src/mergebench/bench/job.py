@@ -33,7 +33,13 @@ from mergebench.api import merge_pool
 from mergebench.bench.identity import VOLATILE_KEYS
 from mergebench.bench.protocol import Selection, UserSettings, run_label, select, user_settings
 from mergebench.bench.settings import check_run_settings
-from mergebench.evaluation import ModelCache, average, evaluate_timed, normalized_average
+from mergebench.evaluation import (
+    Evaluation,
+    ModelCache,
+    average,
+    evaluate_timed,
+    normalized_average,
+)
 from mergebench.families.labeled import LabeledData
 from mergebench.methods.registry import method_base_label, method_class
 from mergebench.report.records import RunRecord, TaskScore, primary_scores
@@ -84,6 +90,15 @@ def _context(cfg: Mapping[str, Any], progress: bool) -> Context:
     return _CONTEXTS[key]
 
 
+def evaluation_extra(ev: Evaluation) -> dict[str, Any]:
+    """What a row keeps of its evaluation beside the scores: the throughput, and each
+    task's per-example outcomes (the paired intervals are drawn from them)."""
+    return {
+        "examples_per_second": ev.examples_per_second,
+        "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
+    }
+
+
 # ---------------------------------------------------------------------------- reference rows
 
 
@@ -114,8 +129,7 @@ def reference_records(
         cached["rows"][kind] = {
             "scores": [asdict(s) for s in ev.scores],
             "eval_seconds": ev.seconds,
-            "examples_per_second": ev.examples_per_second,
-            "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
+            **evaluation_extra(ev),
         }
         atomic_write_text(path, json.dumps(cached))
     records = []
@@ -234,9 +248,8 @@ def run(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> d
         peak_rss_bytes=rss.peak,
         artifact_bytes=size,
         extra={
-            "examples_per_second": ev.examples_per_second,
+            **evaluation_extra(ev),
             "zoo": str(ctx.source.cache_dir()),
-            "outcomes": {t: o.to_json() for t, o in ev.outcomes.items()},
             "base_label": method_base_label(name, method_cfg),
             "selected": selection.selected,
             "selection": selection.to_json(),
