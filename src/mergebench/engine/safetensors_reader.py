@@ -106,7 +106,7 @@ class SafetensorsReader(TensorReader):
             if out.dtype == native:
                 self._read(key, out, skip=first * out.element_size())
                 return out
-            flat, itemsize = out.view(-1), _itemsize(native)
+            flat, itemsize = out.view(-1), native.itemsize
             per = max(1, _STAGING_BYTES // itemsize)
             staging = _staging(per * itemsize).view(native)
             for begin in range(0, flat.numel(), per):
@@ -242,10 +242,6 @@ def _staging(nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         _staging_local.buffer = buffer
     return buffer[:nbytes]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _pread_exact(handle, buffer: memoryview, offset: int) -> None:

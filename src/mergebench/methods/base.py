@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -134,6 +134,13 @@ class TaskVectorMethod(Method):
         per-block cost grows with the block's offset (DELLA skips earlier draws) says no."""
         return True
 
+    def _map_keys(self, stream: TaskVectorStream, fn: Callable[[TensorItem], None]) -> None:
+        """Run `fn` on every key (or row block, as this method allows) on the workers."""
+        for _ in stream.map(
+            fn, self.name, row_blocks=self.splits_rows(), small_blocks=self.small_row_blocks()
+        ):
+            pass
+
     def accept_pool(self, pool: ModelPool) -> None:
         """Before any key is read: refuse a pool this method cannot merge (a number of
         tasks, say), or take what it needs from the task list (SLERP's endpoints)."""
@@ -174,13 +181,7 @@ class TaskVectorMethod(Method):
                 out.copy_(item.pretrained + delta)
 
         # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
-        for _ in stream.map(
-            merge_item,
-            self.name,
-            row_blocks=self.splits_rows(),
-            small_blocks=self.small_row_blocks(),
-        ):
-            pass
+        self._map_keys(stream, merge_item)
         return single_result(self, pool, stream.plan, outputs)
 
     def _merge_into(
@@ -206,13 +207,7 @@ class TaskVectorMethod(Method):
                 else:
                     writer.write_rows(item.key, out, item.rows[0])
 
-            for _ in stream.map(
-                merge_item,
-                self.name,
-                row_blocks=self.splits_rows(),
-                small_blocks=self.small_row_blocks(),
-            ):
-                pass
+            self._map_keys(stream, merge_item)
             for key in [*plan.pretrained_excluded, *plan.copied]:
                 writer.write(key, pre.get(key))
             writer.close()
