@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup test test-all lint bench bench-all zoo data clean mutation
+.PHONY: setup test test-all lint bench bench-all zoo zoo-all data clean mutation
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,7 @@ lint: setup
 # under each seed, and the leaderboard shows mean +- std across seeds beside the intervals.
 SEEDS ?= 0
 MUTATION_JOBS ?= 2
+BENCH_JOBS ?= 2
 comma := ,
 # Make variables are checked when the Makefile is read, before anything installs or trains
 # (a bad SEEDS used to be refused only after the zoo had trained for minutes): one line, exit 2.
@@ -55,6 +56,9 @@ $(error SEEDS=$(SEEDS): expected integers >= 0 separated by commas, e.g. SEEDS=0
 endif
 ifneq ($(shell tr ',' '\n' <<< "$(SEEDS)" | sed 's/^0*\([0-9]\)/\1/' | sort | uniq -d),)
 $(error SEEDS=$(SEEDS): a seed is listed twice)
+endif
+ifneq ($(shell [[ "$(BENCH_JOBS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),ok)
+$(error BENCH_JOBS=$(BENCH_JOBS): expected an integer >= 1)
 endif
 ifneq ($(shell [[ "$(MUTATION_JOBS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),ok)
 $(error MUTATION_JOBS=$(MUTATION_JOBS): expected an integer >= 1)
@@ -67,14 +71,20 @@ ifeq ($(filter wandb none,$(LOGGER)),)
 $(error LOGGER=$(LOGGER): expected wandb or none)
 endif
 
+# The zoo of `make bench`: text (MiniLM) and vision_vit (DINOv2 ViT-S/14); `make bench-all`
+# adds EfficientNet-Lite0's `vision` set.
 zoo: setup data
 	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo seed=$$seed || exit 1; done
 
-bench: zoo
-	$(PY) scripts/run_bench.py --seeds $(SEEDS) logger=$(LOGGER)
+zoo-all: zoo
+	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo --set vision seed=$$seed || exit 1; done
 
-bench-all: zoo
-	$(PY) scripts/run_bench.py --all --seeds $(SEEDS) logger=$(LOGGER)
+# BENCH_JOBS: task sets run side by side (each in its own process, cores / jobs threads).
+bench: zoo
+	$(PY) scripts/run_bench.py --jobs $(BENCH_JOBS) --seeds $(SEEDS) logger=$(LOGGER)
+
+bench-all: zoo-all
+	$(PY) scripts/run_bench.py --all --jobs $(BENCH_JOBS) --seeds $(SEEDS) logger=$(LOGGER)
 
 # Mutation testing (not part of CI; docs/mutation.md): mutmut over the methods, kernels, key
 # plan, store hashing and label guard ([tool.mutmut] in pyproject.toml), in mutants/.

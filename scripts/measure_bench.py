@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mergebench.cli.zoo import DEFAULT_SETS
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -41,6 +43,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", help="zoo cache (default: a fresh temporary folder)")
     parser.add_argument("--skip-zoo", action="store_true", help="only time the bench pass")
+    parser.add_argument("--jobs", type=int, default=2, help="run_bench.py --jobs (make bench: 2)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "timings.json"))
     args = parser.parse_args()
 
@@ -57,7 +60,7 @@ def main() -> int:
         "cache_dir": str(cache),
     }
     if not args.skip_zoo:
-        for name in ("text", "vision"):
+        for name in DEFAULT_SETS:  # what `make zoo` builds
             report[f"zoo_{name}"] = timed(
                 [
                     str(Path(PY).with_name("mergebench-zoo")),  # what `make zoo` runs
@@ -74,8 +77,9 @@ def main() -> int:
     # the leaderboard land in outputs/ as with `make bench`.
     out = ROOT / "outputs"
     report["bench"] = timed(
-        [PY, "scripts/run_bench.py", "--force", "--db", str(out / "results.sqlite"),
-         "--out", str(out), f"zoo.dir={cache}", "zoo.build_missing=false"],
+        [PY, "scripts/run_bench.py", "--jobs", str(args.jobs), "--force",
+         "--db", str(out / "results.sqlite"), "--out", str(out), f"zoo.dir={cache}",
+         "zoo.build_missing=false"],
         env,
     )  # fmt: skip
     report["leaderboard"] = json.loads((out / "leaderboard.json").read_text())

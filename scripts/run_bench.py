@@ -1,11 +1,12 @@
 """What `make bench` runs once the zoo exists: a Hydra multirun of `mergebench` over every
-data-free method and variant on the text set and the vision set (reference rows come with
-each job, evaluated once per zoo), then the leaderboard: printed, and written to
-`outputs/leaderboard.md` and `outputs/leaderboard.json`.
+data-free method and variant (twenty-one rows) on the text set and the ViT vision set
+(reference rows come with each job, evaluated once per zoo), then the leaderboard: printed,
+and written to `outputs/leaderboard.md` and `outputs/leaderboard.json`.
 
-    python scripts/run_bench.py                 # data-free methods, both task sets
-    python scripts/run_bench.py --all           # plus DARE, the ten 2024-2025 methods,
-                                                # model_stock and the data-dependent ones
+    python scripts/run_bench.py                 # 21 data-free rows, text and vision_vit
+    python scripts/run_bench.py --jobs 2        # the two sets side by side (make bench)
+    python scripts/run_bench.py --all           # plus model_stock, the data-dependent
+                                                # methods and EfficientNet-Lite0's board
     python scripts/run_bench.py --sets text --force --db /tmp/b.sqlite
     python scripts/run_bench.py --seeds 0,1,2   # one zoo per seed; boards add mean +- std
 
@@ -21,7 +22,10 @@ stored logs its stored run, unless that run was logged before.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,16 +33,16 @@ from mergebench.bench.variants import variants_in
 from mergebench.report.wandb import resolve_mode
 
 # Each variant's group is its `board:` key (conf/variant/<name>.yaml, mergebench.bench.variants).
-DATA_FREE_VARIANTS = variants_in("default")  # make bench
-SLOW_VARIANTS = variants_in("slow")  # DARE: --all
-NEW_METHOD_VARIANTS = variants_in("new")  # the 2024-2025 methods: --all
+PAPER_VARIANTS = variants_in("default")  # the EMR paper's Tables 7 and 8 rows
+DARE_VARIANTS = variants_in("dare")  # DARE on task arithmetic and on TIES
+NEW_METHOD_VARIANTS = variants_in("new")  # the 2024-2025 methods
+DATA_FREE_VARIANTS = PAPER_VARIANTS + DARE_VARIANTS + NEW_METHOD_VARIANTS  # make bench: 21 rows
 MERGEKIT_VARIANTS = variants_in("mergekit")  # model_stock (slerp merges two: no board): --all
-ALL_DATA_FREE = DATA_FREE_VARIANTS + SLOW_VARIANTS + NEW_METHOD_VARIANTS + MERGEKIT_VARIANTS
+ALL_DATA_FREE = DATA_FREE_VARIANTS + MERGEKIT_VARIANTS
 DATA_DEPENDENT_VARIANTS = variants_in("data")  # their CPU presets: --all, a multirun of their own
-# `vision_vit` (the DINOv2 ViT-S/14 board) runs by name: not yet on `make bench`
-# (docs/benchmark.md: its zoo's budget and its Fashion-MNIST fine-tune are open).
-SETS = {"text": "bench_text", "vision": "bench_vision", "vision_vit": "bench_vision_vit"}
-DEFAULT_SETS = ["text", "vision"]
+SETS = {"text": "bench_text", "vision_vit": "bench_vision_vit", "vision": "bench_vision"}
+DEFAULT_SETS = ["text", "vision_vit"]
+ALL_SETS = ["text", "vision_vit", "vision"]  # --all: EfficientNet-Lite0's board too
 
 
 def multirun(overrides: list[str]) -> None:
@@ -77,24 +81,61 @@ def write_leaderboard(db: str, out_dir: str) -> list[Path]:
     return [*written.values(), *plots]
 
 
+def run_in_parallel(argv: list[str], sets: list[str], threads: int | None) -> int:
+    """Run this script once per task set, side by side, each child's output lines prefixed
+    with its set's name; `threads` torch threads each (None: the child's own default).
+    Returns the first non-zero exit code, or 0."""
+    children = []
+    for name in sets:
+        child_argv = [*argv, "--sets", name, "--jobs", "1", "--no-leaderboard"]
+        if threads is not None:
+            child_argv.append(f"threads={threads}")
+        command = [sys.executable, "-u", str(Path(__file__).resolve()), *child_argv]
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        children.append((name, proc))
+
+    def forward(name: str, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"[{name}] {line}", end="", flush=True)
+
+    readers = [threading.Thread(target=forward, args=child) for child in children]
+    for reader in readers:
+        reader.start()
+    codes = [proc.wait() for _, proc in children]
+    for reader in readers:
+        reader.join()
+    for (name, _), code in zip(children, codes, strict=True):
+        if code:
+            print(f"run_bench: the {name} set failed (exit code {code})", file=sys.stderr)
+    return next((code for code in codes if code), 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--sets", nargs="+", default=DEFAULT_SETS,
-        help=f"of {', '.join(SETS)} (default: {' '.join(DEFAULT_SETS)})",
+        "--sets", nargs="+", default=None,
+        help=f"of {', '.join(SETS)} (default: {' '.join(DEFAULT_SETS)}; "
+        f"with --all: {' '.join(ALL_SETS)})",
     )  # fmt: skip
     parser.add_argument(
         "--variants", nargs="+", default=DATA_FREE_VARIANTS,
-        help="data-free variants to run (default: the eleven of the EMR paper's tables)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--data-free", action="store_true",
-        help="every data-free row: also DARE on both bases and the ten 2024-2025 methods",
+        help="data-free variants to run (default: the twenty-one data-free rows)",
     )  # fmt: skip
     parser.add_argument(
         "--all", action="store_true",
-        help="also the 2024-2025 methods and the data-dependent methods",
+        help="also model_stock, the data-dependent methods and the EfficientNet-Lite0 set",
     )  # fmt: skip
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="task sets run side by side in this many processes, each with cores / jobs torch "
+        "threads unless `threads=` is given (make bench: 2; on 2 cores one thread per "
+        "evaluation wastes less than two: docs/benchmark.md)",
+    )  # fmt: skip
+    parser.add_argument("--no-leaderboard", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--seeds", default="0",
         help="comma-separated zoo seeds (data splits and fine-tuning), e.g. 0,1,2: every run "
@@ -105,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs", help="leaderboard folder")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
+    if args.sets is None:
+        args.sets = list(ALL_SETS if args.all else DEFAULT_SETS)
     # `--variants emr threads=1` hands the override to --variants: move KEY=VALUE items back.
     listed = [*args.sets, *args.variants]
     args.overrides = [v for v in listed if "=" in v] + list(args.overrides)
@@ -112,39 +155,53 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v for v in args.variants if "=" not in v]
     if any(s not in SETS for s in args.sets):
         parser.error(f"--sets: choose from {', '.join(SETS)}")
+    if args.jobs < 1:
+        parser.error(f"--jobs: {args.jobs} is not an integer >= 1")
     seeds = [s.strip() for s in str(args.seeds).split(",")]
     if not all(s.isdigit() for s in seeds) or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds: {args.seeds!r} is not a list of distinct integers like 0,1,2")
-
-    common = [
-        "+experiment=" + ",".join(SETS[s] for s in args.sets),
-        f"store.path={args.db}",
-        "progress=false",
-        *([f"seed={','.join(seeds)}"] if seeds != ["0"] else []),
-        *(["force=true"] if args.force else []),
-        # W&B by default; an explicit `logger=...` is the user's (Hydra refuses two)
-        *([] if any(o.startswith("logger=") for o in args.overrides) else ["logger=wandb"]),
-        *args.overrides,
-    ]
-    start = time.perf_counter()
     unknown = [v for v in args.variants if v not in ALL_DATA_FREE]
     if unknown:
         parser.error(
             f"--variants: unknown variant {unknown[0]!r} (choose from {', '.join(ALL_DATA_FREE)})"
         )
-    variants = list(args.variants)
-    if args.data_free:
-        variants += [v for v in SLOW_VARIANTS + NEW_METHOD_VARIANTS if v not in variants]
-    if args.all:
-        extra = SLOW_VARIANTS + NEW_METHOD_VARIANTS + MERGEKIT_VARIANTS
-        variants += [v for v in extra if v not in variants]
-    multirun([*common, "+variant=" + ",".join(variants)])
-    if args.all:
-        multirun([*common, "+variant=" + ",".join(DATA_DEPENDENT_VARIANTS)])
+
+    start = time.perf_counter()
+    jobs = min(args.jobs, len(args.sets))
+    if jobs > 1:
+        # One process per set; on 2 cores two one-thread evaluations do more work than one
+        # two-thread evaluation (docs/benchmark.md, budget). Sets beyond `jobs` are not
+        # queued: each set is one process, so jobs > 1 means every set at once.
+        user_threads = any(o.startswith("threads=") for o in args.overrides)
+        threads = None if user_threads else max(1, (os.cpu_count() or 1) // len(args.sets))
+        code = run_in_parallel(argv, args.sets, threads)
+        if code:
+            return code
+    else:
+        common = [
+            "+experiment=" + ",".join(SETS[s] for s in args.sets),
+            f"store.path={args.db}",
+            "progress=false",
+            *([f"seed={','.join(seeds)}"] if seeds != ["0"] else []),
+            *(["force=true"] if args.force else []),
+            # W&B by default; an explicit `logger=...` is the user's (Hydra refuses two)
+            *([] if any(o.startswith("logger=") for o in args.overrides) else ["logger=wandb"]),
+            *args.overrides,
+        ]
+        variants = list(args.variants)
+        if args.all:
+            variants += [v for v in MERGEKIT_VARIANTS if v not in variants]
+        multirun([*common, "+variant=" + ",".join(variants)])
+        if args.all:
+            multirun([*common, "+variant=" + ",".join(DATA_DEPENDENT_VARIANTS)])
     seconds = time.perf_counter() - start
+    if args.no_leaderboard:
+        print(f"benchmark runs took {seconds:.0f} s", file=sys.stderr)
+        return 0
     for path in write_leaderboard(args.db, args.out):
         print(f"wrote {path}", file=sys.stderr)
-    if "logger=wandb" in common and resolve_mode(None) == "offline":
+    logger_wandb = not any(o == "logger=none" for o in args.overrides)
+    if logger_wandb and resolve_mode(None) == "offline":
         runs = Path(args.db).parent / "wandb" / "offline-run-*"
         print(f"W&B runs (offline): {runs}; upload with: wandb sync {runs}", file=sys.stderr)
     print(f"benchmark runs took {seconds:.0f} s", file=sys.stderr)

@@ -1,6 +1,6 @@
-"""`scripts/run_bench.py --all` (what `make bench-all` runs) covers both task sets with the
-eleven paper variants, the ten 2024-2025 methods, model_stock and the data-dependent
-methods."""
+"""`scripts/run_bench.py` (what `make bench` runs): the twenty-one data-free rows on the text
+and ViT sets, side by side with `--jobs 2`; `--all` (`make bench-all`) adds model_stock, the
+data-dependent methods and EfficientNet-Lite0's set."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def load_run_bench():
     return module
 
 
-def planned(argv: list[str], monkeypatch) -> list[list[str]]:
+def planned(argv: list[str], monkeypatch, module=None) -> list[list[str]]:
     """The multirun override lists `main(argv)` would run (nothing is run)."""
-    module = load_run_bench()
+    module = module or load_run_bench()
     calls: list[list[str]] = []
     monkeypatch.setattr(module, "multirun", calls.append)
     monkeypatch.setattr(module, "write_leaderboard", lambda db, out: [])
@@ -35,18 +35,13 @@ def value(overrides: list[str], key: str) -> list[str]:
     return found.split(",")
 
 
-def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
+def test_all_adds_model_stock_the_data_methods_and_efficientnet(monkeypatch):
     module = load_run_bench()
     first, second = planned(["--all"], monkeypatch)
     for overrides in (first, second):
-        assert value(overrides, "+experiment") == ["bench_text", "bench_vision"]
-    assert value(first, "+variant") == (
-        module.DATA_FREE_VARIANTS
-        + module.SLOW_VARIANTS
-        + module.NEW_METHOD_VARIANTS
-        + module.MERGEKIT_VARIANTS
-    )
-    assert {"dare_task_arithmetic", "dare_ties"} <= set(module.SLOW_VARIANTS)
+        assert value(overrides, "+experiment") == ["bench_text", "bench_vision_vit", "bench_vision"]
+    assert value(first, "+variant") == module.DATA_FREE_VARIANTS + module.MERGEKIT_VARIANTS
+    assert {"dare_task_arithmetic", "dare_ties"} <= set(module.DARE_VARIANTS)
     # The groups come from the variants' `board:` keys: a new variant joins without an edit here.
     ten = {"breadcrumbs", "della", "tall_masks", "consensus", "tsv", "iso_c", "iso_cts", "cart",
            "lines", "wudi"}  # fmt: skip
@@ -56,19 +51,55 @@ def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
     assert value(second, "+variant") == module.DATA_DEPENDENT_VARIANTS
 
 
-def test_the_vit_board_runs_by_name_with_every_data_free_row(monkeypatch):
-    """`--sets vision_vit --data-free`: the DINOv2 board with the twenty-one data-free rows
-    (the paper's eleven variants, DARE on both bases, the ten 2024-2025 methods), and no
-    data-dependent multirun; the default sets stay text and EfficientNet-Lite0."""
+def test_default_runs_every_data_free_row_on_text_and_the_vit(monkeypatch):
+    """The default board: the twenty-one data-free rows (the paper's eleven variants, DARE on
+    both bases, the ten 2024-2025 methods) on text and vision_vit, no data-dependent multirun."""
     module = load_run_bench()
-    (only,) = planned(["--sets", "vision_vit", "--data-free"], monkeypatch)
-    assert value(only, "+experiment") == ["bench_vision_vit"]
+    (only,) = planned([], monkeypatch)
+    assert value(only, "+experiment") == ["bench_text", "bench_vision_vit"]
     rows = value(only, "+variant")
-    assert rows == module.DATA_FREE_VARIANTS + module.SLOW_VARIANTS + module.NEW_METHOD_VARIANTS
-    assert len(rows) == len(set(rows)) and "model_stock" not in rows
-    (default,) = planned([], monkeypatch)
-    assert value(default, "+experiment") == ["bench_text", "bench_vision"]
-    assert value(default, "+variant") == module.DATA_FREE_VARIANTS
+    assert rows == module.PAPER_VARIANTS + module.DARE_VARIANTS + module.NEW_METHOD_VARIANTS
+    assert len(rows) == 21 and len(set(rows)) == 21 and "model_stock" not in rows
+    (vision,) = planned(["--sets", "vision"], monkeypatch)  # EfficientNet-Lite0, by name
+    assert value(vision, "+experiment") == ["bench_vision"]
+
+
+def test_jobs_run_each_set_in_its_own_process_with_cores_over_jobs_threads(monkeypatch):
+    module = load_run_bench()
+    launched = []
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(
+        module, "run_in_parallel", lambda argv, sets, threads: launched.append((sets, threads)) or 0
+    )
+    assert planned(["--jobs", "2"], monkeypatch, module) == []  # nothing runs in this process
+    assert launched == [(["text", "vision_vit"], 4)]
+    launched.clear()
+    planned(["--jobs", "2", "threads=1"], monkeypatch, module)  # the user's threads are kept
+    assert launched == [(["text", "vision_vit"], None)]
+    launched.clear()
+    (one,) = planned(["--jobs", "2", "--sets", "text"], monkeypatch, module)  # one set
+    assert launched == [] and value(one, "+experiment") == ["bench_text"]
+
+
+def test_parallel_children_prefix_their_lines_and_report_failures(monkeypatch, capsys, tmp_path):
+    """Each set runs this script again with `--sets <set> --jobs 1 --no-leaderboard` and the
+    threads; its lines come back prefixed with the set; a failing set fails the run."""
+    module = load_run_bench()
+    fake = tmp_path / "fake_run_bench.py"
+    fake.write_text(
+        "import sys\n"
+        "args = sys.argv[1:]\n"
+        "name = args[args.index('--sets') + 1]\n"
+        "print('args', ' '.join(args))\n"
+        "sys.exit(3 if name == 'vision_vit' else 0)\n"
+    )
+    monkeypatch.setattr(module, "__file__", str(fake))
+    code = module.run_in_parallel(["--force"], ["text", "vision_vit"], 1)
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert "[text] args --force --sets text --jobs 1 --no-leaderboard threads=1" in out
+    assert "[vision_vit] args --force --sets vision_vit --jobs 1 --no-leaderboard threads=1" in out
+    assert "the vision_vit set failed (exit code 3)" in err and "the text set failed" not in err
 
 
 def test_make_bench_all_calls_run_bench_all():
@@ -104,7 +135,8 @@ def test_bad_seeds_are_an_error(monkeypatch, capsys):
 def test_make_bench_passes_the_seeds_to_the_zoo_and_the_runs():
     makefile = (ROOT / "Makefile").read_text()
     assert "SEEDS ?= 0" in makefile
-    assert "run_bench.py --seeds $(SEEDS)" in makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    bench = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    assert "run_bench.py --jobs $(BENCH_JOBS) --seeds $(SEEDS)" in bench
     zoo = makefile.split("\nzoo:", 1)[1].split("\n\n", 1)[0]
     assert "mergebench-zoo seed=$$seed" in zoo
 
@@ -117,7 +149,7 @@ def test_every_variant_names_its_board_group(tmp_path, monkeypatch):
     groups = variant_groups()
     assert set(groups) == set(group_options("variant")) and set(groups.values()) <= set(GROUPS)
     assert variants_in("default")[:1] and "emr" in variants_in("default")
-    assert "dare_ties" not in variants_in("default")
+    assert "dare_ties" not in variants_in("default") and "dare_ties" in variants_in("dare")
     # A new variant file is picked up by its group, with no script edit.
     conf = tmp_path / "conf"
     shutil.copytree(conf_dir(), conf)

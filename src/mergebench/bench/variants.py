@@ -2,10 +2,10 @@
 which group runs it (`board:`), so a new method needs a variant file, not a script edit.
 
 Groups, in the order `scripts/run_bench.py` runs them:
-- `default`: `make bench` (the EMR paper's Tables 7 and 8 rows);
-- `slow`: DARE on task arithmetic and on TIES (`make bench-all`: their random drops, with
-  `drop` selected on top of the base's selection, would break `make bench`'s budget);
-- `new`: the 2024-2025 methods papers compare EMR against (`make bench-all`);
+- `default`: the EMR paper's Tables 7 and 8 rows (`make bench`);
+- `dare`: DARE on task arithmetic and on TIES, `drop` selected on top of the base's
+  selection (`make bench`);
+- `new`: the 2024-2025 methods papers compare EMR against (`make bench`);
 - `mergekit`: mergekit's methods that take any number of tasks (`make bench-all`);
 - `data`: the data-dependent methods' CPU presets (`make bench-all`, a multirun of their own).
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 from mergebench.util.config import conf_dir, group_options, load_group
 from mergebench.util.errors import MergeBenchError
 
-GROUPS = ("default", "slow", "new", "mergekit", "data")
+GROUPS = ("default", "dare", "new", "mergekit", "data")
 
 
 def variant_groups() -> dict[str, str]:

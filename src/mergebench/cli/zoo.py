@@ -15,7 +15,8 @@ from mergebench.sources.zoo import ensure_zoo, say
 from mergebench.util.config import compose_config, group_options, load_group
 from mergebench.util.errors import MergeBenchError
 
-DEFAULT_SETS = ("text", "vision")
+# make zoo; `--set vision` (EfficientNet-Lite0) is make zoo-all's
+DEFAULT_SETS = ("text", "vision_vit")
 
 
 def zoo_model(cfg_taskset: Mapping[str, Any]) -> str:
