@@ -175,10 +175,7 @@ class TaskVectorMethod(Method):
             out = outputs[item.key]
             if item.rows is not None:
                 out = out[item.rows[0] : item.rows[1]]
-            if out.dtype == torch.float32 and delta.device == out.device:
-                torch.add(item.pretrained, delta, out=out)
-            else:
-                out.copy_(item.pretrained + delta)
+            add_to_pretrained(item.pretrained, delta, out)
 
         # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
         self._map_keys(stream, merge_item)
@@ -198,10 +195,7 @@ class TaskVectorMethod(Method):
                 delta = self.merge_item(item)
                 out = thread_scratch().get("merged output", item.pretrained.shape, item.dtype,
                                            torch.device("cpu"))  # fmt: skip
-                if out.dtype == torch.float32 and delta.device == out.device:
-                    torch.add(item.pretrained, delta, out=out)
-                else:
-                    out.copy_(item.pretrained + delta)
+                add_to_pretrained(item.pretrained, delta, out)
                 if item.rows is None:
                     writer.write(item.key, out)
                 else:
@@ -221,6 +215,17 @@ class TaskVectorMethod(Method):
             shared=target.tensors("model"),
             task_specific=task_specific_tensors(pool, plan),
         )
+
+
+def add_to_pretrained(pretrained: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
+    """`out = pretrained + delta` (summed in their dtype, then cast to `out`'s). A sum to cast goes
+    through the worker's reused buffer: a fresh one per key would fault in new pages."""
+    if out.dtype == torch.float32 and delta.device == out.device:
+        torch.add(pretrained, delta, out=out)
+        return
+    dtype = torch.result_type(pretrained, delta)
+    total = thread_scratch().get("merged sum", pretrained.shape, dtype, pretrained.device)
+    out.copy_(torch.add(pretrained, delta, out=total))
 
 
 def single_result(
