@@ -170,7 +170,7 @@ class TaskVectorMethod(Method):
         pre = pool.pretrained
         outputs = {k: torch.empty(pre.shape(k), dtype=pre.dtype(k)) for k in stream.plan.merged}
 
-        def merge_item(item: TensorItem) -> None:
+        def merge_item(item: TensorItem) -> None:  # overwrites the item's pretrained buffer
             delta = self.merge_item(item)
             out = outputs[item.key]
             if item.rows is not None:
@@ -218,14 +218,17 @@ class TaskVectorMethod(Method):
 
 
 def add_to_pretrained(pretrained: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
-    """`out = pretrained + delta` (summed in their dtype, then cast to `out`'s). A sum to cast goes
-    through the worker's reused buffer: a fresh one per key would fault in new pages."""
+    """`out = pretrained + delta` (summed in their dtype, then cast to `out`'s). A sum to cast
+    goes into the item's pretrained buffer, read for the last time here: a fresh tensor per
+    key above glibc's mmap threshold would fault in new pages every time."""
     if out.dtype == torch.float32 and delta.device == out.device:
         torch.add(pretrained, delta, out=out)
-        return
-    dtype = torch.result_type(pretrained, delta)
-    total = thread_scratch().get("merged sum", pretrained.shape, dtype, pretrained.device)
-    out.copy_(torch.add(pretrained, delta, out=total))
+    elif (
+        torch.result_type(pretrained, delta) == pretrained.dtype and delta.shape == pretrained.shape
+    ):
+        out.copy_(pretrained.add_(delta))
+    else:
+        out.copy_(pretrained + delta)
 
 
 def single_result(
