@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import mergebench
 import mergebench.engine.stream as stream_module
+from mergebench.engine.stream import TaskVectorStream
 from mergebench.methods.ties import keep_count, tensor_thresholds, trim
 from mergebench.reference import merge_reference
 
@@ -100,3 +101,27 @@ def test_streamed_equals_in_memory_equals_the_reference(tmp_path, monkeypatch, m
                 got = state[key]
                 assert got.dtype == torch.bfloat16, key
                 assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), key
+
+
+def test_a_per_tensor_top_k_that_keeps_everything_takes_row_blocks(tmp_path, monkeypatch):
+    pre, finetuned = bf16_pool(tmp_path)
+    params = CASES[2][1]
+    reference = merge_reference("dare", pre, finetuned, **params).merged
+    units = []
+    load = TaskVectorStream._load
+
+    def spy(self, unit, buffers):
+        units.append((unit.key, unit.rows))
+        return load(self, unit, buffers)
+
+    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", 64)
+    monkeypatch.setattr(TaskVectorStream, "_load", spy)
+    state = mergebench.merge(
+        "dare", pre, finetuned, progress=False, output_dir=tmp_path / "out", **params
+    ).state_dict()
+    assert ("big", (0, 8)) in units and ("big", None) not in units
+    for key, expected in reference.items():
+        assert torch.equal(state[key].view(torch.int16), expected.view(torch.int16)), key
+    units.clear()  # k < 1 per tensor: whole keys
+    mergebench.merge("ties", pre, finetuned, progress=False, k=0.9, topk_scope="tensor")
+    assert ("big", None) in units

@@ -131,8 +131,9 @@ class Ties(TaskVectorMethod):
         self._thresholds = select.values()
 
     def splits_rows(self) -> bool:
-        # A global threshold is known before the merge pass; a per-tensor one needs the key.
-        return self.topk_scope == "global"
+        # A global threshold is known before the merge pass; a per-tensor one needs the key,
+        # unless it keeps every entry (k = 1, mergekit's dare_ties): 0 for any block of rows.
+        return self.topk_scope == "global" or self.k == 1.0
 
     def thresholds_for(self, task_vectors: torch.Tensor) -> torch.Tensor:
         if self.topk_scope == "global":
