@@ -170,15 +170,12 @@ class TaskVectorMethod(Method):
         pre = pool.pretrained
         outputs = {k: torch.empty(pre.shape(k), dtype=pre.dtype(k)) for k in stream.plan.merged}
 
-        def merge_item(item: TensorItem) -> None:
+        def merge_item(item: TensorItem) -> None:  # overwrites the item's pretrained buffer
             delta = self.merge_item(item)
             out = outputs[item.key]
             if item.rows is not None:
                 out = out[item.rows[0] : item.rows[1]]
-            if out.dtype == torch.float32 and delta.device == out.device:
-                torch.add(item.pretrained, delta, out=out)
-            else:
-                out.copy_(item.pretrained + delta)
+            add_to_pretrained(item.pretrained, delta, out)
 
         # Keys run in parallel worker threads: `merge_task_vectors` must not keep state.
         self._map_keys(stream, merge_item)
@@ -198,10 +195,7 @@ class TaskVectorMethod(Method):
                 delta = self.merge_item(item)
                 out = thread_scratch().get("merged output", item.pretrained.shape, item.dtype,
                                            torch.device("cpu"))  # fmt: skip
-                if out.dtype == torch.float32 and delta.device == out.device:
-                    torch.add(item.pretrained, delta, out=out)
-                else:
-                    out.copy_(item.pretrained + delta)
+                add_to_pretrained(item.pretrained, delta, out)
                 if item.rows is None:
                     writer.write(item.key, out)
                 else:
@@ -221,6 +215,20 @@ class TaskVectorMethod(Method):
             shared=target.tensors("model"),
             task_specific=task_specific_tensors(pool, plan),
         )
+
+
+def add_to_pretrained(pretrained: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
+    """`out = pretrained + delta` (summed in their dtype, then cast to `out`'s). A sum to cast
+    goes into the item's pretrained buffer, read for the last time here: a fresh tensor per
+    key above glibc's mmap threshold would fault in new pages every time."""
+    if out.dtype == torch.float32 and delta.device == out.device:
+        torch.add(pretrained, delta, out=out)
+    elif (
+        torch.result_type(pretrained, delta) == pretrained.dtype and delta.shape == pretrained.shape
+    ):
+        out.copy_(pretrained.add_(delta))
+    else:
+        out.copy_(pretrained + delta)
 
 
 def single_result(

@@ -3,7 +3,9 @@
 Trim keeps, per task, the entries whose |value| is at least the `keep`-th largest, with
 `keep = max(1, floor(k * n + 0.5))` over `n` entries: over all merged tensors of the task
 together (`topk_scope=global`, exact even when streamed: two counting passes of a radix
-select, see `mergebench.engine.topk`) or per tensor (`tensor`).
+select, see `mergebench.engine.topk`) or per tensor (`tensor`: the same radix select over the
+one key on the CPU, no sort and no temporaries; nothing to select when every entry is kept,
+as in mergekit's `dare_ties`, whose TIES keeps all of DARE's survivors).
 
 Sums over tasks are added in task order (`sum_tasks`), so a streamed merge is bit-identical
 to an in-memory one. On the CPU the per-key arithmetic is one compiled pass
@@ -19,7 +21,13 @@ import numpy as np
 import torch
 
 from mergebench.engine import kernels
-from mergebench.engine.stream import TaskVectorStream, numpy_kernels, sum_tasks
+from mergebench.engine.stream import (
+    TaskVectorStream,
+    TensorItem,
+    numpy_kernels,
+    sum_tasks,
+    thread_scratch,
+)
 from mergebench.engine.topk import RadixSelect, kth_largest_abs_in_tensor
 from mergebench.methods.base import TaskVectorMethod, sign
 from mergebench.methods.options import choice, fraction, number, option
@@ -51,19 +59,46 @@ def elect_and_disjoint_merge(trimmed: torch.Tensor, aggregate: str) -> torch.Ten
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
+def tensor_thresholds(task_vectors: torch.Tensor, k: float) -> torch.Tensor:
+    """Per task, the `keep_count(k, numel)`-th largest |value| of its tensor (float32 `[N]`).
+
+    When every entry is kept the threshold is 0: `|x| >= 0` keeps every finite entry exactly
+    as `|x| >= min |x|` does (the stream refuses non-finite ones). On the CPU the k-th largest
+    is the radix select's two compiled counting passes over the stack (the same value as
+    `torch.topk`'s, without its sort, copies and int64 indices: tens of GiB of fresh pages
+    over an LLM, measured in docs/performance.md)."""
+    n, numel = task_vectors.shape[0], task_vectors[0].numel()
+    keep = keep_count(k, numel)
+    if keep >= numel:
+        return torch.zeros(n, dtype=torch.float32)
+    if numpy_kernels(task_vectors) and task_vectors.is_contiguous():
+        select = RadixSelect([keep] * n)
+        select.add_high(select.high_counts(task_vectors))
+        select.add_low(select.low_counts(task_vectors))
+        return select.values()
+    return torch.stack([kth_largest_abs_in_tensor(tau, keep) for tau in task_vectors])
+
+
 def _merge_blocks(
-    task_vectors: torch.Tensor, thresholds: torch.Tensor, aggregate: str, scaling: float
+    task_vectors: torch.Tensor,
+    thresholds: torch.Tensor,
+    aggregate: str,
+    scaling: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaling * elect_and_disjoint_merge(trim(taus, thresholds))`, bit for bit, on the CPU:
     one compiled pass over the task rows (`kernels.ties_merge`; releases the GIL, so keys
-    run in parallel)."""
+    run in parallel), into `out` (float32, the key's shape) if given."""
     n = task_vectors.shape[0]
     taus = np.ascontiguousarray(task_vectors.reshape(n, -1).numpy())
     limits = np.ascontiguousarray(thresholds.to(torch.float32).reshape(n).cpu().numpy())
-    out = np.empty(taus.shape[1], dtype=np.float32)
+    if out is None:
+        out = torch.empty(task_vectors.shape[1:], dtype=torch.float32)
     # torch scales float32 by float32(scaling)
-    kernels.ties_merge(taus, limits, aggregate == "mean", np.float32(scaling), _BLOCK, out)
-    return torch.from_numpy(out).view(task_vectors.shape[1:])
+    kernels.ties_merge(
+        taus, limits, aggregate == "mean", np.float32(scaling), _BLOCK, out.view(-1).numpy()
+    )
+    return out
 
 
 class Ties(TaskVectorMethod):
@@ -96,15 +131,15 @@ class Ties(TaskVectorMethod):
         self._thresholds = select.values()
 
     def splits_rows(self) -> bool:
-        # A global threshold is known before the merge pass; a per-tensor one needs the key.
-        return self.topk_scope == "global"
+        # A global threshold is known before the merge pass; a per-tensor one needs the key,
+        # unless it keeps every entry (k = 1, mergekit's dare_ties): 0 for any block of rows.
+        return self.topk_scope == "global" or self.k == 1.0
 
     def thresholds_for(self, task_vectors: torch.Tensor) -> torch.Tensor:
         if self.topk_scope == "global":
             assert self._thresholds is not None, "prepare() computes the global thresholds"
             return self._thresholds
-        keep = keep_count(self.k, task_vectors[0].numel())
-        return torch.stack([kth_largest_abs_in_tensor(tau, keep) for tau in task_vectors])
+        return tensor_thresholds(task_vectors, self.k)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         thresholds = self.thresholds_for(task_vectors)
@@ -112,3 +147,13 @@ class Ties(TaskVectorMethod):
             return _merge_blocks(task_vectors, thresholds, self.aggregate, self.scaling)
         trimmed = trim(task_vectors, thresholds)
         return self.scaling * elect_and_disjoint_merge(trimmed, self.aggregate)
+
+    def merge_item(self, item: TensorItem) -> torch.Tensor:
+        """In the stream, the CPU kernel writes into the worker's reused buffer (a fresh one
+        per key above glibc's mmap threshold would fault in new pages every time); the driver
+        adds it to the output before the worker takes its next item."""
+        taus = item.task_vectors
+        if not (numpy_kernels(taus) and taus.is_contiguous()):
+            return self.merge_task_vectors(item.key, taus)
+        out = thread_scratch().get("ties delta", taus.shape[1:], torch.float32, taus.device)
+        return _merge_blocks(taus, self.thresholds_for(taus), self.aggregate, self.scaling, out)
