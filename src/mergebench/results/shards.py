@@ -153,6 +153,21 @@ class ShardedWriter:
         self._pwrite(shard, tensor, offset + start * (entry.nbytes // entry.shape[0]))
         self._done(key, tensor.numel() * tensor.element_size())
 
+    def write_span(self, key: str, tensor: torch.Tensor, first: int) -> None:
+        """Entries `first : first + tensor.numel()` (flat, row-major) of tensor `key`: a
+        merge that goes entry by entry may cut a key anywhere."""
+        entry = self._entry(key)
+        if tensor.dtype != entry.dtype or not 0 <= first <= first + tensor.numel() <= (
+            entry.nbytes // tensor.element_size()
+        ):
+            raise MergeBenchError(
+                f"{self.stem}: {key!r} entries {tensor.dtype} {first}:{first + tensor.numel()} "
+                f"do not fit the artifact's {entry.dtype} {list(entry.shape)}"
+            )
+        shard, offset = self._where[key]
+        self._pwrite(shard, tensor, offset + first * tensor.element_size())
+        self._done(key, tensor.numel() * tensor.element_size())
+
     def write_columns(self, key: str, tensor: torch.Tensor, start: int) -> None:
         """Columns `start : start + tensor.shape[1]` of the 2-D tensor `key` (the packed masks
         of one row block, `[N, bytes]`): one positional write per row."""
