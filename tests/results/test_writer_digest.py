@@ -78,3 +78,14 @@ def test_prefix_digest_waits_for_gaps_and_refuses_incomplete_files(tmp_path):
         stopped.stop()
     finally:
         os.close(fd)
+
+
+def test_a_digest_is_forgotten_when_its_file_is_written_again(tmp_path):
+    write_model(tmp_path, list(KEYS))
+    path = tmp_path / "model.safetensors"
+    state = hashing._state(path)
+    assert state in hashing._known
+    entries = [Entry(k, shape, torch.float32) for k, shape in KEYS.items()]
+    ShardedWriter(tmp_path, "model", entries).abort()
+    assert state not in hashing._known
+    assert hashing._state(path) not in hashing._known

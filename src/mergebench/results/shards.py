@@ -31,7 +31,7 @@ import torch
 
 from mergebench.engine.checkpoints import SafetensorsReader, TensorReader, shards_from_index
 from mergebench.util.errors import MergeBenchError
-from mergebench.util.hashing import remember_sha256
+from mergebench.util.hashing import forget_sha256, remember_sha256
 
 # Shards of at most this many bytes unless told otherwise (Hugging Face's default is 5 GB).
 DEFAULT_SHARD_BYTES = 4 * 10**9
@@ -125,6 +125,7 @@ class ShardedWriter:
         try:
             for shard, group in enumerate(groups):
                 header, data_start = _header(group, metadata)
+                forget_sha256(self.folder / self.files[shard])  # about to be rewritten
                 fd = os.open(
                     self.folder / self.files[shard], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644
                 )
@@ -447,7 +448,8 @@ class _PrefixDigest:
                 self._spoiled = True
             self._changed.notify()
         self._thread.join()
-        return None if self._spoiled else self._sha.hexdigest()
+        whole = self._hashed == self._size and not self._spoiled
+        return self._sha.hexdigest() if whole else None
 
     def stop(self) -> None:
         with self._changed:

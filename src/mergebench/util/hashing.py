@@ -34,6 +34,16 @@ def remember_sha256(path: str | Path, digest: str) -> None:
         _known[_state(path)] = digest
 
 
+def forget_sha256(path: str | Path) -> None:
+    """Drop a remembered digest of `path` (the file is about to be rewritten)."""
+    try:
+        state = _state(path)
+    except OSError:
+        return
+    with _known_lock:
+        _known.pop(state, None)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     with _known_lock:
         known = _known.pop(_state(path), None)
