@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 from numba.misc.appdirs import AppDirs
 
 
@@ -155,6 +157,80 @@ def scaled_task_sum(taus: np.ndarray, scaling: np.float32, out: np.ndarray) -> N
         for t in range(n):
             acc += taus[t, j]
         out[j] = acc * scaling
+
+
+# --- Task arithmetic straight from bf16 bytes ----------------------------------------------
+# bf16 is the high half of a float32: widening is a 16-bit shift and a bit cast (exact);
+# narrowing rounds to nearest even as torch's CPU cast does, NaN to 0xFFFF (torch's
+# vectorized cast; task arithmetic never gets there: its inputs and task sums are checked
+# finite and its scaling is finite). Bit casts are LLVM `bitcast`s, so the loops vectorize.
+_BF16_BLOCK = 2048
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_of_f32(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _widen(bits: np.uint16) -> np.float32:
+    return _f32_from_bits(np.uint32(np.uint32(bits) << np.uint32(16)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _narrow(value: np.float32) -> np.uint16:
+    u = _bits_of_f32(value)
+    odd = np.uint32(np.uint32(u >> np.uint32(16)) & np.uint32(1))
+    rounded = np.uint32(np.uint32(u + np.uint32(0x7FFF)) + odd) >> np.uint32(16)
+    nan = np.uint32(u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(0xFFFF) if nan else np.uint16(rounded)
+
+
+@njit(cache=True, nogil=True)
+def bf16_round(values: np.ndarray, out: np.ndarray) -> None:
+    """float32 `values` to bf16 bits (uint16) `out`, as `tensor.to(torch.bfloat16)`."""
+    for j in range(values.shape[0]):
+        out[j] = _narrow(values[j])
+
+
+@njit(cache=True, nogil=True)
+def task_arithmetic_bf16(
+    pre: np.ndarray, experts: np.ndarray, scaling: np.float32, out: np.ndarray
+) -> bool:
+    """Task arithmetic on bf16 bits (uint16): `out = bf16(W_pre + scaling * sum_t tau_t)`
+    with `tau_t = W_t - W_pre` in float32 and the task sum added in task order from +0, as
+    the float32 stream computes it. `pre`, `out`: `[numel]`; `experts`: `[N, numel]`
+    (C-contiguous). False if an entry of the task sum is not finite (a nan/inf weight, or
+    an overflow): the caller reports it as the stream does."""
+    n, numel = experts.shape
+    total = np.empty(_BF16_BLOCK, dtype=np.float32)
+    bad = np.uint32(0)
+    for start in range(0, numel, _BF16_BLOCK):
+        width = min(_BF16_BLOCK, numel - start)
+        base = pre[start : start + width]
+        for j in range(width):
+            total[j] = _F0
+        for t in range(n):
+            row = experts[t, start : start + width]
+            for j in range(width):
+                total[j] += _widen(row[j]) - _widen(base[j])
+        merged = out[start : start + width]
+        for j in range(width):
+            x = total[j]
+            bad |= _bits_of_f32(x - x)  # +0 when finite, nan bits otherwise
+            merged[j] = _narrow(_widen(base[j]) + x * scaling)
+    return bad == 0
 
 
 @njit(cache=True, nogil=True)

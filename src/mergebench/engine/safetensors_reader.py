@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mergebench.engine.reader import (
@@ -91,6 +92,39 @@ class SafetensorsReader(TensorReader):
     def read_rows_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
         self._check_rows(key, out, start)
         return self._read_converted(key, out, start * math.prod(out.shape[1:]))
+
+    def stored_dtype(self, key: str) -> torch.dtype | None:
+        """The dtype the file stores the key in (None: one torch cannot hold)."""
+        return self._entry(key).dtype
+
+    def read_stored(self, key: str, out: np.ndarray, first: int = 0) -> None:
+        """Entries `first : first + out.size` of the key, as stored (no conversion), into the
+        C-contiguous `out` of the stored item size (bf16 as uint16 bits, say): what a kernel
+        that reads the stored format itself needs, one positional read, no staging."""
+        entry = self._entry(key)
+        itemsize = SAFETENSORS_ITEMSIZE[entry.code]
+        count = entry.nbytes // itemsize if itemsize else 0
+        if out.itemsize != itemsize or not out.flags.c_contiguous or out.ndim != 1:
+            raise MergeBenchError(
+                f"{self.name}: tensor {key!r}: a {out.dtype} {list(out.shape)} buffer cannot "
+                f"take its {entry.code} entries"
+            )
+        if not 0 <= first <= first + out.size <= count:
+            raise MergeBenchError(
+                f"{self.name}: tensor {key!r}: entries {first}:{first + out.size} are outside "
+                f"its {count}"
+            )
+        if out.size == 0:
+            return
+        path = self._paths[entry.file]
+        try:
+            _pread_exact(
+                self._files[entry.file], memoryview(out).cast("B"), entry.offset + first * itemsize
+            )
+        except OSError as err:
+            raise MergeBenchError(f"{path}: cannot read tensor {key!r} ({err})") from None
+        except EOFError:
+            raise MergeBenchError(f"{path}: file ends inside tensor {key!r} (truncated?)") from None
 
     def _read_converted(self, key: str, out: torch.Tensor, first: int) -> torch.Tensor:
         """Entries `first : first + out.numel()` of the key into `out`, converted to its dtype.

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 from mergebench.engine import kernels
-from mergebench.engine.stream import TensorItem, numpy_kernels, sum_tasks
-from mergebench.methods.base import TaskVectorMethod
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.safetensors_reader import SafetensorsReader
+from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
+from mergebench.engine.views import DtypeView
+from mergebench.methods.base import TaskVectorMethod, task_specific_tensors
 from mergebench.methods.options import number, option
+from mergebench.results import ArtifactTarget, SingleModelResult
+from mergebench.results.shards import Entry, ShardedWriter
+from mergebench.util.progress import stage
+
+# Entries per step of the bf16 artifact path: N + 1 reads of 512 KiB, the kernel, one write
+# (a step's buffers stay in the cache; see docs/performance.md, "Task arithmetic at the
+# read limit").
+SPAN_NUMEL = 1 << 18
 
 
 class TaskArithmetic(TaskVectorMethod):
@@ -33,3 +47,90 @@ class TaskArithmetic(TaskVectorMethod):
     def merge_item(self, item: TensorItem) -> torch.Tensor:
         # The stream has already summed the task vectors (task order) for its checks.
         return self.scaling * item.task_sum()
+
+    def _merge_into(
+        self, target: ArtifactTarget, pool: ModelPool, stream: TaskVectorStream
+    ) -> SingleModelResult:
+        """bf16 checkpoints into a bf16 artifact: the merged keys go straight from the files'
+        bytes to the artifact's (`kernels.task_arithmetic_bf16`), bit for bit what the
+        float32 stream writes; any other pool takes the stream."""
+        sources = _bf16_sources(pool, stream)
+        if sources is None:
+            return super()._merge_into(target, pool, stream)
+        plan, pre = stream.plan, pool.pretrained
+        keys = [*plan.pretrained_excluded, *plan.merged, *plan.copied]
+        writer = target.writer("model", [Entry(k, pre.shape(k), pre.dtype(k)) for k in keys])
+        try:
+            self._write_bf16(stream, sources, writer)
+            for key in [*plan.pretrained_excluded, *plan.copied]:
+                writer.write(key, pre.get(key))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return SingleModelResult(
+            method=self.name,
+            params=dict(self.params),
+            tasks=pool.tasks,
+            shared=target.tensors("model"),
+            task_specific=task_specific_tensors(pool, plan),
+        )
+
+    def _write_bf16(
+        self, stream: TaskVectorStream, sources: list[SafetensorsReader], writer: ShardedWriter
+    ) -> None:
+        """Every merged key, `SPAN_NUMEL` entries at a time, on the stream's workers: each
+        reads the span of every checkpoint into its own buffers, merges, and writes it."""
+        spans = []
+        for key in stream.plan.merged:
+            numel = stream.numel(key)
+            spans.extend((key, first, min(numel, first + SPAN_NUMEL))
+                         for first in range(0, numel, SPAN_NUMEL))  # fmt: skip
+        scaling = np.float32(self.scaling)
+        local = threading.local()
+
+        def merge_span(span: tuple[str, int, int]) -> None:
+            key, first, stop = span
+            if not hasattr(local, "buffers"):
+                local.buffers = np.empty(SPAN_NUMEL * (len(sources) + 1), dtype=np.uint16)
+            width = stop - first
+            flat = local.buffers[: width * (len(sources) + 1)]
+            rows, out = flat[: width * len(sources)].reshape(len(sources), width), flat[-width:]
+            for source, row in zip(sources, rows, strict=True):
+                source.read_stored(key, row, first)
+            if not kernels.task_arithmetic_bf16(rows[0], rows[1:], scaling, out):
+                raise stream._non_finite(key)
+            writer.write_span(key, torch.from_numpy(out).view(torch.bfloat16), first)
+
+        bar = stage(len(spans), self.name, enabled=stream.progress, unit="block")
+        workers = ThreadPoolExecutor(stream.threads, thread_name_prefix="mergebench-merge")
+        try:
+            with bar:
+                for _ in workers.map(merge_span, spans):
+                    bar.update()
+        finally:
+            workers.shutdown(wait=True, cancel_futures=True)
+
+
+def _bf16_sources(pool: ModelPool, stream: TaskVectorStream) -> list[SafetensorsReader] | None:
+    """The safetensors files of the pretrained model and the experts, if every merged key is
+    stored in bf16 in all of them and goes out in bf16 (a `DtypeView` only declares the
+    output dtype), on the CPU, untransformed; else None."""
+    if (
+        stream.device.type != "cpu"
+        or stream.transform_factory is not None
+        or not numpy_kernels(torch.empty(0))
+    ):
+        return None
+    readers = []
+    for source in (pool.pretrained, *pool.finetuned.values()):
+        inner = source.inner if isinstance(source, DtypeView) else source
+        if not isinstance(inner, SafetensorsReader):
+            return None
+        readers.append(inner)
+    for key in stream.plan.merged:
+        if pool.pretrained.dtype(key) != torch.bfloat16:
+            return None
+        if any(r.stored_dtype(key) != torch.bfloat16 for r in readers):
+            return None
+    return readers

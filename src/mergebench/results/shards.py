@@ -5,6 +5,9 @@ A merge knows every output tensor's key, shape and dtype before it computes any 
 it assigns keys to shards in order, writes each shard's safetensors header, sizes the file,
 and then each finished tensor is written at its offset with `pwrite` (any thread, any
 order). Nothing but the tensor being written is held in memory, whatever the model's depth.
+While the tensors come in, a thread per shard hashes the part written from the start on
+(`_PrefixDigest`), so the manifest's sha256 of a shard written roughly in order costs no
+pass of its own after the merge.
 
 Files of a stem `model`: `model.safetensors` when one shard holds everything, otherwise
 `model-00001-of-00003.safetensors`, ...; always `model.safetensors.index.json` in the
@@ -14,6 +17,7 @@ result's shards open with `transformers`/`safetensors` tooling as well as with o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +31,7 @@ import torch
 
 from mergebench.engine.checkpoints import SafetensorsReader, TensorReader, shards_from_index
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.hashing import forget_sha256, remember_sha256
 
 # Shards of at most this many bytes unless told otherwise (Hugging Face's default is 5 GB).
 DEFAULT_SHARD_BYTES = 4 * 10**9
@@ -116,9 +121,11 @@ class ShardedWriter:
         self._written: set[str] = set()
         self._bytes: dict[str, int] = {}  # bytes written per key (row blocks add up)
         self._lock = threading.Lock()
+        self._digests: list[_PrefixDigest] = []
         try:
             for shard, group in enumerate(groups):
                 header, data_start = _header(group, metadata)
+                forget_sha256(self.folder / self.files[shard])  # about to be rewritten
                 fd = os.open(
                     self.folder / self.files[shard], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644
                 )
@@ -129,6 +136,8 @@ class ShardedWriter:
                     self._where[entry.key] = (shard, offset)
                     offset += entry.nbytes
                 os.ftruncate(fd, offset)
+                self._digests.append(_PrefixDigest(fd, offset))
+                self._digests[-1].written(0, data_start)
         except BaseException:
             self._close_fds()
             raise
@@ -151,6 +160,21 @@ class ShardedWriter:
         self._check_part(key, entry, tensor, start, dim=0)
         shard, offset = self._where[key]
         self._pwrite(shard, tensor, offset + start * (entry.nbytes // entry.shape[0]))
+        self._done(key, tensor.numel() * tensor.element_size())
+
+    def write_span(self, key: str, tensor: torch.Tensor, first: int) -> None:
+        """Entries `first : first + tensor.numel()` (flat, row-major) of tensor `key`: a
+        merge that goes entry by entry may cut a key anywhere."""
+        entry = self._entry(key)
+        if tensor.dtype != entry.dtype or not 0 <= first <= first + tensor.numel() <= (
+            entry.nbytes // tensor.element_size()
+        ):
+            raise MergeBenchError(
+                f"{self.stem}: {key!r} entries {tensor.dtype} {first}:{first + tensor.numel()} "
+                f"do not fit the artifact's {entry.dtype} {list(entry.shape)}"
+            )
+        shard, offset = self._where[key]
+        self._pwrite(shard, tensor, offset + first * tensor.element_size())
         self._done(key, tensor.numel() * tensor.element_size())
 
     def write_columns(self, key: str, tensor: torch.Tensor, start: int) -> None:
@@ -192,6 +216,7 @@ class ShardedWriter:
         if data.numel():
             _pwrite_all(self._fds[shard], memoryview(data.reshape(-1).view(torch.uint8).numpy()),
                         offset)  # fmt: skip
+            self._digests[shard].written(offset, offset + data.numel() * data.element_size())
 
     def _done(self, key: str, nbytes: int) -> None:
         with self._lock:
@@ -203,7 +228,11 @@ class ShardedWriter:
         """Check every tensor was written, close the shards, write the index; the file
         names written, index last."""
         missing = [k for k in self._entries if k not in self._written]
+        digests = [d.finish() for d in self._digests] if not missing else []
         self._close_fds()
+        for name, digest in zip(self.files, digests, strict=False):
+            if digest is not None:
+                remember_sha256(self.folder / name, digest)
         if missing:
             raise MergeBenchError(
                 f"{self.stem}: {len(missing)} tensors never written ({missing[0]!r}, ...)"
@@ -218,6 +247,8 @@ class ShardedWriter:
         self._close_fds()
 
     def _close_fds(self) -> None:
+        for digest in self._digests:
+            digest.stop()
         while self._fds:
             os.close(self._fds.pop())
 
@@ -356,6 +387,75 @@ def _header(group: Sequence[Entry], metadata: Mapping[str, str] | None) -> tuple
     text = json.dumps(body, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text, 8 + len(text)
+
+
+class _PrefixDigest:
+    """sha256 of a file of `size` bytes being written in pieces, in a thread that hashes the
+    written prefix (read back from the page cache) as it grows. A piece that starts past the
+    prefix waits for the gap; one that lands inside the part already covered (a rewrite)
+    spoils the digest (`finish` gives None: the file is hashed again, as without this)."""
+
+    _CHUNK = 1 << 23
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd, self._size = fd, size
+        self._pending: dict[int, int] = {}  # start -> end of pieces past the prefix
+        self._prefix = 0  # bytes [0, prefix) written
+        self._spoiled = self._stopped = False
+        self._changed = threading.Condition()
+        self._sha = hashlib.sha256()
+        self._hashed = 0
+        self._thread = threading.Thread(target=self._run, name="mergebench-hash", daemon=True)
+        self._thread.start()
+
+    def written(self, start: int, end: int) -> None:
+        with self._changed:
+            if start < self._prefix or start in self._pending:
+                self._spoiled = True
+            elif start == self._prefix:
+                self._prefix = end
+                while self._prefix in self._pending:
+                    self._prefix = self._pending.pop(self._prefix)
+            else:
+                self._pending[start] = end
+            self._changed.notify()
+
+    def _run(self) -> None:
+        buffer = memoryview(bytearray(min(self._CHUNK, self._size)))
+        try:
+            while self._hashed < self._size:
+                with self._changed:
+                    while self._prefix <= self._hashed and not (self._stopped or self._spoiled):
+                        self._changed.wait()
+                    if self._stopped or self._spoiled:
+                        return
+                    limit = self._prefix
+                while self._hashed < limit:
+                    count = os.preadv(self._fd, [buffer[: min(len(buffer), limit - self._hashed)]],
+                                      self._hashed)  # fmt: skip
+                    if not count:
+                        raise EOFError
+                    self._sha.update(buffer[:count])
+                    self._hashed += count
+        except (OSError, EOFError):
+            with self._changed:
+                self._spoiled = True
+
+    def finish(self) -> str | None:
+        """The file's sha256 once every byte is written and hashed, else None."""
+        with self._changed:
+            if self._prefix < self._size:
+                self._spoiled = True
+            self._changed.notify()
+        self._thread.join()
+        whole = self._hashed == self._size and not self._spoiled
+        return self._sha.hexdigest() if whole else None
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+        self._thread.join()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
