@@ -81,40 +81,47 @@ def write_leaderboard(db: str, out_dir: str) -> list[Path]:
     return [*written.values(), *plots]
 
 
-def run_in_parallel(argv: list[str], sets: list[str], threads: int | None) -> int:
-    """Run this script once per task set, side by side, each child's output lines prefixed
-    with its set's name; `threads` torch threads each (None: the child's own default).
-    Returns the first non-zero exit code, or 0."""
-    children = []
-    for name in sets:
-        child_argv = [*argv, "--sets", name, "--jobs", "1", "--no-leaderboard"]
-        if threads is not None:
-            child_argv.append(f"threads={threads}")
-        command = [sys.executable, "-u", str(Path(__file__).resolve()), *child_argv]
-        proc = subprocess.Popen(
+def child_argv(args: argparse.Namespace, name: str, threads: int | None) -> list[str]:
+    """This script's arguments for one set's process: the Hydra overrides first (argparse
+    takes positionals in one run), then the options, one set, no leaderboard."""
+    overrides = [*args.overrides, *([f"threads={threads}"] if threads is not None else [])]
+    return [
+        *overrides, "--sets", name, "--jobs", "1", "--no-leaderboard",
+        "--seeds", str(args.seeds), "--db", args.db, "--out", args.out,
+        *(["--force"] if args.force else []), *(["--all"] if args.all else []),
+        "--variants", *args.variants,
+    ]  # fmt: skip
+
+
+def run_in_parallel(children: dict[str, list[str]]) -> int:
+    """Run this script once per task set (name -> its arguments), side by side, each
+    child's output lines prefixed with its set's name. Returns the first non-zero exit
+    code, or 0."""
+    procs = {}
+    for name, argv in children.items():
+        command = [sys.executable, "-u", str(Path(__file__).resolve()), *argv]
+        procs[name] = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
-        children.append((name, proc))
 
     def forward(name: str, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             print(f"[{name}] {line}", end="", flush=True)
 
-    readers = [threading.Thread(target=forward, args=child) for child in children]
+    readers = [threading.Thread(target=forward, args=item) for item in procs.items()]
     for reader in readers:
         reader.start()
-    codes = [proc.wait() for _, proc in children]
+    codes = {name: proc.wait() for name, proc in procs.items()}
     for reader in readers:
         reader.join()
-    for (name, _), code in zip(children, codes, strict=True):
+    for name, code in codes.items():
         if code:
             print(f"run_bench: the {name} set failed (exit code {code})", file=sys.stderr)
-    return next((code for code in codes if code), 0)
+    return next((code for code in codes.values() if code), 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sets", nargs="+", default=None,
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         # queued: each set is one process, so jobs > 1 means every set at once.
         user_threads = any(o.startswith("threads=") for o in args.overrides)
         threads = None if user_threads else max(1, (os.cpu_count() or 1) // len(args.sets))
-        code = run_in_parallel(argv, args.sets, threads)
+        code = run_in_parallel({name: child_argv(args, name, threads) for name in args.sets})
         if code:
             return code
     else:

@@ -66,39 +66,44 @@ def test_default_runs_every_data_free_row_on_text_and_the_vit(monkeypatch):
 
 def test_jobs_run_each_set_in_its_own_process_with_cores_over_jobs_threads(monkeypatch):
     module = load_run_bench()
-    launched = []
+    launched: list[dict[str, list[str]]] = []
     monkeypatch.setattr(module.os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(
-        module, "run_in_parallel", lambda argv, sets, threads: launched.append((sets, threads)) or 0
-    )
-    assert planned(["--jobs", "2"], monkeypatch, module) == []  # nothing runs in this process
-    assert launched == [(["text", "vision_vit"], 4)]
+    monkeypatch.setattr(module, "run_in_parallel", lambda children: launched.append(children) or 0)
+    argv = ["--jobs", "2", "--force", "--db", "r.sqlite", "zoo.dir=/z", "zoo.build_missing=false"]
+    assert planned(argv, monkeypatch, module) == []  # nothing runs in this process
+    (children,) = launched
+    assert list(children) == ["text", "vision_vit"]
+    for name, child in children.items():
+        # Each child plans exactly one set, with the parent's overrides and options.
+        (one,) = planned(child, monkeypatch)
+        assert value(one, "+experiment") == [module.SETS[name]]
+        assert value(one, "+variant") == module.DATA_FREE_VARIANTS
+        assert {"zoo.dir=/z", "zoo.build_missing=false", "threads=4", "force=true"} <= set(one)
+        assert "store.path=r.sqlite" in one
     launched.clear()
     planned(["--jobs", "2", "threads=1"], monkeypatch, module)  # the user's threads are kept
-    assert launched == [(["text", "vision_vit"], None)]
+    assert all(c.count("threads=1") == 1 for c in launched[0].values())
     launched.clear()
     (one,) = planned(["--jobs", "2", "--sets", "text"], monkeypatch, module)  # one set
     assert launched == [] and value(one, "+experiment") == ["bench_text"]
 
 
 def test_parallel_children_prefix_their_lines_and_report_failures(monkeypatch, capsys, tmp_path):
-    """Each set runs this script again with `--sets <set> --jobs 1 --no-leaderboard` and the
-    threads; its lines come back prefixed with the set; a failing set fails the run."""
+    """Each set runs this script again; its lines come back prefixed with the set; a failing
+    set fails the run."""
     module = load_run_bench()
     fake = tmp_path / "fake_run_bench.py"
     fake.write_text(
         "import sys\n"
         "args = sys.argv[1:]\n"
-        "name = args[args.index('--sets') + 1]\n"
         "print('args', ' '.join(args))\n"
-        "sys.exit(3 if name == 'vision_vit' else 0)\n"
+        "sys.exit(3 if 'vision_vit' in args else 0)\n"
     )
     monkeypatch.setattr(module, "__file__", str(fake))
-    code = module.run_in_parallel(["--force"], ["text", "vision_vit"], 1)
+    code = module.run_in_parallel({"text": ["a", "text"], "vision_vit": ["b", "vision_vit"]})
     out, err = capsys.readouterr()
     assert code == 3
-    assert "[text] args --force --sets text --jobs 1 --no-leaderboard threads=1" in out
-    assert "[vision_vit] args --force --sets vision_vit --jobs 1 --no-leaderboard threads=1" in out
+    assert "[text] args a text" in out and "[vision_vit] args b vision_vit" in out
     assert "the vision_vit set failed (exit code 3)" in err and "the text set failed" not in err
 
 
