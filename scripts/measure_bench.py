@@ -43,7 +43,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", help="zoo cache (default: a fresh temporary folder)")
     parser.add_argument("--skip-zoo", action="store_true", help="only time the bench pass")
-    parser.add_argument("--jobs", type=int, default=2, help="run_bench.py --jobs (make bench: 2)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="run_bench.py --jobs (make bench: BENCH_JOBS, 1)"
+    )
     parser.add_argument("--out", default=str(ROOT / "outputs" / "timings.json"))
     args = parser.parse_args()
 

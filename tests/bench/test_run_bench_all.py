@@ -1,6 +1,7 @@
-"""`scripts/run_bench.py` (what `make bench` runs): the twenty-one data-free rows on the text
-and ViT sets, side by side with `--jobs 2`; `--all` (`make bench-all`) adds model_stock, the
-data-dependent methods and EfficientNet-Lite0's set."""
+"""`scripts/run_bench.py`: `make bench` runs the paper's nine variants on text and vision;
+`--all` (`make bench-all`) adds DARE, the ten 2024-2025 methods, model_stock and the
+data-dependent methods; `--data-free` all twenty-one data-free rows; `--jobs` runs the sets
+side by side."""
 
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ def value(overrides: list[str], key: str) -> list[str]:
     return found.split(",")
 
 
-def test_all_adds_model_stock_the_data_methods_and_efficientnet(monkeypatch):
+def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
     module = load_run_bench()
     first, second = planned(["--all"], monkeypatch)
     for overrides in (first, second):
-        assert value(overrides, "+experiment") == ["bench_text", "bench_vision_vit", "bench_vision"]
+        assert value(overrides, "+experiment") == ["bench_text", "bench_vision"]
     assert value(first, "+variant") == module.DATA_FREE_VARIANTS + module.MERGEKIT_VARIANTS
+    assert module.DATA_FREE_VARIANTS == (
+        module.PAPER_VARIANTS + module.DARE_VARIANTS + module.NEW_METHOD_VARIANTS
+    )
     assert {"dare_task_arithmetic", "dare_ties"} <= set(module.DARE_VARIANTS)
     # The groups come from the variants' `board:` keys: a new variant joins without an edit here.
     ten = {"breadcrumbs", "della", "tall_masks", "consensus", "tsv", "iso_c", "iso_cts", "cart",
@@ -51,17 +55,19 @@ def test_all_adds_model_stock_the_data_methods_and_efficientnet(monkeypatch):
     assert value(second, "+variant") == module.DATA_DEPENDENT_VARIANTS
 
 
-def test_default_runs_every_data_free_row_on_text_and_the_vit(monkeypatch):
-    """The default board: the twenty-one data-free rows (the paper's eleven variants, DARE on
-    both bases, the ten 2024-2025 methods) on text and vision_vit, no data-dependent multirun."""
+def test_the_vit_board_runs_by_name_with_every_data_free_row(monkeypatch):
+    """`--sets vision_vit --data-free`: the DINOv2 board with the twenty-one data-free rows
+    (the paper's eleven variants, DARE on both bases, the ten 2024-2025 methods), and no
+    data-dependent multirun; the default sets stay text and EfficientNet-Lite0."""
     module = load_run_bench()
-    (only,) = planned([], monkeypatch)
-    assert value(only, "+experiment") == ["bench_text", "bench_vision_vit"]
+    (only,) = planned(["--sets", "vision_vit", "--data-free"], monkeypatch)
+    assert value(only, "+experiment") == ["bench_vision_vit"]
     rows = value(only, "+variant")
-    assert rows == module.PAPER_VARIANTS + module.DARE_VARIANTS + module.NEW_METHOD_VARIANTS
+    assert rows == module.DATA_FREE_VARIANTS
     assert len(rows) == 21 and len(set(rows)) == 21 and "model_stock" not in rows
-    (vision,) = planned(["--sets", "vision"], monkeypatch)  # EfficientNet-Lite0, by name
-    assert value(vision, "+experiment") == ["bench_vision"]
+    (default,) = planned([], monkeypatch)
+    assert value(default, "+experiment") == ["bench_text", "bench_vision"]
+    assert value(default, "+variant") == module.PAPER_VARIANTS
 
 
 def test_jobs_run_each_set_in_its_own_process_with_cores_over_jobs_threads(monkeypatch):
@@ -69,10 +75,11 @@ def test_jobs_run_each_set_in_its_own_process_with_cores_over_jobs_threads(monke
     launched: list[dict[str, list[str]]] = []
     monkeypatch.setattr(module.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(module, "run_in_parallel", lambda children: launched.append(children) or 0)
-    argv = ["--jobs", "2", "--force", "--db", "r.sqlite", "zoo.dir=/z", "zoo.build_missing=false"]
+    argv = ["--jobs", "2", "--force", "--data-free", "--db", "r.sqlite", "zoo.dir=/z",
+            "zoo.build_missing=false"]  # fmt: skip
     assert planned(argv, monkeypatch, module) == []  # nothing runs in this process
     (children,) = launched
-    assert list(children) == ["text", "vision_vit"]
+    assert list(children) == ["text", "vision"]
     for name, child in children.items():
         # Each child plans exactly one set, with the parent's overrides and options.
         (one,) = planned(child, monkeypatch)
@@ -86,6 +93,8 @@ def test_jobs_run_each_set_in_its_own_process_with_cores_over_jobs_threads(monke
     launched.clear()
     (one,) = planned(["--jobs", "2", "--sets", "text"], monkeypatch, module)  # one set
     assert launched == [] and value(one, "+experiment") == ["bench_text"]
+    (both,) = planned([], monkeypatch, module)  # --jobs 1 (the default): one multirun
+    assert value(both, "+experiment") == ["bench_text", "bench_vision"]
 
 
 def test_parallel_children_prefix_their_lines_and_report_failures(monkeypatch, capsys, tmp_path):
@@ -142,6 +151,7 @@ def test_make_bench_passes_the_seeds_to_the_zoo_and_the_runs():
     assert "SEEDS ?= 0" in makefile
     bench = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     assert "run_bench.py --jobs $(BENCH_JOBS) --seeds $(SEEDS)" in bench
+    assert "BENCH_JOBS ?= 1" in makefile
     zoo = makefile.split("\nzoo:", 1)[1].split("\n\n", 1)[0]
     assert "mergebench-zoo seed=$$seed" in zoo
 

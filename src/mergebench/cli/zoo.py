@@ -15,8 +15,7 @@ from mergebench.sources.zoo import ensure_zoo, say
 from mergebench.util.config import compose_config, group_options, load_group
 from mergebench.util.errors import MergeBenchError
 
-# make zoo; `--set vision` (EfficientNet-Lite0) is make zoo-all's
-DEFAULT_SETS = ("text", "vision_vit")
+DEFAULT_SETS = ("text", "vision")
 
 
 def zoo_model(cfg_taskset: Mapping[str, Any]) -> str:
