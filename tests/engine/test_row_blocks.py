@@ -72,13 +72,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["in_memory", "streamed"])
-@pytest.mark.parametrize(("method", "params"), CASES, ids=[f"{m}-{p}" for m, p in CASES])
-def test_row_blocks_give_the_whole_key_result(tmp_path, monkeypatch, method, params, streamed):
-    pre, finetuned = pool_files(tmp_path)
-    whole, whole_result = run(method, params, pre, finetuned,
-                              tmp_path / "whole" if streamed else None)  # fmt: skip
-
+def record_units(monkeypatch) -> list[tuple[str, tuple[int, int] | None]]:
+    """The (key, rows) of every unit the stream loads from now on, in load order."""
     units = []
     load = TaskVectorStream._load
 
@@ -86,8 +81,19 @@ def test_row_blocks_give_the_whole_key_result(tmp_path, monkeypatch, method, par
         units.append((unit.key, unit.rows))
         return load(self, unit, buffers)
 
-    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", LIMIT)
     monkeypatch.setattr(TaskVectorStream, "_load", spy)
+    return units
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in_memory", "streamed"])
+@pytest.mark.parametrize(("method", "params"), CASES, ids=[f"{m}-{p}" for m, p in CASES])
+def test_row_blocks_give_the_whole_key_result(tmp_path, monkeypatch, method, params, streamed):
+    pre, finetuned = pool_files(tmp_path)
+    whole, whole_result = run(method, params, pre, finetuned,
+                              tmp_path / "whole" if streamed else None)  # fmt: skip
+
+    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", LIMIT)
+    units = record_units(monkeypatch)
     blocked, blocked_result = run(method, params, pre, finetuned,
                                   tmp_path / "blocks" if streamed else None)  # fmt: skip
 
@@ -119,15 +125,8 @@ def test_small_row_blocks_cut_keys_the_buffers_would_hold(tmp_path, monkeypatch,
     `REUSE_MAX_NUMEL`: bit for bit as before."""
     pre, finetuned = pool_files(tmp_path)
     whole, whole_result = run(method, params, pre, finetuned, tmp_path / "whole")
-    units = []
-    load = TaskVectorStream._load
-
-    def spy(self, unit, buffers):
-        units.append((unit.key, unit.rows))
-        return load(self, unit, buffers)
-
     monkeypatch.setattr(stream_module, "ROW_BLOCK_NUMEL", LIMIT)
-    monkeypatch.setattr(TaskVectorStream, "_load", spy)
+    units = record_units(monkeypatch)
     blocked, blocked_result = run(method, params, pre, finetuned, tmp_path / "blocks")
     if method in ("emr", "della"):
         assert ("emb", None) in units and ("narrow", None) in units

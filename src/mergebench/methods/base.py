@@ -13,7 +13,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem, TransformFactory, thread_scratch
 from mergebench.methods.options import Option
 from mergebench.results import ArtifactTarget, MergeResult, SingleModelResult
-from mergebench.results.shards import Entry
+from mergebench.results.shards import Entry, ShardedWriter
 from mergebench.util.errors import MergeBenchError
 
 
@@ -186,11 +186,8 @@ class TaskVectorMethod(Method):
     ) -> SingleModelResult:
         """The same merge, each key written into the artifact as it finishes (by the worker
         that computed it) from a reused buffer: memory holds a few keys, not the model."""
-        plan, pre = stream.plan, pool.pretrained
-        keys = [*plan.pretrained_excluded, *plan.merged, *plan.copied]
-        writer = target.writer("model", [Entry(k, pre.shape(k), pre.dtype(k)) for k in keys])
-        try:
 
+        def write_merged(writer: ShardedWriter) -> None:
             def merge_item(item: TensorItem) -> None:
                 delta = self.merge_item(item)
                 out = thread_scratch().get("merged output", item.pretrained.shape, item.dtype,
@@ -202,6 +199,24 @@ class TaskVectorMethod(Method):
                     writer.write_rows(item.key, out, item.rows[0])
 
             self._map_keys(stream, merge_item)
+
+        return self._write_artifact(target, pool, stream, write_merged)
+
+    def _write_artifact(
+        self,
+        target: ArtifactTarget,
+        pool: ModelPool,
+        stream: TaskVectorStream,
+        write_merged: Callable[[ShardedWriter], None],
+    ) -> SingleModelResult:
+        """The artifact of one merged model: `write_merged` writes the plan's merged keys,
+        then the excluded and copied keys go in as the pretrained model has them; a failure
+        leaves nothing half-written."""
+        plan, pre = stream.plan, pool.pretrained
+        keys = [*plan.pretrained_excluded, *plan.merged, *plan.copied]
+        writer = target.writer("model", [Entry(k, pre.shape(k), pre.dtype(k)) for k in keys])
+        try:
+            write_merged(writer)
             for key in [*plan.pretrained_excluded, *plan.copied]:
                 writer.write(key, pre.get(key))
             writer.close()

@@ -13,10 +13,10 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.safetensors_reader import SafetensorsReader
 from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
 from mergebench.engine.views import DtypeView
-from mergebench.methods.base import TaskVectorMethod, task_specific_tensors
+from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import number, option
 from mergebench.results import ArtifactTarget, SingleModelResult
-from mergebench.results.shards import Entry, ShardedWriter
+from mergebench.results.shards import ShardedWriter
 from mergebench.util.progress import stage
 
 # Entries per step of the bf16 artifact path: N + 1 reads of 512 KiB, the kernel, one write
@@ -57,23 +57,8 @@ class TaskArithmetic(TaskVectorMethod):
         sources = _bf16_sources(pool, stream)
         if sources is None:
             return super()._merge_into(target, pool, stream)
-        plan, pre = stream.plan, pool.pretrained
-        keys = [*plan.pretrained_excluded, *plan.merged, *plan.copied]
-        writer = target.writer("model", [Entry(k, pre.shape(k), pre.dtype(k)) for k in keys])
-        try:
-            self._write_bf16(stream, sources, writer)
-            for key in [*plan.pretrained_excluded, *plan.copied]:
-                writer.write(key, pre.get(key))
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        return SingleModelResult(
-            method=self.name,
-            params=dict(self.params),
-            tasks=pool.tasks,
-            shared=target.tensors("model"),
-            task_specific=task_specific_tensors(pool, plan),
+        return self._write_artifact(
+            target, pool, stream, lambda writer: self._write_bf16(stream, sources, writer)
         )
 
     def _write_bf16(
