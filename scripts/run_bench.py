@@ -178,11 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     start = time.perf_counter()
-    jobs = min(args.jobs, len(args.sets))
-    if jobs > 1:
-        # One process per set; on 2 cores two one-thread evaluations do more work than one
-        # two-thread evaluation (docs/benchmark.md, budget). Sets beyond `jobs` are not
-        # queued: each set is one process, so jobs > 1 means every set at once.
+    if args.jobs > 1 and len(args.sets) > 1:
+        # Every set at once, one process each (not a queue of `jobs`); on 2 cores two
+        # one-thread evaluations do more work than one two-thread evaluation
+        # (docs/benchmark.md, budget).
         user_threads = any(o.startswith("threads=") for o in args.overrides)
         threads = None if user_threads else max(1, (os.cpu_count() or 1) // len(args.sets))
         code = run_in_parallel({name: child_argv(args, name, threads) for name in args.sets})
