@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup test test-all lint bench bench-all zoo data clean mutation
+.PHONY: setup test test-all lint bench bench-all zoo zoo-all data clean mutation
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -71,15 +71,19 @@ ifeq ($(filter wandb none,$(LOGGER)),)
 $(error LOGGER=$(LOGGER): expected wandb or none)
 endif
 
+# make zoo: the text and ViT sets (`make bench`); zoo-all adds EfficientNet-Lite0's (bench-all).
 zoo: setup data
 	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo seed=$$seed || exit 1; done
+
+zoo-all: setup data
+	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo --set text vision_vit vision seed=$$seed || exit 1; done
 
 # BENCH_JOBS=2: the task sets side by side, each in its own process with cores / 2 threads
 # (default 1: on 2 cores the text set alone takes most of the pass, docs/benchmark.md).
 bench: zoo
 	$(PY) scripts/run_bench.py --jobs $(BENCH_JOBS) --seeds $(SEEDS) logger=$(LOGGER)
 
-bench-all: zoo
+bench-all: zoo-all
 	$(PY) scripts/run_bench.py --all --jobs $(BENCH_JOBS) --seeds $(SEEDS) logger=$(LOGGER)
 
 # Mutation testing (not part of CI; docs/mutation.md): mutmut over the methods, kernels, key

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = ["regmean", "fisher", "adamerging", "adamerging_pp", "adamerging_pp_mr"]
-SETS = {"text": "bench_text", "vision": "bench_vision"}
+SETS = {"text": "bench_text", "vision_vit": "bench_vision_vit", "vision": "bench_vision"}
 
 
 def synthetic_pool(family, cfg_model, name: str, seed: int = 0):

@@ -1,7 +1,7 @@
-"""`scripts/run_bench.py`: `make bench` runs the paper's nine variants on text and vision;
-`--all` (`make bench-all`) adds DARE, the ten 2024-2025 methods, model_stock and the
-data-dependent methods; `--data-free` all twenty-one data-free rows; `--jobs` runs the sets
-side by side."""
+"""`scripts/run_bench.py`: `make bench` runs the paper's nine variants on text and the ViT
+set; `--all` (`make bench-all`) adds EfficientNet-Lite0's set, DARE, the ten 2024-2025
+methods, model_stock and the data-dependent methods; `--data-free` all twenty-one data-free
+rows; `--jobs` runs the sets side by side."""
 
 from __future__ import annotations
 
@@ -36,11 +36,15 @@ def value(overrides: list[str], key: str) -> list[str]:
     return found.split(",")
 
 
-def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
+def test_all_runs_the_new_methods_on_every_set(monkeypatch):
     module = load_run_bench()
     first, second = planned(["--all"], monkeypatch)
     for overrides in (first, second):
-        assert value(overrides, "+experiment") == ["bench_text", "bench_vision"]
+        assert value(overrides, "+experiment") == [
+            "bench_text", "bench_vision_vit", "bench_vision"
+        ]  # fmt: skip
+    (chosen,) = planned(["--all", "--sets", "text"], monkeypatch)[:1]
+    assert value(chosen, "+experiment") == ["bench_text"]  # --sets still chooses
     assert value(first, "+variant") == module.DATA_FREE_VARIANTS + module.MERGEKIT_VARIANTS
     assert module.DATA_FREE_VARIANTS == (
         module.PAPER_VARIANTS + module.DARE_VARIANTS + module.NEW_METHOD_VARIANTS
@@ -57,8 +61,8 @@ def test_all_runs_the_new_methods_on_the_text_and_the_vision_set(monkeypatch):
 
 def test_the_vit_board_runs_by_name_with_every_data_free_row(monkeypatch):
     """`--sets vision_vit --data-free`: the DINOv2 board with the twenty-one data-free rows
-    (the paper's eleven variants, DARE on both bases, the ten 2024-2025 methods), and no
-    data-dependent multirun; the default sets stay text and EfficientNet-Lite0."""
+    (the paper's nine variants, DARE on both bases, the ten 2024-2025 methods), and no
+    data-dependent multirun; the default sets are text and the ViT set."""
     module = load_run_bench()
     (only,) = planned(["--sets", "vision_vit", "--data-free"], monkeypatch)
     assert value(only, "+experiment") == ["bench_vision_vit"]
@@ -66,7 +70,7 @@ def test_the_vit_board_runs_by_name_with_every_data_free_row(monkeypatch):
     assert rows == module.DATA_FREE_VARIANTS
     assert len(rows) == 21 and len(set(rows)) == 21 and "model_stock" not in rows
     (default,) = planned([], monkeypatch)
-    assert value(default, "+experiment") == ["bench_text", "bench_vision"]
+    assert value(default, "+experiment") == ["bench_text", "bench_vision_vit"]
     assert value(default, "+variant") == module.PAPER_VARIANTS
 
 
@@ -79,7 +83,7 @@ def test_jobs_run_each_set_in_its_own_process_with_cores_over_jobs_threads(monke
             "zoo.build_missing=false"]  # fmt: skip
     assert planned(argv, monkeypatch, module) == []  # nothing runs in this process
     (children,) = launched
-    assert list(children) == ["text", "vision"]
+    assert list(children) == ["text", "vision_vit"]
     for name, child in children.items():
         # Each child plans exactly one set, with the parent's overrides and options.
         (one,) = planned(child, monkeypatch)
@@ -94,7 +98,7 @@ def test_jobs_run_each_set_in_its_own_process_with_cores_over_jobs_threads(monke
     (one,) = planned(["--jobs", "2", "--sets", "text"], monkeypatch, module)  # one set
     assert launched == [] and value(one, "+experiment") == ["bench_text"]
     (both,) = planned([], monkeypatch, module)  # --jobs 1 (the default): one multirun
-    assert value(both, "+experiment") == ["bench_text", "bench_vision"]
+    assert value(both, "+experiment") == ["bench_text", "bench_vision_vit"]
 
 
 def test_parallel_children_prefix_their_lines_and_report_failures(monkeypatch, capsys, tmp_path):

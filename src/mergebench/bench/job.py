@@ -4,7 +4,7 @@ beside the reference rows (individual, multitask, pretrained).
 
     mergebench                                        # EMR on the text set (MiniLM)
     mergebench method=ties model=efficientnet_lite0 taskset=vision
-    mergebench -m +variant=glob(*) +experiment=bench_text,bench_vision   # every variant
+    mergebench -m +variant=glob(*) +experiment=bench_text,bench_vision_vit   # every variant
 
 `make bench` runs `scripts/run_bench.py`: the variants whose `board:` is `default`
 (`mergebench.bench.variants`), then the leaderboard.

@@ -2,7 +2,7 @@
 
 mergebench                                        # EMR on the text set (MiniLM)
 mergebench method=ties model=efficientnet_lite0 taskset=vision
-mergebench -m +variant=emr,ties +experiment=bench_text,bench_vision   # a Hydra multirun
+mergebench -m +variant=emr,ties +experiment=bench_text,bench_vision_vit   # a Hydra multirun
 (`make bench` runs scripts/run_bench.py: the variants whose `board:` is `default`)
 """
 
