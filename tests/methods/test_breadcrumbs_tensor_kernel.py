@@ -104,3 +104,19 @@ def test_streamed_kernel_merge_is_the_torch_formulas_merge(monkeypatch, dtype):
 
 def bits(tensor):
     return tensor.view(torch.int16 if tensor.dtype == torch.bfloat16 else torch.int32)
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 1), (0, 77), (3, 40), (76, 77), (20, 21)])
+def test_rank_cuts_are_the_kth_largest_with_the_counts_above(start, stop):
+    from mergebench.engine.breadcrumbs_kernels import rank_cuts
+
+    g = torch.Generator().manual_seed(5)
+    taus = torch.randint(-4, 5, (3, 77), generator=g).float() * 0.125
+    taus[2] = torch.randn(77, generator=g)
+    cut_bits, above = rank_cuts(taus.numpy(), start, stop)
+    cuts = torch.from_numpy(cut_bits.view("float32"))
+    for t, size in enumerate(taus.abs()):
+        for c, k in enumerate((start + 1, stop)):
+            value = torch.sort(size, descending=True).values[k - 1]
+            assert cuts[c, t] == value, (t, c)
+            assert above[c, t] == int((size > value).sum()), (t, c)

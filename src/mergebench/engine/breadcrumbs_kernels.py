@@ -27,12 +27,28 @@ _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 
 
-def high_counts(bits: np.ndarray) -> np.ndarray:
-    """Per task row of `bits` (float32 bits as uint32 `[N, numel]`), the histogram of the
-    high 16 bits of |x| (int64 `[N, 65536]`)."""
-    counts = np.zeros((bits.shape[0], 1 << 16), dtype=np.int64)
-    kernels.high_counts(bits, counts)
-    return counts
+def rank_cuts(taus: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per task row of `taus` (float32 `[N, numel]`, `0 <= start < stop <= numel`), the
+    `(start+1)`-th and the `stop`-th largest |tau| as float32 bits (uint32 `[2, N]`) and the
+    count of entries strictly above each (int64 `[2, N]`): two counting passes over `taus`
+    for both cuts, the high 16 bits of |tau| first, then the low 16 in each cut's bin."""
+    bits = taus.view(np.uint32)
+    tasks = bits.shape[0]
+    high = np.zeros((tasks, 1 << 16), dtype=np.int64)
+    kernels.high_counts(bits, high)
+    ranks = (start + 1, stop)
+    found = [[bin_with_kth_largest(high[t], k) for t in range(tasks)] for k in ranks]
+    tops = np.array([[top for top, _ in cut] for cut in found], dtype=np.int64)
+    low = np.zeros((2, tasks, 1 << 16), dtype=np.int64)
+    low_counts_two(bits, tops, low)
+    cut_bits = np.empty((2, tasks), dtype=np.uint32)
+    above = np.empty((2, tasks), dtype=np.int64)
+    for c, k in enumerate(ranks):
+        for t, (top, higher) in enumerate(found[c]):
+            bottom, higher_low = bin_with_kth_largest(low[c, t], k - higher)
+            cut_bits[c, t] = (top << 16) | bottom
+            above[c, t] = higher + higher_low
+    return cut_bits, above
 
 
 @njit(cache=True, nogil=True)

@@ -96,22 +96,8 @@ def _tensor_scope_kernel(
         out = torch.empty(task_vectors.shape[1:], dtype=torch.float32)
     if n == 0 or start >= stop:
         return out.zero_().mul_(scaling)  # as the torch path: 0 * scaling (-0.0 if < 0)
-    bits = task_vectors.reshape(tasks, n).numpy().view(np.uint32)
-    high = breadcrumbs_kernels.high_counts(bits)
-    # Per cut (0: the (start+1)-th largest |tau|, 1: the stop-th) and task: its high bin.
-    found = [[breadcrumbs_kernels.bin_with_kth_largest(high[t], k) for t in range(tasks)]
-             for k in (start + 1, stop)]  # fmt: skip
-    tops = np.array([[top for top, _ in cut] for cut in found], dtype=np.int64)
-    low = np.zeros((2, tasks, 1 << 16), dtype=np.int64)
-    breadcrumbs_kernels.low_counts_two(bits, tops, low)
-    cut_bits = np.empty((2, tasks), dtype=np.uint32)
-    above = np.empty((2, tasks), dtype=np.int64)
-    for c, k in enumerate((start + 1, stop)):
-        for t, (top, higher) in enumerate(found[c]):
-            bottom, higher_low = breadcrumbs_kernels.bin_with_kth_largest(low[c, t], k - higher)
-            cut_bits[c, t] = (top << 16) | bottom
-            above[c, t] = higher + higher_low  # entries with |tau| > the cut
     flat = task_vectors.reshape(tasks, n).numpy()
+    cut_bits, above = breadcrumbs_kernels.rank_cuts(flat, start, stop)
     ranges = breadcrumbs_kernels.tie_ranges(flat, cut_bits, above, start, stop)
     block = max(1, min(_KERNEL_BLOCK, BLOCK_NUMEL // tasks))
     # torch scales float32 by float32(scaling)
