@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from mergebench.engine.stream import sum_tasks
+from mergebench.engine import breadcrumbs_kernels
+from mergebench.engine.stream import TensorItem, numpy_kernels, sum_tasks, thread_scratch
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import choice, fraction, number, option
 
@@ -52,6 +54,8 @@ def crumbs(task_vectors: torch.Tensor, density: float, outlier: float) -> torch.
 # are that block's size, so a large key (an LLM's embedding) costs one float32 copy (the
 # result) beyond the stream's buffers instead of several of the whole stack.
 BLOCK_NUMEL = 1 << 20
+# Entries per task and block of the CPU kernel (at most): its accumulator stays in L1.
+_KERNEL_BLOCK = 1024
 
 
 class _RankCut:
@@ -72,6 +76,34 @@ class _RankCut:
     def ranks(self, equal: torch.Tensor) -> torch.Tensor:
         """0-based ranks of the block's entries equal to the cut (`equal`: a 1-D mask)."""
         return self.above + self.seen + torch.cumsum(equal, 0) - 1
+
+
+def _tensor_scope_kernel(
+    task_vectors: torch.Tensor,
+    density: float,
+    outlier: float,
+    scaling: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`scope: tensor` on the CPU, bit for bit `_tensor_scope_delta`: each task's two cuts
+    from the radix select (one counting pass over the stack for both cuts' high bits, one
+    for their low bits), then one compiled pass that masks, sums and scales into `out`
+    (float32, the key's shape; fresh if None). No copy of the stack, no sort."""
+    tasks = task_vectors.shape[0]
+    n = task_vectors[0].numel()
+    start, stop = row_keep_range(n, density, outlier)
+    if out is None:
+        out = torch.empty(task_vectors.shape[1:], dtype=torch.float32)
+    if n == 0 or start >= stop:
+        return out.zero_().mul_(scaling)  # as the torch path: 0 * scaling (-0.0 if < 0)
+    flat = task_vectors.reshape(tasks, n).numpy()
+    cut_bits, above = breadcrumbs_kernels.rank_cuts(flat, start, stop)
+    ranges = breadcrumbs_kernels.tie_ranges(flat, cut_bits, above, start, stop)
+    block = max(1, min(_KERNEL_BLOCK, BLOCK_NUMEL // tasks))
+    # torch scales float32 by float32(scaling)
+    breadcrumbs_kernels.mask_sum(flat, cut_bits, ranges, np.float32(scaling), block,
+                                 out.view(-1).numpy())  # fmt: skip
+    return out
 
 
 def _tensor_scope_delta(task_vectors: torch.Tensor, density: float, outlier: float,
@@ -113,6 +145,14 @@ def _tensor_scope_delta(task_vectors: torch.Tensor, density: float, outlier: flo
     return out.mul_(scaling)
 
 
+def _kernel_handles(task_vectors: torch.Tensor) -> bool:
+    return (
+        numpy_kernels(task_vectors)
+        and task_vectors.dtype == torch.float32
+        and task_vectors.is_contiguous()
+    )
+
+
 def breadcrumbs_delta(
     task_vectors: torch.Tensor,
     density: float,
@@ -123,6 +163,8 @@ def breadcrumbs_delta(
     """`scaling * sum_t crumbs(tau_t)` for one key (float32 in, float32 out), computed in
     blocks of rows (each entry's value does not depend on the blocks)."""
     if scope == "tensor" and task_vectors.dim() > 1:  # mergekit's: the tensor is one row
+        if _kernel_handles(task_vectors):
+            return _tensor_scope_kernel(task_vectors, density, outlier, scaling)
         return _tensor_scope_delta(task_vectors, density, outlier, scaling)
     if task_vectors.dim() == 1 or task_vectors.numel() == 0:
         return scaling * sum_tasks(crumbs(task_vectors, density, outlier))
@@ -153,3 +195,13 @@ class Breadcrumbs(TaskVectorMethod):
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling, self.scope)
+
+    def merge_item(self, item: TensorItem) -> torch.Tensor:
+        """`scope: tensor` on the CPU writes into the worker's reused buffer (a fresh one per
+        key above glibc's mmap threshold would fault in new pages every time); the driver
+        adds it to the output before the worker takes its next item."""
+        taus = item.task_vectors
+        if not (self.scope == "tensor" and taus.dim() > 1 and _kernel_handles(taus)):
+            return self.merge_task_vectors(item.key, taus)
+        out = thread_scratch().get("breadcrumbs delta", taus.shape[1:], torch.float32, taus.device)
+        return _tensor_scope_kernel(taus, self.density, self.outlier, self.scaling, out)
