@@ -21,16 +21,26 @@ import this module) in a folder under the system's temporary directory.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
 
-import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
-from numba.misc.appdirs import AppDirs
+
+# numba's import creates about a million objects: with the garbage collector paused, no
+# full collection walks torch's and numba's objects meanwhile (see `warm_up`).
+_collecting = gc.isenabled()
+gc.disable()
+try:
+    import numba
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+    from numba.misc.appdirs import AppDirs
+finally:
+    if _collecting:
+        gc.enable()
 
 
 def first_writable(folders: list[Path]) -> Path | None:
@@ -536,3 +546,28 @@ def philox_drop_and_rescale(
             words[w + 6], words[w + 7] = np.uint32(v3 & _LOW32), np.uint32(v3 >> _U32)
         drop_and_rescale(row[i : i + count], words[skip : skip + count], threshold, rescale, keep)
         i += count
+
+
+@njit(cache=True, nogil=True)
+def _noop(values: np.ndarray) -> int:
+    return values.shape[0]
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Load numba's compiler state (its first call in a process imports and registers
+    thousands of objects, about half a second) with the garbage collector paused: collecting
+    then would walk every object of torch and numba at each full collection. Idempotent."""
+    global _warm
+    if _warm:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _noop(np.empty(0, dtype=np.float32))
+    finally:
+        if enabled:
+            gc.enable()
+    _warm = True

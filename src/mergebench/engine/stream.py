@@ -354,6 +354,10 @@ class TaskVectorStream:
             with single_threaded_ops(self.device.type == "cpu"), bar:
                 while submitted < min(len(units), workers + 1):
                     submit()
+                if self.device.type == "cpu":  # while the reader reads the first keys
+                    from mergebench.engine import kernels  # numba: only where it runs
+
+                    kernels.warm_up()
                 for unit in units:
                     result = inflight.popleft().result()
                     if submitted < len(units):
