@@ -20,7 +20,9 @@ Peak memory is the output plus about `(threads + 1) * (N + 1)` copies of the lar
 tensor, whatever the model size. Methods whose arithmetic goes entry by entry ask for
 `map(..., row_blocks=True)`: a key above `ROW_BLOCK_NUMEL` entries (an LLM's embedding,
 output and MLP matrices) then comes as blocks of whole rows (`TensorItem.rows`), so the
-largest tensor no longer sets the peak.
+largest tensor no longer sets the peak. A method's passes share `map`'s buffer sets (mapped
+with transparent huge pages where the kernel grants them on request), so only the first pass
+faults their pages in.
 """
 
 from __future__ import annotations
@@ -382,6 +384,7 @@ class TaskVectorStream:
         """
         transform = self.transform_factory() if self.transform_factory else None
         keys = self.plan.merged
+        self._spare = []  # `map`'s sets, if any: freed before this pass takes its own
         buffers = self._buffer_sets() if reuse_buffers and keys else None
         bar = self._bar(description, len(keys))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as reader, bar:
