@@ -31,6 +31,7 @@ import math
 import mmap
 import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -356,9 +357,10 @@ class TaskVectorStream:
             with single_threaded_ops(self.device.type == "cpu"), bar:
                 while submitted < min(len(units), workers + 1):
                     submit()
-                if self.device.type == "cpu":  # while the reader reads the first keys
-                    from mergebench.engine import kernels  # numba: only where it runs
-
+                # While the reader reads the first keys; only for a method that imported the
+                # kernels (numba is not imported for the others).
+                kernels = sys.modules.get("mergebench.engine.kernels")
+                if kernels is not None and self.device.type == "cpu":
                     kernels.warm_up()
                 for unit in units:
                     result = inflight.popleft().result()
