@@ -139,7 +139,7 @@ def test_map_gives_every_key_in_order_with_the_right_task_vectors(threads):
 
 def test_a_second_map_pass_reads_into_the_first_pass_buffers():
     """Passes share their buffer sets (no fresh pages per pass) and still see every key's
-    own task vectors; a huge-page-mapped buffer holds what was read like any tensor."""
+    own task vectors."""
     pool = pool_of()
     stream = TaskVectorStream(pool, progress=False, threads=2)
 
@@ -151,15 +151,6 @@ def test_a_second_map_pass_reads_into_the_first_pass_buffers():
     assert {ptr for _, (ptr, _) in second} <= {ptr for _, (ptr, _) in first}
     for (key, (_, a)), (key2, (_, b)) in zip(first, second, strict=True):
         assert key == key2 and torch.equal(a, b)
-
-
-def test_buffers_of_huge_page_size_hold_their_values():
-    from mergebench.engine.stream import _HUGE_MIN_BYTES, _floats
-
-    buffer = _floats(_HUGE_MIN_BYTES // 4 + 3, pin=False)
-    assert buffer.dtype == torch.float32 and buffer.numel() == _HUGE_MIN_BYTES // 4 + 3
-    buffer.copy_(torch.arange(buffer.numel(), dtype=torch.float32))
-    assert torch.equal(buffer, torch.arange(buffer.numel(), dtype=torch.float32))
 
 
 def test_map_propagates_errors_and_cleans_up():

@@ -20,15 +20,14 @@ Peak memory is the output plus about `(threads + 1) * (N + 1)` copies of the lar
 tensor, whatever the model size. Methods whose arithmetic goes entry by entry ask for
 `map(..., row_blocks=True)`: a key above `ROW_BLOCK_NUMEL` entries (an LLM's embedding,
 output and MLP matrices) then comes as blocks of whole rows (`TensorItem.rows`), so the
-largest tensor no longer sets the peak. A method's passes share `map`'s buffer sets (mapped
-with transparent huge pages where the kernel grants them on request), so only the first pass
-faults their pages in.
+largest tensor no longer sets the peak. A method's passes share `map`'s buffer sets, so only
+the first pass faults their pages in (huge pages on request cost more system time than they
+saved here: the kernel compacts memory to find them).
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import queue
 import sys
@@ -36,7 +35,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -201,32 +200,14 @@ def row_blocks_of(shape: tuple[int, ...], limit: int) -> list[tuple[int, int]] |
     return [(start, min(shape[0], start + per)) for start in range(0, shape[0], per)]
 
 
-# Buffers of at least this many bytes are mapped with transparent huge pages where the
-# kernel offers them on request (`madvise` mode): a pass's reads fault their pages in 2 MiB
-# at a time instead of 4 KiB (hundreds of thousands of faults over a pool, in system time).
-_HUGE_MIN_BYTES = 1 << 22
-
-
-def _floats(numel: int, pin: bool) -> torch.Tensor:
-    """An uninitialized float32 tensor of `numel` entries (pinned for a GPU: torch's)."""
-    size = numel * 4
-    if pin or size < _HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(numel, pin_memory=pin)
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with suppress(OSError):  # no THP in this kernel: plain pages, as torch.empty gives
-        region.madvise(mmap.MADV_HUGEPAGE)
-    # The tensor holds the numpy array, which holds the mapping: unmapped with the tensor.
-    return torch.from_numpy(np.frombuffer(region, dtype=np.float32, count=numel))
-
-
 class _BufferSet:
     """Flat float32 storage for one key of the stream: pretrained + N fine-tuned rows."""
 
     def __init__(self, num_tasks: int, max_numel: int, pin: bool) -> None:
         self.capacity = max_numel
-        self.pretrained = _floats(max_numel, pin)
-        self.finetuned = _floats(num_tasks * max_numel, pin)
-        self.task_sum = _floats(max_numel, False)
+        self.pretrained = torch.empty(max_numel, pin_memory=pin)
+        self.finetuned = torch.empty(num_tasks * max_numel, pin_memory=pin)
+        self.task_sum = torch.empty(max_numel)
 
     def views(self, num_tasks: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         numel = math.prod(shape)
