@@ -137,6 +137,22 @@ def test_map_gives_every_key_in_order_with_the_right_task_vectors(threads):
     assert torch.get_num_threads() == torch_threads  # restored after the pass
 
 
+def test_a_second_map_pass_reads_into_the_first_pass_buffers():
+    """Passes share their buffer sets (no fresh pages per pass) and still see every key's
+    own task vectors."""
+    pool = pool_of()
+    stream = TaskVectorStream(pool, progress=False, threads=2)
+
+    def pointers_and_values(item):
+        return item.task_vectors.data_ptr(), item.task_vectors.clone()
+
+    first = list(stream.map(pointers_and_values))
+    second = list(stream.map(pointers_and_values))
+    assert {ptr for _, (ptr, _) in second} <= {ptr for _, (ptr, _) in first}
+    for (key, (_, a)), (key2, (_, b)) in zip(first, second, strict=True):
+        assert key == key2 and torch.equal(a, b)
+
+
 def test_map_propagates_errors_and_cleans_up():
     stream = TaskVectorStream(pool_of(), progress=False, threads=2)
     torch_threads = torch.get_num_threads()

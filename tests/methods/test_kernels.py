@@ -210,3 +210,21 @@ def test_the_kernel_cache_falls_back_to_a_writable_folder(tmp_path, monkeypatch)
     monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path))
     kernels._ensure_cache_dir()
     assert Path(kernels.numba.config.CACHE_DIR).parent == tmp_path
+
+
+@pytest.mark.parametrize("start", [0, 1, 7, 8, 4_095, 4_097, 2**33 + 5])
+@pytest.mark.parametrize("n", SIZES)
+def test_philox_drop_kernel_draws_numpys_words(n, start):
+    """The kernel's own Philox rounds give `draw_words`' words (numpy's `random_raw`), for
+    rows cut anywhere in a block of 8 words, across its batches of words and at counters
+    past 2^32."""
+    taus = hard_task_vectors(np.random.default_rng(n), 1, n)[0]
+    key = philox_key(11, 3, "blocks.0.weight")
+    for p in (0.3, 0.9):
+        threshold = keep_threshold(p)
+        got = taus.copy()
+        kernels.philox_drop_and_rescale(
+            got, key[0], key[1], start, np.int64(threshold), False, np.float32(1 - p)
+        )
+        kept = draw_words(key, start, n) >= threshold
+        np.testing.assert_array_equal(f32_bits(got), f32_bits(taus * kept))

@@ -21,16 +21,26 @@ import this module) in a folder under the system's temporary directory.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
 
-import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
-from numba.misc.appdirs import AppDirs
+
+# numba's import creates about a million objects: with the garbage collector paused, no
+# full collection walks torch's and numba's objects meanwhile (see `warm_up`).
+_collecting = gc.isenabled()
+gc.disable()
+try:
+    import numba
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+    from numba.misc.appdirs import AppDirs
+finally:
+    if _collecting:
+        gc.enable()
 
 
 def first_writable(folders: list[Path]) -> Path | None:
@@ -457,3 +467,107 @@ def low_counts(bits: np.ndarray, tops: np.ndarray, counts: np.ndarray) -> None:
             value = bits[r, i]
             if ((value >> 16) & 0x7FFF) == top:
                 counts[r, value & 0xFFFF] += 1
+
+
+# --- DARE's draws: numpy's Philox-4x64-10, generated in the kernel ---------------------------
+# The constants and rounds of Random123's Philox-4x64 (numpy.random.Philox). `random_raw`
+# bumps its counter before each block, so block `b` of the stream from counter 0 is the
+# generator applied to counter `b + 1`, whose 4 uint64 outputs are the 32-bit words of
+# entries `8b .. 8b + 7` (low half first).
+_PHILOX_M0 = np.uint64(0xD2E7470EE14C6C93)
+_PHILOX_M1 = np.uint64(0xCA5A826395121157)
+_PHILOX_W0 = np.uint64(0x9E3779B97F4A7C15)
+_PHILOX_W1 = np.uint64(0xBB67AE8584CAA73B)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_U32 = np.uint64(32)
+
+
+@intrinsic
+def _mulhilo64(typingctx, a, b):
+    """The high and low 64 bits of the 128-bit product of two uint64 (one `mul` on x86-64)."""
+    signature = types.UniTuple(types.uint64, 2)(types.uint64, types.uint64)
+
+    def codegen(context, builder, signature, args):
+        wide, narrow = ir.IntType(128), ir.IntType(64)
+        product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
+        high = builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), narrow)
+        return context.make_tuple(
+            builder, signature.return_type, [high, builder.trunc(product, narrow)]
+        )
+
+    return signature, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _philox_block(block: np.uint64, k0: np.uint64, k1: np.uint64) -> tuple:
+    """The 4 uint64 outputs of block `block` (counter `block + 1`, below 2^64) of
+    `numpy.random.Philox(key=[k0, k1])`: 10 rounds, the key bumped before rounds 1-9."""
+    c0, c1, c2, c3 = block + np.uint64(1), np.uint64(0), np.uint64(0), np.uint64(0)
+    for r in range(10):
+        if r > 0:
+            k0 += _PHILOX_W0
+            k1 += _PHILOX_W1
+        hi0, lo0 = _mulhilo64(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo64(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+# Blocks of words drawn at a time: independent blocks (the CPU overlaps their rounds), then
+# one vectorized drop over their words (`drop_and_rescale`).
+_DRAW_BLOCKS = 512
+
+
+@njit(cache=True, nogil=True)
+def philox_drop_and_rescale(
+    row: np.ndarray,
+    k0: np.uint64,
+    k1: np.uint64,
+    start: int,
+    threshold: np.int64,
+    rescale: bool,
+    keep: np.float32,
+) -> None:
+    """`drop_and_rescale` with its words drawn here: entry `i` of `row` is entry
+    `start + i` of its key, whose word is 32-bit word `start + i` of
+    `Philox(key=[k0, k1]).random_raw` from counter 0 (see `_philox_block`)."""
+    n = row.shape[0]
+    words = np.empty(_DRAW_BLOCKS * 8, dtype=np.uint32)
+    i = 0
+    while i < n:
+        first, skip = (start + i) // 8, (start + i) % 8
+        count = min(_DRAW_BLOCKS * 8 - skip, n - i)
+        for b in range((skip + count + 7) // 8):
+            v0, v1, v2, v3 = _philox_block(np.uint64(first + b), k0, k1)
+            w = 8 * b
+            words[w], words[w + 1] = np.uint32(v0 & _LOW32), np.uint32(v0 >> _U32)
+            words[w + 2], words[w + 3] = np.uint32(v1 & _LOW32), np.uint32(v1 >> _U32)
+            words[w + 4], words[w + 5] = np.uint32(v2 & _LOW32), np.uint32(v2 >> _U32)
+            words[w + 6], words[w + 7] = np.uint32(v3 & _LOW32), np.uint32(v3 >> _U32)
+        drop_and_rescale(row[i : i + count], words[skip : skip + count], threshold, rescale, keep)
+        i += count
+
+
+@njit(cache=True, nogil=True)
+def _noop(values: np.ndarray) -> int:
+    return values.shape[0]
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Load numba's compiler state (its first call in a process imports and registers
+    thousands of objects, about half a second) with the garbage collector paused: collecting
+    then would walk every object of torch and numba at each full collection. Idempotent."""
+    global _warm
+    if _warm:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _noop(np.empty(0, dtype=np.float32))
+    finally:
+        if enabled:
+            gc.enable()
+    _warm = True

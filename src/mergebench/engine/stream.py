@@ -20,7 +20,9 @@ Peak memory is the output plus about `(threads + 1) * (N + 1)` copies of the lar
 tensor, whatever the model size. Methods whose arithmetic goes entry by entry ask for
 `map(..., row_blocks=True)`: a key above `ROW_BLOCK_NUMEL` entries (an LLM's embedding,
 output and MLP matrices) then comes as blocks of whole rows (`TensorItem.rows`), so the
-largest tensor no longer sets the peak.
+largest tensor no longer sets the peak. A method's passes share `map`'s buffer sets, so only
+the first pass faults their pages in (huge pages on request cost more system time than they
+saved here: the kernel compacts memory to find them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -243,6 +246,7 @@ class TaskVectorStream:
         if threads < 1:
             raise MergeBenchError(f"threads: {threads} must be at least 1")
         self.threads = threads
+        self._spare: list[_BufferSet] = []  # `map`'s buffer sets, kept for its next pass
 
     @property
     def tasks(self) -> list[str]:
@@ -278,7 +282,8 @@ class TaskVectorStream:
             return
         workers = self.threads
         free: queue.Queue[_BufferSet] = queue.Queue()
-        for buffers in self._buffer_sets(workers + 1, units):
+        sets = self._take_spare(workers + 1, units)
+        for buffers in sets:
             free.put(buffers)
         transformed = [threading.Event() for _ in units]
         stop = threading.Event()
@@ -333,6 +338,11 @@ class TaskVectorStream:
             with single_threaded_ops(self.device.type == "cpu"), bar:
                 while submitted < min(len(units), workers + 1):
                     submit()
+                # While the reader reads the first keys; only for a method that imported the
+                # kernels (numba is not imported for the others).
+                kernels = sys.modules.get("mergebench.engine.kernels")
+                if kernels is not None and self.device.type == "cpu":
+                    kernels.warm_up()
                 for unit in units:
                     result = inflight.popleft().result()
                     if submitted < len(units):
@@ -345,6 +355,7 @@ class TaskVectorStream:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             reader.shutdown(wait=True, cancel_futures=True)
+            self._spare = sets  # nothing uses them now: the next pass reads into them
 
     def passes(
         self, description: str = "merging", reuse_buffers: bool = False
@@ -356,6 +367,7 @@ class TaskVectorStream:
         """
         transform = self.transform_factory() if self.transform_factory else None
         keys = self.plan.merged
+        self._spare = []  # `map`'s sets, if any: freed before this pass takes its own
         buffers = self._buffer_sets() if reuse_buffers and keys else None
         bar = self._bar(description, len(keys))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as reader, bar:
@@ -396,6 +408,16 @@ class TaskVectorStream:
         max_numel = max((n for n in numels if n <= REUSE_MAX_NUMEL), default=0)
         pin = self.device.type == "cuda"
         return [_BufferSet(len(self.tasks), max_numel, pin) for _ in range(count)]
+
+    def _take_spare(self, count: int, units: list[_Unit]) -> list[_BufferSet]:
+        """The previous pass's buffer sets if they fit this one (a method's passes read the
+        same keys: its pages are already mapped), else new ones."""
+        spare, self._spare = self._spare, []
+        numels = [math.prod(self._unit_shape(u)) for u in units]
+        needed = max((n for n in numels if n <= REUSE_MAX_NUMEL), default=0)
+        if len(spare) == count and all(b.capacity >= needed for b in spare):
+            return spare
+        return self._buffer_sets(count, units)
 
     def _bar(self, description: str, total: int) -> Any:
         return stage(total, description, enabled=self.progress, unit="tensor")

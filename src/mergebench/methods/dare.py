@@ -69,19 +69,21 @@ def drop_and_rescale(
     """Drop entries of one task's tensor in place (entry `i` of it is entry `start + i` of
     its key, row-major), dividing the kept ones by `1 - p` if `rescale`; returns it.
 
-    On the CPU the drop and the division are one compiled pass per chunk of words
-    (`kernels.drop_and_rescale`); elsewhere (GPU) torch ops, with the same result."""
+    On the CPU the draws, the drop and the division are one compiled pass
+    (`kernels.philox_drop_and_rescale`: numpy's Philox rounds in the kernel); elsewhere (GPU)
+    `draw_words` per chunk and torch ops, with the same result."""
     flat = task_vector.view(-1)
     threshold = keep_threshold(p)
-    compiled = numpy_kernels(flat)
     # torch divides float32 by the scalar rounded to float32
     keep = np.float32(1.0 - p)
+    if numpy_kernels(flat):  # the words drawn in the kernel, as `draw_words` gives them
+        kernels.philox_drop_and_rescale(
+            flat.numpy(), key[0], key[1], start, np.int64(threshold), rescale, keep
+        )
+        return task_vector
     for offset in range(0, flat.numel(), _CHUNK):
         part = flat[offset : offset + _CHUNK]
         words = draw_words(key, start + offset, part.numel())
-        if compiled:
-            kernels.drop_and_rescale(part.numpy(), words, np.int64(threshold), rescale, keep)
-            continue
         if threshold > np.iinfo(np.uint32).max:
             kept = np.zeros(words.shape, dtype=bool)
         else:

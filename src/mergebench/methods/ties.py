@@ -16,6 +16,7 @@ the same arithmetic in torch (the GPU path, and what the tests hold the kernel t
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -101,6 +102,39 @@ def _merge_blocks(
     return out
 
 
+def _count_pass(
+    stream: TaskVectorStream, shape: tuple[int, int], description: str, tops: np.ndarray | None
+) -> torch.Tensor:
+    """One counting pass of the radix select on the CPU: the high-bits histogram per task
+    (`tops` None) or the low-bits one within the bins `tops`, `shape` `[tasks, bins]`.
+
+    Each worker thread counts into one histogram of its own, reused from key to key (no
+    fresh 4 MiB of pages and no addition per key); the threads' histograms are added at the
+    end (integer counts: the same totals in any order, as `RadixSelect.add_high` /
+    `add_low` per key gave)."""
+    mine, histograms, lock = threading.local(), [], threading.Lock()
+
+    def count(item: TensorItem) -> None:
+        counts = getattr(mine, "counts", None)
+        if counts is None:
+            counts = mine.counts = np.zeros(shape, dtype=np.int64)
+            with lock:
+                histograms.append(counts)
+        taus = item.task_vectors
+        bits = taus.contiguous().reshape(taus.shape[0], -1).numpy().view(np.uint32)
+        if tops is None:
+            kernels.high_counts(bits, counts)
+        else:
+            kernels.low_counts(bits, tops, counts)
+
+    for _ in stream.map(count, description, True):
+        pass
+    total = np.zeros(shape, dtype=np.int64)
+    for counts in histograms:
+        total += counts
+    return torch.from_numpy(total)
+
+
 class Ties(TaskVectorMethod):
     name = "ties"
     post_scaling = "scaling"
@@ -119,15 +153,19 @@ class Ties(TaskVectorMethod):
             return
         n = sum(stream.numel(key) for key in stream.plan.merged)
         select = RadixSelect([keep_count(self.k, n)] * len(stream.tasks))
-        for _, counts in stream.map(
-            lambda item: select.high_counts(item.task_vectors), f"{self.name}: top-k 1/2", True
-        ):
-            select.add_high(counts)
-        select.targets()  # computed once, before the workers read them
-        for _, counts in stream.map(
-            lambda item: select.low_counts(item.task_vectors), f"{self.name}: top-k 2/2", True
-        ):
-            select.add_low(counts)
+        if stream.device.type != "cpu":
+            for _, counts in stream.map(lambda item: select.high_counts(item.task_vectors),
+                                        f"{self.name}: top-k 1/2", True):  # fmt: skip
+                select.add_high(counts)
+            select.targets()  # computed once, before the workers read them
+            for _, counts in stream.map(lambda item: select.low_counts(item.task_vectors),
+                                        f"{self.name}: top-k 2/2", True):  # fmt: skip
+                select.add_low(counts)
+        else:
+            shape = (select.rows, select.high.shape[1])
+            select.add_high(_count_pass(stream, shape, f"{self.name}: top-k 1/2", None))
+            tops = np.array([top for top, _ in select.targets()], dtype=np.int64)
+            select.add_low(_count_pass(stream, shape, f"{self.name}: top-k 2/2", tops))
         self._thresholds = select.values()
 
     def splits_rows(self) -> bool:
