@@ -9,8 +9,11 @@ ascending (stable), keep probability
 float32 draws (`torch.rand`, the key's flat order) from a CPU `torch.Generator` seeded by
 `della_seed(seed, task index, key index)`, the key index being the key's position in the
 key plan's merged list: every key has its own generator, so keys run in parallel and a
-run is reproducible bit for bit. A row block of a key (the stream's, for big keys) first
-draws and drops the draws of the entries before it, so it gets what the whole key would.
+run is reproducible bit for bit. A row block of a key (the stream's, for big keys) goes on
+with the generators where the key's block before it left them (`DrawCursors`; a block out
+of order first draws and drops the draws of the entries before it), so it gets what the
+whole key would. The ranking, pruning, election and mean run in a compiled kernel
+(`engine.della_kernels`), bit for bit these formulas (tests/methods/test_della_kernel.py).
 
 Elect: `gamma = +1 where sum_t tau'_t >= 0 else -1` (a zero sum is +); disjoint mean over
 the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
@@ -77,7 +80,8 @@ def skip_draws(generator: torch.Generator, count: int) -> torch.Generator:
 
 
 # Entries per task drawn, pruned and elected at a time: the draws are that block's size, so
-# a large key costs one float32 copy (the result) beyond the stream's buffers.
+# a large key costs one float32 copy (the result) beyond the stream's buffers. (A stream row
+# block's draws are made whole, `[N, block]`, by `DrawCursors`: 4M entries per task.)
 BLOCK_NUMEL = 1 << 20
 
 
