@@ -9,8 +9,11 @@ ascending (stable), keep probability
 float32 draws (`torch.rand`, the key's flat order) from a CPU `torch.Generator` seeded by
 `della_seed(seed, task index, key index)`, the key index being the key's position in the
 key plan's merged list: every key has its own generator, so keys run in parallel and a
-run is reproducible bit for bit. A row block of a key (the stream's, for big keys) first
-draws and drops the draws of the entries before it, so it gets what the whole key would.
+run is reproducible bit for bit. A row block of a key (the stream's, for big keys) goes on
+with the generators where the key's block before it left them (`DrawCursors`; a block out
+of order first draws and drops the draws of the entries before it), so it gets what the
+whole key would. The ranking, pruning, election and mean run in a compiled kernel
+(`engine.della_kernels`), bit for bit these formulas (tests/methods/test_della_kernel.py).
 
 Elect: `gamma = +1 where sum_t tau'_t >= 0 else -1` (a zero sum is +); disjoint mean over
 the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
@@ -19,14 +22,17 @@ the tasks whose `tau'_t` is non-zero with sign `gamma` (0 where none);
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from mergebench.engine.stream import TaskVectorStream, TensorItem, sum_tasks
+from mergebench.engine.della_kernels import della_rows
+from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import flag, fraction, integer, number, option
 from mergebench.util.errors import MergeBenchError
@@ -52,31 +58,14 @@ def keep_probabilities(task_vector: torch.Tensor, density: float, window: float)
     return q.to(torch.float32).reshape(task_vector.shape)
 
 
-def magprune(
-    task_vector: torch.Tensor,
-    density: float,
-    window: float,
-    rescale: bool,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """MagPrune one task's tensor with draws from `generator` (a CPU generator)."""
-    if task_vector.numel() == 0:
-        return task_vector.clone()
-    q = keep_probabilities(task_vector, density, window)
-    draws = torch.rand(task_vector.shape, generator=generator).to(task_vector.device)
-    keep = draws < q
-    kept = task_vector * keep
-    return kept / q if rescale else kept
-
-
-def elect_and_disjoint_mean(pruned: torch.Tensor) -> torch.Tensor:
-    """`gamma = +1 where sum_t >= 0 else -1`; mean of the non-zero entries that agree."""
-    total = sum_tasks(pruned)
-    gamma = torch.where(total >= 0, 1.0, -1.0).to(pruned.dtype)
-    agree = pruned * gamma > 0  # gamma is +-1: the product is exact, never underflows
-    agreeing = sum_tasks(pruned * agree)
-    count = agree.sum(dim=0)
-    return torch.where(count > 0, agreeing / count.clamp(min=1), torch.zeros_like(agreeing))
+@functools.lru_cache(maxsize=64)
+def rank_probabilities(n: int, density: float, window: float) -> np.ndarray:
+    """float32 `q` by 0-based rank for rows of `n` entries: `keep_probabilities` of a row
+    whose ranks are `0..n-1` (the same torch arithmetic, so the same bits)."""
+    row = torch.arange(1, n + 1, dtype=torch.float32) if n > 1 else torch.ones(1)
+    q = keep_probabilities(row, density, window).numpy()
+    q.setflags(write=False)  # shared between the workers
+    return q
 
 
 def skip_draws(generator: torch.Generator, count: int) -> torch.Generator:
@@ -90,9 +79,9 @@ def skip_draws(generator: torch.Generator, count: int) -> torch.Generator:
     return generator
 
 
-# Entries per task pruned and elected at a time: the ranks (int64), probabilities and draws
-# are that block's size, so a large key costs one float32 copy (the result) beyond the
-# stream's buffers instead of several of the whole stack.
+# Entries per task drawn, pruned and elected at a time: the draws are that block's size, so
+# a large key costs one float32 copy (the result) beyond the stream's buffers. (A stream row
+# block's draws are made whole, `[N, block]`, by `DrawCursors`: 4M entries per task.)
 BLOCK_NUMEL = 1 << 20
 
 
@@ -105,32 +94,100 @@ def della_delta(
     scaling: float,
     seed: int,
     offset: int = 0,
+    draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaling * delta` of one key from its float32 task-vector stack `[N, *shape]`, in
     blocks of rows: ranks are per row, elect and mean per entry, and each task's generator
     is drawn block after block in the key's flat order, as one whole-key draw would be.
     `offset`: the stack holds the key's rows from flat entry `offset` on (a row block of
-    the stream): each generator first skips the draws of the entries before it."""
-    generators = [
-        skip_draws(torch.Generator().manual_seed(della_seed(seed, t, key_index)), offset)
-        for t in range(task_vectors.shape[0])
-    ]
-    shape = task_vectors.shape[1:]
-    blocks: list[slice | None] = [None]  # None: the whole key (0-D and 1-D keys are one row)
-    if len(shape) >= 2 and task_vectors.numel() > 0:
-        per = max(1, BLOCK_NUMEL // math.prod(shape[1:]))
-        blocks = [slice(start, start + per) for start in range(0, shape[0], per)]
-    out = torch.empty(shape, dtype=task_vectors.dtype, device=task_vectors.device)
-    for rows in blocks:
-        pruned = torch.stack(
-            [
-                magprune(tau if rows is None else tau[rows], density, window, rescale, generator)
-                for tau, generator in zip(task_vectors, generators, strict=True)
-            ]
+    the stream): each generator first skips the draws of the entries before it.
+    `draws`: the stack's draws `[N, numel]`, already made (`DrawCursors`): no generator."""
+    num_tasks, shape = task_vectors.shape[0], task_vectors.shape[1:]
+    out = torch.empty(shape, dtype=torch.float32)
+    if out.numel() == 0:
+        return out.to(task_vectors.device)
+    generators = []
+    if draws is None:
+        generators = [
+            skip_draws(torch.Generator().manual_seed(della_seed(seed, t, key_index)), offset)
+            for t in range(num_tasks)
+        ]
+    num_rows = shape[0] if len(shape) >= 2 else 1  # 0-D and 1-D keys are one row
+    n = out.numel() // num_rows
+    taus = task_vectors.to("cpu", torch.float32).contiguous().reshape(num_tasks, num_rows, n)
+    taus_np = taus.numpy()
+    bits = taus_np.view(np.uint32)
+    qtab = rank_probabilities(n, density, window)
+    per = num_rows if draws is not None else min(num_rows, max(1, BLOCK_NUMEL // n))
+    scratch = draws if draws is not None else torch.empty(num_tasks, per * n)
+    rows_out = out.reshape(num_rows, n).numpy()
+    for start in range(0, num_rows, per):
+        stop = min(num_rows, start + per)
+        count = (stop - start) * n
+        for t, generator in enumerate(generators):
+            torch.rand(count, generator=generator, out=scratch[t, :count])
+        block_draws = scratch[:, :count].numpy().reshape(num_tasks, stop - start, n)
+        della_rows(
+            taus_np[:, start:stop],
+            bits[:, start:stop],
+            block_draws,
+            qtab,
+            rescale,
+            np.float32(scaling),
+            rows_out[start:stop],
         )
-        target = out if rows is None else out[rows]
-        torch.mul(elect_and_disjoint_mean(pruned), scaling, out=target)
-    return out
+    return out.to(task_vectors.device)
+
+
+class DrawCursors:
+    """Each split key's generators where its last drawn row block left them, so the next
+    block goes on from there instead of drawing and dropping every entry before it.
+
+    A block takes the generators left at its offset (waiting while the block before it is
+    drawing: that never waits on anything), draws its own entries, and leaves them at its
+    end. A block with no generators waiting for it (the first, or blocks out of order) gets
+    fresh ones skipped to its offset: the same draws, only slower.
+    """
+
+    def __init__(self, seed: int, num_tasks: int) -> None:
+        self._seed, self._num_tasks = seed, num_tasks
+        self._changed = threading.Condition()
+        # (key index, flat offset) -> the generators there, or None while a block draws them.
+        self._at: dict[tuple[int, int], list[torch.Generator] | None] = {}
+        # Blocks that have begun: generators left at one of these offsets would wait forever.
+        self._started: set[tuple[int, int]] = set()
+
+    def draws(self, key_index: int, offset: int, count: int, numel: int) -> torch.Tensor:
+        """`[N, count]` float32: every task's draws of the key's entries `offset..+count`."""
+        start, end = (key_index, offset), (key_index, offset + count)
+        with self._changed:
+            while start in self._at and self._at[start] is None:
+                self._changed.wait()
+            generators = self._at.pop(start, None)
+            self._started.add(start)
+            self._at[end] = None
+        try:
+            if generators is None:
+                generators = [
+                    skip_draws(torch.Generator().manual_seed(seed), offset)
+                    for seed in (
+                        della_seed(self._seed, t, key_index) for t in range(self._num_tasks)
+                    )
+                ]
+            draws = torch.empty(self._num_tasks, count)
+            for row, generator in zip(draws, generators, strict=True):
+                torch.rand(count, generator=generator, out=row)
+        except BaseException:
+            generators = None
+            raise
+        finally:
+            with self._changed:
+                if generators is None or offset + count >= numel or end in self._started:
+                    del self._at[end]  # no block goes on from here (or a draw failed)
+                else:
+                    self._at[end] = generators
+                self._changed.notify_all()
+        return draws
 
 
 def window_fits(where: str, given: Any, window: float, earlier: Mapping[str, Any]) -> None:
@@ -157,31 +214,39 @@ class Della(TaskVectorMethod):
 
     def setup(self) -> None:
         self._key_index: dict[str, int] = {}
+        self._numels: dict[str, int] = {}
+        self._cursors = DrawCursors(self.seed, 0)
 
     def prepare(self, stream: TaskVectorStream) -> None:
         # Read-only while the workers run: each key finds its own generator seed.
         self._key_index = {key: i for i, key in enumerate(stream.plan.merged)}
+        self._numels = {key: stream.numel(key) for key in stream.plan.merged}
+        self._cursors = DrawCursors(self.seed, len(stream.tasks))
 
     def splits_rows(self) -> bool:
         # Rows are first-axis rows, which the stream's row blocks keep whole; a block's draws
         # start where the key's flat order has them (`della_delta`'s `offset`).
         return True
 
-    def small_row_blocks(self) -> bool:
-        # A block skips the draws of every entry before it: 32M-entry blocks keep that to a
-        # few blocks' worth per task on an 8B vocabulary instead of ~120 with 4M blocks.
-        return False
-
     def merge_item(self, item: TensorItem) -> torch.Tensor:
-        offset = 0
-        if item.rows is not None:
-            offset = item.rows[0] * math.prod(item.task_vectors.shape[2:])
-        return self._delta(item.key, item.task_vectors, offset)
+        if item.rows is None:
+            return self._delta(item.key, item.task_vectors)
+        # A row block (the stream's small ones): its draws go on where the block before it
+        # left each generator (`DrawCursors`), made before the kernel runs so that the next
+        # block's worker waits for the draws only.
+        row = math.prod(item.task_vectors.shape[2:])
+        count = (item.rows[1] - item.rows[0]) * row
+        draws = self._cursors.draws(
+            self._key_index[item.key], item.rows[0] * row, count, self._numels[item.key]
+        )
+        return self._delta(item.key, item.task_vectors, draws)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
-        return self._delta(key, task_vectors, 0)
+        return self._delta(key, task_vectors)
 
-    def _delta(self, key: str, task_vectors: torch.Tensor, offset: int) -> torch.Tensor:
+    def _delta(
+        self, key: str, task_vectors: torch.Tensor, draws: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return della_delta(
             task_vectors,
             self._key_index[key],
@@ -190,5 +255,5 @@ class Della(TaskVectorMethod):
             self.rescale,
             self.scaling,
             self.seed,
-            offset,
+            draws=draws,
         )
