@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from PIL import Image
 
@@ -111,3 +113,8 @@ def test_no_colour_repeats_and_references_are_grey(boards) -> None:
     colors = row_colors(boards[0].rows)
     assert len(set(map(str, colors.values()))) == len(colors)
     assert colors["individual"] == REFERENCE_GREY[0]
+    # Only reference rows are grey: tab20's grey pair would pass a method off as one.
+    methods = [r.label for r in boards[0].rows if not r.is_reference]
+    assert all(len(set(colors[m][:3])) > 1 for m in methods)
+    many = [replace(boards[0].rows[-1], label=f"m{i}") for i in range(18)]
+    assert all(len(set(c[:3])) > 1 for c in row_colors(many).values())

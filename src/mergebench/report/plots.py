@@ -42,13 +42,14 @@ REFERENCE_GREY = ("#4d4d4d", "#8c8c8c", "#bdbdbd")  # individual, multitask, pre
 
 
 def row_colors(rows: Sequence[Row]) -> dict[str, Any]:
-    """A colour per row, none repeated: reference rows in greys, methods from tab20 (dark
-    shades first; hsv steps beyond 20 methods)."""
+    """A colour per row, none repeated: reference rows in greys, methods from tab20 without
+    its grey pair (a grey method read as a reference row; dark shades first; hsv steps
+    beyond 18 methods)."""
     import matplotlib
 
     methods = [r for r in rows if not r.is_reference]
-    if len(methods) <= 20:
-        tab20 = list(matplotlib.colormaps["tab20"].colors)
+    tab20 = [c for c in matplotlib.colormaps["tab20"].colors if len(set(c)) > 1]  # no greys
+    if len(methods) <= len(tab20):
         palette: list[Any] = tab20[0::2] + tab20[1::2]
     else:
         hsv = matplotlib.colormaps["hsv"]
