@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mergebench.util.fs import interrupts_deferred
+
 # numba's import creates about a million objects: with the garbage collector paused, no
 # full collection walks torch's and numba's objects meanwhile (see `warm_up`).
 _collecting = gc.isenabled()
@@ -566,7 +568,10 @@ def warm_up() -> None:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        _noop(np.empty(0, dtype=np.float32))
+        # On a fresh cache this compiles: a Ctrl-C meanwhile would land in llvmlite's ctypes
+        # callback and be dropped (the merge went on and exited 0), so it waits for the end.
+        with interrupts_deferred():
+            _noop(np.empty(0, dtype=np.float32))
     finally:
         if enabled:
             gc.enable()

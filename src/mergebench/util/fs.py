@@ -220,7 +220,7 @@ def publish_folder(
             )
         # From the first rename to the last removal, Ctrl-C waits: an interrupt there used
         # to report "interrupted" over a folder already replaced, leaving `.old-*` behind.
-        with _interrupts_deferred(f"{directory}: saved in full before the interrupt"):
+        with interrupts_deferred(f"{directory}: saved in full before the interrupt"):
             if old_files is None:
                 (tmp / TEMP_MARKER).unlink()
                 os.replace(tmp, directory)
@@ -246,9 +246,11 @@ def publish_folder(
 
 
 @contextmanager
-def _interrupts_deferred(done: str) -> Iterator[None]:
+def interrupts_deferred(done: str = "") -> Iterator[None]:
     """Hold SIGINT until the block ends (main thread only: signals go there), then raise
-    `KeyboardInterrupt(done)`, which says what state the interrupted work is in."""
+    `KeyboardInterrupt(done)`, which says what state the interrupted work is in. Also for
+    code during which a Ctrl-C would be lost: raised inside a ctypes callback (numba's
+    compiler), Python prints and drops it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
