@@ -79,7 +79,7 @@ zoo-all: setup data
 	for seed in $(subst $(comma), ,$(SEEDS)); do $(VENV)/bin/mergebench-zoo --set text vision_vit vision seed=$$seed || exit 1; done
 
 # BENCH_JOBS=2: the task sets side by side, each in its own process with cores / 2 threads
-# (default 1: on 2 cores the text set alone takes most of the pass, docs/benchmark.md).
+# (default 1: the sets in turn, as the budget in docs/benchmark.md was measured).
 bench: zoo
 	$(PY) scripts/run_bench.py --jobs $(BENCH_JOBS) --seeds $(SEEDS) logger=$(LOGGER)
 

@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs", help="leaderboard folder")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
-    # `--variants emr threads=1` hands the override to --variants: move KEY=VALUE items back.
     if args.sets is None:
         args.sets = list(SETS) if args.all else list(DEFAULT_SETS)
+    # `--variants emr threads=1` hands the override to --variants: move KEY=VALUE items back.
     listed = [*args.sets, *args.variants]
     args.overrides = [v for v in listed if "=" in v] + list(args.overrides)
     args.sets = [s for s in args.sets if "=" not in s]
