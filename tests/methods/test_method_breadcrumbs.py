@@ -188,8 +188,9 @@ def test_blocks_of_rows_give_the_reference_bit_for_bit(random_pool, monkeypatch,
         assert torch.equal(out[key], value), key
 
 
-def test_scope_tensor_sees_whole_keys_when_the_stream_cuts_rows(random_pool, monkeypatch):
-    """`scope: tensor` ranks a tensor as one row: big keys must not come in row blocks."""
+def test_scope_tensor_is_the_same_when_the_stream_cuts_rows(random_pool, monkeypatch):
+    """`scope: tensor` ranks a tensor as one row: big keys in row blocks (with the cuts
+    counted over them first) give the whole keys' result."""
     import mergebench.engine.stream as stream_module
 
     pre, finetuned = random_pool

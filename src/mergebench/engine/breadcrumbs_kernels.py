@@ -10,6 +10,9 @@ equal entries counted in index order, lies in `[start, stop)`: a stable sort's r
 Those ranks pick, per cut, one range of flat indices in which its equal entries are kept
 (`tie_ranges`, one scan); `mask_sum` then keeps, sums in task order from +0 (as
 `sum_tasks`) and scales in one branch-free pass.
+A tensor the stream hands over in row blocks gets the same cuts from the same histograms
+counted block by block (`cut_bins`, `cuts_in_bins`; `methods.breadcrumbs_blocks`), and each
+block's tie ranges start from the ties in the blocks before it (`tie_counts`).
 
 Nothing here allocates per entry: 65,536-bin histograms per task and cut, one `[block]`
 accumulator. Kernels release the GIL (`nogil`); the stream runs keys on threads.
@@ -33,21 +36,40 @@ def rank_cuts(taus: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.n
     count of entries strictly above each (int64 `[2, N]`): two counting passes over `taus`
     for both cuts, the high 16 bits of |tau| first, then the low 16 in each cut's bin."""
     bits = taus.view(np.uint32)
-    tasks = bits.shape[0]
-    high = np.zeros((tasks, 1 << 16), dtype=np.int64)
+    high = np.zeros((bits.shape[0], 1 << 16), dtype=np.int64)
     kernels.high_counts(bits, high)
-    ranks = (start + 1, stop)
-    found = [[bin_with_kth_largest(high[t], k) for t in range(tasks)] for k in ranks]
-    tops = np.array([[top for top, _ in cut] for cut in found], dtype=np.int64)
-    low = np.zeros((2, tasks, 1 << 16), dtype=np.int64)
+    tops, higher = cut_bins(high, start, stop)
+    low = np.zeros((2, bits.shape[0], 1 << 16), dtype=np.int64)
     low_counts_two(bits, tops, low)
+    return cuts_in_bins(low, tops, higher, start, stop)
+
+
+def cut_bins(high: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """From the high-bits histograms `[N, bins]` of |tau|: per cut c (0: the `(start+1)`-th
+    largest, 1: the `stop`-th) and task t, the bin holding it and the count in higher bins
+    (int64 `[2, N]` each)."""
+    tasks = high.shape[0]
+    tops = np.empty((2, tasks), dtype=np.int64)
+    higher = np.empty((2, tasks), dtype=np.int64)
+    for c, k in enumerate((start + 1, stop)):
+        for t in range(tasks):
+            tops[c, t], higher[c, t] = bin_with_kth_largest(high[t], k)
+    return tops, higher
+
+
+def cuts_in_bins(
+    low: np.ndarray, tops: np.ndarray, higher: np.ndarray, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cuts (float32 bits, uint32 `[2, N]`) and the counts strictly above them (int64
+    `[2, N]`) from `low_counts_two`'s histograms `[2, N, bins]` in the bins of `cut_bins`."""
+    tasks = tops.shape[1]
     cut_bits = np.empty((2, tasks), dtype=np.uint32)
     above = np.empty((2, tasks), dtype=np.int64)
-    for c, k in enumerate(ranks):
-        for t, (top, higher) in enumerate(found[c]):
-            bottom, higher_low = bin_with_kth_largest(low[c, t], k - higher)
-            cut_bits[c, t] = (top << 16) | bottom
-            above[c, t] = higher + higher_low
+    for c, k in enumerate((start + 1, stop)):
+        for t in range(tasks):
+            bottom, higher_low = bin_with_kth_largest(low[c, t], k - int(higher[c, t]))
+            cut_bits[c, t] = (int(tops[c, t]) << 16) | bottom
+            above[c, t] = higher[c, t] + higher_low
     return cut_bits, above
 
 
@@ -109,6 +131,24 @@ def tie_ranges(
                             ranges[bound, 1, t] = i
                     count_b += 1
     return ranges
+
+
+@njit(cache=True, nogil=True)
+def tie_counts(taus: np.ndarray, cut_bits: np.ndarray, counts: np.ndarray) -> None:
+    """`counts[c, t] +=` the entries of task row t whose |tau| equals cut c (`cut_bits`,
+    float32 bits `[2, N]`): the ties a later block of the same tensor has before it."""
+    n, numel = taus.shape
+    cuts = cut_bits.view(np.float32)
+    for t in range(n):
+        a, b = cuts[0, t], cuts[1, t]
+        count_a = 0
+        count_b = 0
+        for i in range(numel):
+            v = abs(taus[t, i])
+            count_a += v == a
+            count_b += v == b
+        counts[0, t] += count_a
+        counts[1, t] += count_b
 
 
 @njit(cache=True, nogil=True)

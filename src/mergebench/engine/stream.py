@@ -33,7 +33,7 @@ import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -200,6 +200,16 @@ def row_blocks_of(shape: tuple[int, ...], limit: int) -> list[tuple[int, int]] |
     return [(start, min(shape[0], start + per)) for start in range(0, shape[0], per)]
 
 
+def _block_limit(small_blocks: bool) -> int:
+    """Entries per row block of `map(..., row_blocks=True, small_blocks=...)`."""
+    return min(REUSE_MAX_NUMEL, ROW_BLOCK_NUMEL) if small_blocks else REUSE_MAX_NUMEL
+
+
+def _ordered(transform: TaskVectorTransform | None) -> bool:
+    """Whether `transform` must run key by key in order (it then sees whole keys)."""
+    return transform is not None and not getattr(transform, "order_free", False)
+
+
 class _BufferSet:
     """Flat float32 storage for one key of the stream: pretrained + N fine-tuned rows."""
 
@@ -261,6 +271,7 @@ class TaskVectorStream:
         description: str = "merging",
         row_blocks: bool = False,
         small_blocks: bool = True,
+        keys: Collection[str] | None = None,
     ) -> Iterator[tuple[str, R]]:
         """Yield `(key, fn(item))` for every merged key, in key order.
 
@@ -272,12 +283,13 @@ class TaskVectorStream:
         row order, each with its `rows`, and yields once per block (not with a transform
         that is not `order_free`: it sees whole keys). `small_blocks=False` cuts only keys
         above `REUSE_MAX_NUMEL`, into blocks that size: for a method whose per-block float
-        sums add up differently when the blocks move (EMR's rescalers).
+        sums add up differently when the blocks move (EMR's rescalers). `keys` limits the
+        pass to those merged keys (a counting pass over the big keys only, say; their blocks
+        are the ones a full pass cuts, see `split_keys`).
         """
         transform = self.transform_factory() if self.transform_factory else None
-        ordered = transform is not None and not getattr(transform, "order_free", False)
-        limit = min(REUSE_MAX_NUMEL, ROW_BLOCK_NUMEL) if small_blocks else REUSE_MAX_NUMEL
-        units = self._units(row_blocks and not ordered, limit)
+        ordered = _ordered(transform)
+        units = self._units(row_blocks and not ordered, small_blocks, keys)
         if not units:
             return
         workers = self.threads
@@ -385,10 +397,29 @@ class TaskVectorStream:
                 yield self._item(loaded, transform)
                 bar.update()
 
+    def split_keys(self, small_blocks: bool = True) -> dict[str, list[tuple[int, int]]]:
+        """The keys `map(..., row_blocks=True, small_blocks=...)` cuts into row blocks, with
+        their row ranges in order (none when the transform needs whole keys): a method that
+        ranks a whole key can count over exactly those blocks first."""
+        if self.transform_factory is not None and _ordered(self.transform_factory()):
+            return {}
+        limit = _block_limit(small_blocks)
+        split = {}
+        for key in self.plan.merged:
+            blocks = row_blocks_of(self.pool.pretrained.shape(key), limit)
+            if blocks is not None:
+                split[key] = blocks
+        return split
+
     # -- internals ---------------------------------------------------------------------------
-    def _units(self, row_blocks: bool, limit: int) -> list[_Unit]:
+    def _units(
+        self, row_blocks: bool, small_blocks: bool, keys: Collection[str] | None
+    ) -> list[_Unit]:
+        limit = _block_limit(small_blocks)
         units: list[_Unit] = []
         for key in self.plan.merged:
+            if keys is not None and key not in keys:
+                continue
             blocks = row_blocks_of(self.pool.pretrained.shape(key), limit)
             if row_blocks and blocks is not None:
                 units.extend(_Unit(key, rows) for rows in blocks)

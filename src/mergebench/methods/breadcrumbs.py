@@ -7,6 +7,10 @@ tensor one row (mergekit's granularity). Per task and row of `n` entries,
 |tau| descending (equal values: lower index first) are kept, the rest set to 0; ranks past
 `n` simply do not exist (`g + k > n` keeps `g+1 .. n`). Then
 `W = W_pre + scaling * sum_t crumbs(tau_t)`, the sum added in task order.
+
+`scope: tensor` on the CPU takes the keys the stream cuts into row blocks (an LLM's
+embedding, output and MLP matrices) in those blocks: `prepare` counts their cuts over the
+blocks first (`breadcrumbs_blocks`), so no pass holds a whole big `[N, *shape]` stack.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ import numpy as np
 import torch
 
 from mergebench.engine import breadcrumbs_kernels
-from mergebench.engine.stream import TensorItem, numpy_kernels, sum_tasks, thread_scratch
+from mergebench.engine.stream import (
+    TaskVectorStream,
+    TensorItem,
+    numpy_kernels,
+    sum_tasks,
+    thread_scratch,
+)
 from mergebench.methods.base import TaskVectorMethod
+from mergebench.methods.breadcrumbs_blocks import KeyCuts, tensor_cuts
 from mergebench.methods.options import choice, fraction, number, option
 
 
@@ -111,7 +122,9 @@ def _tensor_scope_delta(task_vectors: torch.Tensor, density: float, outlier: flo
     """`scope: tensor` without sorting the tensor: each task's two cuts come from exact
     selections on its |tau| (one task at a time: two working copies of one task's tensor),
     then the mask is applied in blocks in flat order. Bit-identical to masking with a stable
-    sort of the whole tensor (which held the stack's |tau|, sorted values, int64 indices)."""
+    sort of the whole tensor (which held the stack's |tau|, sorted values, int64 indices).
+    The GPU path (and `$MERGEBENCH_TORCH_KERNELS=1`): it always gets whole keys, big ones
+    included (no counting passes over row blocks, as the CPU kernel has)."""
     tasks = task_vectors.shape[0]
     flat = task_vectors.reshape(tasks, -1)
     n = flat.shape[1]
@@ -188,10 +201,24 @@ class Breadcrumbs(TaskVectorMethod):
     scaling: float = option(number)
     scope: str = option(choice, allowed=("row", "tensor"))
 
+    def setup(self) -> None:
+        self._cuts: dict[str, KeyCuts] = {}
+
+    def prepare(self, stream: TaskVectorStream) -> None:
+        """`scope: tensor` on the CPU kernel: the cuts of the keys the stream cuts into row
+        blocks, from counting passes over those keys (`breadcrumbs_blocks`), so that the
+        merge pass takes them in blocks too (bit for bit the whole-key result)."""
+        self._cuts = {}
+        if self.scope == "tensor" and stream.device.type == "cpu" and numpy_kernels(_CPU):
+            self._cuts = tensor_cuts(
+                stream, lambda n: row_keep_range(n, self.density, self.outlier), self.name
+            )
+
     def splits_rows(self) -> bool:
         # Masks are per row along the last dimension: a block of whole first-axis rows
-        # holds whole rows (`scope: tensor` ranks the whole tensor: it needs the key).
-        return self.scope == "row"
+        # holds whole rows. `scope: tensor` ranks the whole tensor: its blocks need the cuts
+        # `prepare` counted (the CPU kernel); else whole keys.
+        return self.scope == "row" or bool(self._cuts)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return breadcrumbs_delta(task_vectors, self.density, self.outlier, self.scaling, self.scope)
@@ -201,7 +228,30 @@ class Breadcrumbs(TaskVectorMethod):
         key above glibc's mmap threshold would fault in new pages every time); the driver
         adds it to the output before the worker takes its next item."""
         taus = item.task_vectors
+        if self.scope == "tensor" and item.rows is not None:
+            return self._tensor_block(item)
         if not (self.scope == "tensor" and taus.dim() > 1 and _kernel_handles(taus)):
             return self.merge_task_vectors(item.key, taus)
         out = thread_scratch().get("breadcrumbs delta", taus.shape[1:], torch.float32, taus.device)
         return _tensor_scope_kernel(taus, self.density, self.outlier, self.scaling, out)
+
+    def _tensor_block(self, item: TensorItem) -> torch.Tensor:
+        """`scope: tensor` on a row block of a big key: the key's cuts from `prepare`, the
+        tie ranges counted from the ties before the block; the same compiled mask_sum."""
+        taus = item.task_vectors.contiguous()
+        cuts = self._cuts[item.key]
+        out = thread_scratch().get("breadcrumbs delta", taus.shape[1:], torch.float32, taus.device)
+        if cuts.cut_bits is None:  # no rank kept: as the whole key, 0 * scaling
+            return out.zero_().mul_(self.scaling)
+        tasks, first_row = taus.shape[0], item.rows[0] if item.rows else 0
+        flat = taus.reshape(tasks, -1).numpy()
+        above = cuts.block_above(first_row)
+        ranges = breadcrumbs_kernels.tie_ranges(flat, cuts.cut_bits, above, cuts.start, cuts.stop)
+        block = max(1, min(_KERNEL_BLOCK, BLOCK_NUMEL // tasks))
+        breadcrumbs_kernels.mask_sum(flat, cuts.cut_bits, ranges, np.float32(self.scaling), block,
+                                     out.view(-1).numpy())  # fmt: skip
+        return out
+
+
+# A CPU tensor, to ask `numpy_kernels` whether the CPU kernels run (the environment may say no).
+_CPU = torch.empty(0)
