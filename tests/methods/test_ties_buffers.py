@@ -81,6 +81,8 @@ CASES = [
               "base_params": {"k": 1.0, "topk_scope": "tensor", "scaling": 1.0}}),
     ("dare", {"drop": 0.5, "seed": 4, "base": "ties",
               "base_params": {"k": 0.4, "topk_scope": "global", "scaling": 1.0}}),
+    ("dare", {"drop": 0.5, "seed": 4, "base": "ties",
+              "base_params": {"k": 0.4, "topk_scope": "tensor", "scaling": 1.0}}),
 ]  # fmt: skip
 
 
@@ -88,7 +90,7 @@ CASES = [
 def test_streamed_equals_in_memory_equals_the_reference(tmp_path, monkeypatch, method, params):
     pre, finetuned = bf16_pool(tmp_path)
     reference = merge_reference(method, pre, finetuned, **params).merged
-    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", 64)  # row blocks for global scope
+    monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", 64)  # row blocks ("big" only)
     for threads in ("1", "2"):
         monkeypatch.setenv("MERGEBENCH_THREADS", threads)
         in_memory = mergebench.merge(method, pre, finetuned, progress=False, **params)
@@ -122,6 +124,11 @@ def test_a_per_tensor_top_k_that_keeps_everything_takes_row_blocks(tmp_path, mon
     assert ("big", (0, 8)) in units and ("big", None) not in units
     for key, expected in reference.items():
         assert torch.equal(state[key].view(torch.int16), expected.view(torch.int16)), key
-    units.clear()  # k < 1 per tensor: whole keys
+    units.clear()  # k < 1 per tensor: the thresholds counted over the blocks first
+    mergebench.merge("ties", pre, finetuned, progress=False, k=0.9, topk_scope="tensor")
+    assert ("big", None) not in units and units.count(("big", (0, 8))) == 3  # 2 counts + merge
+    assert ("a", None) in units and units.count(("a", None)) == 1  # small keys: merge only
+    monkeypatch.setenv("MERGEBENCH_TORCH_KERNELS", "1")  # the torch (GPU) path: whole keys
+    units.clear()
     mergebench.merge("ties", pre, finetuned, progress=False, k=0.9, topk_scope="tensor")
     assert ("big", None) in units

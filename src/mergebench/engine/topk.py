@@ -13,7 +13,7 @@ replays the chunks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -71,11 +71,32 @@ class RadixSelect:
 
     def values(self) -> torch.Tensor:
         """The exact k-th largest |value| per row (float32 `[rows]`)."""
-        values = []
-        for r, (top, higher) in enumerate(self.targets()):
-            bottom, _ = _bin_with_kth_largest(self.low[r], self.k[r] - higher)
-            values.append((top << 16) | bottom)
-        return torch.tensor(values, dtype=torch.int32).view(torch.float32)
+        return kth_values(self.low, self.targets(), self.k)
+
+
+def kth_values(low: torch.Tensor, targets: list[tuple[int, int]], k: list[int]) -> torch.Tensor:
+    """`RadixSelect.values` from pass 2's histograms `low` `[rows, bins]` and pass 1's
+    `targets`: for counts added up elsewhere (one key's row blocks, say)."""
+    values = []
+    for r, (top, higher) in enumerate(targets):
+        bottom, _ = _bin_with_kth_largest(low[r], k[r] - higher)
+        values.append((top << 16) | bottom)
+    return torch.tensor(values, dtype=torch.int32).view(torch.float32)
+
+
+def per_key_totals(results: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Add up the counts `TaskVectorStream.map` yields for the row blocks of each key (they
+    come in key order): one key's total at a time, so memory does not grow with the keys."""
+    key, total = None, None
+    for block_key, counts in results:
+        if block_key != key:
+            if key is not None:
+                yield key, total
+            key, total = block_key, counts
+        else:
+            total += counts
+    if key is not None:
+        yield key, total
 
 
 def _bin_with_kth_largest(hist: torch.Tensor, k: int) -> tuple[int, int]:

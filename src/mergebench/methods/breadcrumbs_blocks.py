@@ -15,13 +15,14 @@ it: the same entries as the whole key's `tie_ranges`. Histograms live for one ke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mergebench.engine import breadcrumbs_kernels, kernels
 from mergebench.engine.stream import TaskVectorStream, TensorItem
+from mergebench.engine.topk import per_key_totals
 
 _BINS = 1 << 16
 
@@ -51,20 +52,6 @@ def _bits(item: TensorItem) -> np.ndarray:
     return taus.reshape(taus.shape[0], -1).numpy().view(np.uint32)
 
 
-def _per_key(results: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-    """Add up the blocks' counts of each key (they come in key order): one total at a time."""
-    key, total = None, None
-    for block_key, counts in results:
-        if block_key != key:
-            if key is not None:
-                yield key, total
-            key, total = block_key, counts
-        else:
-            total += counts
-    if key is not None:
-        yield key, total
-
-
 def tensor_cuts(
     stream: TaskVectorStream, keep_range: Callable[[int], tuple[int, int]], name: str
 ) -> dict[str, KeyCuts]:
@@ -88,7 +75,7 @@ def tensor_cuts(
         return counts
 
     passes = stream.map(high, f"{name}: cuts 1/3", row_blocks=True, keys=counted)
-    for key, counts in _per_key(passes):
+    for key, counts in per_key_totals(passes):
         tops[key], higher[key] = breadcrumbs_kernels.cut_bins(counts, cuts[key].start,
                                                               cuts[key].stop)  # fmt: skip
 
@@ -99,7 +86,7 @@ def tensor_cuts(
 
     positional = set()
     passes = stream.map(low, f"{name}: cuts 2/3", row_blocks=True, keys=counted)
-    for key, counts in _per_key(passes):
+    for key, counts in per_key_totals(passes):
         cut = cuts[key]
         cut.cut_bits, cut.above = breadcrumbs_kernels.cuts_in_bins(
             counts, tops[key], higher[key], cut.start, cut.stop

@@ -5,7 +5,10 @@ Trim keeps, per task, the entries whose |value| is at least the `keep`-th larges
 together (`topk_scope=global`, exact even when streamed: two counting passes of a radix
 select, see `mergebench.engine.topk`) or per tensor (`tensor`: the same radix select over the
 one key on the CPU, no sort and no temporaries; nothing to select when every entry is kept,
-as in mergekit's `dare_ties`, whose TIES keeps all of DARE's survivors).
+as in mergekit's `dare_ties`, whose TIES keeps all of DARE's survivors). Per tensor on the
+CPU, the keys the stream cuts into row blocks get their thresholds from two counting passes
+over those blocks before the merge pass (`split_key_thresholds`), which then takes them in
+blocks: no whole `[N, *shape]` stack of an LLM's embedding (the GPU path sees whole keys).
 
 Sums over tasks are added in task order (`sum_tasks`), so a streamed merge is bit-identical
 to an in-memory one. On the CPU the per-key arithmetic is one compiled pass
@@ -29,7 +32,12 @@ from mergebench.engine.stream import (
     sum_tasks,
     thread_scratch,
 )
-from mergebench.engine.topk import RadixSelect, kth_largest_abs_in_tensor
+from mergebench.engine.topk import (
+    RadixSelect,
+    kth_largest_abs_in_tensor,
+    kth_values,
+    per_key_totals,
+)
 from mergebench.methods.base import TaskVectorMethod, sign
 from mergebench.methods.options import choice, fraction, number, option
 
@@ -146,10 +154,17 @@ class Ties(TaskVectorMethod):
 
     def setup(self) -> None:
         self._thresholds: torch.Tensor | None = None
+        self._split: dict[str, torch.Tensor] = {}
 
     def prepare(self, stream: TaskVectorStream) -> None:
-        """Global scope: the exact per-task threshold over all merged tensors (two passes)."""
+        """Global scope: the exact per-task threshold over all merged tensors (two passes).
+        Per tensor on the CPU (k < 1): the thresholds of the keys the stream cuts into row
+        blocks, from two passes over those keys only, so that the merge pass takes them in
+        blocks too."""
+        self._split = {}
         if self.topk_scope != "global":
+            if self.k < 1.0 and stream.device.type == "cpu" and numpy_kernels(_CPU):
+                self._split = split_key_thresholds(stream, self.k, self.name)
             return
         n = sum(stream.numel(key) for key in stream.plan.merged)
         select = RadixSelect([keep_count(self.k, n)] * len(stream.tasks))
@@ -171,9 +186,15 @@ class Ties(TaskVectorMethod):
     def splits_rows(self) -> bool:
         # A global threshold is known before the merge pass; a per-tensor one needs the key,
         # unless it keeps every entry (k = 1, mergekit's dare_ties): 0 for any block of rows.
-        return self.topk_scope == "global" or self.k == 1.0
+        # Or the thresholds of the big keys are counted in `prepare` (the CPU kernels).
+        return self.topk_scope == "global" or self.k == 1.0 or bool(self._split)
 
-    def thresholds_for(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    def thresholds_for(
+        self, task_vectors: torch.Tensor, item: TensorItem | None = None
+    ) -> torch.Tensor:
+        """Per task, the threshold of the key (or of the key of `item`, a row block)."""
+        if item is not None and item.rows is not None and item.key in self._split:
+            return self._split[item.key]
         if self.topk_scope == "global":
             assert self._thresholds is not None, "prepare() computes the global thresholds"
             return self._thresholds
@@ -194,4 +215,52 @@ class Ties(TaskVectorMethod):
         if not (numpy_kernels(taus) and taus.is_contiguous()):
             return self.merge_task_vectors(item.key, taus)
         out = thread_scratch().get("ties delta", taus.shape[1:], torch.float32, taus.device)
-        return _merge_blocks(taus, self.thresholds_for(taus), self.aggregate, self.scaling, out)
+        thresholds = self.thresholds_for(taus, item)
+        return _merge_blocks(taus, thresholds, self.aggregate, self.scaling, out)
+
+
+def split_key_thresholds(stream: TaskVectorStream, k: float, name: str) -> dict[str, torch.Tensor]:
+    """`tensor_thresholds(taus, k)` of every key the stream cuts into row blocks, from the
+    radix select's two counting passes over those keys' blocks only (the same histograms,
+    added up per key: the same values; one key's histograms alive at a time)."""
+    split = stream.split_keys()
+    tasks = len(stream.tasks)
+    keeps = {key: keep_count(k, stream.numel(key)) for key in split}
+    thresholds = {key: torch.zeros(tasks) for key in split if keeps[key] >= stream.numel(key)}
+    counted = {key for key in split if key not in thresholds}
+    if not counted:
+        return thresholds
+    targets: dict[str, list[tuple[int, int]]] = {}
+    shape = (tasks, 1 << 16)
+
+    def bits(item: TensorItem) -> np.ndarray:
+        taus = item.task_vectors.contiguous()
+        return taus.reshape(tasks, -1).numpy().view(np.uint32)
+
+    def high(item: TensorItem) -> np.ndarray:
+        counts = np.zeros(shape, dtype=np.int64)
+        kernels.high_counts(bits(item), counts)
+        return counts
+
+    for key, counts in per_key_totals(
+        stream.map(high, f"{name}: top-k 1/2", row_blocks=True, keys=counted)
+    ):
+        select = RadixSelect([keeps[key]] * tasks)
+        select.add_high(torch.from_numpy(counts))
+        targets[key] = select.targets()
+    tops = {key: np.array([top for top, _ in t], dtype=np.int64) for key, t in targets.items()}
+
+    def low(item: TensorItem) -> np.ndarray:
+        counts = np.zeros(shape, dtype=np.int64)
+        kernels.low_counts(bits(item), tops[item.key], counts)
+        return counts
+
+    for key, counts in per_key_totals(
+        stream.map(low, f"{name}: top-k 2/2", row_blocks=True, keys=counted)
+    ):
+        thresholds[key] = kth_values(torch.from_numpy(counts), targets[key], [keeps[key]] * tasks)
+    return thresholds
+
+
+# A CPU tensor, to ask `numpy_kernels` whether the CPU kernels run (the environment may say no).
+_CPU = torch.empty(0)
