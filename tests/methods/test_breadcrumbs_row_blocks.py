@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import mergebench
 import mergebench.engine.stream as stream_module
 import mergebench.methods.breadcrumbs as breadcrumbs
+import mergebench.methods.breadcrumbs_blocks as breadcrumbs_blocks
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream
 from mergebench.reference.breadcrumbs import breadcrumbs_reference
@@ -56,9 +57,17 @@ def bits(tensor):
     return tensor.view(torch.int16 if tensor.dtype == torch.bfloat16 else torch.int32)
 
 
+# The blocks' ties from their kept pass-2 histograms (default), or from pass 3 (none kept).
+HELD = [None, 0]
+
+
+@pytest.mark.parametrize("held", HELD)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_blocked_tensor_scope_is_the_whole_key_bit_for_bit(tmp_path, monkeypatch, dtype):
+def test_row_blocked_tensor_scope_is_the_whole_key_bit_for_bit(tmp_path, monkeypatch, dtype,
+                                                                held):  # fmt: skip
     pre, finetuned = tied_pool(tmp_path, dtype)
+    if held is not None:
+        monkeypatch.setattr(breadcrumbs_blocks, "HELD_HISTOGRAM_BYTES", held)
     found = []
     counted = breadcrumbs.tensor_cuts
 
@@ -87,11 +96,22 @@ def test_row_blocked_tensor_scope_is_the_whole_key_bit_for_bit(tmp_path, monkeyp
                     assert torch.equal(bits(got), bits(reference[key])), (key, params)
 
 
-def test_ties_spanning_blocks_are_counted_before_each_block(tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", HELD)
+def test_ties_spanning_blocks_are_counted_before_each_block(tmp_path, monkeypatch, held):
     """Where the stable sort keeps only some entries equal to a cut, the blocks after the
-    first start from the ties before them (pass 3); the per-block counts add up to the
-    whole key's, block by block in flat order."""
+    first start from the ties before them (read from the blocks' pass-2 histograms, or
+    counted in pass 3): those of the whole key before the block, in flat order."""
     pre, finetuned = tied_pool(tmp_path, torch.float32)
+    passes = []
+    if held is not None:
+        monkeypatch.setattr(breadcrumbs_blocks, "HELD_HISTOGRAM_BYTES", held)
+    count_ties = breadcrumbs_blocks.breadcrumbs_kernels.tie_counts
+
+    def spy(*args):
+        passes.append("ties")
+        return count_ties(*args)
+
+    monkeypatch.setattr(breadcrumbs_blocks.breadcrumbs_kernels, "tie_counts", spy)
     monkeypatch.setattr(stream_module, "ROW_BLOCK_NUMEL", LIMIT)
     stream = TaskVectorStream(ModelPool.from_checkpoints(pre, finetuned), progress=False)
     cuts = breadcrumbs.tensor_cuts(stream, lambda n: breadcrumbs.row_keep_range(n, 0.5, 0.25),
@@ -108,6 +128,7 @@ def test_ties_spanning_blocks_are_counted_before_each_block(tmp_path, monkeypatc
             for c in range(2):
                 expected = (prefix == values[c][:, None]).sum(dim=1)
                 assert torch.equal(torch.from_numpy(before[c]), expected), (key, first_row)
+    assert bool(passes) == (held == 0)  # pass 3 only for keys whose histograms are not kept
 
 
 def test_the_merge_pass_gets_row_blocks(tmp_path, monkeypatch):
