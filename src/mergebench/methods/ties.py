@@ -212,10 +212,10 @@ class Ties(TaskVectorMethod):
         per key above glibc's mmap threshold would fault in new pages every time); the driver
         adds it to the output before the worker takes its next item."""
         taus = item.task_vectors
+        thresholds = self.thresholds_for(taus, item)  # a row block's: its key's
         if not (numpy_kernels(taus) and taus.is_contiguous()):
-            return self.merge_task_vectors(item.key, taus)
+            return self.scaling * elect_and_disjoint_merge(trim(taus, thresholds), self.aggregate)
         out = thread_scratch().get("ties delta", taus.shape[1:], torch.float32, taus.device)
-        thresholds = self.thresholds_for(taus, item)
         return _merge_blocks(taus, thresholds, self.aggregate, self.scaling, out)
 
 
