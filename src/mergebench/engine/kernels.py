@@ -38,6 +38,7 @@ try:
     import numba
     from llvmlite import ir
     from numba import njit, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
     from numba.misc.appdirs import AppDirs
 finally:
@@ -75,6 +76,7 @@ _ensure_cache_dir()
 
 # numpy's default buffer size: a casting reduction sums chunks of this many entries.
 _CAST_CHUNK = 8192
+CAST_CHUNK = _CAST_CHUNK  # public: span kernels' callers cut spans on these chunks
 # Depth bound of `_pairwise`'s stacks (a chunk of 8,192 entries needs 8 levels).
 _STACK = 64
 # Entries per inner block of the float32 kernels (work arrays stay in L1/L2).
@@ -96,32 +98,60 @@ def _term(a: np.ndarray, i: int) -> float:
     return np.float64(abs(a[i]))
 
 
+@intrinsic
+def _leaf_lanes(typingctx, a, start, whole):
+    """numpy's pairwise leaf over `a[start : start + whole]` (`whole` a positive multiple of
+    8, `a` contiguous float32), of the magnitudes in float64: 8 running sums, lane `k`
+    `((|a_k| + |a_{k+8}|) + |a_{k+16}|) + ...`, combined as
+    `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`. The lanes are one vector of 8
+    float64 kept in registers: each lane's adds are the scalar code's, in its order, so
+    the sum is the same to the bit (numba turns off the SLP vectorizer that would find
+    this itself)."""
+    if not (isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"):
+        return None
+    signature = types.float64(a, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        values = context.make_array(signature.args[0])(context, builder, args[0])
+        first, count = args[1], args[2]
+        floats, doubles = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.DoubleType(), 8)
+        words = ir.VectorType(ir.IntType(32), 8)
+        low = ir.Constant(words, [0x7FFFFFFF] * 8)
+
+        def magnitudes(offset):
+            where = builder.gep(values.data, [builder.add(first, offset)])
+            loaded = builder.load(builder.bitcast(where, floats.as_pointer()), align=4)
+            bits = builder.and_(builder.bitcast(loaded, words), low)
+            return builder.fpext(builder.bitcast(bits, floats), doubles)
+
+        lanes = cgutils.alloca_once(builder, doubles)
+        builder.store(magnitudes(ir.Constant(first.type, 0)), lanes)
+        steps = builder.sub(builder.udiv(count, ir.Constant(count.type, 8)),
+                            ir.Constant(count.type, 1))  # fmt: skip
+        with cgutils.for_range(builder, steps) as loop:
+            offset = builder.mul(builder.add(loop.index, ir.Constant(count.type, 1)),
+                                 ir.Constant(count.type, 8))  # fmt: skip
+            builder.store(builder.fadd(builder.load(lanes), magnitudes(offset)), lanes)
+        total = builder.load(lanes)
+        s = [builder.extract_element(total, ir.Constant(ir.IntType(32), k)) for k in range(8)]
+        left = builder.fadd(builder.fadd(s[0], s[1]), builder.fadd(s[2], s[3]))
+        right = builder.fadd(builder.fadd(s[4], s[5]), builder.fadd(s[6], s[7]))
+        return builder.fadd(left, right)
+
+    return signature, codegen
+
+
 @njit(cache=True, nogil=True)
 def _leaf_sum(a: np.ndarray, start: int, n: int) -> float:
-    """A leaf of numpy's pairwise sum (`n <= 128`): 8 running sums, combined as a tree."""
+    """A leaf of numpy's pairwise sum (`n <= 128`) of the float32 `a`'s magnitudes, in
+    float64: 8 running sums combined as a tree (`_leaf_lanes`), then the rest in turn."""
     if n < 8:
         res = 0.0
         for i in range(start, start + n):
             res += _term(a, i)
         return res
-    r0, r1, r2, r3 = _term(a, start), _term(a, start + 1), _term(a, start + 2), _term(a, start + 3)
-    r4, r5, r6, r7 = (
-        _term(a, start + 4),
-        _term(a, start + 5),
-        _term(a, start + 6),
-        _term(a, start + 7),
-    )
     whole = n - n % 8
-    for i in range(start + 8, start + whole, 8):
-        r0 += _term(a, i)
-        r1 += _term(a, i + 1)
-        r2 += _term(a, i + 2)
-        r3 += _term(a, i + 3)
-        r4 += _term(a, i + 4)
-        r5 += _term(a, i + 5)
-        r6 += _term(a, i + 6)
-        r7 += _term(a, i + 7)
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    res = _leaf_lanes(a, start, whole)
     for i in range(start + whole, start + n):
         res += _term(a, i)
     return res
@@ -371,7 +401,7 @@ def modulate(
     entries each, a multiple of 8)."""
     n, numel = taus.shape
     work = np.empty((3, _BLOCK), dtype=np.float32)
-    masked = np.empty(_CAST_CHUNK, dtype=np.float64)
+    masked = np.empty(_CAST_CHUNK, dtype=np.float32)
     nodes = np.empty((_STACK, 3), dtype=np.int64)
     values = np.empty(_STACK, dtype=np.float64)
     for block in range(0, numel, sum_block):
@@ -396,7 +426,7 @@ def modulate(
                         # |tau_uni| * M_t: |tau_uni| or +0.0 (exact in float32); it is > 0
                         # exactly where M_t = 1 (the mask needs tau_uni != 0).
                         same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
-                        masked[j] = np.float64(abs(y)) if same else 0.0
+                        masked[j] = abs(y) if same else _F0
                     _pack(masked, width, packed[t], chunk // 8)
                 if rescale:
                     block_numerator += _pairwise(row[chunk : chunk + width], width, nodes, values)
@@ -576,3 +606,145 @@ def warm_up() -> None:
         if enabled:
             gc.enable()
     _warm = True
+
+
+# --- Span kernels: raw checkpoint entries in, outputs out, in the cache ---------------------
+_EXPONENT = np.uint32(0x7F800000)
+
+
+@njit(cache=True, nogil=True)
+def subtract_and_check(
+    pre: np.ndarray, rows: np.ndarray, start: int, width: int, total: np.ndarray
+) -> bool:
+    """`rows[:, start:start + width] -= pre[start:start + width]` (the fine-tuned entries
+    become task vectors, float32, as the stream's `finetuned.sub_(pretrained)`), and whether
+    every task sum `((0 + tau_0) + tau_1) + ...` of those entries is finite (the stream's
+    check: a nan/inf in a checkpoint, or task vectors that overflow). `total`: at least
+    `width` float32 entries of work space. Row by row, so that the loops vectorize."""
+    n = rows.shape[0]
+    base = pre[start : start + width]
+    sums = total[:width]
+    for j in range(width):
+        sums[j] = _F0
+    for t in range(n):
+        row = rows[t, start : start + width]
+        for j in range(width):
+            x = row[j] - base[j]
+            row[j] = x
+            sums[j] += x
+    infinite = np.uint32(0)  # exponent bits all set: inf or nan
+    for j in range(width):
+        infinite |= np.uint32((_bits_of_f32(sums[j]) & _EXPONENT) == _EXPONENT)
+    return infinite == 0
+
+
+@njit(cache=True, nogil=True)
+def emr_span(
+    pre: np.ndarray,
+    rows: np.ndarray,
+    elect: int,
+    mask: bool,
+    rescale: bool,
+    unified: np.ndarray,
+    packed: np.ndarray,
+    chunk_numerator: np.ndarray,
+    chunk_denominator: np.ndarray,
+) -> bool:
+    """`modulate` with its election (`elect` max or sum) on a span of raw entries: `pre`
+    `[width]` and the fine-tuned `rows` `[N, width]` (overwritten by the task vectors), one
+    `_CAST_CHUNK` chunk at a time while it is in the cache. The span starts on a chunk of
+    its key (or row block), so chunk `c` here is one of `modulate`'s chunks; instead of
+    adding the float64 sums up, it stores each chunk's: `chunk_numerator[t, c]` =
+    `pairwise(|tau_t|)`, `chunk_denominator[t, c]` = `pairwise(M_t * |tau_uni|)`, or, without
+    masks, `chunk_denominator[0, c]` = `pairwise(|tau_uni|)` (`add_chunk_sums` adds them up
+    in `modulate`'s order). False (and the outputs unfinished) if a task sum is not finite."""
+    n, width = rows.shape
+    work = np.empty((3, _BLOCK), dtype=np.float32)
+    masked = np.empty(_CAST_CHUNK, dtype=np.float32)
+    sums = np.empty(_CAST_CHUNK, dtype=np.float32)
+    nodes = np.empty((_STACK, 3), dtype=np.int64)
+    values = np.empty(_STACK, dtype=np.float64)
+    for chunk in range(0, width, _CAST_CHUNK):
+        size = min(_CAST_CHUNK, width - chunk)
+        if not subtract_and_check(pre, rows, chunk, size, sums):
+            return False
+        for start in range(chunk, chunk + size, _BLOCK):
+            part = min(_BLOCK, chunk + size - start)
+            if elect == ELECT_MAX:
+                _elect_block(rows, start, part, work, unified)
+            else:
+                _elect_sum_block(rows, start, part, work, unified)
+        index = chunk // _CAST_CHUNK
+        for t in range(n):
+            row = rows[t]
+            if mask:
+                part_row, uni = row[chunk : chunk + size], unified[chunk : chunk + size]
+                for j in range(size):
+                    x, y = part_row[j], uni[j]
+                    same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
+                    masked[j] = abs(y) if same else _F0
+                _pack(masked, size, packed[t], chunk // 8)
+            if rescale:
+                chunk_numerator[t, index] = _pairwise(row[chunk : chunk + size], size, nodes,
+                                                      values)  # fmt: skip
+                if mask:
+                    chunk_denominator[t, index] = _pairwise(masked, size, nodes, values)
+        if rescale and not mask:
+            plain = unified[chunk : chunk + size]
+            chunk_denominator[0, index] = _pairwise(plain, size, nodes, values)
+    return True
+
+
+@njit(cache=True, nogil=True)
+def add_chunk_sums(chunk_sums: np.ndarray, chunks_per_block: int, out: np.ndarray) -> None:
+    """`out[t] += sum_blocks (((0 + c_0) + c_1) + ...)` over each block's chunk sums, blocks
+    in order: how `modulate` adds its chunks' float64 sums (`sum_block` entries a block)."""
+    n, count = chunk_sums.shape
+    for t in range(n):
+        for first in range(0, count, chunks_per_block):
+            block = 0.0
+            for c in range(first, min(count, first + chunks_per_block)):
+                block += chunk_sums[t, c]
+            out[t] += block
+
+
+@njit(cache=True, nogil=True)
+def task_arithmetic_span(
+    pre: np.ndarray,
+    rows: np.ndarray,
+    scaling: np.float32,
+    first: int,
+    drop: bool,
+    keys: np.ndarray,
+    threshold: np.int64,
+    rescale: bool,
+    keep: np.float32,
+    out: np.ndarray,
+) -> bool:
+    """Task arithmetic, optionally on DARE's dropped task vectors, on a span of raw entries:
+    `pre` `[width]`, the fine-tuned `rows` `[N, width]` (overwritten), `out` `[width]` gets
+    `W_pre + scaling * sum_t tau'_t` (float32, the task sum from +0 in task order, as the
+    stream). With `drop`, task `t`'s entries go through `philox_drop_and_rescale` with the
+    Philox key `keys[t]` (uint64 pairs), the span being entries `first ...` of its key.
+    False if a task sum before the drop is not finite (the stream's check)."""
+    n, width = rows.shape
+    sums = np.empty(_CAST_CHUNK, dtype=np.float32)
+    for chunk in range(0, width, _CAST_CHUNK):
+        size = min(_CAST_CHUNK, width - chunk)
+        if not subtract_and_check(pre, rows, chunk, size, sums):
+            return False
+        if drop:
+            for t in range(n):
+                philox_drop_and_rescale(rows[t, chunk : chunk + size], keys[t, 0], keys[t, 1],
+                                        first + chunk, threshold, rescale, keep)  # fmt: skip
+        total = sums[:size]
+        for j in range(size):
+            total[j] = _F0
+        for t in range(n):
+            row = rows[t, chunk : chunk + size]
+            for j in range(size):
+                total[j] += row[j]
+        base, merged = pre[chunk : chunk + size], out[chunk : chunk + size]
+        for j in range(size):
+            merged[j] = base[j] + total[j] * scaling
+    return True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ import torch
 from mergebench.engine import kernels
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.safetensors_reader import SafetensorsReader
+from mergebench.engine.spans import Span, SpanBuffers, run_spans, spans_of, stored_sources
 from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
 from mergebench.engine.views import DtypeView
 from mergebench.methods.base import TaskVectorMethod
@@ -55,11 +58,53 @@ class TaskArithmetic(TaskVectorMethod):
         bytes to the artifact's (`kernels.task_arithmetic_bf16`), bit for bit what the
         float32 stream writes; any other pool takes the stream."""
         sources = _bf16_sources(pool, stream)
-        if sources is None:
-            return super()._merge_into(target, pool, stream)
-        return self._write_artifact(
-            target, pool, stream, lambda writer: self._write_bf16(stream, sources, writer)
-        )
+        if sources is not None:
+            return self._write_artifact(
+                target, pool, stream, lambda writer: self._write_bf16(stream, sources, writer)
+            )
+        transform = stream.transform_factory() if stream.transform_factory else None
+        if transform is None or hasattr(transform, "philox_keys"):  # none, or DARE's drops
+            floats = stored_sources(pool, stream, torch.float32, transformed=True)
+            if floats is not None:
+                return self._write_artifact(
+                    target, pool, stream,
+                    lambda writer: self._write_float32(stream, floats, writer, transform),
+                )  # fmt: skip
+        return super()._merge_into(target, pool, stream)
+
+    def _write_float32(
+        self,
+        stream: TaskVectorStream,
+        sources: list[SafetensorsReader],
+        writer: ShardedWriter,
+        dropper: Any,
+    ) -> None:
+        """Every merged key span by span (`engine.spans`) from float32 files: the task
+        vectors, DARE's drops if `dropper` (a `dare.Dropper`), the task sum and the merged
+        entries in one compiled pass (`kernels.task_arithmetic_span`), bit for bit the
+        stream's."""
+        units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+        scaling = np.float32(self.scaling)
+        drop = dropper is not None
+        threshold = np.int64(dropper.threshold() if drop else 0)
+        keep = dropper.keep() if drop else np.float32(1.0)
+        rescale = bool(dropper.rescale) if drop else False
+        no_keys = np.zeros((len(sources) - 1, 2), dtype=np.uint64)
+        keys = functools.lru_cache(maxsize=64)(dropper.philox_keys) if drop else None
+
+        def work(piece: Span, buffers: SpanBuffers) -> None:
+            rows = buffers.read(sources, piece)
+            out = buffers.get("merged", (piece.width,), np.float32)
+            draws = keys(piece.key) if keys is not None else no_keys
+            if piece.width and not kernels.task_arithmetic_span(
+                rows[0], rows[1:], scaling, piece.first, drop, draws, threshold, rescale, keep,
+                out,
+            ):  # fmt: skip
+                raise stream._non_finite(piece.key)
+            writer.write_span(piece.key, torch.from_numpy(out), piece.first)
+
+        kernels.warm_up()
+        run_spans(stream, spans_of(units), work, self.name, len(sources), np.dtype(np.float32))
 
     def _write_bf16(
         self, stream: TaskVectorStream, sources: list[SafetensorsReader], writer: ShardedWriter
