@@ -1,5 +1,5 @@
 """Float32 files into an artifact span by span (`engine.spans`: EMR, task arithmetic, DARE on
-task arithmetic) give the stream's artifact byte for byte: keys cut into several spans,
+task arithmetic, TIES with a global threshold) give the stream's artifact byte for byte: keys cut into several spans,
 spans that end inside a byte of masks, row-block units (EMR's rescaler sums), empty and
 one-entry keys, exact ties, zero task vectors and -0.0; a nan/inf stops the merge as the
 stream does."""
@@ -41,6 +41,8 @@ CASES = [
     ("task_arithmetic", {"scaling": -1.7}),
     ("dare", {"drop": 0.5}),
     ("dare", {"drop": 0.9, "rescale": False, "seed": 7}),
+    ("ties", {"k": 0.3}),
+    ("ties", {"k": 0.05, "aggregate": "mean", "scaling": 0.7}),
 ]
 
 
@@ -74,7 +76,7 @@ def same_files(left: Path, right: Path) -> None:
 def small_spans(monkeypatch):
     monkeypatch.setattr(spans_module, "SPAN_NUMEL", kernels.CAST_CHUNK)
     calls = []
-    for name in ("emr_span", "task_arithmetic_span"):
+    for name in ("emr_span", "task_arithmetic_span", "ties_merge"):
         kernel = getattr(kernels, name)
 
         def spy(*args, _kernel=kernel, _name=name):
@@ -82,7 +84,18 @@ def small_spans(monkeypatch):
             return _kernel(*args)
 
         monkeypatch.setattr(kernels, name, spy)
+    read = spans_module.SpanBuffers.read
+
+    def reading(self, sources, piece):
+        calls.append("read")
+        return read(self, sources, piece)
+
+    monkeypatch.setattr(spans_module.SpanBuffers, "read", reading)
     return calls
+
+
+def kernel_calls(calls: list[str]) -> list[str]:
+    return [name for name in calls if name != "read"]
 
 
 @pytest.mark.parametrize("row_blocks", [False, True], ids=["whole_keys", "row_blocks"])
@@ -96,24 +109,30 @@ def test_spans_write_the_streams_artifact(tmp_path, monkeypatch, small_spans, me
                      **params)  # fmt: skip
     # 4 spans of "big", 3 of "rows" (EMR with row blocks: 2 + 2, each block cut from its own
     # start), 1 of "chunk", 2 of "odd", 1 each of "one" and "seven" ("empty": no kernel).
-    assert len(small_spans) == (13 if row_blocks and method == "emr" else 12)
-    used = len(small_spans)
+    assert len(kernel_calls(small_spans)) == (13 if row_blocks and method == "emr" else 12)
+    if method == "ties":  # its two counting passes read span by span too: 3 x 13 reads
+        assert set(kernel_calls(small_spans)) == {"ties_merge"}
+        assert small_spans.count("read") == 3 * 13
     monkeypatch.setattr(spans_module, "ENABLED", False)
+
+    def no_spans(*args):
+        raise AssertionError("the stream's merge read a span")
+
+    monkeypatch.setattr(spans_module.SpanBuffers, "read", no_spans)
     mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "stream",
                      **params)  # fmt: skip
-    assert len(small_spans) == used  # the stream does not use the span kernels
     same_files(tmp_path / "spans", tmp_path / "stream")
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-@pytest.mark.parametrize("method", ["emr", "task_arithmetic", "dare"])
+@pytest.mark.parametrize("method", ["emr", "task_arithmetic", "dare", "ties"])
 def test_a_non_finite_weight_stops_the_merge_and_names_the_file(tmp_path, small_spans, bad,
                                                                 method):  # fmt: skip
     pre, experts = pool(tmp_path, bad=bad)
     with pytest.raises(MergeBenchError, match=r"t1\.safetensors.*'big'.*non-finite"):
         mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert small_spans  # it was the span path that found it
+    assert "read" in small_spans  # it was the span path that found it
 
 
 def test_overflowing_task_vectors_are_reported(tmp_path, small_spans):
@@ -127,11 +146,23 @@ def test_overflowing_task_vectors_are_reported(tmp_path, small_spans):
         mergebench.merge("emr", pre, experts, progress=False, output_dir=tmp_path / "out")
 
 
-@pytest.mark.parametrize("method", ["emr", "task_arithmetic"])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ties", {"topk_scope": "tensor", "k": 0.5}), ("dare", {"base": "ties"})],
+)
+def test_what_spans_do_not_cover_takes_the_stream(tmp_path, small_spans, method, params):
+    """TIES' per-tensor threshold needs the whole key; DARE on TIES transforms before the
+    counting passes: both go the stream's way, as before."""
+    pre, experts = pool(tmp_path)
+    mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "out", **params)
+    assert "read" not in small_spans
+
+
+@pytest.mark.parametrize("method", ["emr", "task_arithmetic", "ties"])
 def test_other_dtypes_take_the_stream(tmp_path, small_spans, method):
     """A float16 pool (or any pool not stored as float32 throughout) goes the stream's way."""
     pre, experts = pool(tmp_path)
     for path in [pre, *experts.values()]:
         save_file({k: v.half() for k, v in load_file(path).items()}, path)
     mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "out")
-    assert not small_spans
+    assert "read" not in small_spans
