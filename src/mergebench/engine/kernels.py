@@ -638,6 +638,120 @@ def subtract_and_check(
     return infinite == 0
 
 
+_FLOATS8 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _load8(builder, array, index):
+    """`<8 x float>` from `array.data + index` (float32 entries, 4-byte aligned)."""
+    where = builder.gep(array.data, [index])
+    return builder.load(builder.bitcast(where, _FLOATS8.as_pointer()), align=4)
+
+
+def _splat(value: float) -> ir.Constant:
+    return ir.Constant(_FLOATS8, [value] * 8)
+
+
+@intrinsic
+def _elect8(typingctx, taus, j, out):
+    """EMR's max election of entries `j .. j + 7` of the C-contiguous float32 `taus`
+    `[N, width]` into `out[j:j + 8]`: `_elect_block`'s arithmetic per entry (the task sum
+    in task order from `tau_0`, the running max and min with the same comparisons), 8
+    entries per instruction."""
+    ok = (
+        isinstance(taus, types.Array) and taus.ndim == 2 and taus.layout == "C"
+        and taus.dtype == types.float32 and isinstance(out, types.Array)
+        and out.layout == "C" and out.dtype == types.float32
+    )  # fmt: skip
+    if not ok:
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows = context.make_array(signature.args[0])(context, builder, args[0])
+        chosen = context.make_array(signature.args[2])(context, builder, args[2])
+        count, width = cgutils.unpack_tuple(builder, rows.shape, 2)
+        first = _load8(builder, rows, args[1])
+        total, high, low = (cgutils.alloca_once_value(builder, first) for _ in range(3))
+        with cgutils.for_range(builder, builder.sub(count, ir.Constant(count.type, 1))) as loop:
+            task = builder.add(loop.index, ir.Constant(count.type, 1))
+            x = _load8(builder, rows, builder.add(builder.mul(task, width), args[1]))
+            builder.store(builder.fadd(builder.load(total), x), total)
+            h, lo = builder.load(high), builder.load(low)
+            builder.store(builder.select(builder.fcmp_ordered(">", x, h), x, h), high)
+            builder.store(builder.select(builder.fcmp_ordered("<", x, lo), x, lo), low)
+        lo = builder.load(low)
+        negative = builder.select(builder.fcmp_ordered("<", lo, _splat(0.0)), lo, _splat(-0.0))
+        positive = builder.fcmp_ordered(">", builder.load(total), _splat(0.0))
+        where = builder.gep(chosen.data, [args[1]])
+        builder.store(builder.select(positive, builder.load(high), negative),
+                      builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
+        return context.get_dummy_value()
+
+    return types.void(taus, types.intp, out), codegen
+
+
+@intrinsic
+def _mask8(typingctx, row, unified, j, masked, packed, byte):
+    """Masks of entries `j .. j + 7`: `M = sgn(tau) * sgn(tau_uni) > 0` (compared, never
+    multiplied), `masked[j - start ...]` = `|tau_uni|` where `M` else +0.0 (what `_pack` and
+    the denominator's pairwise sum read), and `packed[byte]` = `M`'s 8 bits, entry `j` in
+    the lowest (`np.packbits(..., bitorder="little")`). `masked` is indexed from `j`'s
+    chunk: the caller passes `j` and `masked`'s own offset via `byte` (see `_mask_pack`)."""
+    ok = all(
+        isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1
+        for a in (row, unified, masked, packed)
+    ) and packed.dtype == types.uint8  # fmt: skip
+    if not ok:
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_array, y_array, masked_array, packed_array = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 3, 4)
+        )
+        j, byte = args[2], args[5]
+        x, y = _load8(builder, x_array, j), _load8(builder, y_array, j)
+        zero = _splat(0.0)
+        both_positive = builder.and_(builder.fcmp_ordered(">", x, zero),
+                                     builder.fcmp_ordered(">", y, zero))  # fmt: skip
+        both_negative = builder.and_(builder.fcmp_ordered("<", x, zero),
+                                     builder.fcmp_ordered("<", y, zero))  # fmt: skip
+        same = builder.or_(both_positive, both_negative)
+        words = ir.VectorType(ir.IntType(32), 8)
+        magnitude = builder.bitcast(
+            builder.and_(builder.bitcast(y, words), ir.Constant(words, [0x7FFFFFFF] * 8)),
+            _FLOATS8,
+        )
+        where = builder.gep(masked_array.data, [builder.mul(byte, ir.Constant(byte.type, 8))])
+        builder.store(builder.select(same, magnitude, zero),
+                      builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
+        bits = builder.bitcast(same, ir.IntType(8))
+        builder.store(bits, builder.gep(packed_array.data, [byte]))
+        return context.get_dummy_value()
+
+    return types.void(row, unified, types.intp, masked, packed, types.intp), codegen
+
+
+@njit(cache=True, nogil=True)
+def _mask_pack(
+    row: np.ndarray, unified: np.ndarray, start: int, size: int, masked: np.ndarray,
+    packed: np.ndarray, first: int,
+) -> None:  # fmt: skip
+    """The mask loop of `modulate` and `_pack` for entries `start .. start + size` of a
+    task row: `masked[:size]` and packed bytes `packed[first ...]`, whole bytes 8 lanes at a
+    time (`_mask8`), a last partial byte as `_pack` does."""
+    whole = size - size % 8
+    for b in range(whole // 8):
+        # `_mask8` writes masked[8 * b ...] and packed[first + b]: pass views that line up.
+        _mask8(row[start:], unified[start:], 8 * b, masked, packed[first:], b)
+    if whole < size:
+        byte = 0
+        for i in range(whole, size):
+            x, y = row[start + i], unified[start + i]
+            same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
+            masked[i] = abs(y) if same else _F0
+            byte |= np.int64(masked[i] > 0) << (i - whole)
+        packed[first + whole // 8] = byte
+
+
 @njit(cache=True, nogil=True)
 def emr_span(
     pre: np.ndarray,
@@ -668,22 +782,20 @@ def emr_span(
         size = min(_CAST_CHUNK, width - chunk)
         if not subtract_and_check(pre, rows, chunk, size, sums):
             return False
-        for start in range(chunk, chunk + size, _BLOCK):
-            part = min(_BLOCK, chunk + size - start)
-            if elect == ELECT_MAX:
-                _elect_block(rows, start, part, work, unified)
-            else:
-                _elect_sum_block(rows, start, part, work, unified)
+        if elect == ELECT_MAX:
+            whole = size - size % 8
+            for j in range(chunk, chunk + whole, 8):
+                _elect8(rows, j, unified)
+            if whole < size:
+                _elect_block(rows, chunk + whole, size - whole, work, unified)
+        else:
+            for start in range(chunk, chunk + size, _BLOCK):
+                _elect_sum_block(rows, start, min(_BLOCK, chunk + size - start), work, unified)
         index = chunk // _CAST_CHUNK
         for t in range(n):
             row = rows[t]
             if mask:
-                part_row, uni = row[chunk : chunk + size], unified[chunk : chunk + size]
-                for j in range(size):
-                    x, y = part_row[j], uni[j]
-                    same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
-                    masked[j] = abs(y) if same else _F0
-                _pack(masked, size, packed[t], chunk // 8)
+                _mask_pack(row, unified, chunk, size, masked, packed[t], chunk // 8)
             if rescale:
                 chunk_numerator[t, index] = _pairwise(row[chunk : chunk + size], size, nodes,
                                                       values)  # fmt: skip
