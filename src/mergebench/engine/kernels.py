@@ -284,14 +284,18 @@ def ties_merge(
     block: int,
     out: np.ndarray,
 ) -> None:
-    """TIES on `[N, numel]`: trim (`|tau| >= threshold` of its task, else `tau * 0`), elect
-    `gamma = +1` where the trimmed task sum is > 0 else -1, disjoint sum (or mean) of the
-    trimmed entries with `trimmed * gamma > 0`, times `scaling` (all float32)."""
+    """TIES on `[N, numel]` (C-contiguous): trim (`|tau| >= threshold` of its task, else
+    `tau * 0`), elect `gamma = +1` where the trimmed task sum is > 0 else -1, disjoint sum
+    (or mean) of the trimmed entries with `trimmed * gamma > 0`, times `scaling` (all
+    float32)."""
     n, numel = taus.shape
     total = np.empty(block, dtype=np.float32)
     gamma = np.empty(block, dtype=np.float32)
     count = np.empty(block, dtype=np.int64)
-    for start in range(0, numel, block):
+    whole = numel - numel % 8  # 8 entries at a time (`_ties8`), then the rest as below
+    for j in range(0, whole, 8):
+        _ties8(taus, thresholds, j, mean, scaling, out)
+    for start in range(whole, numel, block):
         width = min(block, numel - start)
         for t in range(n):
             limit = thresholds[t]
@@ -728,6 +732,77 @@ def _mask8(typingctx, row, unified, j, masked, packed, byte):
         return context.get_dummy_value()
 
     return types.void(row, unified, types.intp, masked, packed, types.intp), codegen
+
+
+def _broadcast8(builder, value):
+    """`<8 x float>` holding the float32 `value` in every lane."""
+    one = builder.insert_element(ir.Constant(_FLOATS8, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))  # fmt: skip
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+
+
+@intrinsic
+def _ties8(typingctx, taus, thresholds, j, mean, scaling, out):
+    """`ties_merge` of entries `j .. j + 7` of the C-contiguous float32 `taus` `[N, width]`
+    into `out[j:j + 8]`: the same float32 operations per entry in the same order (trim by
+    multiplying with 1 or 0, the trimmed task sum from +0, gamma, the agreeing sum from +0
+    and its count, the mean's division), 8 entries per instruction."""
+    ok = (
+        isinstance(taus, types.Array) and taus.ndim == 2 and taus.layout == "C"
+        and taus.dtype == types.float32 and isinstance(thresholds, types.Array)
+        and thresholds.dtype == types.float32 and isinstance(out, types.Array)
+        and out.layout == "C" and out.dtype == types.float32
+    )  # fmt: skip
+    if not ok:
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows = context.make_array(signature.args[0])(context, builder, args[0])
+        limits = context.make_array(signature.args[1])(context, builder, args[1])
+        merged = context.make_array(signature.args[5])(context, builder, args[5])
+        count, width = cgutils.unpack_tuple(builder, rows.shape, 2)
+        j, mean, scaling = args[2], args[3], args[4]
+        zero, one = _splat(0.0), _splat(1.0)
+        words = ir.VectorType(ir.IntType(32), 8)
+
+        def trimmed(task):
+            x = _load8(builder, rows, builder.add(builder.mul(task, width), j))
+            limit = _broadcast8(builder, builder.load(cgutils.get_item_pointer(
+                context, builder, signature.args[1], limits, [task])))  # fmt: skip
+            size = builder.bitcast(
+                builder.and_(builder.bitcast(x, words), ir.Constant(words, [0x7FFFFFFF] * 8)),
+                _FLOATS8,
+            )
+            return builder.fmul(x, builder.select(builder.fcmp_ordered(">=", size, limit), one,
+                                                  zero))  # fmt: skip
+
+        total = cgutils.alloca_once_value(builder, zero)
+        with cgutils.for_range(builder, count) as loop:
+            builder.store(builder.fadd(builder.load(total), trimmed(loop.index)), total)
+        gamma = builder.select(builder.fcmp_ordered(">", builder.load(total), zero), one,
+                               _splat(-1.0))  # fmt: skip
+        kept_sum = cgutils.alloca_once_value(builder, zero)
+        agreeing = cgutils.alloca_once_value(builder, ir.Constant(words, [0] * 8))
+        with cgutils.for_range(builder, count) as loop:
+            value = trimmed(loop.index)
+            agree = builder.fcmp_ordered(">", builder.fmul(value, gamma), zero)
+            kept = builder.fmul(value, builder.select(agree, one, zero))
+            builder.store(builder.fadd(builder.load(kept_sum), kept), kept_sum)
+            builder.store(builder.add(builder.load(agreeing), builder.zext(agree, words)),
+                          agreeing)  # fmt: skip
+        result = builder.load(kept_sum)
+        counts = builder.load(agreeing)
+        some = builder.icmp_signed(">", counts, ir.Constant(words, [0] * 8))
+        averaged = builder.select(some, builder.fdiv(result, builder.sitofp(counts, _FLOATS8)),
+                                  zero)  # fmt: skip
+        result = builder.select(mean, averaged, result)
+        where = builder.gep(merged.data, [j])
+        builder.store(builder.fmul(result, _broadcast8(builder, scaling)),
+                      builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
+        return context.get_dummy_value()
+
+    signature = types.void(taus, thresholds, types.intp, types.boolean, types.float32, out)
+    return signature, codegen
 
 
 @njit(cache=True, nogil=True)
