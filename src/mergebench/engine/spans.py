@@ -7,7 +7,7 @@ memory once more. A method whose outputs are entry by entry (and whose float sum
 re-grouped exactly, see `kernels.emr_span`) can instead take spans of `SPAN_NUMEL` entries
 straight from the safetensors files as stored (`SafetensorsReader.read_stored`: one
 positional read per checkpoint, no staging) on the stream's worker threads, the way task
-arithmetic's bf16 path does (docs/performance.md, "The ViT-B/32 pool in spans").
+arithmetic's bf16 path does (docs/performance.md, "The ViT-B/32 pool span by span").
 """
 
 from __future__ import annotations
