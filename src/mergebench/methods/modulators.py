@@ -273,9 +273,10 @@ def conditioned_result(
     accumulator: RescalerAccumulator,
     mask: bool,
     rescale: bool,
+    digest: Callable[[], str] | None = None,
 ) -> TaskConditionedResult:
     """The task-conditioned result once every key's modulators are in (`accumulator` has
-    added up the rescaler statistics)."""
+    added up the rescaler statistics); `digest`: the pretrained digest, being computed."""
     tasks = pool.tasks
     if rescale:
         values = accumulator.rescalers()
@@ -296,6 +297,7 @@ def conditioned_result(
         task_specific=task_specific_tensors(pool, plan),
         pretrained_excluded={k: pool.pretrained.get(k) for k in plan.pretrained_excluded},
         extra=extra,
+        digest=digest,
     )
 
 
