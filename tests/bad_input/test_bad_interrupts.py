@@ -35,6 +35,13 @@ if phase == "merge":
             return fn(item)
         return real_map(self, slow, description, **options)
     stream.TaskVectorStream.map = slow_map
+    from mergebench.engine import spans  # float32 files into an artifact go span by span
+    real_read = spans.SpanBuffers.read
+    def slow_read(self, sources, piece):
+        mark()
+        time.sleep(0.2)
+        return real_read(self, sources, piece)
+    spans.SpanBuffers.read = slow_read
 else:
     from mergebench.results import kinds
     real_save = kinds.write_tensors

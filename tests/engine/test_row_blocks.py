@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import mergebench
+import mergebench.engine.spans as spans_module
 import mergebench.engine.stream as stream_module
 from mergebench.engine.checkpoints import StateDictReader
 from mergebench.engine.stream import TaskVectorStream, row_blocks_of
@@ -21,6 +22,13 @@ from mergebench.util.errors import MergeBenchError
 # entries, 21 rows would be 63, not whole bytes of mask); a long 1-D key stays whole.
 SHAPES = {"emb": (37, 24), "narrow": (50, 3), "flat": (200,), "small": (4, 4)}
 LIMIT = 64
+
+
+@pytest.fixture(autouse=True)
+def _through_the_stream(monkeypatch):
+    """These tests watch the stream's units: float32 files into an artifact would go span
+    by span instead (tests/engine/test_spans.py holds those to the stream's results)."""
+    monkeypatch.setattr(spans_module, "ENABLED", False)
 
 
 @pytest.mark.parametrize(

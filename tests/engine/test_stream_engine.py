@@ -251,7 +251,7 @@ def test_elect_matches_the_formula_bit_for_bit():
 
 @pytest.mark.parametrize("block", [8, 64, 1 << 15])
 def test_modulator_kernel_matches_the_torch_path(monkeypatch, block):
-    monkeypatch.setattr(modulators, "_BLOCK", block)
+    monkeypatch.setattr(modulators, "SUM_BLOCK", block)
     g = torch.Generator().manual_seed(5)
     for _ in range(10):
         n_tasks, n = (

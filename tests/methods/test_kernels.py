@@ -228,3 +228,74 @@ def test_philox_drop_kernel_draws_numpys_words(n, start):
         )
         kept = draw_words(key, start, n) >= threshold
         np.testing.assert_array_equal(f32_bits(got), f32_bits(taus * kept))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("magnitude", ["max", "sum"])
+def test_emr_span_kernel_matches_the_numpy_code_bit_for_bit(n, magnitude):
+    """`kernels.emr_span` on raw weights (pretrained + experts), its chunk sums added up by
+    `add_chunk_sums`, against the old numpy code on the task vectors: unified vector,
+    packed masks and float64 statistics to the bit, also across several spans of a unit."""
+    rng = np.random.default_rng(n + 1)
+    elect = {"max": old_elect_block, "sum": old_elect_sum_block}[magnitude]
+    code = {"max": kernels.ELECT_MAX, "sum": kernels.ELECT_SUM}[magnitude]
+    chunk, per_block = kernels.CAST_CHUNK, modulators.SUM_BLOCK // kernels.CAST_CHUNK
+    for n_tasks in (1, 2, 5, 8):
+        taus = hard_task_vectors(rng, n_tasks, n)
+        pre = rng.integers(-2, 3, n).astype(np.float32) * np.float32(0.25)
+        pre[::5] = -0.0
+        weights = (taus + pre).astype(np.float32)  # exact: coarse pre, so taus come back
+        taus = weights - pre
+        for mask in (True, False):
+            for rescale in (True, False):
+                uni, packed, num, den = old_modulate(taus, np.zeros(n, np.float32), elect, mask,
+                                                     rescale)  # fmt: skip
+                chunks = -(-n // chunk)
+                got_uni = np.empty(n, np.float32)
+                got_packed = np.zeros((n_tasks, (n + 7) // 8 if mask else 0), np.uint8)
+                sums = np.zeros((2, n_tasks, chunks))
+                for first in range(0, n, 2 * chunk):  # spans of two chunks
+                    stop = min(n, first + 2 * chunk)
+                    rows = np.vstack([pre[None, first:stop], weights[:, first:stop]]).copy()
+                    span_uni = np.empty(stop - first, np.float32)
+                    span_packed = np.zeros((n_tasks, -(-(stop - first) // 8) if mask else 0),
+                                           np.uint8)  # fmt: skip
+                    span_sums = np.zeros((2, n_tasks, -(-(stop - first) // chunk)))
+                    assert kernels.emr_span(rows[0], rows[1:], code, mask, rescale, span_uni,
+                                            span_packed, span_sums[0], span_sums[1])  # fmt: skip
+                    np.testing.assert_array_equal(f32_bits(rows[1:]), f32_bits(taus[:, first:stop]))
+                    got_uni[first:stop] = span_uni
+                    got_packed[:, first // 8 : first // 8 + span_packed.shape[1]] = span_packed
+                    sums[:, :, first // chunk : first // chunk + span_sums.shape[2]] = span_sums
+                np.testing.assert_array_equal(f32_bits(got_uni), f32_bits(uni))
+                if mask:
+                    np.testing.assert_array_equal(got_packed, packed)
+                if not rescale:
+                    continue
+                numerator, denominator = np.zeros(n_tasks), np.zeros(n_tasks)
+                kernels.add_chunk_sums(sums[0], per_block, numerator)
+                if mask:
+                    kernels.add_chunk_sums(sums[1], per_block, denominator)
+                else:
+                    for start in range(0, chunks, per_block):
+                        block = np.zeros(1)
+                        kernels.add_chunk_sums(sums[1][:1, start : start + per_block], per_block,
+                                               block)  # fmt: skip
+                        denominator += block[0]
+                np.testing.assert_array_equal(numerator.view(np.int64), num.view(np.int64))
+                np.testing.assert_array_equal(denominator.view(np.int64), den.view(np.int64))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_span_kernels_report_a_non_finite_task_sum(bad):
+    weights = np.ones((4, 9000), np.float32)
+    weights[2, 8500] = bad
+    unified, packed = np.empty(9000, np.float32), np.zeros((3, 1125), np.uint8)
+    sums = np.zeros((2, 3, 2))
+    rows = weights.copy()
+    assert not kernels.emr_span(rows[0], rows[1:], kernels.ELECT_MAX, True, True, unified,
+                                packed, sums[0], sums[1])  # fmt: skip
+    rows, out = weights.copy(), np.empty(9000, np.float32)
+    no_keys = np.zeros((3, 2), np.uint64)
+    assert not kernels.task_arithmetic_span(rows[0], rows[1:], np.float32(0.3), 0, False, no_keys,
+                                            np.int64(0), False, np.float32(1), out)  # fmt: skip

@@ -241,8 +241,11 @@ def test_streamed_files_match_the_manifest(pool, tmp_path):
 
 @pytest.mark.parametrize("method", ["ties", "emr", "dare", "mask_rescale"])
 def test_outsized_keys_read_into_buffers_of_their_own(pool, tmp_path, monkeypatch, method):
-    """Keys above `REUSE_MAX_NUMEL` (an LLM's embedding) skip the reused buffers: same result."""
-    from mergebench.engine import stream
+    """Keys above `REUSE_MAX_NUMEL` (an LLM's embedding) skip the reused buffers: same result.
+    (Through the stream: float32 files would go span by span, tests/engine/test_spans.py.)"""
+    from mergebench.engine import spans, stream
+
+    monkeypatch.setattr(spans, "ENABLED", False)
 
     want = _merge(pool, method)
     monkeypatch.setattr(stream, "REUSE_MAX_NUMEL", 20)  # the 12x6 matrices are outsized now

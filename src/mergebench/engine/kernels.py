@@ -38,6 +38,7 @@ try:
     import numba
     from llvmlite import ir
     from numba import njit, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
     from numba.misc.appdirs import AppDirs
 finally:
@@ -75,6 +76,7 @@ _ensure_cache_dir()
 
 # numpy's default buffer size: a casting reduction sums chunks of this many entries.
 _CAST_CHUNK = 8192
+CAST_CHUNK = _CAST_CHUNK  # public: span kernels' callers cut spans on these chunks
 # Depth bound of `_pairwise`'s stacks (a chunk of 8,192 entries needs 8 levels).
 _STACK = 64
 # Entries per inner block of the float32 kernels (work arrays stay in L1/L2).
@@ -96,32 +98,60 @@ def _term(a: np.ndarray, i: int) -> float:
     return np.float64(abs(a[i]))
 
 
+@intrinsic
+def _leaf_lanes(typingctx, a, start, whole):
+    """numpy's pairwise leaf over `a[start : start + whole]` (`whole` a positive multiple of
+    8, `a` contiguous float32), of the magnitudes in float64: 8 running sums, lane `k`
+    `((|a_k| + |a_{k+8}|) + |a_{k+16}|) + ...`, combined as
+    `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`. The lanes are one vector of 8
+    float64 kept in registers: each lane's adds are the scalar code's, in its order, so
+    the sum is the same to the bit (numba turns off the SLP vectorizer that would find
+    this itself)."""
+    if not (isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"):
+        return None
+    signature = types.float64(a, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        values = context.make_array(signature.args[0])(context, builder, args[0])
+        first, count = args[1], args[2]
+        floats, doubles = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.DoubleType(), 8)
+        words = ir.VectorType(ir.IntType(32), 8)
+        low = ir.Constant(words, [0x7FFFFFFF] * 8)
+
+        def magnitudes(offset):
+            where = builder.gep(values.data, [builder.add(first, offset)])
+            loaded = builder.load(builder.bitcast(where, floats.as_pointer()), align=4)
+            bits = builder.and_(builder.bitcast(loaded, words), low)
+            return builder.fpext(builder.bitcast(bits, floats), doubles)
+
+        lanes = cgutils.alloca_once(builder, doubles)
+        builder.store(magnitudes(ir.Constant(first.type, 0)), lanes)
+        steps = builder.sub(builder.udiv(count, ir.Constant(count.type, 8)),
+                            ir.Constant(count.type, 1))  # fmt: skip
+        with cgutils.for_range(builder, steps) as loop:
+            offset = builder.mul(builder.add(loop.index, ir.Constant(count.type, 1)),
+                                 ir.Constant(count.type, 8))  # fmt: skip
+            builder.store(builder.fadd(builder.load(lanes), magnitudes(offset)), lanes)
+        total = builder.load(lanes)
+        s = [builder.extract_element(total, ir.Constant(ir.IntType(32), k)) for k in range(8)]
+        left = builder.fadd(builder.fadd(s[0], s[1]), builder.fadd(s[2], s[3]))
+        right = builder.fadd(builder.fadd(s[4], s[5]), builder.fadd(s[6], s[7]))
+        return builder.fadd(left, right)
+
+    return signature, codegen
+
+
 @njit(cache=True, nogil=True)
 def _leaf_sum(a: np.ndarray, start: int, n: int) -> float:
-    """A leaf of numpy's pairwise sum (`n <= 128`): 8 running sums, combined as a tree."""
+    """A leaf of numpy's pairwise sum (`n <= 128`) of the float32 `a`'s magnitudes, in
+    float64: 8 running sums combined as a tree (`_leaf_lanes`), then the rest in turn."""
     if n < 8:
         res = 0.0
         for i in range(start, start + n):
             res += _term(a, i)
         return res
-    r0, r1, r2, r3 = _term(a, start), _term(a, start + 1), _term(a, start + 2), _term(a, start + 3)
-    r4, r5, r6, r7 = (
-        _term(a, start + 4),
-        _term(a, start + 5),
-        _term(a, start + 6),
-        _term(a, start + 7),
-    )
     whole = n - n % 8
-    for i in range(start + 8, start + whole, 8):
-        r0 += _term(a, i)
-        r1 += _term(a, i + 1)
-        r2 += _term(a, i + 2)
-        r3 += _term(a, i + 3)
-        r4 += _term(a, i + 4)
-        r5 += _term(a, i + 5)
-        r6 += _term(a, i + 6)
-        r7 += _term(a, i + 7)
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    res = _leaf_lanes(a, start, whole)
     for i in range(start + whole, start + n):
         res += _term(a, i)
     return res
@@ -254,14 +284,18 @@ def ties_merge(
     block: int,
     out: np.ndarray,
 ) -> None:
-    """TIES on `[N, numel]`: trim (`|tau| >= threshold` of its task, else `tau * 0`), elect
-    `gamma = +1` where the trimmed task sum is > 0 else -1, disjoint sum (or mean) of the
-    trimmed entries with `trimmed * gamma > 0`, times `scaling` (all float32)."""
+    """TIES on `[N, numel]` (C-contiguous): trim (`|tau| >= threshold` of its task, else
+    `tau * 0`), elect `gamma = +1` where the trimmed task sum is > 0 else -1, disjoint sum
+    (or mean) of the trimmed entries with `trimmed * gamma > 0`, times `scaling` (all
+    float32)."""
     n, numel = taus.shape
     total = np.empty(block, dtype=np.float32)
     gamma = np.empty(block, dtype=np.float32)
     count = np.empty(block, dtype=np.int64)
-    for start in range(0, numel, block):
+    whole = numel - numel % 8  # 8 entries at a time (`_ties8`), then the rest as below
+    for j in range(0, whole, 8):
+        _ties8(taus, thresholds, j, mean, scaling, out)
+    for start in range(whole, numel, block):
         width = min(block, numel - start)
         for t in range(n):
             limit = thresholds[t]
@@ -371,7 +405,7 @@ def modulate(
     entries each, a multiple of 8)."""
     n, numel = taus.shape
     work = np.empty((3, _BLOCK), dtype=np.float32)
-    masked = np.empty(_CAST_CHUNK, dtype=np.float64)
+    masked = np.empty(_CAST_CHUNK, dtype=np.float32)
     nodes = np.empty((_STACK, 3), dtype=np.int64)
     values = np.empty(_STACK, dtype=np.float64)
     for block in range(0, numel, sum_block):
@@ -396,7 +430,7 @@ def modulate(
                         # |tau_uni| * M_t: |tau_uni| or +0.0 (exact in float32); it is > 0
                         # exactly where M_t = 1 (the mask needs tau_uni != 0).
                         same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
-                        masked[j] = np.float64(abs(y)) if same else 0.0
+                        masked[j] = abs(y) if same else _F0
                     _pack(masked, width, packed[t], chunk // 8)
                 if rescale:
                     block_numerator += _pairwise(row[chunk : chunk + width], width, nodes, values)
@@ -576,3 +610,328 @@ def warm_up() -> None:
         if enabled:
             gc.enable()
     _warm = True
+
+
+# --- Span kernels: raw checkpoint entries in, outputs out, in the cache ---------------------
+_EXPONENT = np.uint32(0x7F800000)
+
+
+@njit(cache=True, nogil=True)
+def subtract_and_check(
+    pre: np.ndarray, rows: np.ndarray, start: int, width: int, total: np.ndarray
+) -> bool:
+    """`rows[:, start:start + width] -= pre[start:start + width]` (the fine-tuned entries
+    become task vectors, float32, as the stream's `finetuned.sub_(pretrained)`), and whether
+    every task sum `((0 + tau_0) + tau_1) + ...` of those entries is finite (the stream's
+    check: a nan/inf in a checkpoint, or task vectors that overflow). `total`: at least
+    `width` float32 entries of work space. Row by row, so that the loops vectorize."""
+    n = rows.shape[0]
+    base = pre[start : start + width]
+    sums = total[:width]
+    for j in range(width):
+        sums[j] = _F0
+    for t in range(n):
+        row = rows[t, start : start + width]
+        for j in range(width):
+            x = row[j] - base[j]
+            row[j] = x
+            sums[j] += x
+    infinite = np.uint32(0)  # exponent bits all set: inf or nan
+    for j in range(width):
+        infinite |= np.uint32((_bits_of_f32(sums[j]) & _EXPONENT) == _EXPONENT)
+    return infinite == 0
+
+
+_FLOATS8 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _load8(builder, array, index):
+    """`<8 x float>` from `array.data + index` (float32 entries, 4-byte aligned)."""
+    where = builder.gep(array.data, [index])
+    return builder.load(builder.bitcast(where, _FLOATS8.as_pointer()), align=4)
+
+
+def _splat(value: float) -> ir.Constant:
+    return ir.Constant(_FLOATS8, [value] * 8)
+
+
+@intrinsic
+def _elect8(typingctx, taus, j, out):
+    """EMR's max election of entries `j .. j + 7` of the C-contiguous float32 `taus`
+    `[N, width]` into `out[j:j + 8]`: `_elect_block`'s arithmetic per entry (the task sum
+    in task order from `tau_0`, the running max and min with the same comparisons), 8
+    entries per instruction."""
+    ok = (
+        isinstance(taus, types.Array) and taus.ndim == 2 and taus.layout == "C"
+        and taus.dtype == types.float32 and isinstance(out, types.Array)
+        and out.layout == "C" and out.dtype == types.float32
+    )  # fmt: skip
+    if not ok:
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows = context.make_array(signature.args[0])(context, builder, args[0])
+        chosen = context.make_array(signature.args[2])(context, builder, args[2])
+        count, width = cgutils.unpack_tuple(builder, rows.shape, 2)
+        first = _load8(builder, rows, args[1])
+        total, high, low = (cgutils.alloca_once_value(builder, first) for _ in range(3))
+        with cgutils.for_range(builder, builder.sub(count, ir.Constant(count.type, 1))) as loop:
+            task = builder.add(loop.index, ir.Constant(count.type, 1))
+            x = _load8(builder, rows, builder.add(builder.mul(task, width), args[1]))
+            builder.store(builder.fadd(builder.load(total), x), total)
+            h, lo = builder.load(high), builder.load(low)
+            builder.store(builder.select(builder.fcmp_ordered(">", x, h), x, h), high)
+            builder.store(builder.select(builder.fcmp_ordered("<", x, lo), x, lo), low)
+        lo = builder.load(low)
+        negative = builder.select(builder.fcmp_ordered("<", lo, _splat(0.0)), lo, _splat(-0.0))
+        positive = builder.fcmp_ordered(">", builder.load(total), _splat(0.0))
+        where = builder.gep(chosen.data, [args[1]])
+        builder.store(builder.select(positive, builder.load(high), negative),
+                      builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
+        return context.get_dummy_value()
+
+    return types.void(taus, types.intp, out), codegen
+
+
+@intrinsic
+def _mask8(typingctx, row, unified, j, masked, packed, byte):
+    """Masks of entries `j .. j + 7`: `M = sgn(tau) * sgn(tau_uni) > 0` (compared, never
+    multiplied), `masked[j - start ...]` = `|tau_uni|` where `M` else +0.0 (what `_pack` and
+    the denominator's pairwise sum read), and `packed[byte]` = `M`'s 8 bits, entry `j` in
+    the lowest (`np.packbits(..., bitorder="little")`). `masked` is indexed from `j`'s
+    chunk: the caller passes `j` and `masked`'s own offset via `byte` (see `_mask_pack`)."""
+    ok = all(
+        isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1
+        for a in (row, unified, masked, packed)
+    ) and packed.dtype == types.uint8  # fmt: skip
+    if not ok:
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_array, y_array, masked_array, packed_array = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 3, 4)
+        )
+        j, byte = args[2], args[5]
+        x, y = _load8(builder, x_array, j), _load8(builder, y_array, j)
+        zero = _splat(0.0)
+        both_positive = builder.and_(builder.fcmp_ordered(">", x, zero),
+                                     builder.fcmp_ordered(">", y, zero))  # fmt: skip
+        both_negative = builder.and_(builder.fcmp_ordered("<", x, zero),
+                                     builder.fcmp_ordered("<", y, zero))  # fmt: skip
+        same = builder.or_(both_positive, both_negative)
+        words = ir.VectorType(ir.IntType(32), 8)
+        magnitude = builder.bitcast(
+            builder.and_(builder.bitcast(y, words), ir.Constant(words, [0x7FFFFFFF] * 8)),
+            _FLOATS8,
+        )
+        where = builder.gep(masked_array.data, [builder.mul(byte, ir.Constant(byte.type, 8))])
+        builder.store(builder.select(same, magnitude, zero),
+                      builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
+        bits = builder.bitcast(same, ir.IntType(8))
+        builder.store(bits, builder.gep(packed_array.data, [byte]))
+        return context.get_dummy_value()
+
+    return types.void(row, unified, types.intp, masked, packed, types.intp), codegen
+
+
+def _broadcast8(builder, value):
+    """`<8 x float>` holding the float32 `value` in every lane."""
+    one = builder.insert_element(ir.Constant(_FLOATS8, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))  # fmt: skip
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+
+
+@intrinsic
+def _ties8(typingctx, taus, thresholds, j, mean, scaling, out):
+    """`ties_merge` of entries `j .. j + 7` of the C-contiguous float32 `taus` `[N, width]`
+    into `out[j:j + 8]`: the same float32 operations per entry in the same order (trim by
+    multiplying with 1 or 0, the trimmed task sum from +0, gamma, the agreeing sum from +0
+    and its count, the mean's division), 8 entries per instruction."""
+    ok = (
+        isinstance(taus, types.Array) and taus.ndim == 2 and taus.layout == "C"
+        and taus.dtype == types.float32 and isinstance(thresholds, types.Array)
+        and thresholds.dtype == types.float32 and isinstance(out, types.Array)
+        and out.layout == "C" and out.dtype == types.float32
+    )  # fmt: skip
+    if not ok:
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows = context.make_array(signature.args[0])(context, builder, args[0])
+        limits = context.make_array(signature.args[1])(context, builder, args[1])
+        merged = context.make_array(signature.args[5])(context, builder, args[5])
+        count, width = cgutils.unpack_tuple(builder, rows.shape, 2)
+        j, mean, scaling = args[2], args[3], args[4]
+        zero, one = _splat(0.0), _splat(1.0)
+        words = ir.VectorType(ir.IntType(32), 8)
+
+        def trimmed(task):
+            x = _load8(builder, rows, builder.add(builder.mul(task, width), j))
+            limit = _broadcast8(builder, builder.load(cgutils.get_item_pointer(
+                context, builder, signature.args[1], limits, [task])))  # fmt: skip
+            size = builder.bitcast(
+                builder.and_(builder.bitcast(x, words), ir.Constant(words, [0x7FFFFFFF] * 8)),
+                _FLOATS8,
+            )
+            return builder.fmul(x, builder.select(builder.fcmp_ordered(">=", size, limit), one,
+                                                  zero))  # fmt: skip
+
+        total = cgutils.alloca_once_value(builder, zero)
+        with cgutils.for_range(builder, count) as loop:
+            builder.store(builder.fadd(builder.load(total), trimmed(loop.index)), total)
+        gamma = builder.select(builder.fcmp_ordered(">", builder.load(total), zero), one,
+                               _splat(-1.0))  # fmt: skip
+        kept_sum = cgutils.alloca_once_value(builder, zero)
+        agreeing = cgutils.alloca_once_value(builder, ir.Constant(words, [0] * 8))
+        with cgutils.for_range(builder, count) as loop:
+            value = trimmed(loop.index)
+            agree = builder.fcmp_ordered(">", builder.fmul(value, gamma), zero)
+            kept = builder.fmul(value, builder.select(agree, one, zero))
+            builder.store(builder.fadd(builder.load(kept_sum), kept), kept_sum)
+            builder.store(builder.add(builder.load(agreeing), builder.zext(agree, words)),
+                          agreeing)  # fmt: skip
+        result = builder.load(kept_sum)
+        counts = builder.load(agreeing)
+        some = builder.icmp_signed(">", counts, ir.Constant(words, [0] * 8))
+        averaged = builder.select(some, builder.fdiv(result, builder.sitofp(counts, _FLOATS8)),
+                                  zero)  # fmt: skip
+        result = builder.select(mean, averaged, result)
+        where = builder.gep(merged.data, [j])
+        builder.store(builder.fmul(result, _broadcast8(builder, scaling)),
+                      builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
+        return context.get_dummy_value()
+
+    signature = types.void(taus, thresholds, types.intp, types.boolean, types.float32, out)
+    return signature, codegen
+
+
+@njit(cache=True, nogil=True)
+def _mask_pack(
+    row: np.ndarray, unified: np.ndarray, start: int, size: int, masked: np.ndarray,
+    packed: np.ndarray, first: int,
+) -> None:  # fmt: skip
+    """The mask loop of `modulate` and `_pack` for entries `start .. start + size` of a
+    task row: `masked[:size]` and packed bytes `packed[first ...]`, whole bytes 8 lanes at a
+    time (`_mask8`), a last partial byte as `_pack` does."""
+    whole = size - size % 8
+    for b in range(whole // 8):
+        # `_mask8` writes masked[8 * b ...] and packed[first + b]: pass views that line up.
+        _mask8(row[start:], unified[start:], 8 * b, masked, packed[first:], b)
+    if whole < size:
+        byte = 0
+        for i in range(whole, size):
+            x, y = row[start + i], unified[start + i]
+            same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
+            masked[i] = abs(y) if same else _F0
+            byte |= np.int64(masked[i] > 0) << (i - whole)
+        packed[first + whole // 8] = byte
+
+
+@njit(cache=True, nogil=True)
+def emr_span(
+    pre: np.ndarray,
+    rows: np.ndarray,
+    elect: int,
+    mask: bool,
+    rescale: bool,
+    unified: np.ndarray,
+    packed: np.ndarray,
+    chunk_numerator: np.ndarray,
+    chunk_denominator: np.ndarray,
+) -> bool:
+    """`modulate` with its election (`elect` max or sum) on a span of raw entries: `pre`
+    `[width]` and the fine-tuned `rows` `[N, width]` (overwritten by the task vectors), one
+    `_CAST_CHUNK` chunk at a time while it is in the cache. The span starts on a chunk of
+    its key (or row block), so chunk `c` here is one of `modulate`'s chunks; instead of
+    adding the float64 sums up, it stores each chunk's: `chunk_numerator[t, c]` =
+    `pairwise(|tau_t|)`, `chunk_denominator[t, c]` = `pairwise(M_t * |tau_uni|)`, or, without
+    masks, `chunk_denominator[0, c]` = `pairwise(|tau_uni|)` (`add_chunk_sums` adds them up
+    in `modulate`'s order). False (and the outputs unfinished) if a task sum is not finite."""
+    n, width = rows.shape
+    work = np.empty((3, _BLOCK), dtype=np.float32)
+    masked = np.empty(_CAST_CHUNK, dtype=np.float32)
+    sums = np.empty(_CAST_CHUNK, dtype=np.float32)
+    nodes = np.empty((_STACK, 3), dtype=np.int64)
+    values = np.empty(_STACK, dtype=np.float64)
+    for chunk in range(0, width, _CAST_CHUNK):
+        size = min(_CAST_CHUNK, width - chunk)
+        if not subtract_and_check(pre, rows, chunk, size, sums):
+            return False
+        if elect == ELECT_MAX:
+            whole = size - size % 8
+            for j in range(chunk, chunk + whole, 8):
+                _elect8(rows, j, unified)
+            if whole < size:
+                _elect_block(rows, chunk + whole, size - whole, work, unified)
+        else:
+            for start in range(chunk, chunk + size, _BLOCK):
+                _elect_sum_block(rows, start, min(_BLOCK, chunk + size - start), work, unified)
+        index = chunk // _CAST_CHUNK
+        for t in range(n):
+            row = rows[t]
+            if mask:
+                _mask_pack(row, unified, chunk, size, masked, packed[t], chunk // 8)
+            if rescale:
+                chunk_numerator[t, index] = _pairwise(row[chunk : chunk + size], size, nodes,
+                                                      values)  # fmt: skip
+                if mask:
+                    chunk_denominator[t, index] = _pairwise(masked, size, nodes, values)
+        if rescale and not mask:
+            plain = unified[chunk : chunk + size]
+            chunk_denominator[0, index] = _pairwise(plain, size, nodes, values)
+    return True
+
+
+@njit(cache=True, nogil=True)
+def add_chunk_sums(chunk_sums: np.ndarray, chunks_per_block: int, out: np.ndarray) -> None:
+    """`out[t] += sum_blocks (((0 + c_0) + c_1) + ...)` over each block's chunk sums, blocks
+    in order: how `modulate` adds its chunks' float64 sums (`sum_block` entries a block)."""
+    n, count = chunk_sums.shape
+    for t in range(n):
+        for first in range(0, count, chunks_per_block):
+            block = 0.0
+            for c in range(first, min(count, first + chunks_per_block)):
+                block += chunk_sums[t, c]
+            out[t] += block
+
+
+@njit(cache=True, nogil=True)
+def task_arithmetic_span(
+    pre: np.ndarray,
+    rows: np.ndarray,
+    scaling: np.float32,
+    first: int,
+    drop: bool,
+    keys: np.ndarray,
+    threshold: np.int64,
+    rescale: bool,
+    keep: np.float32,
+    out: np.ndarray,
+) -> bool:
+    """Task arithmetic, optionally on DARE's dropped task vectors, on a span of raw entries:
+    `pre` `[width]`, the fine-tuned `rows` `[N, width]` (overwritten), `out` `[width]` gets
+    `W_pre + scaling * sum_t tau'_t` (float32, the task sum from +0 in task order, as the
+    stream). With `drop`, task `t`'s entries go through `philox_drop_and_rescale` with the
+    Philox key `keys[t]` (uint64 pairs), the span being entries `first ...` of its key.
+    False if a task sum before the drop is not finite (the stream's check)."""
+    n, width = rows.shape
+    sums = np.empty(_CAST_CHUNK, dtype=np.float32)
+    for chunk in range(0, width, _CAST_CHUNK):
+        size = min(_CAST_CHUNK, width - chunk)
+        if not subtract_and_check(pre, rows, chunk, size, sums):
+            return False
+        if drop:
+            for t in range(n):
+                philox_drop_and_rescale(rows[t, chunk : chunk + size], keys[t, 0], keys[t, 1],
+                                        first + chunk, threshold, rescale, keep)  # fmt: skip
+        total = sums[:size]
+        for j in range(size):
+            total[j] = _F0
+        for t in range(n):
+            row = rows[t, chunk : chunk + size]
+            for j in range(size):
+                total[j] += row[j]
+        base, merged = pre[chunk : chunk + size], out[chunk : chunk + size]
+        for j in range(size):
+            merged[j] = base[j] + total[j] * scaling
+    return True

@@ -114,6 +114,16 @@ class Dropper:
             drop_and_rescale(tau, self.p, self.rescale, philox_key(self.seed, index, key), start)
         return task_vectors
 
+    def philox_keys(self, key: str) -> np.ndarray:
+        """uint64 `[N, 2]`: every task's Philox key for `key` (a span kernel's draws)."""
+        return np.stack([philox_key(self.seed, index, key) for index in range(self.num_tasks)])
+
+    def threshold(self) -> int:
+        return keep_threshold(self.p)
+
+    def keep(self) -> np.float32:
+        return np.float32(1.0 - self.p)  # torch divides float32 by the scalar as float32
+
 
 def make_dropper(num_tasks: int, p: float, rescale: bool, seed: int) -> TaskVectorTransform:
     return Dropper(num_tasks, p, rescale, seed)

@@ -18,6 +18,7 @@ from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
+from mergebench.methods.emr_spans import emr_spans
 from mergebench.methods.modulators import (
     RESCALERS,
     KeyModulators,
@@ -158,6 +159,12 @@ class EMR(Method):
     ) -> TaskConditionedResult:
         stream = TaskVectorStream(pool, plan_keys(pool), device=context.device,
                                   progress=context.progress)  # fmt: skip
+        if context.target is not None and self.elect and numpy_kernels(torch.empty(0)):
+            # Files to artifact: span by span straight from float32 files, if they are.
+            spans = emr_spans(self, pool, stream, context.target, self.magnitude, self.mask,
+                              self.rescale, self.rescaler)  # fmt: skip
+            if spans is not None:
+                return spans
 
         def per_key(item: TensorItem) -> KeyModulators:
             taus, scratch = item.task_vectors, thread_scratch()

@@ -38,7 +38,7 @@ from mergebench.engine.stream import (
 )
 from mergebench.methods.base import Method, task_specific_tensors
 from mergebench.results import ArtifactTarget, LazyTensors, TaskConditionedResult
-from mergebench.results.shards import Entry
+from mergebench.results.shards import Entry, ShardedWriter
 
 RESCALERS = ("tensor_mean", "global")
 
@@ -112,7 +112,7 @@ def modulate_key(
 
 # Entries per block of the float64 sums (they are added block by block): a multiple of 8
 # lets each block's masks be bit-packed on their own.
-_BLOCK = 1 << 15
+SUM_BLOCK = 1 << 15
 
 
 def _modulate_blocks(
@@ -141,7 +141,7 @@ def _modulate_blocks(
     denominator = np.zeros(n)
     if code == kernels.ELECT_NONE:
         uni = np.ascontiguousarray(uni)
-    kernels.modulate(taus, uni, code, mask, rescale, _BLOCK, packed, numerator, denominator)
+    kernels.modulate(taus, uni, code, mask, rescale, SUM_BLOCK, packed, numerator, denominator)
     if rescaler == "tensor_mean" and numel:
         numerator /= size or numel
         denominator /= size or numel
@@ -261,6 +261,23 @@ def assemble_result(
                 _place_block(pool, key, modulators, unified, packed)
     else:  # written into the artifact key by key, in key order
         unified, packed = _stream_modulators(target, pool, plan, keys, accumulator, mask)
+    return conditioned_result(method, pool, plan, unified, packed, accumulator, mask, rescale)
+
+
+def conditioned_result(
+    method: Method,
+    pool: ModelPool,
+    plan: KeyPlan,
+    unified: Mapping[str, torch.Tensor],
+    packed: Mapping[str, torch.Tensor],
+    accumulator: RescalerAccumulator,
+    mask: bool,
+    rescale: bool,
+    digest: Callable[[], str] | None = None,
+) -> TaskConditionedResult:
+    """The task-conditioned result once every key's modulators are in (`accumulator` has
+    added up the rescaler statistics); `digest`: the pretrained digest, being computed."""
+    tasks = pool.tasks
     if rescale:
         values = accumulator.rescalers()
         rescalers = {t: float(v) for t, v in zip(tasks, values, strict=True)}
@@ -280,17 +297,14 @@ def assemble_result(
         task_specific=task_specific_tensors(pool, plan),
         pretrained_excluded={k: pool.pretrained.get(k) for k in plan.pretrained_excluded},
         extra=extra,
+        digest=digest,
     )
 
 
-def _stream_modulators(
-    target: ArtifactTarget,
-    pool: ModelPool,
-    plan: KeyPlan,
-    keys: Iterable[tuple[str, KeyModulators]],
-    accumulator: RescalerAccumulator,
-    mask: bool,
-) -> tuple[LazyTensors, Mapping[str, torch.Tensor]]:
+def modulator_writers(
+    target: ArtifactTarget, pool: ModelPool, plan: KeyPlan, mask: bool
+) -> tuple[ShardedWriter, ShardedWriter | None]:
+    """The artifact's writers of the unified vector and (with `mask`) the packed masks."""
     pre, n = pool.pretrained, len(pool.tasks)
     shapes = {k: tuple(pre.shape(k)) for k in plan.merged}
     unified = target.writer("unified", [Entry(k, s, torch.float32) for k, s in shapes.items()])
@@ -301,6 +315,19 @@ def _stream_modulators(
             [Entry(k, (n, math.ceil(math.prod(s) / 8)), torch.uint8) for k, s in shapes.items()],
             metadata={"tasks": json.dumps(pool.tasks)},
         )
+    return unified, masks
+
+
+def _stream_modulators(
+    target: ArtifactTarget,
+    pool: ModelPool,
+    plan: KeyPlan,
+    keys: Iterable[tuple[str, KeyModulators]],
+    accumulator: RescalerAccumulator,
+    mask: bool,
+) -> tuple[LazyTensors, Mapping[str, torch.Tensor]]:
+    shapes = {k: tuple(pool.pretrained.shape(k)) for k in plan.merged}
+    unified, masks = modulator_writers(target, pool, plan, mask)
     writers = [w for w in (unified, masks) if w is not None]
     try:
         for key, modulators in keys:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,18 +11,12 @@ import torch
 from mergebench.engine import kernels
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.safetensors_reader import SafetensorsReader
+from mergebench.engine.spans import Span, SpanBuffers, run_spans, spans_of, stored_sources
 from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
-from mergebench.engine.views import DtypeView
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import number, option
 from mergebench.results import ArtifactTarget, SingleModelResult
 from mergebench.results.shards import ShardedWriter
-from mergebench.util.progress import stage
-
-# Entries per step of the bf16 artifact path: N + 1 reads of 512 KiB, the kernel, one write
-# (a step's buffers stay in the cache; see docs/performance.md, "Task arithmetic at the
-# read limit").
-SPAN_NUMEL = 1 << 18
 
 
 class TaskArithmetic(TaskVectorMethod):
@@ -54,68 +48,68 @@ class TaskArithmetic(TaskVectorMethod):
         """bf16 checkpoints into a bf16 artifact: the merged keys go straight from the files'
         bytes to the artifact's (`kernels.task_arithmetic_bf16`), bit for bit what the
         float32 stream writes; any other pool takes the stream."""
-        sources = _bf16_sources(pool, stream)
-        if sources is None:
-            return super()._merge_into(target, pool, stream)
-        return self._write_artifact(
-            target, pool, stream, lambda writer: self._write_bf16(stream, sources, writer)
-        )
+        sources = stored_sources(pool, stream, torch.bfloat16)
+        if sources is not None:
+            return self._write_artifact(
+                target, pool, stream, lambda writer: self._write_bf16(stream, sources, writer)
+            )
+        transform = stream.transform_factory() if stream.transform_factory else None
+        if transform is None or hasattr(transform, "philox_keys"):  # none, or DARE's drops
+            floats = stored_sources(pool, stream, torch.float32, transformed=True)
+            if floats is not None:
+                return self._write_artifact(
+                    target, pool, stream,
+                    lambda writer: self._write_float32(stream, floats, writer, transform),
+                )  # fmt: skip
+        return super()._merge_into(target, pool, stream)
+
+    def _write_float32(
+        self,
+        stream: TaskVectorStream,
+        sources: list[SafetensorsReader],
+        writer: ShardedWriter,
+        dropper: Any,
+    ) -> None:
+        """Every merged key span by span (`engine.spans`) from float32 files: the task
+        vectors, DARE's drops if `dropper` (a `dare.Dropper`), the task sum and the merged
+        entries in one compiled pass (`kernels.task_arithmetic_span`), bit for bit the
+        stream's."""
+        units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+        scaling = np.float32(self.scaling)
+        drop = dropper is not None
+        threshold = np.int64(dropper.threshold() if drop else 0)
+        keep = dropper.keep() if drop else np.float32(1.0)
+        rescale = bool(dropper.rescale) if drop else False
+        no_keys = np.zeros((len(sources) - 1, 2), dtype=np.uint64)
+        keys = functools.lru_cache(maxsize=64)(dropper.philox_keys) if drop else None
+
+        def work(piece: Span, buffers: SpanBuffers) -> None:
+            rows = buffers.read(sources, piece)
+            out = buffers.get("merged", (piece.width,), np.float32)
+            draws = keys(piece.key) if keys is not None else no_keys
+            if piece.width and not kernels.task_arithmetic_span(
+                rows[0], rows[1:], scaling, piece.first, drop, draws, threshold, rescale, keep,
+                out,
+            ):  # fmt: skip
+                raise stream._non_finite(piece.key)
+            writer.write_span(piece.key, torch.from_numpy(out), piece.first)
+
+        kernels.warm_up()
+        run_spans(stream, spans_of(units), work, self.name, len(sources), np.dtype(np.float32))
 
     def _write_bf16(
         self, stream: TaskVectorStream, sources: list[SafetensorsReader], writer: ShardedWriter
     ) -> None:
-        """Every merged key, `SPAN_NUMEL` entries at a time, on the stream's workers: each
-        reads the span of every checkpoint into its own buffers, merges, and writes it."""
-        spans = []
-        for key in stream.plan.merged:
-            numel = stream.numel(key)
-            spans.extend((key, first, min(numel, first + SPAN_NUMEL))
-                         for first in range(0, numel, SPAN_NUMEL))  # fmt: skip
+        """Every merged key span by span on the stream's workers (`engine.spans`): each
+        reads the span of every checkpoint as bf16 bits, merges, and writes it."""
+        units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
         scaling = np.float32(self.scaling)
-        local = threading.local()
 
-        def merge_span(span: tuple[str, int, int]) -> None:
-            key, first, stop = span
-            if not hasattr(local, "buffers"):
-                local.buffers = np.empty(SPAN_NUMEL * (len(sources) + 1), dtype=np.uint16)
-            width = stop - first
-            flat = local.buffers[: width * (len(sources) + 1)]
-            rows, out = flat[: width * len(sources)].reshape(len(sources), width), flat[-width:]
-            for source, row in zip(sources, rows, strict=True):
-                source.read_stored(key, row, first)
+        def work(piece: Span, buffers: SpanBuffers) -> None:
+            rows = buffers.read(sources, piece)
+            out = buffers.get("merged", (piece.width,), np.uint16)
             if not kernels.task_arithmetic_bf16(rows[0], rows[1:], scaling, out):
-                raise stream._non_finite(key)
-            writer.write_span(key, torch.from_numpy(out).view(torch.bfloat16), first)
+                raise stream._non_finite(piece.key)
+            writer.write_span(piece.key, torch.from_numpy(out).view(torch.bfloat16), piece.first)
 
-        bar = stage(len(spans), self.name, enabled=stream.progress, unit="block")
-        workers = ThreadPoolExecutor(stream.threads, thread_name_prefix="mergebench-merge")
-        try:
-            with bar:
-                for _ in workers.map(merge_span, spans):
-                    bar.update()
-        finally:
-            workers.shutdown(wait=True, cancel_futures=True)
-
-
-def _bf16_sources(pool: ModelPool, stream: TaskVectorStream) -> list[SafetensorsReader] | None:
-    """The safetensors files of the pretrained model and the experts, if every merged key is
-    stored in bf16 in all of them and goes out in bf16 (a `DtypeView` only declares the
-    output dtype), on the CPU, untransformed; else None."""
-    if (
-        stream.device.type != "cpu"
-        or stream.transform_factory is not None
-        or not numpy_kernels(torch.empty(0))
-    ):
-        return None
-    readers = []
-    for source in (pool.pretrained, *pool.finetuned.values()):
-        inner = source.inner if isinstance(source, DtypeView) else source
-        if not isinstance(inner, SafetensorsReader):
-            return None
-        readers.append(inner)
-    for key in stream.plan.merged:
-        if pool.pretrained.dtype(key) != torch.bfloat16:
-            return None
-        if any(r.stored_dtype(key) != torch.bfloat16 for r in readers):
-            return None
-    return readers
+        run_spans(stream, spans_of(units), work, self.name, len(sources), np.dtype(np.uint16))

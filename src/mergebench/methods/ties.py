@@ -18,6 +18,7 @@ the same arithmetic in torch (the GPU path, and what the tests hold the kernel t
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -25,6 +26,9 @@ import numpy as np
 import torch
 
 from mergebench.engine import kernels
+from mergebench.engine.pool import ModelPool
+from mergebench.engine.safetensors_reader import SafetensorsReader
+from mergebench.engine.spans import Span, SpanBuffers, run_spans, spans_of, stored_sources
 from mergebench.engine.stream import (
     TaskVectorStream,
     TensorItem,
@@ -40,6 +44,8 @@ from mergebench.engine.topk import (
 )
 from mergebench.methods.base import TaskVectorMethod, sign
 from mergebench.methods.options import choice, fraction, number, option
+from mergebench.results import ArtifactTarget, SingleModelResult
+from mergebench.results.shards import ShardedWriter
 
 AGGREGATES = ("sum", "mean")
 # Entries per block of the CPU kernel: the `[N, block]` rows it reads twice stay in L1/L2.
@@ -143,6 +149,48 @@ def _count_pass(
     return torch.from_numpy(total)
 
 
+def _task_vector_span(
+    stream: TaskVectorStream, sources: list[SafetensorsReader], piece: Span, buffers: SpanBuffers
+) -> np.ndarray:
+    """`[N + 1, width]`: the span's pretrained entries, then its task vectors (float32),
+    checked finite as the stream checks them."""
+    rows = buffers.read(sources, piece)
+    sums = buffers.get("task sum", (piece.width,), np.float32)
+    if piece.width and not kernels.subtract_and_check(rows[0], rows[1:], 0, piece.width, sums):
+        raise stream._non_finite(piece.key)
+    return rows
+
+
+def _span_count_pass(
+    sources: list[SafetensorsReader],
+    stream: TaskVectorStream,
+    shape: tuple[int, int],
+    description: str,
+    tops: np.ndarray | None,
+) -> torch.Tensor:
+    """`_count_pass` span by span from float32 files (`engine.spans`): the same counts."""
+    mine, histograms, lock = threading.local(), [], threading.Lock()
+
+    def work(piece: Span, buffers: SpanBuffers) -> None:
+        counts = getattr(mine, "counts", None)
+        if counts is None:
+            counts = mine.counts = np.zeros(shape, dtype=np.int64)
+            with lock:
+                histograms.append(counts)
+        bits = _task_vector_span(stream, sources, piece, buffers)[1:].view(np.uint32)
+        if tops is None:
+            kernels.high_counts(bits, counts)
+        else:
+            kernels.low_counts(bits, tops, counts)
+
+    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+    run_spans(stream, spans_of(units), work, description, len(sources), np.dtype(np.float32))
+    total = np.zeros(shape, dtype=np.int64)
+    for counts in histograms:
+        total += counts
+    return torch.from_numpy(total)
+
+
 class Ties(TaskVectorMethod):
     name = "ties"
     post_scaling = "scaling"
@@ -178,10 +226,44 @@ class Ties(TaskVectorMethod):
                 select.add_low(counts)
         else:
             shape = (select.rows, select.high.shape[1])
-            select.add_high(_count_pass(stream, shape, f"{self.name}: top-k 1/2", None))
+            # float32 files: span by span (`engine.spans`), else the stream's keys
+            sources = stored_sources(stream.pool, stream, torch.float32)
+            count = functools.partial(_span_count_pass, sources) if sources else _count_pass
+            select.add_high(count(stream, shape, f"{self.name}: top-k 1/2", None))
             tops = np.array([top for top, _ in select.targets()], dtype=np.int64)
-            select.add_low(_count_pass(stream, shape, f"{self.name}: top-k 2/2", tops))
+            select.add_low(count(stream, shape, f"{self.name}: top-k 2/2", tops))
         self._thresholds = select.values()
+
+    def _merge_into(
+        self, target: ArtifactTarget, pool: ModelPool, stream: TaskVectorStream
+    ) -> SingleModelResult:
+        """With a global threshold and float32 files: span by span (`engine.spans`), the
+        task vectors, TIES and the merged entries in the cache, byte for byte the stream's
+        artifact; else the stream."""
+        sources = stored_sources(pool, stream, torch.float32)
+        if self.topk_scope != "global" or sources is None:
+            return super()._merge_into(target, pool, stream)
+        return self._write_artifact(
+            target, pool, stream, lambda writer: self._write_spans(stream, sources, writer)
+        )
+
+    def _write_spans(
+        self, stream: TaskVectorStream, sources: list[SafetensorsReader], writer: ShardedWriter
+    ) -> None:
+        assert self._thresholds is not None, "prepare() computes the global thresholds"
+        limits = np.ascontiguousarray(self._thresholds.to(torch.float32).numpy())
+        mean, scaling = self.aggregate == "mean", np.float32(self.scaling)
+
+        def work(piece: Span, buffers: SpanBuffers) -> None:
+            rows = _task_vector_span(stream, sources, piece, buffers)
+            out = buffers.get("merged", (piece.width,), np.float32)
+            if piece.width:
+                kernels.ties_merge(rows[1:], limits, mean, scaling, _BLOCK, out)
+                np.add(rows[0], out, out=out)  # W_pre + delta in float32, as torch.add
+            writer.write_span(piece.key, torch.from_numpy(out), piece.first)
+
+        units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+        run_spans(stream, spans_of(units), work, self.name, len(sources), np.dtype(np.float32))
 
     def splits_rows(self) -> bool:
         # A global threshold is known before the merge pass; a per-tensor one needs the key,

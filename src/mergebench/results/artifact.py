@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,30 @@ def pretrained_digest(source: TensorReader, keys: list[str]) -> str:
         if tensor.numel():
             digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
+
+
+def background_digest(source: TensorReader, keys: list[str]) -> Callable[[], str]:
+    """Start `pretrained_digest(source, keys)` on a thread of its own (reads and sha256
+    release the GIL) and return what waits for it: a streamed merge starts it with its
+    workers instead of hashing the pretrained weights after them."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["digest"] = pretrained_digest(source, keys)
+        except BaseException as err:  # handed to the caller, who raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="mergebench-digest", daemon=True)
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["digest"]
+
+    return result
 
 
 def meta_checksum(meta: Mapping[str, Any]) -> str:

@@ -166,6 +166,8 @@ class TaskConditionedResult(MergeResult):
     pretrained_excluded: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     kind: str = "task_conditioned"
+    # The pretrained digest computed meanwhile (`artifact.background_digest`), if any.
+    digest: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
     def mask(self, task: str, key: str) -> torch.Tensor | None:
         """The bool mask of `task` on `key`, or None when masks are off (all ones)."""
@@ -207,7 +209,10 @@ class TaskConditionedResult(MergeResult):
         # One pass over the pretrained weights: the digest of the tensors the deltas apply
         # to checks the recorded files on load too (results before 2026-11-26 also
         # recorded each file's sha256, a second pass, which is still checked when present).
-        meta["pretrained_digest"] = pretrained_digest(self.pretrained, list(self.unified))
+        keys = list(self.unified)
+        meta["pretrained_digest"] = (
+            self.digest() if self.digest else pretrained_digest(self.pretrained, keys)
+        )
         files = self.pretrained.files()
         if files:
             meta["pretrained"] = {"files": [str(f.resolve()) for f in files]}

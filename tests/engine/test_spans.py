@@ -1,0 +1,168 @@
+"""Float32 files into an artifact span by span (`engine.spans`: EMR, task arithmetic, DARE on
+task arithmetic, TIES with a global threshold) give the stream's artifact byte for byte: keys cut into several spans,
+spans that end inside a byte of masks, row-block units (EMR's rescaler sums), empty and
+one-entry keys, exact ties, zero task vectors and -0.0; a nan/inf stops the merge as the
+stream does."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mergebench
+import mergebench.engine.spans as spans_module
+import mergebench.engine.stream as stream_module
+from mergebench.engine import kernels
+from mergebench.util.errors import MergeBenchError
+
+# A span is 8,192 entries here (one float64-sum chunk): "big" has 4 spans, the last 1,811
+# entries (not whole bytes of masks); "rows" is 2-D (row blocks when the stream cuts it).
+SHAPES = {
+    "big": (26_387,),
+    "rows": (77, 260),
+    "chunk": (8192,),
+    "odd": (8193,),
+    "one": (1,),
+    "seven": (7,),
+    "empty": (0,),
+}
+CASES = [
+    ("emr", {}),
+    ("emr", {"rescaler": "global"}),
+    ("emr", {"magnitude": "sum"}),
+    ("emr", {"mask": False}),
+    ("emr", {"rescale": False}),
+    ("emr", {"mask": False, "rescale": False}),
+    ("task_arithmetic", {"scaling": 0.3}),
+    ("task_arithmetic", {"scaling": -1.7}),
+    ("dare", {"drop": 0.5}),
+    ("dare", {"drop": 0.9, "rescale": False, "seed": 7}),
+    ("ties", {"k": 0.3}),
+    ("ties", {"k": 0.05, "aggregate": "mean", "scaling": 0.7}),
+]
+
+
+def pool(folder: Path, tasks: int = 3, bad: float | None = None) -> tuple[Path, dict[str, Path]]:
+    g = torch.Generator().manual_seed(11)
+    pre = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    pre["big"][::13] = -0.0
+    save_file(pre, folder / "pre.safetensors")
+    experts = {}
+    for t in range(tasks):
+        state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+        state["big"][5::9] = pre["big"][5::9]  # task vectors of exact zeros
+        state["big"][::13] = 0.0  # +0.0 - (-0.0): zero task vectors of either sign
+        state["rows"][3] = pre["rows"][3] + 0.25  # the same |tau| everywhere: ties
+        state["chunk"][100:200] = pre["chunk"][100:200] + (0.5 if t % 2 else -0.5)
+        if bad is not None and t == 1:
+            state["big"][20_000] = bad
+        save_file(state, folder / f"t{t}.safetensors")
+        experts[f"t{t}"] = folder / f"t{t}.safetensors"
+    return folder / "pre.safetensors", experts
+
+
+def same_files(left: Path, right: Path) -> None:
+    names = sorted(p.name for p in left.iterdir())
+    assert names == sorted(p.name for p in right.iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(left, right, names, shallow=False)
+    assert not mismatch and not errors, (mismatch, errors)
+
+
+@pytest.fixture
+def small_spans(monkeypatch):
+    monkeypatch.setattr(spans_module, "SPAN_NUMEL", kernels.CAST_CHUNK)
+    calls = []
+    for name in ("emr_span", "task_arithmetic_span", "ties_merge"):
+        kernel = getattr(kernels, name)
+
+        def spy(*args, _kernel=kernel, _name=name):
+            calls.append(_name)
+            return _kernel(*args)
+
+        monkeypatch.setattr(kernels, name, spy)
+    read = spans_module.SpanBuffers.read
+
+    def reading(self, sources, piece):
+        calls.append("read")
+        return read(self, sources, piece)
+
+    monkeypatch.setattr(spans_module.SpanBuffers, "read", reading)
+    return calls
+
+
+def kernel_calls(calls: list[str]) -> list[str]:
+    return [name for name in calls if name != "read"]
+
+
+@pytest.mark.parametrize("row_blocks", [False, True], ids=["whole_keys", "row_blocks"])
+@pytest.mark.parametrize(("method", "params"), CASES, ids=[f"{m}-{p}" for m, p in CASES])
+def test_spans_write_the_streams_artifact(tmp_path, monkeypatch, small_spans, method, params,
+                                          row_blocks):  # fmt: skip
+    pre, experts = pool(tmp_path)
+    if row_blocks:  # "rows" (20,020 entries) in blocks of 40 rows: EMR's units
+        monkeypatch.setattr(stream_module, "REUSE_MAX_NUMEL", 10_400)
+    mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "spans",
+                     **params)  # fmt: skip
+    # 4 spans of "big", 3 of "rows" (EMR with row blocks: 2 + 2, each block cut from its own
+    # start), 1 of "chunk", 2 of "odd", 1 each of "one" and "seven" ("empty": no kernel).
+    assert len(kernel_calls(small_spans)) == (13 if row_blocks and method == "emr" else 12)
+    if method == "ties":  # its two counting passes read span by span too: 3 x 13 reads
+        assert set(kernel_calls(small_spans)) == {"ties_merge"}
+        assert small_spans.count("read") == 3 * 13
+    monkeypatch.setattr(spans_module, "ENABLED", False)
+
+    def no_spans(*args):
+        raise AssertionError("the stream's merge read a span")
+
+    monkeypatch.setattr(spans_module.SpanBuffers, "read", no_spans)
+    mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "stream",
+                     **params)  # fmt: skip
+    same_files(tmp_path / "spans", tmp_path / "stream")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("method", ["emr", "task_arithmetic", "dare", "ties"])
+def test_a_non_finite_weight_stops_the_merge_and_names_the_file(tmp_path, small_spans, bad,
+                                                                method):  # fmt: skip
+    pre, experts = pool(tmp_path, bad=bad)
+    with pytest.raises(MergeBenchError, match=r"t1\.safetensors.*'big'.*non-finite"):
+        mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert "read" in small_spans  # it was the span path that found it
+
+
+def test_overflowing_task_vectors_are_reported(tmp_path, small_spans):
+    pre, experts = pool(tmp_path)
+    state = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    state["odd"][8192] = 3.0e38
+    for t in experts:
+        save_file(state, experts[t])
+    save_file({k: -v if k == "odd" else v for k, v in state.items()}, pre)
+    with pytest.raises(MergeBenchError, match="'odd'.*overflow"):
+        mergebench.merge("emr", pre, experts, progress=False, output_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ties", {"topk_scope": "tensor", "k": 0.5}), ("dare", {"base": "ties"})],
+)
+def test_what_spans_do_not_cover_takes_the_stream(tmp_path, small_spans, method, params):
+    """TIES' per-tensor threshold needs the whole key; DARE on TIES transforms before the
+    counting passes: both go the stream's way, as before."""
+    pre, experts = pool(tmp_path)
+    mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "out", **params)
+    assert "read" not in small_spans
+
+
+@pytest.mark.parametrize("method", ["emr", "task_arithmetic", "ties"])
+def test_other_dtypes_take_the_stream(tmp_path, small_spans, method):
+    """A float16 pool (or any pool not stored as float32 throughout) goes the stream's way."""
+    pre, experts = pool(tmp_path)
+    for path in [pre, *experts.values()]:
+        save_file({k: v.half() for k, v in load_file(path).items()}, path)
+    mergebench.merge(method, pre, experts, progress=False, output_dir=tmp_path / "out")
+    assert "read" not in small_spans
