@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mergebench.engine.della_kernels import della_rows
-from mergebench.engine.stream import TaskVectorStream, TensorItem
+from mergebench.engine.stream import TaskVectorStream, TensorItem, thread_scratch
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import flag, fraction, integer, number, option
 from mergebench.util.errors import MergeBenchError
@@ -85,6 +85,18 @@ def skip_draws(generator: torch.Generator, count: int) -> torch.Generator:
 BLOCK_NUMEL = 1 << 20
 
 
+# Names of a worker's reused buffers (`stream.thread_scratch`): the draws of a block and the
+# merged task vector of a key. Fresh ones per block (16-48 MiB) cost page faults, and the
+# heap keeps what it frees at the size glibc's mmap threshold rises to: 0.1-0.2 GiB more peak
+# RSS on the TinyLlama pool (docs/performance.md, "DELLA at the read limit").
+_DRAWS, _DELTA = "della draws", "della delta"
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """This thread's float32 buffer `name` viewed as `shape` (overwritten by its next use)."""
+    return thread_scratch().get(name, shape, torch.float32, torch.device("cpu"))
+
+
 def della_delta(
     task_vectors: torch.Tensor,
     key_index: int,
@@ -95,15 +107,19 @@ def della_delta(
     seed: int,
     offset: int = 0,
     draws: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaling * delta` of one key from its float32 task-vector stack `[N, *shape]`, in
     blocks of rows: ranks are per row, elect and mean per entry, and each task's generator
     is drawn block after block in the key's flat order, as one whole-key draw would be.
     `offset`: the stack holds the key's rows from flat entry `offset` on (a row block of
     the stream): each generator first skips the draws of the entries before it.
-    `draws`: the stack's draws `[N, numel]`, already made (`DrawCursors`): no generator."""
+    `draws`: the stack's draws `[N, numel]`, already made (`DrawCursors`): no generator.
+    `out`: a CPU float32 buffer of the key's shape for the result (a worker's reused one),
+    else a new tensor."""
     num_tasks, shape = task_vectors.shape[0], task_vectors.shape[1:]
-    out = torch.empty(shape, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
     if out.numel() == 0:
         return out.to(task_vectors.device)
     generators = []
@@ -119,14 +135,15 @@ def della_delta(
     bits = taus_np.view(np.uint32)
     qtab = rank_probabilities(n, density, window)
     per = num_rows if draws is not None else min(num_rows, max(1, BLOCK_NUMEL // n))
-    scratch = draws if draws is not None else torch.empty(num_tasks, per * n)
+    if draws is None:
+        draws = _scratch(_DRAWS, (num_tasks, per * n))
     rows_out = out.reshape(num_rows, n).numpy()
     for start in range(0, num_rows, per):
         stop = min(num_rows, start + per)
         count = (stop - start) * n
         for t, generator in enumerate(generators):
-            torch.rand(count, generator=generator, out=scratch[t, :count])
-        block_draws = scratch[:, :count].numpy().reshape(num_tasks, stop - start, n)
+            torch.rand(count, generator=generator, out=draws[t, :count])
+        block_draws = draws[:, :count].numpy().reshape(num_tasks, stop - start, n)
         della_rows(
             taus_np[:, start:stop],
             bits[:, start:stop],
@@ -157,8 +174,11 @@ class DrawCursors:
         # Blocks that have begun: generators left at one of these offsets would wait forever.
         self._started: set[tuple[int, int]] = set()
 
-    def draws(self, key_index: int, offset: int, count: int, numel: int) -> torch.Tensor:
-        """`[N, count]` float32: every task's draws of the key's entries `offset..+count`."""
+    def draws(
+        self, key_index: int, offset: int, count: int, numel: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[N, count]` float32: every task's draws of the key's entries `offset..+count`,
+        into `out` if given (a worker's reused buffer), else a new tensor."""
         start, end = (key_index, offset), (key_index, offset + count)
         with self._changed:
             while start in self._at and self._at[start] is None:
@@ -174,7 +194,7 @@ class DrawCursors:
                         della_seed(self._seed, t, key_index) for t in range(self._num_tasks)
                     )
                 ]
-            draws = torch.empty(self._num_tasks, count)
+            draws = torch.empty(self._num_tasks, count) if out is None else out
             for row, generator in zip(draws, generators, strict=True):
                 torch.rand(count, generator=generator, out=row)
         except BaseException:
@@ -229,23 +249,31 @@ class Della(TaskVectorMethod):
         return True
 
     def merge_item(self, item: TensorItem) -> torch.Tensor:
+        # The result lives in this worker's reused buffer until its next item: the stream's
+        # driver adds it to the pretrained tensor at once.
+        out = _scratch(_DELTA, tuple(item.task_vectors.shape[1:]))
         if item.rows is None:
-            return self._delta(item.key, item.task_vectors)
+            return self._delta(item.key, item.task_vectors, out=out)
         # A row block (the stream's small ones): its draws go on where the block before it
         # left each generator (`DrawCursors`), made before the kernel runs so that the next
         # block's worker waits for the draws only.
         row = math.prod(item.task_vectors.shape[2:])
         count = (item.rows[1] - item.rows[0]) * row
         draws = self._cursors.draws(
-            self._key_index[item.key], item.rows[0] * row, count, self._numels[item.key]
-        )
-        return self._delta(item.key, item.task_vectors, draws)
+            self._key_index[item.key], item.rows[0] * row, count, self._numels[item.key],
+            out=_scratch(_DRAWS, (len(item.task_vectors), count)),
+        )  # fmt: skip
+        return self._delta(item.key, item.task_vectors, draws, out)
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self._delta(key, task_vectors)
 
     def _delta(
-        self, key: str, task_vectors: torch.Tensor, draws: torch.Tensor | None = None
+        self,
+        key: str,
+        task_vectors: torch.Tensor,
+        draws: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return della_delta(
             task_vectors,
@@ -256,4 +284,5 @@ class Della(TaskVectorMethod):
             self.scaling,
             self.seed,
             draws=draws,
+            out=out,
         )
