@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mergebench.engine.stream import TensorItem, sum_tasks
+from mergebench.methods import della
 from mergebench.methods.della import (
     Della,
     DrawCursors,
@@ -140,3 +141,20 @@ def test_a_worker_reuses_its_result_buffer_from_block_to_block():
         blocks.append(delta.clone())  # the next block overwrites it
     assert len(storage) == 1
     assert torch.equal(torch.cat(blocks), della_delta(taus, 0, 0.5, 0.4, True, 0.7, 6))
+
+
+@pytest.mark.parametrize("shape", [(40, 3000), (7, 5), (9,), ()])
+def test_a_whole_key_is_drawn_in_chunks_into_the_workers_buffer(monkeypatch, shape):
+    # Rows of 3000: chunks of 2 rows; the result lies after the chunk's draws.
+    monkeypatch.setattr(della, "BLOCK_NUMEL", 6000)
+    method = Della(density=0.4, window=0.2, scaling=1.3, rescale=False, seed=2)
+    taus = torch.randn(3, *shape)
+    stream = SimpleNamespace(plan=SimpleNamespace(merged=["x", "w"]), tasks=["a", "b", "c"],
+                             numel=lambda key: taus[0].numel())  # fmt: skip
+    method.prepare(stream)
+    storage = set()
+    for _ in range(2):
+        delta = method.merge_item(TensorItem("w", torch.zeros(shape), taus, torch.float32))
+        storage.add(delta.data_ptr())
+        assert torch.equal(delta, della_delta(taus, 1, 0.4, 0.2, False, 1.3, 2))
+    assert len(storage) == 1
