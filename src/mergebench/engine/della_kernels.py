@@ -88,7 +88,9 @@ def della_rows(
     """`out[r] = scaling * disjoint_mean(MagPrune(taus[:, r]))` for every row `r`.
 
     `taus`, `draws`: `[N, rows, n]` float32 (C-contiguous); `bits`: `taus` viewed as
-    uint32; `qtab`: `[n]` float32 keep probability by 0-based rank; `out`: `[rows, n]`.
+    uint32; `qtab`: `[n]` float32 keep probability by 0-based rank; `out`: `[rows, n]`, which
+    may be `draws[0]` (`Della.merge_item` saves a buffer so): row `r` of `out` is written
+    only after every draw of row `r` has been read.
     """
     num_tasks, num_rows, n = taus.shape
     q = np.empty(n, np.float32)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mergebench.engine.della_kernels import della_rows
-from mergebench.engine.stream import TaskVectorStream, TensorItem
+from mergebench.engine.stream import TaskVectorStream, TensorItem, thread_scratch
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import flag, fraction, integer, number, option
 from mergebench.util.errors import MergeBenchError
@@ -79,10 +79,23 @@ def skip_draws(generator: torch.Generator, count: int) -> torch.Generator:
     return generator
 
 
-# Entries per task drawn, pruned and elected at a time: the draws are that block's size, so
-# a large key costs one float32 copy (the result) beyond the stream's buffers. (A stream row
+# Entries per task drawn, pruned and elected at a time when `della_delta` draws itself: a
+# large key costs one float32 copy (the result) beyond the stream's buffers. (A stream row
 # block's draws are made whole, `[N, block]`, by `DrawCursors`: 4M entries per task.)
 BLOCK_NUMEL = 1 << 20
+
+
+def _rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
+    """`(rows, entries per row)` of a non-empty key: 0-D and 1-D keys are one row."""
+    num_rows = shape[0] if len(shape) >= 2 else 1
+    return num_rows, math.prod(shape) // num_rows
+
+
+def _chunk_numel(shape: tuple[int, ...]) -> int:
+    """Entries per task that `della_delta` draws at a time for a non-empty key of `shape`
+    (whole rows, `BLOCK_NUMEL` or one row)."""
+    num_rows, n = _rows_of(shape)
+    return min(num_rows, max(1, BLOCK_NUMEL // n)) * n
 
 
 def della_delta(
@@ -95,15 +108,22 @@ def della_delta(
     seed: int,
     offset: int = 0,
     draws: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaling * delta` of one key from its float32 task-vector stack `[N, *shape]`, in
     blocks of rows: ranks are per row, elect and mean per entry, and each task's generator
     is drawn block after block in the key's flat order, as one whole-key draw would be.
     `offset`: the stack holds the key's rows from flat entry `offset` on (a row block of
     the stream): each generator first skips the draws of the entries before it.
-    `draws`: the stack's draws `[N, numel]`, already made (`DrawCursors`): no generator."""
-    num_tasks, shape = task_vectors.shape[0], task_vectors.shape[1:]
-    out = torch.empty(shape, dtype=torch.float32)
+    `draws`: the stack's draws `[N, numel]`, already made (`DrawCursors`): no generator.
+    `out`: a CPU float32 buffer of the key's shape for the result, else a new tensor; it
+    may be `draws[0]` (the kernel writes a row of the result after reading its draws).
+    `scratch`: a CPU float32 `[N, >= _chunk_numel(shape)]` buffer for the draws made here,
+    else a new one."""
+    num_tasks, shape = task_vectors.shape[0], tuple(task_vectors.shape[1:])
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
     if out.numel() == 0:
         return out.to(task_vectors.device)
     generators = []
@@ -112,21 +132,21 @@ def della_delta(
             skip_draws(torch.Generator().manual_seed(della_seed(seed, t, key_index)), offset)
             for t in range(num_tasks)
         ]
-    num_rows = shape[0] if len(shape) >= 2 else 1  # 0-D and 1-D keys are one row
-    n = out.numel() // num_rows
+    num_rows, n = _rows_of(shape)
     taus = task_vectors.to("cpu", torch.float32).contiguous().reshape(num_tasks, num_rows, n)
     taus_np = taus.numpy()
     bits = taus_np.view(np.uint32)
     qtab = rank_probabilities(n, density, window)
-    per = num_rows if draws is not None else min(num_rows, max(1, BLOCK_NUMEL // n))
-    scratch = draws if draws is not None else torch.empty(num_tasks, per * n)
+    per = num_rows if draws is not None else _chunk_numel(shape) // n
+    if draws is None:
+        draws = scratch if scratch is not None else torch.empty(num_tasks, per * n)
     rows_out = out.reshape(num_rows, n).numpy()
     for start in range(0, num_rows, per):
         stop = min(num_rows, start + per)
         count = (stop - start) * n
         for t, generator in enumerate(generators):
-            torch.rand(count, generator=generator, out=scratch[t, :count])
-        block_draws = scratch[:, :count].numpy().reshape(num_tasks, stop - start, n)
+            torch.rand(count, generator=generator, out=draws[t, :count])
+        block_draws = draws[:, :count].numpy().reshape(num_tasks, stop - start, n)
         della_rows(
             taus_np[:, start:stop],
             bits[:, start:stop],
@@ -137,6 +157,14 @@ def della_delta(
             rows_out[start:stop],
         )
     return out.to(task_vectors.device)
+
+
+def _work(numel: int) -> torch.Tensor:
+    """This worker's reused float32 buffer of `numel` entries (`stream.thread_scratch`), for
+    a key's draws and result: overwritten by its next key. Fresh 16-48 MiB tensors per row
+    block cost page faults, and the heap kept 0.1-0.2 GiB above them on the TinyLlama pool
+    (docs/performance.md, "DELLA at the read limit")."""
+    return thread_scratch().get("della work", (numel,), torch.float32, torch.device("cpu"))
 
 
 class DrawCursors:
@@ -157,8 +185,11 @@ class DrawCursors:
         # Blocks that have begun: generators left at one of these offsets would wait forever.
         self._started: set[tuple[int, int]] = set()
 
-    def draws(self, key_index: int, offset: int, count: int, numel: int) -> torch.Tensor:
-        """`[N, count]` float32: every task's draws of the key's entries `offset..+count`."""
+    def draws(
+        self, key_index: int, offset: int, count: int, numel: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[N, count]` float32: every task's draws of the key's entries `offset..+count`,
+        into `out` if given (a worker's reused buffer), else a new tensor."""
         start, end = (key_index, offset), (key_index, offset + count)
         with self._changed:
             while start in self._at and self._at[start] is None:
@@ -174,7 +205,7 @@ class DrawCursors:
                         della_seed(self._seed, t, key_index) for t in range(self._num_tasks)
                     )
                 ]
-            draws = torch.empty(self._num_tasks, count)
+            draws = torch.empty(self._num_tasks, count) if out is None else out
             for row, generator in zip(draws, generators, strict=True):
                 torch.rand(count, generator=generator, out=row)
         except BaseException:
@@ -229,23 +260,38 @@ class Della(TaskVectorMethod):
         return True
 
     def merge_item(self, item: TensorItem) -> torch.Tensor:
-        if item.rows is None:
-            return self._delta(item.key, item.task_vectors)
+        # The draws and the result go into this worker's reused buffer (`_work`): the result
+        # lives there until the worker's next item (the stream's driver adds it to the
+        # pretrained tensor at once).
+        taus = item.task_vectors
+        num_tasks, shape = len(taus), tuple(taus.shape[1:])
+        numel = math.prod(shape)
+        if item.rows is None:  # drawn in chunks, the result after them
+            chunk = _chunk_numel(shape) if numel else 0
+            work = _work(num_tasks * chunk + numel)
+            scratch = work[: num_tasks * chunk].view(num_tasks, chunk)
+            out = work[num_tasks * chunk :].view(shape)
+            return self._delta(item.key, taus, out=out, scratch=scratch)
         # A row block (the stream's small ones): its draws go on where the block before it
         # left each generator (`DrawCursors`), made before the kernel runs so that the next
-        # block's worker waits for the draws only.
-        row = math.prod(item.task_vectors.shape[2:])
-        count = (item.rows[1] - item.rows[0]) * row
+        # block's worker waits for the draws only. The result takes task 0's draws' place.
+        row = numel // (item.rows[1] - item.rows[0])
         draws = self._cursors.draws(
-            self._key_index[item.key], item.rows[0] * row, count, self._numels[item.key]
-        )
-        return self._delta(item.key, item.task_vectors, draws)
+            self._key_index[item.key], item.rows[0] * row, numel, self._numels[item.key],
+            out=_work(num_tasks * numel).view(num_tasks, numel),
+        )  # fmt: skip
+        return self._delta(item.key, taus, draws, out=draws[0].view(shape))
 
     def merge_task_vectors(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         return self._delta(key, task_vectors)
 
     def _delta(
-        self, key: str, task_vectors: torch.Tensor, draws: torch.Tensor | None = None
+        self,
+        key: str,
+        task_vectors: torch.Tensor,
+        draws: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return della_delta(
             task_vectors,
@@ -256,4 +302,6 @@ class Della(TaskVectorMethod):
             self.scaling,
             self.seed,
             draws=draws,
+            out=out,
+            scratch=scratch,
         )
