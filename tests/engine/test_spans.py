@@ -1,5 +1,5 @@
 """Float32 files into an artifact span by span (`engine.spans`: EMR, task arithmetic, DARE on
-task arithmetic, TIES with a global threshold) give the stream's artifact byte for byte: keys cut into several spans,
+task arithmetic, TIES with a global threshold, "X w/ M&R") give the stream's artifact byte for byte: keys cut into several spans,
 spans that end inside a byte of masks, row-block units (EMR's rescaler sums), empty and
 one-entry keys, exact ties, zero task vectors and -0.0; a nan/inf stops the merge as the
 stream does."""
@@ -43,6 +43,9 @@ CASES = [
     ("dare", {"drop": 0.9, "rescale": False, "seed": 7}),
     ("ties", {"k": 0.3}),
     ("ties", {"k": 0.05, "aggregate": "mean", "scaling": 0.7}),
+    ("mask_rescale", {"base": "task_arithmetic"}),
+    ("mask_rescale", {"base": "ties", "rescaler": "global"}),
+    ("mask_rescale", {"base": "weight_averaging", "mask": False}),  # its base: the stream
 ]
 
 
@@ -109,7 +112,11 @@ def test_spans_write_the_streams_artifact(tmp_path, monkeypatch, small_spans, me
                      **params)  # fmt: skip
     # 4 spans of "big", 3 of "rows" (EMR with row blocks: 2 + 2, each block cut from its own
     # start), 1 of "chunk", 2 of "odd", 1 each of "one" and "seven" ("empty": no kernel).
-    assert len(kernel_calls(small_spans)) == (13 if row_blocks and method == "emr" else 12)
+    # "X w/ M&R": whole keys, after its base's own spans (task arithmetic, TIES: 12 more).
+    expected = 13 if row_blocks and method == "emr" else 12
+    if method == "mask_rescale" and params["base"] != "weight_averaging":
+        expected += 12
+    assert len(kernel_calls(small_spans)) == expected
     if method == "ties":  # its two counting passes read span by span too: 3 x 13 reads
         assert set(kernel_calls(small_spans)) == {"ties_merge"}
         assert small_spans.count("read") == 3 * 13

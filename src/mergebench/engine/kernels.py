@@ -839,7 +839,8 @@ def emr_span(
     chunk_numerator: np.ndarray,
     chunk_denominator: np.ndarray,
 ) -> bool:
-    """`modulate` with its election (`elect` max or sum) on a span of raw entries: `pre`
+    """`modulate` with its election (`elect` max or sum; none: `unified` is given) on a span
+    of raw entries: `pre`
     `[width]` and the fine-tuned `rows` `[N, width]` (overwritten by the task vectors), one
     `_CAST_CHUNK` chunk at a time while it is in the cache. The span starts on a chunk of
     its key (or row block), so chunk `c` here is one of `modulate`'s chunks; instead of
@@ -863,7 +864,7 @@ def emr_span(
                 _elect8(rows, j, unified)
             if whole < size:
                 _elect_block(rows, chunk + whole, size - whole, work, unified)
-        else:
+        elif elect == ELECT_SUM:
             for start in range(chunk, chunk + size, _BLOCK):
                 _elect_sum_block(rows, start, min(_BLOCK, chunk + size - start), work, unified)
         index = chunk // _CAST_CHUNK

@@ -1,4 +1,5 @@
-"""EMR into an artifact span by span (`engine.spans`): a float32 pool on the CPU.
+"""EMR and "X w/ M&R" into an artifact span by span (`engine.spans`): a float32 pool on
+the CPU.
 
 Bit for bit the stream's EMR (`EMR.merge` through `modulate_key`): the same units (whole
 keys, and row blocks of keys above `stream.REUSE_MAX_NUMEL`), the same chunks of the float64
@@ -19,6 +20,8 @@ from mergebench.engine import kernels
 from mergebench.engine import spans as span_pass
 from mergebench.engine import stream as stream_module
 from mergebench.engine.pool import ModelPool
+from mergebench.engine.reader import TensorReader
+from mergebench.engine.safetensors_reader import SafetensorsReader
 from mergebench.engine.spans import (
     Span,
     SpanBuffers,
@@ -69,14 +72,63 @@ def emr_spans(
 ) -> TaskConditionedResult | None:
     """EMR with its election (`magnitude`) into `target`, or None when the pool is not
     float32 safetensors on the CPU (the stream's way then)."""
+    sources = _float32_sources(pool, stream)
+    if sources is None:
+        return None
+    return _modulate_spans(method, pool, stream, target, sources, stream_units(stream),
+                           _ELECTIONS[magnitude], mask, rescale, rescaler)  # fmt: skip
+
+
+def mask_rescale_spans(
+    method: Method,
+    pool: ModelPool,
+    stream: TaskVectorStream,
+    target: ArtifactTarget,
+    base: TensorReader,
+    mask: bool,
+    rescale: bool,
+    rescaler: str,
+) -> TaskConditionedResult | None:
+    """ "X w/ M&R" into `target` against the base model `base` (`tau_uni = W_X - W_pre` in
+    float32, whole keys as `stream_mask_and_rescale` takes them), or None unless the pool
+    and `base` are float32 safetensors (the stream's way then)."""
+    sources = _float32_sources(pool, stream)
+    if (
+        sources is None
+        or not isinstance(base, SafetensorsReader)
+        or any(base.stored_dtype(key) != torch.float32 for key in stream.plan.merged)
+    ):
+        return None
+    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+    return _modulate_spans(method, pool, stream, target, [*sources, base], units,
+                           kernels.ELECT_NONE, mask, rescale, rescaler)  # fmt: skip
+
+
+def _float32_sources(pool: ModelPool, stream: TaskVectorStream) -> list[SafetensorsReader] | None:
     sources = stored_sources(pool, stream, torch.float32)
     if sources is None or modulators.SUM_BLOCK % _CHUNK or span_pass.SPAN_NUMEL % _CHUNK:
         return None  # (a sum block of part of a chunk: tests that shrink it)
+    return sources
+
+
+def _modulate_spans(
+    method: Method,
+    pool: ModelPool,
+    stream: TaskVectorStream,
+    target: ArtifactTarget,
+    sources: list[SafetensorsReader],
+    units: list[tuple[str, int, int]],
+    elect: int,
+    mask: bool,
+    rescale: bool,
+    rescaler: str,
+) -> TaskConditionedResult:
+    """Mask & Rescale span by span: `sources` are the pretrained model, the N experts and,
+    without an election (`elect` ELECT_NONE), the model whose difference to the pretrained
+    one is `tau_uni`."""
     n = len(pool.tasks)
-    units = stream_units(stream)
     spans = spans_of(units)
     statistics = _UnitSums(units, spans, n, mask, rescale, rescaler, stream)
-    code = _ELECTIONS[magnitude]
     # The result's pretrained digest meanwhile: hashing the weights after the merge was a
     # serial 0.3 s of a 2 s ViT-B/32 merge.
     digest = background_digest(pool.pretrained, list(stream.plan.merged))
@@ -87,12 +139,14 @@ def emr_spans(
         rows = buffers.read(sources, piece)
         width = piece.width
         unified = buffers.get("unified", (width,), np.float32)
+        if elect == kernels.ELECT_NONE:  # W_X - W_pre, as torch subtracts float32
+            np.subtract(rows[n + 1], rows[0], out=unified)
         packed = buffers.get("packed", (n, (width + 7) // 8 if mask else 0), np.uint8)
         chunks = -(-width // _CHUNK)
         numerators = buffers.get("numerators", (n, chunks), np.float64)
         denominators = buffers.get("denominators", (n, chunks), np.float64)
-        if width and not kernels.emr_span(rows[0], rows[1:], code, mask, rescale, unified,
-                                          packed, numerators, denominators):  # fmt: skip
+        if width and not kernels.emr_span(rows[0], rows[1 : n + 1], elect, mask, rescale,
+                                          unified, packed, numerators, denominators):  # fmt: skip
             raise stream._non_finite(piece.key)
         unified_writer.write_span(piece.key, torch.from_numpy(unified), piece.first)
         if masks_writer is not None:
@@ -101,7 +155,7 @@ def emr_spans(
 
     try:
         kernels.warm_up()
-        run_spans(stream, spans, work, method.name, n + 1, np.dtype(np.float32))
+        run_spans(stream, spans, work, method.name, len(sources), np.dtype(np.float32))
         accumulator = RescalerAccumulator(n, rescaler)
         for numerator, denominator in statistics.in_order():
             accumulator.numerator += torch.from_numpy(numerator)

@@ -12,6 +12,7 @@ from mergebench.engine.keyplan import plan_keys
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.stream import TaskVectorStream, TensorItem
 from mergebench.methods.base import DEFAULT_CONTEXT, Method, RunContext
+from mergebench.methods.emr_spans import mask_rescale_spans
 from mergebench.methods.modulators import RESCALERS, stream_mask_and_rescale
 from mergebench.methods.options import choice, flag, method_name, option, params_mapping
 from mergebench.methods.registry import build_method, method_label
@@ -74,9 +75,15 @@ class MaskRescale(Method):
             base = merged.shared[item.key].to(item.pretrained.device, item.pretrained.dtype)
             return base - item.pretrained
 
-        # Keys in parallel through the streaming engine (see stream.map).
-        result = stream_mask_and_rescale(
-            self, pool, stream, unify, self.mask, self.rescale, self.rescaler, context.target
-        )
+        result = None
+        base = getattr(merged.shared, "source", None)  # a streamed base: its files
+        if context.target is not None and base is not None:  # float32 files: span by span
+            result = mask_rescale_spans(self, pool, stream, context.target, base, self.mask,
+                                        self.rescale, self.rescaler)  # fmt: skip
+        if result is None:  # keys in parallel through the streaming engine (stream.map)
+            result = stream_mask_and_rescale(
+                self, pool, stream, unify, self.mask, self.rescale, self.rescaler,
+                context.target,
+            )  # fmt: skip
         result.extra["base_extra"] = merged.extra
         return result
