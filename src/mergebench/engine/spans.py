@@ -1,5 +1,5 @@
-"""Files-to-artifact passes span by span: each worker reads a few hundred KiB of every
-checkpoint, merges them in a compiled kernel while they sit in the cache, and writes them.
+"""Files-to-artifact passes span by span: each worker reads about a MiB of every checkpoint,
+merges it in a compiled kernel while it sits in the cache, and writes the result.
 
 The stream (`engine.stream`) reads a whole key (or a 4M-entry row block) of every checkpoint
 into float32 buffers, subtracts, then hands the stack to the method: each step goes through
@@ -92,7 +92,8 @@ def spans_of(units: Iterable[tuple[str, int, int]]) -> list[Span]:
 
 
 class SpanBuffers:
-    """One worker's reused buffers: `rows[0]` the pretrained span, `rows[1:]` the experts'."""
+    """One worker's reused buffers: the rows `read` fills (one per source, in the caller's
+    order: the pretrained model first) and a work's own outputs (`get`)."""
 
     def __init__(self, sources: int, dtype: np.dtype, span: int) -> None:
         self.storage = np.empty((sources, span), dtype=dtype)
