@@ -198,6 +198,29 @@ def test_radix_counts_match_bincount():
     np.testing.assert_array_equal(select.values().numpy(), np.array(expected, np.float32))
 
 
+def test_window_counts_are_the_low_counts_of_each_bin_in_the_window():
+    """`high_and_window_counts`: pass 1's histogram, and for each bin of a row's window the
+    histogram `low_counts` would give with that bin as the target (windows at bin 0, around
+    the populated bins, and past every entry)."""
+    rng = np.random.default_rng(4)
+    bits = hard_task_vectors(rng, 3, 9_999).view(np.uint32)
+    populated = int(np.median((bits[1] >> 16) & 0x7FFF))
+    first_bins = np.array([0, populated - 2, 32_760], dtype=np.int64)
+    high = np.zeros((3, 1 << 16), np.int64)
+    window = np.zeros((3, 5, 1 << 16), np.int32)
+    kernels.high_and_window_counts(bits, first_bins, high, window)
+    expected_high = np.zeros_like(high)
+    kernels.high_counts(bits, expected_high)
+    np.testing.assert_array_equal(high, expected_high)
+    assert window[1].sum() > 0
+    for r in range(3):
+        for offset in range(5):
+            low = np.zeros((3, 1 << 16), np.int64)
+            tops = np.full(3, first_bins[r] + offset, np.int64)
+            kernels.low_counts(bits, tops, low)
+            np.testing.assert_array_equal(window[r, offset], low[r])
+
+
 def test_the_kernel_cache_falls_back_to_a_writable_folder(tmp_path, monkeypatch):
     """A read-only install (no writable `__pycache__` nor user cache): the temporary folder."""
     blocked = tmp_path / "a file"

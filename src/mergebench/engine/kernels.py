@@ -936,3 +936,26 @@ def task_arithmetic_span(
         for j in range(size):
             merged[j] = base[j] + total[j] * scaling
     return True
+
+
+@njit(cache=True, nogil=True)
+def high_and_window_counts(
+    bits: np.ndarray, first_bins: np.ndarray, high: np.ndarray, window: np.ndarray
+) -> None:
+    """`high_counts`, and in the same pass `low_counts` for every high-bits bin of a window
+    per row: `window[r, b - first_bins[r], low bits] += 1` for the entries of row r whose
+    |value|'s high bin `b` lies in `first_bins[r] .. first_bins[r] + window.shape[1] - 1`
+    (a radix select that guessed where its k-th value lies, see `ties`)."""
+    rows, numel = bits.shape
+    width = np.uint32(window.shape[1])
+    for r in range(rows):
+        first = np.uint32(first_bins[r])
+        counts, row, lows = high[r], bits[r], window[r].reshape(-1)
+        per_bin = window.shape[2]
+        for i in range(numel):
+            value = row[i]
+            b = (value >> np.uint32(16)) & np.uint32(0x7FFF)
+            counts[b] += 1
+            offset = np.uint32(b - first)  # below the window it wraps: one unsigned compare
+            if offset < width:
+                lows[np.int64(offset) * per_bin + np.int64(value & np.uint32(0xFFFF))] += 1

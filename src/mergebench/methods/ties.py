@@ -169,6 +169,20 @@ def _span_count_pass(
     tops: np.ndarray | None,
 ) -> torch.Tensor:
     """`_count_pass` span by span from float32 files (`engine.spans`): the same counts."""
+    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+    counts = _span_count_pass_over(stream, sources, spans_of(units), shape, description, tops)
+    return torch.from_numpy(counts)
+
+
+def _span_count_pass_over(
+    stream: TaskVectorStream,
+    sources: list[SafetensorsReader],
+    spans: list[Span],
+    shape: tuple[int, int],
+    description: str,
+    tops: np.ndarray | None = None,
+) -> np.ndarray:
+    """The high-bits (`tops` None) or low-bits counts of `spans`' task vectors, int64."""
     mine, histograms, lock = threading.local(), [], threading.Lock()
 
     def work(piece: Span, buffers: SpanBuffers) -> None:
@@ -183,12 +197,75 @@ def _span_count_pass(
         else:
             kernels.low_counts(bits, tops, counts)
 
-    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
-    run_spans(stream, spans_of(units), work, description, len(sources), np.dtype(np.float32))
+    run_spans(stream, spans, work, description, len(sources), np.dtype(np.float32))
     total = np.zeros(shape, dtype=np.int64)
     for counts in histograms:
         total += counts
-    return torch.from_numpy(total)
+    return total
+
+
+# The speculative radix select of the span path: a sample of one span in `_SAMPLE_EVERY`
+# guesses each task's high-bits bin of the k-th largest |tau|; the full counting pass then
+# also counts the low bits of the `2 * _WINDOW + 1` bins around the guess (int32: a
+# worker counts at most a task's entries). If every task's bin lies in its window, the
+# thresholds are exact after one full pass instead of two; else pass 2 runs as before.
+_SAMPLE_EVERY = 16
+_WINDOW = 2
+
+
+def _guess_then_count(
+    stream: TaskVectorStream, sources: list[SafetensorsReader], select: RadixSelect,
+    description: str,
+) -> bool:  # fmt: skip
+    """Fill `select`'s pass-1 counts in one full pass, with the low-bits counts of a window of
+    bins around a sampled guess; True (and `select`'s pass-2 counts filled) when every task's
+    bin fell inside its window, False (pass-1 counts filled, pass 2 still to run) otherwise."""
+    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+    spans = spans_of(units)
+    tasks, bins = select.rows, select.high.shape[1]
+    sample = spans[::_SAMPLE_EVERY]
+    sampled = _span_count_pass_over(
+        stream, sources, sample, (tasks, bins), f"{description}: sample"
+    )
+    sample_size = sum(piece.width for piece in sample)
+    total = sum(piece.width for piece in spans)
+    first_bins = np.empty(tasks, dtype=np.int64)
+    for r in range(tasks):
+        # the same rank in the sample, in proportion (at least 1)
+        rank = max(1, min(sample_size, round(select.k[r] * sample_size / max(total, 1))))
+        guess = _bin_of_rank(sampled[r], rank)
+        first_bins[r] = max(0, guess - _WINDOW)
+    width = 2 * _WINDOW + 1
+    mine, found, lock = threading.local(), [], threading.Lock()
+
+    def work(piece: Span, buffers: SpanBuffers) -> None:
+        held = getattr(mine, "counts", None)
+        if held is None:
+            held = mine.counts = (np.zeros((tasks, bins), dtype=np.int64),
+                                  np.zeros((tasks, width, bins), dtype=np.int32))  # fmt: skip
+            with lock:
+                found.append(held)
+        bits = _task_vector_span(stream, sources, piece, buffers)[1:].view(np.uint32)
+        kernels.high_and_window_counts(bits, first_bins, held[0], held[1])
+
+    run_spans(stream, spans, work, f"{description}: top-k", len(sources), np.dtype(np.float32))
+    high = np.zeros((tasks, bins), dtype=np.int64)
+    window = np.zeros((tasks, width, bins), dtype=np.int64)
+    for part_high, part_window in found:
+        high += part_high
+        window += part_window
+    select.add_high(torch.from_numpy(high))
+    offsets = [top - int(first_bins[r]) for r, (top, _) in enumerate(select.targets())]
+    if not all(0 <= offset < width for offset in offsets):
+        return False
+    select.add_low(torch.from_numpy(np.stack([window[r, o] for r, o in enumerate(offsets)])))
+    return True
+
+
+def _bin_of_rank(counts: np.ndarray, rank: int) -> int:
+    """The high-bits bin holding the `rank`-th largest entry of a histogram."""
+    above = np.cumsum(counts[::-1])[::-1]  # entries in bins >= b
+    return int(np.nonzero(above >= rank)[0].max())
 
 
 class Ties(TaskVectorMethod):
@@ -226,10 +303,15 @@ class Ties(TaskVectorMethod):
                 select.add_low(counts)
         else:
             shape = (select.rows, select.high.shape[1])
-            # float32 files: span by span (`engine.spans`), else the stream's keys
+            # float32 files: span by span (`engine.spans`), pass 1 with a guessed pass 2
+            # (often the only full pass); else the stream's keys
             sources = stored_sources(stream.pool, stream, torch.float32)
+            if sources is None:
+                select.add_high(_count_pass(stream, shape, f"{self.name}: top-k 1/2", None))
+            elif _guess_then_count(stream, sources, select, self.name):
+                self._thresholds = select.values()
+                return
             count = functools.partial(_span_count_pass, sources) if sources else _count_pass
-            select.add_high(count(stream, shape, f"{self.name}: top-k 1/2", None))
             tops = np.array([top for top, _ in select.targets()], dtype=np.int64)
             select.add_low(count(stream, shape, f"{self.name}: top-k 2/2", tops))
         self._thresholds = select.values()
