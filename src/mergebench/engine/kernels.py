@@ -98,6 +98,35 @@ def _term(a: np.ndarray, i: int) -> float:
     return np.float64(abs(a[i]))
 
 
+# --- 8-lane code for the intrinsics below (LLVM IR through llvmlite) -------------------------
+_FLOATS8 = ir.VectorType(ir.FloatType(), 8)
+_WORDS8 = ir.VectorType(ir.IntType(32), 8)
+
+
+def _float32_c(array: types.Type, ndim: int) -> bool:
+    """Whether numba's type `array` is a C-contiguous float32 array of `ndim` dimensions."""
+    return (
+        isinstance(array, types.Array) and array.dtype == types.float32
+        and array.layout == "C" and array.ndim == ndim
+    )  # fmt: skip
+
+
+def _load8(builder, array, index):
+    """`<8 x float>` from `array.data + index` (float32 entries, 4-byte aligned)."""
+    where = builder.gep(array.data, [index])
+    return builder.load(builder.bitcast(where, _FLOATS8.as_pointer()), align=4)
+
+
+def _splat(value: float) -> ir.Constant:
+    return ir.Constant(_FLOATS8, [value] * 8)
+
+
+def _magnitudes8(builder, values):
+    """`|values|` of a `<8 x float>`: the sign bits cleared, as `abs` does."""
+    bits = builder.and_(builder.bitcast(values, _WORDS8), ir.Constant(_WORDS8, [0x7FFFFFFF] * 8))
+    return builder.bitcast(bits, _FLOATS8)
+
+
 @intrinsic
 def _leaf_lanes(typingctx, a, start, whole):
     """numpy's pairwise leaf over `a[start : start + whole]` (`whole` a positive multiple of
@@ -107,22 +136,18 @@ def _leaf_lanes(typingctx, a, start, whole):
     float64 kept in registers: each lane's adds are the scalar code's, in its order, so
     the sum is the same to the bit (numba turns off the SLP vectorizer that would find
     this itself)."""
-    if not (isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"):
+    if not _float32_c(a, 1):
         return None
     signature = types.float64(a, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
         values = context.make_array(signature.args[0])(context, builder, args[0])
         first, count = args[1], args[2]
-        floats, doubles = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.DoubleType(), 8)
-        words = ir.VectorType(ir.IntType(32), 8)
-        low = ir.Constant(words, [0x7FFFFFFF] * 8)
+        doubles = ir.VectorType(ir.DoubleType(), 8)
 
         def magnitudes(offset):
-            where = builder.gep(values.data, [builder.add(first, offset)])
-            loaded = builder.load(builder.bitcast(where, floats.as_pointer()), align=4)
-            bits = builder.and_(builder.bitcast(loaded, words), low)
-            return builder.fpext(builder.bitcast(bits, floats), doubles)
+            loaded = _load8(builder, values, builder.add(first, offset))
+            return builder.fpext(_magnitudes8(builder, loaded), doubles)
 
         lanes = cgutils.alloca_once(builder, doubles)
         builder.store(magnitudes(ir.Constant(first.type, 0)), lanes)
@@ -642,31 +667,13 @@ def subtract_and_check(
     return infinite == 0
 
 
-_FLOATS8 = ir.VectorType(ir.FloatType(), 8)
-
-
-def _load8(builder, array, index):
-    """`<8 x float>` from `array.data + index` (float32 entries, 4-byte aligned)."""
-    where = builder.gep(array.data, [index])
-    return builder.load(builder.bitcast(where, _FLOATS8.as_pointer()), align=4)
-
-
-def _splat(value: float) -> ir.Constant:
-    return ir.Constant(_FLOATS8, [value] * 8)
-
-
 @intrinsic
 def _elect8(typingctx, taus, j, out):
     """EMR's max election of entries `j .. j + 7` of the C-contiguous float32 `taus`
     `[N, width]` into `out[j:j + 8]`: `_elect_block`'s arithmetic per entry (the task sum
     in task order from `tau_0`, the running max and min with the same comparisons), 8
     entries per instruction."""
-    ok = (
-        isinstance(taus, types.Array) and taus.ndim == 2 and taus.layout == "C"
-        and taus.dtype == types.float32 and isinstance(out, types.Array)
-        and out.layout == "C" and out.dtype == types.float32
-    )  # fmt: skip
-    if not ok:
+    if not (_float32_c(taus, 2) and _float32_c(out, 1)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -719,11 +726,7 @@ def _mask8(typingctx, row, unified, j, masked, packed, byte):
         both_negative = builder.and_(builder.fcmp_ordered("<", x, zero),
                                      builder.fcmp_ordered("<", y, zero))  # fmt: skip
         same = builder.or_(both_positive, both_negative)
-        words = ir.VectorType(ir.IntType(32), 8)
-        magnitude = builder.bitcast(
-            builder.and_(builder.bitcast(y, words), ir.Constant(words, [0x7FFFFFFF] * 8)),
-            _FLOATS8,
-        )
+        magnitude = _magnitudes8(builder, y)
         where = builder.gep(masked_array.data, [builder.mul(byte, ir.Constant(byte.type, 8))])
         builder.store(builder.select(same, magnitude, zero),
                       builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
@@ -748,10 +751,8 @@ def _ties8(typingctx, taus, thresholds, j, mean, scaling, out):
     multiplying with 1 or 0, the trimmed task sum from +0, gamma, the agreeing sum from +0
     and its count, the mean's division), 8 entries per instruction."""
     ok = (
-        isinstance(taus, types.Array) and taus.ndim == 2 and taus.layout == "C"
-        and taus.dtype == types.float32 and isinstance(thresholds, types.Array)
-        and thresholds.dtype == types.float32 and isinstance(out, types.Array)
-        and out.layout == "C" and out.dtype == types.float32
+        _float32_c(taus, 2) and _float32_c(out, 1)
+        and isinstance(thresholds, types.Array) and thresholds.dtype == types.float32
     )  # fmt: skip
     if not ok:
         return None
@@ -763,16 +764,12 @@ def _ties8(typingctx, taus, thresholds, j, mean, scaling, out):
         count, width = cgutils.unpack_tuple(builder, rows.shape, 2)
         j, mean, scaling = args[2], args[3], args[4]
         zero, one = _splat(0.0), _splat(1.0)
-        words = ir.VectorType(ir.IntType(32), 8)
 
         def trimmed(task):
             x = _load8(builder, rows, builder.add(builder.mul(task, width), j))
             limit = _broadcast8(builder, builder.load(cgutils.get_item_pointer(
                 context, builder, signature.args[1], limits, [task])))  # fmt: skip
-            size = builder.bitcast(
-                builder.and_(builder.bitcast(x, words), ir.Constant(words, [0x7FFFFFFF] * 8)),
-                _FLOATS8,
-            )
+            size = _magnitudes8(builder, x)
             return builder.fmul(x, builder.select(builder.fcmp_ordered(">=", size, limit), one,
                                                   zero))  # fmt: skip
 
@@ -782,17 +779,17 @@ def _ties8(typingctx, taus, thresholds, j, mean, scaling, out):
         gamma = builder.select(builder.fcmp_ordered(">", builder.load(total), zero), one,
                                _splat(-1.0))  # fmt: skip
         kept_sum = cgutils.alloca_once_value(builder, zero)
-        agreeing = cgutils.alloca_once_value(builder, ir.Constant(words, [0] * 8))
+        agreeing = cgutils.alloca_once_value(builder, ir.Constant(_WORDS8, [0] * 8))
         with cgutils.for_range(builder, count) as loop:
             value = trimmed(loop.index)
             agree = builder.fcmp_ordered(">", builder.fmul(value, gamma), zero)
             kept = builder.fmul(value, builder.select(agree, one, zero))
             builder.store(builder.fadd(builder.load(kept_sum), kept), kept_sum)
-            builder.store(builder.add(builder.load(agreeing), builder.zext(agree, words)),
+            builder.store(builder.add(builder.load(agreeing), builder.zext(agree, _WORDS8)),
                           agreeing)  # fmt: skip
         result = builder.load(kept_sum)
         counts = builder.load(agreeing)
-        some = builder.icmp_signed(">", counts, ir.Constant(words, [0] * 8))
+        some = builder.icmp_signed(">", counts, ir.Constant(_WORDS8, [0] * 8))
         averaged = builder.select(some, builder.fdiv(result, builder.sitofp(counts, _FLOATS8)),
                                   zero)  # fmt: skip
         result = builder.select(mean, averaged, result)
