@@ -39,6 +39,7 @@ from mergebench.methods.modulators import (
 )
 from mergebench.results import ArtifactTarget, TaskConditionedResult
 from mergebench.results.artifact import background_digest
+from mergebench.results.shards import writing
 
 _ELECTIONS = {"max": kernels.ELECT_MAX, "sum": kernels.ELECT_SUM}
 _CHUNK = kernels.CAST_CHUNK  # the float64 sums' chunk; a span holds whole ones
@@ -133,7 +134,6 @@ def _modulate_spans(
     # serial 0.3 s of a 2 s ViT-B/32 merge.
     digest = background_digest(pool.pretrained, list(stream.plan.merged))
     unified_writer, masks_writer = modulator_writers(target, pool, stream.plan, mask)
-    writers = [w for w in (unified_writer, masks_writer) if w is not None]
 
     def work(piece: Span, buffers: SpanBuffers) -> None:
         rows = buffers.read(sources, piece)
@@ -153,19 +153,13 @@ def _modulate_spans(
             masks_writer.write_columns(piece.key, torch.from_numpy(packed), piece.first // 8)
         statistics.add(piece, numerators, denominators)
 
-    try:
+    with writing(unified_writer, masks_writer):
         kernels.warm_up()
         run_spans(stream, spans, work, method.name, len(sources), np.dtype(np.float32))
         accumulator = RescalerAccumulator(n, rescaler)
         for numerator, denominator in statistics.in_order():
             accumulator.numerator += torch.from_numpy(numerator)
             accumulator.denominator += torch.from_numpy(denominator)
-        for writer in writers:
-            writer.close()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
     unified = target.tensors("unified")
     packed = target.tensors("masks") if mask else {}
     return conditioned_result(method, pool, stream.plan, unified, packed, accumulator, mask,

@@ -38,7 +38,7 @@ from mergebench.engine.stream import (
 )
 from mergebench.methods.base import Method, task_specific_tensors
 from mergebench.results import ArtifactTarget, LazyTensors, TaskConditionedResult
-from mergebench.results.shards import Entry, ShardedWriter
+from mergebench.results.shards import Entry, ShardedWriter, writing
 
 RESCALERS = ("tensor_mean", "global")
 
@@ -328,8 +328,7 @@ def _stream_modulators(
 ) -> tuple[LazyTensors, Mapping[str, torch.Tensor]]:
     shapes = {k: tuple(pool.pretrained.shape(k)) for k in plan.merged}
     unified, masks = modulator_writers(target, pool, plan, mask)
-    writers = [w for w in (unified, masks) if w is not None]
-    try:
+    with writing(unified, masks):
         for key, modulators in keys:
             accumulator.add_key(modulators)
             if modulators.rows is None:
@@ -341,12 +340,6 @@ def _stream_modulators(
             unified.write_rows(key, modulators.unified, start)
             if masks is not None:  # a block holds a multiple of 8 entries: whole bytes
                 masks.write_columns(key, modulators.packed, start * row // 8)
-        for writer in writers:
-            writer.close()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
     return target.tensors("unified"), target.tensors("masks") if mask else {}
 
 

@@ -24,6 +24,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,6 +261,17 @@ class ShardedWriter:
             self.close()
         else:
             self.abort()
+
+
+@contextmanager
+def writing(*writers: ShardedWriter | None) -> Iterator[None]:
+    """The given writers (None: absent) closed when the block ends, all aborted if it
+    raises (or a close does): each `ShardedWriter`'s own context, entered together."""
+    with ExitStack() as stack:
+        for writer in writers:
+            if writer is not None:
+                stack.enter_context(writer)
+        yield
 
 
 def write_tensors(
