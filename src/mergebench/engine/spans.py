@@ -78,6 +78,11 @@ def stored_sources(
     return readers
 
 
+def whole_keys(stream: TaskVectorStream) -> list[tuple[str, int, int]]:
+    """Every merged key of `stream` as one unit `(key, 0, numel)`, in key order."""
+    return [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+
+
 def spans_of(units: Iterable[tuple[str, int, int]]) -> list[Span]:
     """The spans of `units` (`(key, first, stop)` entry ranges, in order): each unit cut
     into `SPAN_NUMEL` entries from its own start, the last one shorter; an empty unit gives one

@@ -28,6 +28,7 @@ from mergebench.engine.spans import (
     run_spans,
     spans_of,
     stored_sources,
+    whole_keys,
 )
 from mergebench.engine.stream import TaskVectorStream, row_blocks_of
 from mergebench.methods import modulators
@@ -100,7 +101,7 @@ def mask_rescale_spans(
         or any(base.stored_dtype(key) != torch.float32 for key in stream.plan.merged)
     ):
         return None
-    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+    units = whole_keys(stream)
     return _modulate_spans(method, pool, stream, target, [*sources, base], units,
                            kernels.ELECT_NONE, mask, rescale, rescaler)  # fmt: skip
 

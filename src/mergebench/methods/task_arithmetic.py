@@ -11,7 +11,14 @@ import torch
 from mergebench.engine import kernels
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.safetensors_reader import SafetensorsReader
-from mergebench.engine.spans import Span, SpanBuffers, run_spans, spans_of, stored_sources
+from mergebench.engine.spans import (
+    Span,
+    SpanBuffers,
+    run_spans,
+    spans_of,
+    stored_sources,
+    whole_keys,
+)
 from mergebench.engine.stream import TaskVectorStream, TensorItem, numpy_kernels, sum_tasks
 from mergebench.methods.base import TaskVectorMethod
 from mergebench.methods.options import number, option
@@ -74,7 +81,7 @@ class TaskArithmetic(TaskVectorMethod):
         vectors, DARE's drops if `dropper` (a `dare.Dropper`), the task sum and the merged
         entries in one compiled pass (`kernels.task_arithmetic_span`), bit for bit the
         stream's."""
-        units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+        units = whole_keys(stream)
         scaling = np.float32(self.scaling)
         drop = dropper is not None
         threshold = np.int64(dropper.threshold() if drop else 0)
@@ -102,7 +109,7 @@ class TaskArithmetic(TaskVectorMethod):
     ) -> None:
         """Every merged key span by span on the stream's workers (`engine.spans`): each
         reads the span of every checkpoint as bf16 bits, merges, and writes it."""
-        units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+        units = whole_keys(stream)
         scaling = np.float32(self.scaling)
 
         def work(piece: Span, buffers: SpanBuffers) -> None:

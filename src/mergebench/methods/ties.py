@@ -28,7 +28,14 @@ import torch
 from mergebench.engine import kernels
 from mergebench.engine.pool import ModelPool
 from mergebench.engine.safetensors_reader import SafetensorsReader
-from mergebench.engine.spans import Span, SpanBuffers, run_spans, spans_of, stored_sources
+from mergebench.engine.spans import (
+    Span,
+    SpanBuffers,
+    run_spans,
+    spans_of,
+    stored_sources,
+    whole_keys,
+)
 from mergebench.engine.stream import (
     TaskVectorStream,
     TensorItem,
@@ -169,7 +176,7 @@ def _span_count_pass(
     tops: np.ndarray | None,
 ) -> torch.Tensor:
     """`_count_pass` span by span from float32 files (`engine.spans`): the same counts."""
-    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+    units = whole_keys(stream)
     counts = _span_count_pass_over(stream, sources, spans_of(units), shape, description, tops)
     return torch.from_numpy(counts)
 
@@ -220,7 +227,7 @@ def _guess_then_count(
     """Fill `select`'s pass-1 counts in one full pass, with the low-bits counts of a window of
     bins around a sampled guess; True (and `select`'s pass-2 counts filled) when every task's
     bin fell inside its window, False (pass-1 counts filled, pass 2 still to run) otherwise."""
-    units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+    units = whole_keys(stream)
     spans = spans_of(units)
     tasks, bins = select.rows, select.high.shape[1]
     sample = spans[::_SAMPLE_EVERY]
@@ -344,7 +351,7 @@ class Ties(TaskVectorMethod):
                 np.add(rows[0], out, out=out)  # W_pre + delta in float32, as torch.add
             writer.write_span(piece.key, torch.from_numpy(out), piece.first)
 
-        units = [(key, 0, stream.numel(key)) for key in stream.plan.merged]
+        units = whole_keys(stream)
         run_spans(stream, spans_of(units), work, self.name, len(sources), np.dtype(np.float32))
 
     def splits_rows(self) -> bool:
