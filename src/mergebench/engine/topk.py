@@ -55,7 +55,7 @@ class RadixSelect:
         """Per row: the high-bits bin holding the k-th largest, and the count above it."""
         if self._targets is None:
             self._targets = [
-                _bin_with_kth_largest(self.high[r], self.k[r]) for r in range(self.rows)
+                bin_with_kth_largest(self.high[r], self.k[r]) for r in range(self.rows)
             ]
         return self._targets
 
@@ -79,7 +79,7 @@ def kth_values(low: torch.Tensor, targets: list[tuple[int, int]], k: list[int]) 
     `targets`: for counts added up elsewhere (one key's row blocks, say)."""
     values = []
     for r, (top, higher) in enumerate(targets):
-        bottom, _ = _bin_with_kth_largest(low[r], k[r] - higher)
+        bottom, _ = bin_with_kth_largest(low[r], k[r] - higher)
         values.append((top << 16) | bottom)
     return torch.tensor(values, dtype=torch.int32).view(torch.float32)
 
@@ -99,7 +99,7 @@ def per_key_totals(results: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[
         yield key, total
 
 
-def _bin_with_kth_largest(hist: torch.Tensor, k: int) -> tuple[int, int]:
+def bin_with_kth_largest(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """Bin holding the k-th largest, and how many entries lie in higher bins."""
     above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # count in bins >= b
     index = int(torch.nonzero(above >= k).max())

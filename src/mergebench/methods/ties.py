@@ -45,6 +45,7 @@ from mergebench.engine.stream import (
 )
 from mergebench.engine.topk import (
     RadixSelect,
+    bin_with_kth_largest,
     kth_largest_abs_in_tensor,
     kth_values,
     per_key_totals,
@@ -270,9 +271,8 @@ def _guess_then_count(
 
 
 def _bin_of_rank(counts: np.ndarray, rank: int) -> int:
-    """The high-bits bin holding the `rank`-th largest entry of a histogram."""
-    above = np.cumsum(counts[::-1])[::-1]  # entries in bins >= b
-    return int(np.nonzero(above >= rank)[0].max())
+    """The high-bits bin holding the `rank`-th largest entry of a histogram (the guess)."""
+    return bin_with_kth_largest(torch.from_numpy(counts), rank)[0]
 
 
 class Ties(TaskVectorMethod):
