@@ -53,10 +53,15 @@ def work(tmp_path, models, monkeypatch):
 
 
 def tree_hash(root: Path, skip: tuple[str, ...] = ("outputs",)) -> dict[str, str]:
-    """Every file under `root` (but Hydra's run logs) with its sha256."""
+    """Every file under `root` (but Hydra's run logs, and the pretrained digests a merge
+    remembers in the cache the fixture points inside: `util.hashing.remembered_digest`)
+    with its sha256."""
     out = {}
+    digests = root / "cache" / "digests"
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not (Path(dirpath) == root and d in skip)]
+        if Path(dirpath) == digests:
+            continue
         for name in filenames:
             path = Path(dirpath) / name
             if not path.is_file():  # a FIFO would block the reader

@@ -166,7 +166,7 @@ def _leaf_lanes(typingctx, a, start, whole):
     return signature, codegen
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")  # called per 128 entries: no call overhead
 def _leaf_sum(a: np.ndarray, start: int, n: int) -> float:
     """A leaf of numpy's pairwise sum (`n <= 128`) of the float32 `a`'s magnitudes, in
     float64: 8 running sums combined as a tree (`_leaf_lanes`), then the rest in turn."""

@@ -24,6 +24,7 @@ from mergebench.engine.pool import ModelPool
 from mergebench.engine.safetensors_reader import SafetensorsReader
 from mergebench.engine.stream import TaskVectorStream, numpy_kernels
 from mergebench.engine.views import DtypeView
+from mergebench.util.buffers import huge_page_array
 from mergebench.util.progress import stage
 
 # Entries per span: N + 1 reads of 1 MiB (float32). Fewer, larger spans cost less in
@@ -101,7 +102,7 @@ class SpanBuffers:
     order: the pretrained model first) and a work's own outputs (`get`)."""
 
     def __init__(self, sources: int, dtype: np.dtype, span: int) -> None:
-        self.storage = np.empty((sources, span), dtype=dtype)
+        self.storage = huge_page_array((sources, span), dtype)  # reads land here
         self.scratch: dict[str, np.ndarray] = {}  # a work's own reused outputs
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -24,7 +24,7 @@ from mergebench.engine.checkpoints import SafetensorsReader, TensorReader
 from mergebench.results.shards import open_stem
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import TEMP_MARKER
-from mergebench.util.hashing import sha256_file
+from mergebench.util.hashing import remembered_digest, sha256_file
 
 FORMAT = "mergebench-result"
 # 2: manifest + checksum, task-specific keys "<task index>::<key>"; 3: sharded parts + index
@@ -47,7 +47,16 @@ def artifact_bytes(directory: str | Path) -> int:
 
 def pretrained_digest(source: TensorReader, keys: list[str]) -> str:
     """sha256 of the pretrained tensors a task-conditioned result adds its deltas to (key,
-    dtype, shape and bytes, in key order): whatever file format they come in."""
+    dtype, shape and bytes, in key order): whatever file format they come in. Remembered
+    between processes for safetensors files (`remembered_digest`), whose tensors are the
+    files' bytes as stored."""
+    if type(source) is SafetensorsReader:
+        return remembered_digest(source.files(), ["pretrained_digest", 1, sorted(keys)],
+                                 lambda: _tensors_digest(source, keys))  # fmt: skip
+    return _tensors_digest(source, keys)
+
+
+def _tensors_digest(source: TensorReader, keys: list[str]) -> str:
     digest = hashlib.sha256()
     for key in sorted(keys):
         tensor = source.get(key).detach().to("cpu").contiguous()
