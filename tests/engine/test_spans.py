@@ -176,6 +176,40 @@ def test_other_dtypes_take_the_stream(tmp_path, small_spans, method):
     assert "read" not in small_spans
 
 
+@pytest.mark.parametrize(("spread", "width"), [(0, 3), (1, 3), (2, 3), (3, 5), (8, 9), (40, 9)])
+def test_ties_window_is_as_wide_as_the_sample_quarters_disagree(tmp_path, monkeypatch,
+                                                               small_spans, spread, width):  # fmt: skip
+    """The guessed window's half width: half the largest distance of a quarter's guess from
+    the whole sample's, rounded up, at least 1 bin and at most `_MAX_HALF` (4)."""
+    from mergebench.methods import ties
+
+    pre, experts = pool(tmp_path)
+    monkeypatch.setattr(ties, "_SAMPLE_EVERY", 1)  # 13 spans: quarters of 4, 3, 3, 3
+    real_guess, real_count = ties._bin_of_rank, kernels.high_and_window_counts
+    guesses, wholes, widths = [], [], []
+
+    def guess(counts, rank):  # per task: the whole sample's guess, then its 4 quarters'
+        guesses.append(real_guess(counts, rank))
+        position = (len(guesses) - 1) % 5
+        if position == 0:
+            wholes.append(guesses[-1])
+            return wholes[-1]
+        return wholes[-1] + (spread if position == 1 else 0)  # one quarter off by `spread`
+
+    def count(bits, first_bins, high, window):
+        widths.append(window.shape[1])
+        real_count(bits, first_bins, high, window)
+
+    monkeypatch.setattr(ties, "_bin_of_rank", guess)
+    monkeypatch.setattr(kernels, "high_and_window_counts", count)
+    mergebench.merge("ties", pre, experts, k=0.3, progress=False, output_dir=tmp_path / "spans")
+    assert len(guesses) == 3 * 5 and set(widths) == {width}
+    assert small_spans.count("read") == 3 * 13  # the whole sample's guess is exact: a hit
+    monkeypatch.setattr(spans_module, "ENABLED", False)
+    mergebench.merge("ties", pre, experts, k=0.3, progress=False, output_dir=tmp_path / "stream")
+    same_files(tmp_path / "spans", tmp_path / "stream")
+
+
 @pytest.mark.parametrize("guess", ["hit", "miss"])
 @pytest.mark.parametrize("k", [0.3, 0.01, 1.0])
 def test_ties_guessed_pass_gives_the_exact_thresholds(tmp_path, monkeypatch, small_spans, guess,

@@ -214,11 +214,16 @@ def _span_count_pass_over(
 
 # The speculative radix select of the span path: a sample of one span in `_SAMPLE_EVERY`
 # guesses each task's high-bits bin of the k-th largest |tau|; the full counting pass then
-# also counts the low bits of the `2 * _WINDOW + 1` bins around the guess (int32: a
-# worker counts at most a task's entries). If every task's bin lies in its window, the
-# thresholds are exact after one full pass instead of two; else pass 2 runs as before.
+# also counts the low bits of a window of bins around the guess (int32: a worker counts at
+# most a task's entries). If every task's bin lies in its window, the thresholds are exact
+# after one full pass instead of two; else pass 2 runs as before. The window's half width
+# is half the largest distance of a guess from one of the sample's `_GROUPS` interleaved
+# quarters to the whole sample's (a quarter's error is about twice the whole's), rounded
+# up, at least 1 and at most `_MAX_HALF`: counting low bits is the costly part of the pass
+# (each entry in the window is a cache miss in its histogram), so a narrow window pays.
 _SAMPLE_EVERY = 16
-_WINDOW = 2
+_GROUPS = 4
+_MAX_HALF = 4
 
 
 def _guess_then_count(
@@ -232,18 +237,29 @@ def _guess_then_count(
     spans = spans_of(units)
     tasks, bins = select.rows, select.high.shape[1]
     sample = spans[::_SAMPLE_EVERY]
-    sampled = _span_count_pass_over(
-        stream, sources, sample, (tasks, bins), f"{description}: sample"
-    )
-    sample_size = sum(piece.width for piece in sample)
     total = sum(piece.width for piece in spans)
-    first_bins = np.empty(tasks, dtype=np.int64)
+    parts = [sample[g::_GROUPS] for g in range(_GROUPS) if sample[g::_GROUPS]]
+    part_counts = [
+        _span_count_pass_over(stream, sources, part, (tasks, bins), f"{description}: sample")
+        for part in parts
+    ]
+
+    def guess(counts: np.ndarray, size: int, r: int) -> int:
+        # the same rank in a sample of `size` entries, in proportion (at least 1)
+        rank = max(1, min(size, round(select.k[r] * size / max(total, 1))))
+        return _bin_of_rank(counts, rank)
+
+    sizes = [sum(piece.width for piece in part) for part in parts]
+    sampled, sample_size = sum(part_counts), sum(sizes)
+    guesses = np.empty(tasks, dtype=np.int64)
+    spread = 0
     for r in range(tasks):
-        # the same rank in the sample, in proportion (at least 1)
-        rank = max(1, min(sample_size, round(select.k[r] * sample_size / max(total, 1))))
-        guess = _bin_of_rank(sampled[r], rank)
-        first_bins[r] = max(0, guess - _WINDOW)
-    width = 2 * _WINDOW + 1
+        guesses[r] = guess(sampled[r], sample_size, r)
+        for counts, size in zip(part_counts, sizes, strict=True):
+            spread = max(spread, abs(guess(counts[r], size, r) - int(guesses[r])))
+    half = min(_MAX_HALF, max(1, -(-spread // 2)))
+    first_bins = np.maximum(guesses - half, 0)
+    width = 2 * half + 1
     mine, found, lock = threading.local(), [], threading.Lock()
 
     def work(piece: Span, buffers: SpanBuffers) -> None:
