@@ -215,6 +215,114 @@ def _pairwise(a: np.ndarray, n: int, nodes: np.ndarray, values: np.ndarray) -> f
     return values[0]
 
 
+@intrinsic
+def _leaf_lanes2(typingctx, a, a_start, b, b_start, whole, second):
+    """`_leaf_lanes` of `a[a_start:]` (returned) and of `b[b_start:]` (into `second[0]`),
+    `whole` entries each, in one loop: the two sums' lanes are independent chains of adds,
+    so each hides the other's latency; each lane's adds are `_leaf_lanes`' own, in order."""
+    ok = (
+        _float32_c(a, 1) and _float32_c(b, 1)
+        and isinstance(second, types.Array) and second.dtype == types.float64
+        and second.layout == "C" and second.ndim == 1
+    )  # fmt: skip
+    if not ok:
+        return None
+    signature = types.float64(a, types.intp, b, types.intp, types.intp, second)
+
+    def codegen(context, builder, signature, args):
+        first_array, second_array, out = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 5)
+        )
+        first_start, second_start, count = args[1], args[3], args[4]
+        doubles = ir.VectorType(ir.DoubleType(), 8)
+        eight = ir.Constant(count.type, 8)
+
+        def magnitudes(values, start, offset):
+            loaded = _load8(builder, values, builder.add(start, offset))
+            return builder.fpext(_magnitudes8(builder, loaded), doubles)
+
+        zero = ir.Constant(count.type, 0)
+        lanes_a = cgutils.alloca_once_value(builder, magnitudes(first_array, first_start, zero))
+        lanes_b = cgutils.alloca_once_value(builder, magnitudes(second_array, second_start, zero))
+        steps = builder.sub(builder.udiv(count, eight), ir.Constant(count.type, 1))
+        with cgutils.for_range(builder, steps) as loop:
+            offset = builder.mul(builder.add(loop.index, ir.Constant(count.type, 1)), eight)
+            builder.store(
+                builder.fadd(builder.load(lanes_a), magnitudes(first_array, first_start, offset)),
+                lanes_a,
+            )
+            builder.store(
+                builder.fadd(builder.load(lanes_b), magnitudes(second_array, second_start, offset)),
+                lanes_b,
+            )
+
+        def combined(lanes):
+            total = builder.load(lanes)
+            s = [builder.extract_element(total, ir.Constant(ir.IntType(32), k)) for k in range(8)]
+            left = builder.fadd(builder.fadd(s[0], s[1]), builder.fadd(s[2], s[3]))
+            right = builder.fadd(builder.fadd(s[4], s[5]), builder.fadd(s[6], s[7]))
+            return builder.fadd(left, right)
+
+        builder.store(combined(lanes_b), out.data)
+        return combined(lanes_a)
+
+    return signature, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _leaf_sum2(
+    a: np.ndarray, a_start: int, b: np.ndarray, b_start: int, n: int, second: np.ndarray
+) -> float:
+    """`_leaf_sum` of `a[a_start:]` (returned) and of `b[b_start:]` (into `second[0]`)."""
+    whole = n - n % 8
+    if whole:
+        first = _leaf_lanes2(a, a_start, b, b_start, whole, second)
+        other = second[0]
+    else:
+        first, other = 0.0, 0.0
+    for i in range(whole, n):
+        first += _term(a, a_start + i)
+        other += _term(b, b_start + i)
+    second[0] = other
+    return first
+
+
+@njit(cache=True, nogil=True)
+def _pairwise2(
+    a: np.ndarray, a_start: int, b: np.ndarray, b_start: int, n: int, nodes: np.ndarray,
+    values: np.ndarray, second: np.ndarray,
+) -> float:  # fmt: skip
+    """`_pairwise` of `a[a_start:a_start + n]` (returned) and of `b[b_start:b_start + n]`
+    (into `second[0]`) in one walk of the tree, leaves side by side (`_leaf_sum2`):
+    `values` is `[2, _STACK]` float64."""
+    top, count = 0, 0
+    nodes[0, 0], nodes[0, 1], nodes[0, 2] = 0, n, 0
+    while top >= 0:
+        start, size, stage = nodes[top, 0], nodes[top, 1], nodes[top, 2]
+        if size <= 128:
+            values[0, count] = _leaf_sum2(a, a_start + start, b, b_start + start, size, second)
+            values[1, count] = second[0]
+            count += 1
+            top -= 1
+            continue
+        half = size // 2
+        half -= half % 8
+        if stage == 2:  # both halves done: left + right
+            values[0, count - 2] = values[0, count - 2] + values[0, count - 1]
+            values[1, count - 2] = values[1, count - 2] + values[1, count - 1]
+            count -= 1
+            top -= 1
+            continue
+        nodes[top, 2] = stage + 1
+        top += 1
+        if stage == 0:
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start, half, 0
+        else:
+            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start + half, size - half, 0
+    second[0] = values[1, 0]
+    return values[0, 0]
+
+
 @njit(cache=True, nogil=True)
 def scaled_task_sum(taus: np.ndarray, scaling: np.float32, out: np.ndarray) -> None:
     """Task arithmetic: `out = scaling * sum_t taus[t]` (float32, task order)."""
@@ -433,6 +541,8 @@ def modulate(
     masked = np.empty(_CAST_CHUNK, dtype=np.float32)
     nodes = np.empty((_STACK, 3), dtype=np.int64)
     values = np.empty(_STACK, dtype=np.float64)
+    pair = np.empty((2, _STACK), dtype=np.float64)
+    second = np.empty(1, dtype=np.float64)
     for block in range(0, numel, sum_block):
         stop = min(numel, block + sum_block)
         if elect != ELECT_NONE:
@@ -457,10 +567,12 @@ def modulate(
                         same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
                         masked[j] = abs(y) if same else _F0
                     _pack(masked, width, packed[t], chunk // 8)
-                if rescale:
+                if rescale and mask:  # both sums in one walk
+                    block_numerator += _pairwise2(row, chunk, masked, 0, width, nodes, pair,
+                                                  second)  # fmt: skip
+                    block_denominator += second[0]
+                elif rescale:
                     block_numerator += _pairwise(row[chunk : chunk + width], width, nodes, values)
-                    if mask:
-                        block_denominator += _pairwise(masked, width, nodes, values)
             numerator[t] += block_numerator
             if mask:
                 denominator[t] += block_denominator
@@ -851,6 +963,8 @@ def emr_span(
     sums = np.empty(_CAST_CHUNK, dtype=np.float32)
     nodes = np.empty((_STACK, 3), dtype=np.int64)
     values = np.empty(_STACK, dtype=np.float64)
+    pair = np.empty((2, _STACK), dtype=np.float64)
+    second = np.empty(1, dtype=np.float64)
     for chunk in range(0, width, _CAST_CHUNK):
         size = min(_CAST_CHUNK, width - chunk)
         if not subtract_and_check(pre, rows, chunk, size, sums):
@@ -869,11 +983,13 @@ def emr_span(
             row = rows[t]
             if mask:
                 _mask_pack(row, unified, chunk, size, masked, packed[t], chunk // 8)
-            if rescale:
+            if rescale and mask:  # both sums in one walk
+                chunk_numerator[t, index] = _pairwise2(row, chunk, masked, 0, size, nodes, pair,
+                                                       second)  # fmt: skip
+                chunk_denominator[t, index] = second[0]
+            elif rescale:
                 chunk_numerator[t, index] = _pairwise(row[chunk : chunk + size], size, nodes,
                                                       values)  # fmt: skip
-                if mask:
-                    chunk_denominator[t, index] = _pairwise(masked, size, nodes, values)
         if rescale and not mask:
             plain = unified[chunk : chunk + size]
             chunk_denominator[0, index] = _pairwise(plain, size, nodes, values)

@@ -438,8 +438,9 @@ class _PrefixDigest:
                 self._prefix = end
                 while self._prefix in self._pending:
                     self._prefix = self._pending.pop(self._prefix)
-            else:
+            else:  # past the prefix: nothing new to hash yet, no need to wake the hasher
                 self._pending[start] = end
+                return
             self._changed.notify()
 
     def _run(self) -> None:
