@@ -210,6 +210,29 @@ def test_ties_window_is_as_wide_as_the_sample_quarters_disagree(tmp_path, monkey
     same_files(tmp_path / "spans", tmp_path / "stream")
 
 
+def test_ties_with_an_empty_sample_counts_in_two_passes(tmp_path, monkeypatch, small_spans):
+    """A sample of empty keys only (here the first span, of key "a", is the whole sample)
+    has nothing to guess from: pass 1 and pass 2 as without a guess, the stream's artifact."""
+    from mergebench.methods import ties
+
+    g = torch.Generator().manual_seed(5)
+    pre = {"a": torch.zeros(0), "w": torch.randn(20_000, generator=g)}
+    save_file(pre, tmp_path / "pre.safetensors")
+    experts = {}
+    for t in range(3):
+        state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+        save_file(state, tmp_path / f"t{t}.safetensors")
+        experts[f"t{t}"] = tmp_path / f"t{t}.safetensors"
+    monkeypatch.setattr(ties, "_SAMPLE_EVERY", 1000)  # the first span only
+    args = (tmp_path / "pre.safetensors", experts)
+    mergebench.merge("ties", *args, k=0.3, progress=False, output_dir=tmp_path / "spans")
+    spans = 1 + 3  # "a" (one empty span) and "w" (3 spans of 8,192)
+    assert small_spans.count("read") == 1 + 3 * spans  # the sample, pass 1, pass 2, merge
+    monkeypatch.setattr(spans_module, "ENABLED", False)
+    mergebench.merge("ties", *args, k=0.3, progress=False, output_dir=tmp_path / "stream")
+    same_files(tmp_path / "spans", tmp_path / "stream")
+
+
 @pytest.mark.parametrize("guess", ["hit", "miss"])
 @pytest.mark.parametrize("k", [0.3, 0.01, 1.0])
 def test_ties_guessed_pass_gives_the_exact_thresholds(tmp_path, monkeypatch, small_spans, guess,

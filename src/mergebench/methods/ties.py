@@ -250,13 +250,18 @@ def _guess_then_count(
         return _bin_of_rank(counts, rank)
 
     sizes = [sum(piece.width for piece in part) for part in parts]
-    sampled, sample_size = sum(part_counts), sum(sizes)
+    sampled = sum(part_counts, np.zeros((tasks, bins), dtype=np.int64))
+    if not sum(sizes):  # no entry in the sample (empty keys): nothing to guess from
+        counts = _span_count_pass_over(stream, sources, spans, (tasks, bins), description)
+        select.add_high(torch.from_numpy(counts))
+        return False
     guesses = np.empty(tasks, dtype=np.int64)
     spread = 0
     for r in range(tasks):
-        guesses[r] = guess(sampled[r], sample_size, r)
+        guesses[r] = guess(sampled[r], sum(sizes), r)
         for counts, size in zip(part_counts, sizes, strict=True):
-            spread = max(spread, abs(guess(counts[r], size, r) - int(guesses[r])))
+            if size:  # a quarter of empty keys says nothing
+                spread = max(spread, abs(guess(counts[r], size, r) - int(guesses[r])))
     half = min(_MAX_HALF, max(1, -(-spread // 2)))
     first_bins = np.maximum(guesses - half, 0)
     width = 2 * half + 1
