@@ -143,18 +143,27 @@ def test_float64_sums_depend_on_the_order_on_this_data():
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 127, 128, 129, 1000, 8191, 8192])
 @pytest.mark.parametrize(("a_start", "b_start"), [(0, 0), (3, 0), (0, 8), (13, 5)])
-def test_two_pairwise_sums_in_one_walk_are_each_numpys(n, a_start, b_start):
-    """`_pairwise2` walks the tree once for two rows at any offsets: each sum is numpy's
-    float64 pairwise sum of that row's magnitudes, to the bit."""
+def test_pairwise_sums_one_row_or_two_in_one_walk_are_each_numpys(n, a_start, b_start):
+    """`_pairwise_sums` walks the tree for one row or for two at once, at any offsets: each
+    sum is numpy's float64 pairwise sum of that row's magnitudes, to the bit."""
     rng = np.random.default_rng(n + a_start)
     a = hard_task_vectors(rng, 1, n + a_start)[0]
     b = hard_task_vectors(rng, 1, n + b_start)[0]
     nodes = np.empty((64, 3), dtype=np.int64)
-    pair, second = np.empty((2, 64)), np.empty(1)
-    first = kernels._pairwise2(a, a_start, b, b_start, n, nodes, pair, second)
-    for got, row in ((first, a[a_start:]), (second[0], b[b_start:])):
-        expected = np.add.reduce(np.abs(row).astype(np.float64))
-        assert np.float64(got).view(np.int64) == np.float64(expected).view(np.int64)
+    values, second = np.empty((2, 64)), np.empty(1)
+
+    def bits(x: float) -> int:
+        return int(np.float64(x).view(np.int64))
+
+    def numpys(row: np.ndarray) -> float:
+        return np.add.reduce(np.abs(row).astype(np.float64))
+
+    first = kernels._pairwise_sums(a, a_start, b, b_start, n, True, nodes, values, second)
+    assert bits(first) == bits(numpys(a[a_start:]))
+    assert bits(second[0]) == bits(numpys(b[b_start:]))
+    second[0] = -1.0
+    alone = kernels._pairwise_sums(a, a_start, b, b_start, n, False, nodes, values, second)
+    assert bits(alone) == bits(first) and second[0] == -1.0  # b untouched
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -9,7 +9,7 @@ computed:
 - float64 sums along a row repeat numpy's casting reduction exactly: the row cut into
   blocks (the old kernels' block size, `sum_block`), each summed as numpy does, i.e.
   `0 + pairwise(chunk_0) + pairwise(chunk_1) + ...` over chunks of its 8,192-entry cast
-  buffer, with numpy's pairwise summation (`_pairwise`) inside each chunk.
+  buffer, with numpy's pairwise summation (`_pairwise_sums`) inside each chunk.
 
 The kernels run serially and release the GIL (`nogil`): the stream already runs keys (and
 row blocks) on one worker thread per core, and numba's default threading layer refuses
@@ -77,7 +77,7 @@ _ensure_cache_dir()
 # numpy's default buffer size: a casting reduction sums chunks of this many entries.
 _CAST_CHUNK = 8192
 CAST_CHUNK = _CAST_CHUNK  # public: span kernels' callers cut spans on these chunks
-# Depth bound of `_pairwise`'s stacks (a chunk of 8,192 entries needs 8 levels).
+# Depth bound of `_pairwise_sums`'s stacks (a chunk of 8,192 entries needs 8 levels).
 _STACK = 64
 # Entries per inner block of the float32 kernels (work arrays stay in L1/L2).
 _BLOCK = 1024
@@ -182,39 +182,6 @@ def _leaf_sum(a: np.ndarray, start: int, n: int) -> float:
     return res
 
 
-@njit(cache=True, nogil=True)
-def _pairwise(a: np.ndarray, n: int, nodes: np.ndarray, values: np.ndarray) -> float:
-    """numpy's `pairwise_sum` (loops_utils.h) of `float64(|a[:n]|)`: halves (cut at
-    a multiple of 8) summed on their own and added, down to leaves of <= 128 entries.
-
-    The entries are non-negative (magnitudes), so `abs` changes nothing in float64 and
-    turns a float32 `a` into its magnitudes on the fly. Iterative, on the caller's stacks `nodes` (int64 `[_STACK, 3]`) and `values`: numba's
-    cache cannot always reload a recursive function."""
-    top, count = 0, 0
-    nodes[0, 0], nodes[0, 1], nodes[0, 2] = 0, n, 0
-    while top >= 0:
-        start, size, stage = nodes[top, 0], nodes[top, 1], nodes[top, 2]
-        if size <= 128:
-            values[count] = _leaf_sum(a, start, size)
-            count += 1
-            top -= 1
-            continue
-        half = size // 2
-        half -= half % 8
-        if stage == 2:  # both halves done: left + right
-            values[count - 2] = values[count - 2] + values[count - 1]
-            count -= 1
-            top -= 1
-            continue
-        nodes[top, 2] = stage + 1
-        top += 1
-        if stage == 0:
-            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start, half, 0
-        else:
-            nodes[top, 0], nodes[top, 1], nodes[top, 2] = start + half, size - half, 0
-    return values[0]
-
-
 @intrinsic
 def _leaf_lanes2(typingctx, a, a_start, b, b_start, whole, second):
     """`_leaf_lanes` of `a[a_start:]` (returned) and of `b[b_start:]` (into `second[0]`),
@@ -288,20 +255,30 @@ def _leaf_sum2(
 
 
 @njit(cache=True, nogil=True)
-def _pairwise2(
-    a: np.ndarray, a_start: int, b: np.ndarray, b_start: int, n: int, nodes: np.ndarray,
-    values: np.ndarray, second: np.ndarray,
+def _pairwise_sums(
+    a: np.ndarray, a_start: int, b: np.ndarray, b_start: int, n: int, both: bool,
+    nodes: np.ndarray, values: np.ndarray, second: np.ndarray,
 ) -> float:  # fmt: skip
-    """`_pairwise` of `a[a_start:a_start + n]` (returned) and of `b[b_start:b_start + n]`
-    (into `second[0]`) in one walk of the tree, leaves side by side (`_leaf_sum2`):
-    `values` is `[2, _STACK]` float64."""
+    """numpy's `pairwise_sum` (loops_utils.h) of `float64(|a[a_start:a_start + n]|)`
+    (returned) and, if `both`, of `b[b_start:b_start + n]`'s (into `second[0]`) in the same
+    walk, leaves side by side (`_leaf_sum2`): halves (cut at a multiple of 8) summed on
+    their own and added, down to leaves of <= 128 entries.
+
+    The entries are non-negative (magnitudes), so `abs` changes nothing in float64 and
+    turns a float32 row into its magnitudes on the fly. Iterative, on the caller's stacks
+    `nodes` (int64 `[_STACK, 3]`) and `values` (float64 `[2, _STACK]`): numba's cache
+    cannot always reload a recursive function."""
     top, count = 0, 0
     nodes[0, 0], nodes[0, 1], nodes[0, 2] = 0, n, 0
     while top >= 0:
         start, size, stage = nodes[top, 0], nodes[top, 1], nodes[top, 2]
         if size <= 128:
-            values[0, count] = _leaf_sum2(a, a_start + start, b, b_start + start, size, second)
-            values[1, count] = second[0]
+            if both:
+                values[0, count] = _leaf_sum2(a, a_start + start, b, b_start + start, size,
+                                              second)  # fmt: skip
+                values[1, count] = second[0]
+            else:
+                values[0, count] = _leaf_sum(a, a_start + start, size)
             count += 1
             top -= 1
             continue
@@ -319,7 +296,8 @@ def _pairwise2(
             nodes[top, 0], nodes[top, 1], nodes[top, 2] = start, half, 0
         else:
             nodes[top, 0], nodes[top, 1], nodes[top, 2] = start + half, size - half, 0
-    second[0] = values[1, 0]
+    if both:
+        second[0] = values[1, 0]
     return values[0, 0]
 
 
@@ -540,8 +518,7 @@ def modulate(
     work = np.empty((3, _BLOCK), dtype=np.float32)
     masked = np.empty(_CAST_CHUNK, dtype=np.float32)
     nodes = np.empty((_STACK, 3), dtype=np.int64)
-    values = np.empty(_STACK, dtype=np.float64)
-    pair = np.empty((2, _STACK), dtype=np.float64)
+    values = np.empty((2, _STACK), dtype=np.float64)
     second = np.empty(1, dtype=np.float64)
     for block in range(0, numel, sum_block):
         stop = min(numel, block + sum_block)
@@ -567,12 +544,11 @@ def modulate(
                         same = ((x > 0) & (y > 0)) | ((x < 0) & (y < 0))
                         masked[j] = abs(y) if same else _F0
                     _pack(masked, width, packed[t], chunk // 8)
-                if rescale and mask:  # both sums in one walk
-                    block_numerator += _pairwise2(row, chunk, masked, 0, width, nodes, pair,
-                                                  second)  # fmt: skip
-                    block_denominator += second[0]
-                elif rescale:
-                    block_numerator += _pairwise(row[chunk : chunk + width], width, nodes, values)
+                if rescale:  # with masks, both sums in one walk
+                    block_numerator += _pairwise_sums(row, chunk, masked, 0, width, mask, nodes,
+                                                      values, second)  # fmt: skip
+                    if mask:
+                        block_denominator += second[0]
             numerator[t] += block_numerator
             if mask:
                 denominator[t] += block_denominator
@@ -580,7 +556,8 @@ def modulate(
             plain = 0.0
             for chunk in range(block, stop, _CAST_CHUNK):
                 width = min(_CAST_CHUNK, stop - chunk)
-                plain += _pairwise(unified[chunk : chunk + width], width, nodes, values)
+                plain += _pairwise_sums(unified, chunk, unified, chunk, width, False, nodes,
+                                        values, second)  # fmt: skip
             for t in range(n):
                 denominator[t] += plain
 
@@ -962,8 +939,7 @@ def emr_span(
     masked = np.empty(_CAST_CHUNK, dtype=np.float32)
     sums = np.empty(_CAST_CHUNK, dtype=np.float32)
     nodes = np.empty((_STACK, 3), dtype=np.int64)
-    values = np.empty(_STACK, dtype=np.float64)
-    pair = np.empty((2, _STACK), dtype=np.float64)
+    values = np.empty((2, _STACK), dtype=np.float64)
     second = np.empty(1, dtype=np.float64)
     for chunk in range(0, width, _CAST_CHUNK):
         size = min(_CAST_CHUNK, width - chunk)
@@ -983,16 +959,14 @@ def emr_span(
             row = rows[t]
             if mask:
                 _mask_pack(row, unified, chunk, size, masked, packed[t], chunk // 8)
-            if rescale and mask:  # both sums in one walk
-                chunk_numerator[t, index] = _pairwise2(row, chunk, masked, 0, size, nodes, pair,
-                                                       second)  # fmt: skip
-                chunk_denominator[t, index] = second[0]
-            elif rescale:
-                chunk_numerator[t, index] = _pairwise(row[chunk : chunk + size], size, nodes,
-                                                      values)  # fmt: skip
+            if rescale:  # with masks, both sums in one walk
+                chunk_numerator[t, index] = _pairwise_sums(row, chunk, masked, 0, size, mask,
+                                                           nodes, values, second)  # fmt: skip
+                if mask:
+                    chunk_denominator[t, index] = second[0]
         if rescale and not mask:
-            plain = unified[chunk : chunk + size]
-            chunk_denominator[0, index] = _pairwise(plain, size, nodes, values)
+            chunk_denominator[0, index] = _pairwise_sums(unified, chunk, unified, chunk, size,
+                                                         False, nodes, values, second)  # fmt: skip
     return True
 
 
