@@ -1008,17 +1008,17 @@ def task_arithmetic_span(
         size = min(_CAST_CHUNK, width - chunk)
         if not subtract_and_check(pre, rows, chunk, size, sums):
             return False
-        if drop:
+        total = sums[:size]  # the task sum `subtract_and_check` left: the merge's, undropped
+        if drop:  # the sum of the dropped task vectors instead, in the same order
             for t in range(n):
                 philox_drop_and_rescale(rows[t, chunk : chunk + size], keys[t, 0], keys[t, 1],
                                         first + chunk, threshold, rescale, keep)  # fmt: skip
-        total = sums[:size]
-        for j in range(size):
-            total[j] = _F0
-        for t in range(n):
-            row = rows[t, chunk : chunk + size]
             for j in range(size):
-                total[j] += row[j]
+                total[j] = _F0
+            for t in range(n):
+                row = rows[t, chunk : chunk + size]
+                for j in range(size):
+                    total[j] += row[j]
         base, merged = pre[chunk : chunk + size], out[chunk : chunk + size]
         for j in range(size):
             merged[j] = base[j] + total[j] * scaling
