@@ -246,7 +246,7 @@ def warm_page_cache(pool: Path) -> None:
                 pass
 
 
-def read_once_s(pool: Path, tries: int = 3) -> float:
+def read_once_s(pool: Path, tries: int = 3, pattern: str = "*.safetensors") -> float:
     """Seconds to read every checkpoint of the pool once from the page cache into one reused
     16 MiB buffer (unbuffered `readinto`, so one read(2) per 16 MiB), best of `tries`: the
     floor a merge that reads the pool once could reach on this machine at this moment. The
@@ -258,7 +258,7 @@ def read_once_s(pool: Path, tries: int = 3) -> float:
     best = float("inf")
     for _ in range(tries):
         started = time.perf_counter()
-        for path in sorted(pool.glob("*.safetensors")):
+        for path in sorted(pool.glob(pattern)):
             with open(path, "rb", buffering=0) as handle:
                 while handle.readinto(buffer):
                     pass

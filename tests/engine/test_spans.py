@@ -119,8 +119,9 @@ def test_spans_write_the_streams_artifact(tmp_path, monkeypatch, small_spans, me
     assert len(kernel_calls(small_spans)) == expected
     if method == "ties":  # its counting passes read span by span too
         assert set(kernel_calls(small_spans)) == {"ties_merge"}
-        # a sample of 1 span in 16, pass 1, pass 2 if the guess missed, the merge pass
-        assert small_spans.count("read") in (1 + 2 * 13, 1 + 3 * 13)
+        # a sample of 1 span in 16, the window pass, the merge pass; the radix select's
+        # two passes instead of the window's (a sample too unsure) or after it (a miss)
+        assert small_spans.count("read") in (1 + 2 * 13, 1 + 3 * 13, 1 + 4 * 13)
     monkeypatch.setattr(spans_module, "ENABLED", False)
 
     def no_spans(*args):
@@ -176,35 +177,42 @@ def test_other_dtypes_take_the_stream(tmp_path, small_spans, method):
     assert "read" not in small_spans
 
 
-@pytest.mark.parametrize(("spread", "width"), [(0, 3), (1, 3), (2, 3), (3, 5), (8, 9), (40, 9)])
+@pytest.mark.parametrize(("spread", "width"), [(0, 8_192), (2_048, 8_192), (3_001, 12_004),
+                                               (32_768, 131_072), (32_769, None)])  # fmt: skip
 def test_ties_window_is_as_wide_as_the_sample_quarters_disagree(tmp_path, monkeypatch,
                                                                small_spans, spread, width):  # fmt: skip
-    """The guessed window's half width: half the largest distance of a quarter's guess from
-    the whole sample's, rounded up, at least 1 bin and at most `_MAX_HALF` (4)."""
+    """The sampled window's half width: twice the largest distance of a quarter's estimate
+    from the whole sample's, at least `_MIN_HALF` (4,096) values; past `_MAX_HALF` (65,536)
+    no window pass at all (the radix select's two passes)."""
     from mergebench.methods import ties
 
     pre, experts = pool(tmp_path)
     monkeypatch.setattr(ties, "_SAMPLE_EVERY", 1)  # 13 spans: quarters of 4, 3, 3, 3
-    real_guess, real_count = ties._bin_of_rank, kernels.high_and_window_counts
-    guesses, wholes, widths = [], [], []
+    real_estimate, real_count = ties._value_of_rank, kernels.window_counts
+    estimates, wholes, widths = [], [], []
 
-    def guess(counts, rank):  # per task: the whole sample's guess, then its 4 quarters'
-        guesses.append(real_guess(counts, rank))
-        position = (len(guesses) - 1) % 5
+    def estimate(counts, rank):  # per task: the whole sample's estimate, then its 4 quarters'
+        estimates.append(real_estimate(counts, rank))
+        position = (len(estimates) - 1) % 5
         if position == 0:
-            wholes.append(guesses[-1])
+            wholes.append(estimates[-1])
             return wholes[-1]
         return wholes[-1] + (spread if position == 1 else 0)  # one quarter off by `spread`
 
-    def count(bits, first_bins, high, window):
+    def count(raw, lows, window, above, sums):
         widths.append(window.shape[1])
-        real_count(bits, first_bins, high, window)
+        return real_count(raw, lows, window, above, sums)
 
-    monkeypatch.setattr(ties, "_bin_of_rank", guess)
-    monkeypatch.setattr(kernels, "high_and_window_counts", count)
+    monkeypatch.setattr(ties, "_value_of_rank", estimate)
+    monkeypatch.setattr(kernels, "window_counts", count)
     mergebench.merge("ties", pre, experts, k=0.3, progress=False, output_dir=tmp_path / "spans")
-    assert len(guesses) == 3 * 5 and set(widths) == {width}
-    assert small_spans.count("read") == 3 * 13  # the whole sample's guess is exact: a hit
+    assert len(estimates) == 3 * 5
+    if width is None:  # too unsure: the sample, pass 1, pass 2, the merge
+        assert not widths and small_spans.count("read") == 4 * 13
+    else:
+        assert set(widths) == {width}
+        # the sample, the window pass, the merge (a hit) or pass 1 and pass 2 too (a miss)
+        assert small_spans.count("read") in (3 * 13, 5 * 13)
     monkeypatch.setattr(spans_module, "ENABLED", False)
     mergebench.merge("ties", pre, experts, k=0.3, progress=False, output_dir=tmp_path / "stream")
     same_files(tmp_path / "spans", tmp_path / "stream")
@@ -235,21 +243,24 @@ def test_ties_with_an_empty_sample_counts_in_two_passes(tmp_path, monkeypatch, s
 
 @pytest.mark.parametrize("guess", ["hit", "miss"])
 @pytest.mark.parametrize("k", [0.3, 0.01, 1.0])
-def test_ties_guessed_pass_gives_the_exact_thresholds(tmp_path, monkeypatch, small_spans, guess,
+def test_ties_sampled_pass_gives_the_exact_thresholds(tmp_path, monkeypatch, small_spans, guess,
                                                       k):  # fmt: skip
-    """TIES' speculative counting (a sampled guess of each task's bin, its window's low bits
-    counted in pass 1): a hit skips pass 2, a miss runs it; both give the stream's artifact."""
+    """TIES' sampled select (an estimate of each task's k-th largest |tau| from a sample, a
+    window of values around it counted in one full pass): a hit reads the thresholds off
+    the window, a miss runs the radix select's two passes; both give the stream's artifact."""
     from mergebench.methods import ties
 
     pre, experts = pool(tmp_path)
-    if guess == "hit":  # the whole pool as the sample: the guess is the bin itself
+    if guess == "hit":  # the whole pool as the sample, a window wider than the bin: a hit
         monkeypatch.setattr(ties, "_SAMPLE_EVERY", 1)
-    else:  # a guess far from any task vector's bin
-        monkeypatch.setattr(ties, "_bin_of_rank", lambda counts, rank: 30_000)
+        monkeypatch.setattr(ties, "_MIN_HALF", 1 << 17)
+        monkeypatch.setattr(ties, "_MAX_HALF", 1 << 30)
+    else:  # an estimate far from any task vector's value
+        monkeypatch.setattr(ties, "_value_of_rank", lambda counts, rank: 30_000 << 16)
     mergebench.merge("ties", pre, experts, k=k, progress=False, output_dir=tmp_path / "spans")
-    # hit: the sample (all 13 spans), pass 1, the merge; miss: 1 sampled span, pass 1,
-    # pass 2, the merge
-    assert small_spans.count("read") == (3 * 13 if guess == "hit" else 1 + 3 * 13)
+    # hit: the sample (all 13 spans), the window pass, the merge; miss: 1 sampled span, the
+    # window pass, pass 1, pass 2, the merge
+    assert small_spans.count("read") == (3 * 13 if guess == "hit" else 1 + 4 * 13)
     monkeypatch.setattr(spans_module, "ENABLED", False)
     mergebench.merge("ties", pre, experts, k=k, progress=False, output_dir=tmp_path / "stream")
     same_files(tmp_path / "spans", tmp_path / "stream")

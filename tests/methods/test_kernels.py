@@ -223,27 +223,80 @@ def test_radix_counts_match_bincount():
     np.testing.assert_array_equal(select.values().numpy(), np.array(expected, np.float32))
 
 
-def test_window_counts_are_the_low_counts_of_each_bin_in_the_window():
-    """`high_and_window_counts`: pass 1's histogram, and for each bin of a row's window the
-    histogram `low_counts` would give with that bin as the target (windows at bin 0, around
-    the populated bins, and past every entry)."""
-    rng = np.random.default_rng(4)
-    bits = hard_task_vectors(rng, 3, 9_999).view(np.uint32)
-    populated = int(np.median((bits[1] >> 16) & 0x7FFF))
-    first_bins = np.array([0, populated - 2, 32_760], dtype=np.int64)
-    high = np.zeros((3, 1 << 16), np.int64)
-    window = np.zeros((3, 5, 1 << 16), np.int32)
-    kernels.high_and_window_counts(bits, first_bins, high, window)
-    expected_high = np.zeros_like(high)
-    kernels.high_counts(bits, expected_high)
-    np.testing.assert_array_equal(high, expected_high)
-    assert window[1].sum() > 0
-    for r in range(3):
-        for offset in range(5):
-            low = np.zeros((3, 1 << 16), np.int64)
-            tops = np.full(3, first_bins[r] + offset, np.int64)
-            kernels.low_counts(bits, tops, low)
-            np.testing.assert_array_equal(window[r, offset], low[r])
+def expected_window_counts(raw: np.ndarray, lows: np.ndarray, size: int):
+    """numpy's `window_counts`: per task the counts of |tau|'s bits in each window value,
+    the count above the window, and whether every task sum is finite."""
+    taus = raw[1:] - raw[0]
+    bits = taus.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    window = np.zeros((len(taus), size), np.int64)
+    above = np.zeros(len(taus), np.int64)
+    for t, (row, low) in enumerate(zip(bits.astype(np.int64), lows.astype(np.int64), strict=True)):
+        inside = row[(row >= low) & (row < low + size)] - low
+        window[t] = np.bincount(inside, minlength=size)
+        above[t] = np.count_nonzero(row >= low + size)
+    total = np.zeros(raw.shape[1], np.float32)
+    for tau in taus:
+        total += tau
+    return window, above, bool(np.isfinite(total).all())
+
+
+@pytest.mark.parametrize("width", [0, 1, 7, 8, 9, 64, 1_003, 9_999])
+def test_window_counts_are_numpys(width):
+    """`window_counts`: the raw entries' task vectors counted into each task's window of
+    values and above it (windows at 0, around the populated values, at the top of the
+    range, one value wide), the finiteness of the task sums as `subtract_and_check`; the
+    8-lane body and the scalar tail alike (widths around multiples of 8)."""
+    rng = np.random.default_rng(width)
+    taus = hard_task_vectors(rng, 4, width)
+    pre = (rng.standard_normal(width) * 0.01).astype(np.float32)
+    raw = np.ascontiguousarray(np.concatenate([pre[None], taus + pre]), dtype=np.float32)
+    populated = max(4_096, int(np.median(np.abs(raw[2] - raw[0]).view(np.uint32))) if width else 0)
+    for size, lows in [
+        (4_096, np.array([0, populated - 2_048, 0x7F800000 - 4_096, populated], np.uint32)),
+        (1, np.array([0, populated, 0x3F000000, 0x7FFFFFFE], np.uint32)),
+    ]:
+        window = np.full((4, size), 5, np.int64)  # counts add to what is there
+        above = np.full(4, 7, np.int64)
+        sums = np.empty(width + 3, np.float32)
+        finite = kernels.window_counts(raw, lows, window, above, sums)
+        want_window, want_above, want_finite = expected_window_counts(raw, lows, size)
+        np.testing.assert_array_equal(window - 5, want_window)
+        np.testing.assert_array_equal(above - 7, want_above)
+        assert finite == want_finite
+    if width >= 64:
+        assert want_window.sum() or want_above.sum()
+
+
+def test_window_counts_edges_by_hand():
+    """Window `[bits(0.5), bits(0.5) + 2)`: 0.5 and -0.5 and the next float up count in it,
+    the one after that is above, the one below 0.5 is neither (9 entries: the 8-lane body
+    and a tail of one)."""
+    half = np.float32(0.5)
+    up = np.nextafter(half, np.float32(1))
+    values = [half, -half, up, np.nextafter(up, np.float32(1)), np.nextafter(half, np.float32(0)),
+              np.float32(2), np.float32(0), -np.float32(0), -up]  # fmt: skip
+    raw = np.stack([np.zeros(9, np.float32), np.array(values, np.float32)])
+    low = np.array([half.view(np.uint32)], np.uint32)
+    window, above = np.zeros((1, 2), np.int64), np.zeros(1, np.int64)
+    assert kernels.window_counts(raw, low, window, above, np.empty(9, np.float32))
+    assert window.tolist() == [[2, 2]] and above.tolist() == [2]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_window_counts_finds_a_non_finite_task_sum(bad):
+    """A nan/inf entry, or task vectors whose sum overflows, as `subtract_and_check`."""
+    rng = np.random.default_rng(2)
+    raw = rng.standard_normal((4, 100)).astype(np.float32)
+    raw[2, 37] = bad
+    args = (np.zeros(3, np.uint32), np.zeros((3, 8), np.int64), np.zeros(3, np.int64),
+            np.empty(100, np.float32))  # fmt: skip
+    assert not kernels.window_counts(raw, *args)
+    raw[2, 37] = 0.0
+    assert kernels.window_counts(raw, *args)
+    raw[1:, 50] = 3.0e38  # each finite; their sum is not
+    assert not kernels.window_counts(raw, *args)
+    total = np.empty(100, np.float32)
+    assert kernels.subtract_and_check(raw[0], raw[1:].copy(), 0, 100, total) is False
 
 
 def test_the_kernel_cache_falls_back_to_a_writable_folder(tmp_path, monkeypatch):

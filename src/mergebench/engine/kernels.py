@@ -728,6 +728,7 @@ def warm_up() -> None:
 
 # --- Span kernels: raw checkpoint entries in, outputs out, in the cache ---------------------
 _EXPONENT = np.uint32(0x7F800000)
+_MAGNITUDE = np.uint32(0x7FFFFFFF)
 
 
 @njit(cache=True, nogil=True)
@@ -1025,24 +1026,93 @@ def task_arithmetic_span(
     return True
 
 
+def _splat_words8(builder, value):
+    """`<8 x i32>` holding the 32-bit `value` in every lane."""
+    one = builder.insert_element(ir.Constant(_WORDS8, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))  # fmt: skip
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+
+
+@intrinsic
+def _window8(typingctx, raw, row, j, low, high, width, sums):
+    """Entries `j .. j + 7` of task row `row` of the raw span `raw` `[N + 1, width]` (row 0
+    the pretrained entries): `tau = raw[row] - raw[0]` (float32), added into `sums[j ...]`,
+    and of `|tau|`'s bits `v` (sign cleared) the lanes with `v - low < width` (unsigned: in
+    the window) as the low 8 bits of the result, entry `j` lowest, and how many lanes have
+    `v >= high` in bits 8 and up."""
+    if not (_float32_c(raw, 2) and _float32_c(sums, 1)):
+        return None
+    word = types.uint32
+    signature = word(raw, types.intp, types.intp, word, word, word, sums)
+
+    def codegen(context, builder, signature, args):
+        rows = context.make_array(signature.args[0])(context, builder, args[0])
+        total = context.make_array(signature.args[6])(context, builder, args[6])
+        _, columns = cgutils.unpack_tuple(builder, rows.shape, 2)
+        j = args[2]
+        tau = builder.fsub(_load8(builder, rows, builder.add(builder.mul(args[1], columns), j)),
+                           _load8(builder, rows, j))  # fmt: skip
+        where = builder.bitcast(builder.gep(total.data, [j]), _FLOATS8.as_pointer())
+        builder.store(builder.fadd(builder.load(where, align=4), tau), where, align=4)
+        bits = builder.and_(builder.bitcast(tau, _WORDS8), ir.Constant(_WORDS8, [0x7FFFFFFF] * 8))
+        above = builder.icmp_unsigned(">=", bits, _splat_words8(builder, args[4]))
+        inside = builder.icmp_unsigned("<", builder.sub(bits, _splat_words8(builder, args[3])),
+                                       _splat_words8(builder, args[5]))  # fmt: skip
+        i32 = ir.IntType(32)
+        popcount = builder.module.declare_intrinsic("llvm.ctpop", [i32])
+        count = builder.call(popcount, [builder.zext(builder.bitcast(above, ir.IntType(8)), i32)])
+        lanes = builder.zext(builder.bitcast(inside, ir.IntType(8)), i32)
+        return builder.or_(lanes, builder.shl(count, ir.Constant(i32, 8)))
+
+    return signature, codegen
+
+
 @njit(cache=True, nogil=True)
-def high_and_window_counts(
-    bits: np.ndarray, first_bins: np.ndarray, high: np.ndarray, window: np.ndarray
-) -> None:
-    """`high_counts`, and in the same pass `low_counts` for every high-bits bin of a window
-    per row: `window[r, b - first_bins[r], low bits] += 1` for the entries of row r whose
-    |value|'s high bin `b` lies in `first_bins[r] .. first_bins[r] + window.shape[1] - 1`
-    (a radix select that guessed where its k-th value lies, see `ties`)."""
-    rows, numel = bits.shape
-    width = np.uint32(window.shape[1])
-    for r in range(rows):
-        first = np.uint32(first_bins[r])
-        counts, row, lows = high[r], bits[r], window[r].reshape(-1)
-        per_bin = window.shape[2]
-        for i in range(numel):
-            value = row[i]
-            b = (value >> np.uint32(16)) & np.uint32(0x7FFF)
-            counts[b] += 1
-            offset = np.uint32(b - first)  # below the window it wraps: one unsigned compare
-            if offset < width:
-                lows[np.int64(offset) * per_bin + np.int64(value & np.uint32(0xFFFF))] += 1
+def window_counts(
+    raw: np.ndarray, lows: np.ndarray, window: np.ndarray, above: np.ndarray, sums: np.ndarray
+) -> bool:
+    """One pass of TIES' sampled select over a raw span `raw` `[N + 1, width]` (the
+    pretrained entries, then the fine-tuned ones; float32, left as they are): for each task
+    t, with `v` the bits of `|tau_t|` (`tau_t = raw[t + 1] - raw[0]`, sign cleared),
+    `window[t, v - lows[t]] += 1` for `lows[t] <= v < lows[t] + W` (`W = window.shape[1]`)
+    and `above[t] +=` the count of `v >= lows[t] + W`. The k-th largest lies in the window
+    when `above[t] < k <= above[t] + window[t].sum()`, and is then read off it exactly.
+
+    Also whether every task sum `((0 + tau_0) + tau_1) + ...` is finite (as
+    `subtract_and_check`; `sums`: at least `width` float32 entries of work space). 8 lanes
+    at a time (`_window8`): entries in a window are rare, so only their lanes go one by one."""
+    n = raw.shape[0] - 1
+    width = raw.shape[1]
+    size = np.uint32(window.shape[1])
+    base = raw[0]
+    whole = width - width % 8
+    for j in range(width):
+        sums[j] = _F0
+    for t in range(n):
+        row = raw[t + 1]
+        low = np.uint32(lows[t])
+        high = np.uint32(low + size)
+        counts = window[t]
+        count = 0
+        for j in range(0, whole, 8):
+            found = _window8(raw, t + 1, j, low, high, size, sums)
+            count += found >> np.uint32(8)
+            lanes = found & np.uint32(0xFF)
+            if lanes:
+                for lane in range(8):
+                    if (lanes >> np.uint32(lane)) & np.uint32(1):
+                        value = _bits_of_f32(row[j + lane] - base[j + lane]) & _MAGNITUDE
+                        counts[np.uint32(value - low)] += 1
+        for j in range(whole, width):
+            tau = row[j] - base[j]
+            sums[j] += tau
+            value = _bits_of_f32(tau) & _MAGNITUDE
+            count += np.int64(value >= high)
+            offset = np.uint32(value - low)
+            if offset < size:
+                counts[offset] += 1
+        above[t] += count
+    infinite = np.uint32(0)
+    for j in range(width):
+        infinite |= np.uint32((_bits_of_f32(sums[j]) & _EXPONENT) == _EXPONENT)
+    return infinite == 0

@@ -3,7 +3,7 @@
 Trim keeps, per task, the entries whose |value| is at least the `keep`-th largest, with
 `keep = max(1, floor(k * n + 0.5))` over `n` entries: over all merged tensors of the task
 together (`topk_scope=global`, exact even when streamed: two counting passes of a radix
-select, see `mergebench.engine.topk`; from float32 files often one, `_guess_then_count`) or per tensor (`tensor`: the same radix select over the
+select, see `mergebench.engine.topk`; from float32 files often one, `_sampled_thresholds`) or per tensor (`tensor`: the same radix select over the
 one key on the CPU, no sort and no temporaries; nothing to select when every entry is kept,
 as in mergekit's `dare_ties`, whose TIES keeps all of DARE's survivors). Per tensor on the
 CPU, the keys the stream cuts into row blocks get their thresholds from two counting passes
@@ -212,27 +212,31 @@ def _span_count_pass_over(
     return total
 
 
-# The speculative radix select of the span path: a sample of one span in `_SAMPLE_EVERY`
-# guesses each task's high-bits bin of the k-th largest |tau|; the full counting pass then
-# also counts the low bits of a window of bins around the guess (int32: a worker counts at
-# most a task's entries). If every task's bin lies in its window, the thresholds are exact
-# after one full pass instead of two; else pass 2 runs as before. The window's half width
-# is half the largest distance of a guess from one of the sample's `_GROUPS` interleaved
-# quarters to the whole sample's (a quarter's error is about twice the whole's), rounded
-# up, at least 1 and at most `_MAX_HALF`: counting low bits is the costly part of the pass
-# (each entry in the window is a cache miss in its histogram), so a narrow window pays.
+# The sampled select of the span path: a sample of one span in `_SAMPLE_EVERY` estimates
+# each task's k-th largest |tau| (its high-bits bin from the sample's histogram, the low bits
+# by where the rank falls within that bin's count); one full pass then counts the entries of
+# a window of values around each estimate one by one (`kernels.window_counts`, straight from
+# the raw entries, 8 lanes at a time: few entries fall in a window) and those above it. If
+# every task's k-th lies in its window, the thresholds are read off exactly after that one
+# pass; else (a miss, or a sample too unsure) the radix select's two passes run as before.
+# The window's half width is twice the largest distance of an estimate from one of the
+# sample's `_GROUPS` interleaved quarters to the whole sample's (a quarter's error is about
+# twice the whole's), at least `_MIN_HALF` values; past `_MAX_HALF` the sample is too
+# unsure to guess from.
 _SAMPLE_EVERY = 16
 _GROUPS = 4
-_MAX_HALF = 4
+_MIN_HALF = 1 << 12
+_MAX_HALF = 1 << 16
 
 
-def _guess_then_count(
+def _sampled_thresholds(
     stream: TaskVectorStream, sources: list[SafetensorsReader], select: RadixSelect,
     description: str,
-) -> bool:  # fmt: skip
-    """Fill `select`'s pass-1 counts in one full pass, with the low-bits counts of a window of
-    bins around a sampled guess; True (and `select`'s pass-2 counts filled) when every task's
-    bin fell inside its window, False (pass-1 counts filled, pass 2 still to run) otherwise."""
+) -> torch.Tensor | None:  # fmt: skip
+    """The exact k-th largest |tau| per task (float32 `[tasks]`) from one full pass over a
+    window of values a sample points to; None (and `select`'s pass-1 counts filled, pass 2
+    still to run) when the sample says nothing, is too unsure, or a task's k-th fell outside
+    its window."""
     units = whole_keys(stream)
     spans = spans_of(units)
     tasks, bins = select.rows, select.high.shape[1]
@@ -243,57 +247,66 @@ def _guess_then_count(
         _span_count_pass_over(stream, sources, part, (tasks, bins), f"{description}: sample")
         for part in parts
     ]
-
-    def guess(counts: np.ndarray, size: int, r: int) -> int:
-        # the same rank in a sample of `size` entries, in proportion (at least 1)
-        rank = max(1, min(size, round(select.k[r] * size / max(total, 1))))
-        return _bin_of_rank(counts, rank)
-
     sizes = [sum(piece.width for piece in part) for part in parts]
     sampled = sum(part_counts, np.zeros((tasks, bins), dtype=np.int64))
-    if not sum(sizes):  # no entry in the sample (empty keys): nothing to guess from
-        counts = _span_count_pass_over(stream, sources, spans, (tasks, bins), description)
-        select.add_high(torch.from_numpy(counts))
-        return False
-    guesses = np.empty(tasks, dtype=np.int64)
+
+    def estimate(counts: np.ndarray, size: int, r: int) -> int:
+        # the same rank in a sample of `size` entries, in proportion (at least 1)
+        rank = max(1, min(size, round(select.k[r] * size / max(total, 1))))
+        return _value_of_rank(counts, rank)
+
+    estimates = np.zeros(tasks, dtype=np.int64)
     spread = 0
-    for r in range(tasks):
-        guesses[r] = guess(sampled[r], sum(sizes), r)
+    for r in range(tasks if sum(sizes) else 0):  # an empty sample (empty keys) says nothing
+        estimates[r] = estimate(sampled[r], sum(sizes), r)
         for counts, size in zip(part_counts, sizes, strict=True):
             if size:  # a quarter of empty keys says nothing
-                spread = max(spread, abs(guess(counts[r], size, r) - int(guesses[r])))
-    half = min(_MAX_HALF, max(1, -(-spread // 2)))
-    first_bins = np.maximum(guesses - half, 0)
-    width = 2 * half + 1
+                spread = max(spread, abs(estimate(counts[r], size, r) - int(estimates[r])))
+
+    def radix_pass_1() -> None:
+        counts = _span_count_pass_over(stream, sources, spans, (tasks, bins), description)
+        select.add_high(torch.from_numpy(counts))
+
+    half = max(_MIN_HALF, 2 * spread)
+    if not sum(sizes) or half > _MAX_HALF:
+        radix_pass_1()
+        return None
+    lows = np.maximum(estimates - half, 0).astype(np.uint32)
     mine, found, lock = threading.local(), [], threading.Lock()
 
     def work(piece: Span, buffers: SpanBuffers) -> None:
         held = getattr(mine, "counts", None)
         if held is None:
-            held = mine.counts = (np.zeros((tasks, bins), dtype=np.int64),
-                                  np.zeros((tasks, width, bins), dtype=np.int32))  # fmt: skip
+            held = mine.counts = (np.zeros((tasks, 2 * half), dtype=np.int64),
+                                  np.zeros(tasks, dtype=np.int64))  # fmt: skip
             with lock:
                 found.append(held)
-        bits = _task_vector_span(stream, sources, piece, buffers)[1:].view(np.uint32)
-        kernels.high_and_window_counts(bits, first_bins, held[0], held[1])
+        rows = buffers.read(sources, piece)
+        sums = buffers.get("task sum", (piece.width,), np.float32)
+        if piece.width and not kernels.window_counts(rows, lows, held[0], held[1], sums):
+            raise stream._non_finite(piece.key)
 
     run_spans(stream, spans, work, f"{description}: top-k", len(sources), np.dtype(np.float32))
-    high = np.zeros((tasks, bins), dtype=np.int64)
-    window = np.zeros((tasks, width, bins), dtype=np.int64)
-    for part_high, part_window in found:
-        high += part_high
-        window += part_window
-    select.add_high(torch.from_numpy(high))
-    offsets = [top - int(first_bins[r]) for r, (top, _) in enumerate(select.targets())]
-    if not all(0 <= offset < width for offset in offsets):
-        return False
-    select.add_low(torch.from_numpy(np.stack([window[r, o] for r, o in enumerate(offsets)])))
-    return True
+    window = sum((counts for counts, _ in found), np.zeros((tasks, 2 * half), dtype=np.int64))
+    above = sum((counts for _, counts in found), np.zeros(tasks, dtype=np.int64))
+    values = []
+    for r in range(tasks):
+        # entries >= lows[r] + o, for each offset o of the window
+        at_least = above[r] + np.cumsum(window[r][::-1])[::-1]
+        if not above[r] < select.k[r] <= at_least[0]:  # a miss: the radix select's passes
+            radix_pass_1()
+            return None
+        values.append(int(lows[r]) + int(np.nonzero(at_least >= select.k[r])[0].max()))
+    return torch.tensor(values, dtype=torch.int32).view(torch.float32)
 
 
-def _bin_of_rank(counts: np.ndarray, rank: int) -> int:
-    """The high-bits bin holding the `rank`-th largest entry of a histogram (the guess)."""
-    return bin_with_kth_largest(torch.from_numpy(counts), rank)[0]
+def _value_of_rank(counts: np.ndarray, rank: int) -> int:
+    """An estimate of the bits of the `rank`-th largest |value| a high-bits histogram counts:
+    its bin, and within the bin's 65,536 values as far down as the rank is within the bin's
+    count (entries taken as spread evenly over the bin)."""
+    top, higher = bin_with_kth_largest(torch.from_numpy(counts), rank)
+    within = (rank - higher - 0.5) / int(counts[top])
+    return (top << 16) + min(0xFFFF, max(0, int((1.0 - within) * 0x10000)))
 
 
 class Ties(TaskVectorMethod):
@@ -336,9 +349,11 @@ class Ties(TaskVectorMethod):
             sources = stored_sources(stream.pool, stream, torch.float32)
             if sources is None:
                 select.add_high(_count_pass(stream, shape, f"{self.name}: top-k 1/2", None))
-            elif _guess_then_count(stream, sources, select, self.name):
-                self._thresholds = select.values()
-                return
+            else:
+                thresholds = _sampled_thresholds(stream, sources, select, self.name)
+                if thresholds is not None:
+                    self._thresholds = thresholds
+                    return
             count = functools.partial(_span_count_pass, sources) if sources else _count_pass
             tops = np.array([top for top, _ in select.targets()], dtype=np.int64)
             select.add_low(count(stream, shape, f"{self.name}: top-k 2/2", tops))
