@@ -387,16 +387,24 @@ def test_emr_span_kernel_matches_the_numpy_code_bit_for_bit(n, magnitude):
                 np.testing.assert_array_equal(denominator.view(np.int64), den.view(np.int64))
 
 
-@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
-def test_span_kernels_report_a_non_finite_task_sum(bad):
-    weights = np.ones((4, 9000), np.float32)
-    weights[2, 8500] = bad
-    unified, packed = np.empty(9000, np.float32), np.zeros((3, 1125), np.uint8)
-    sums = np.zeros((2, 3, 2))
-    rows = weights.copy()
-    assert not kernels.emr_span(rows[0], rows[1:], kernels.ELECT_MAX, True, True, unified,
-                                packed, sums[0], sums[1])  # fmt: skip
-    rows, out = weights.copy(), np.empty(9000, np.float32)
+@pytest.mark.parametrize("where", [8500, 9001])  # in the 8-lane body, in the tail
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, "overflow"])
+def test_span_kernels_report_a_non_finite_task_sum(bad, where):
+    """A nan/inf entry, or finite task vectors whose sum overflows, anywhere in a span; the
+    same span without it passes."""
+    weights = np.ones((4, 9003), np.float32)
+    if bad == "overflow":
+        weights[1:, where] = 3.0e38
+    else:
+        weights[2, where] = bad
+    for broken in (True, False):
+        rows = weights.copy() if broken else np.ones((4, 9003), np.float32)
+        unified, packed = np.empty(9003, np.float32), np.zeros((3, 1126), np.uint8)
+        sums = np.zeros((2, 3, 2))
+        found = kernels.emr_span(rows[0], rows[1:], kernels.ELECT_MAX, True, True, unified,
+                                 packed, sums[0], sums[1])  # fmt: skip
+        assert found is not broken
+    rows, out = weights.copy(), np.empty(9003, np.float32)
     no_keys = np.zeros((3, 2), np.uint64)
     assert not kernels.task_arithmetic_span(rows[0], rows[1:], np.float32(0.3), 0, False, no_keys,
                                             np.int64(0), False, np.float32(1), out)  # fmt: skip

@@ -758,36 +758,54 @@ def subtract_and_check(
 
 
 @intrinsic
-def _elect8(typingctx, taus, j, out):
-    """EMR's max election of entries `j .. j + 7` of the C-contiguous float32 `taus`
-    `[N, width]` into `out[j:j + 8]`: `_elect_block`'s arithmetic per entry (the task sum
-    in task order from `tau_0`, the running max and min with the same comparisons), 8
-    entries per instruction."""
-    if not (_float32_c(taus, 2) and _float32_c(out, 1)):
+def _subtract_elect8(typingctx, pre, rows, j, out):
+    """`subtract_and_check` and `_elect_block`'s max election of entries `j .. j + 7` in one go: every task row
+    of the C-contiguous float32 `rows` `[N, width]` becomes its task vector there
+    (`rows[t, j] -= pre[j]`), `out[j:j + 8]` gets the max election, and the result's 8 low
+    bits say which lanes' task sum `((0 + tau_0) + tau_1) + ...` is not finite: per entry
+    `_elect_block`'s arithmetic (the running max and min with the same comparisons), 8
+    entries per instruction. One sum from +0 serves both: the election's, from `tau_0`,
+    differs only in the sign of a zero sum, which `> 0` does not see."""
+    if not (_float32_c(pre, 1) and _float32_c(rows, 2) and _float32_c(out, 1)):
         return None
 
     def codegen(context, builder, signature, args):
-        rows = context.make_array(signature.args[0])(context, builder, args[0])
-        chosen = context.make_array(signature.args[2])(context, builder, args[2])
-        count, width = cgutils.unpack_tuple(builder, rows.shape, 2)
-        first = _load8(builder, rows, args[1])
-        total, high, low = (cgutils.alloca_once_value(builder, first) for _ in range(3))
+        base_array, taus, chosen = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 3)
+        )
+        count, width = cgutils.unpack_tuple(builder, taus.shape, 2)
+        j = args[2]
+        base = _load8(builder, base_array, j)
+
+        def task_vector(task):
+            at = builder.gep(taus.data, [builder.add(builder.mul(task, width), j)])
+            where = builder.bitcast(at, _FLOATS8.as_pointer())
+            tau = builder.fsub(builder.load(where, align=4), base)
+            builder.store(tau, where, align=4)
+            return tau
+
+        first = task_vector(ir.Constant(count.type, 0))
+        total = cgutils.alloca_once_value(builder, builder.fadd(_splat(0.0), first))
+        high, low = (cgutils.alloca_once_value(builder, first) for _ in range(2))
         with cgutils.for_range(builder, builder.sub(count, ir.Constant(count.type, 1))) as loop:
-            task = builder.add(loop.index, ir.Constant(count.type, 1))
-            x = _load8(builder, rows, builder.add(builder.mul(task, width), args[1]))
+            x = task_vector(builder.add(loop.index, ir.Constant(count.type, 1)))
             builder.store(builder.fadd(builder.load(total), x), total)
             h, lo = builder.load(high), builder.load(low)
             builder.store(builder.select(builder.fcmp_ordered(">", x, h), x, h), high)
             builder.store(builder.select(builder.fcmp_ordered("<", x, lo), x, lo), low)
-        lo = builder.load(low)
+        lo, summed = builder.load(low), builder.load(total)
         negative = builder.select(builder.fcmp_ordered("<", lo, _splat(0.0)), lo, _splat(-0.0))
-        positive = builder.fcmp_ordered(">", builder.load(total), _splat(0.0))
-        where = builder.gep(chosen.data, [args[1]])
+        positive = builder.fcmp_ordered(">", summed, _splat(0.0))
+        where = builder.gep(chosen.data, [j])
         builder.store(builder.select(positive, builder.load(high), negative),
                       builder.bitcast(where, _FLOATS8.as_pointer()), align=4)  # fmt: skip
-        return context.get_dummy_value()
+        exponent = ir.Constant(_WORDS8, [0x7F800000] * 8)
+        infinite = builder.icmp_unsigned(
+            "==", builder.and_(builder.bitcast(summed, _WORDS8), exponent), exponent
+        )
+        return builder.zext(builder.bitcast(infinite, ir.IntType(8)), ir.IntType(32))
 
-    return types.void(taus, types.intp, out), codegen
+    return types.uint32(pre, rows, types.intp, out), codegen
 
 
 @intrinsic
@@ -944,14 +962,17 @@ def emr_span(
     second = np.empty(1, dtype=np.float64)
     for chunk in range(0, width, _CAST_CHUNK):
         size = min(_CAST_CHUNK, width - chunk)
-        if not subtract_and_check(pre, rows, chunk, size, sums):
-            return False
-        if elect == ELECT_MAX:
+        if elect == ELECT_MAX:  # the subtraction and the election in one pass, 8 lanes
             whole = size - size % 8
+            infinite = np.uint32(0)
             for j in range(chunk, chunk + whole, 8):
-                _elect8(rows, j, unified)
+                infinite |= _subtract_elect8(pre, rows, j, unified)
+            if infinite or not subtract_and_check(pre, rows, chunk + whole, size - whole, sums):
+                return False
             if whole < size:
                 _elect_block(rows, chunk + whole, size - whole, work, unified)
+        elif not subtract_and_check(pre, rows, chunk, size, sums):
+            return False
         elif elect == ELECT_SUM:
             for start in range(chunk, chunk + size, _BLOCK):
                 _elect_sum_block(rows, start, min(_BLOCK, chunk + size - start), work, unified)
