@@ -201,7 +201,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "imports_s": imports_s,
         "vm_hwm_bytes": _status("VmHWM"),
     }
-    print(json.dumps({**report, **write_once(Path(args.out))}))
+    print(json.dumps(report))
 
 
 def write_once(artifact: Path) -> dict:
@@ -229,6 +229,14 @@ def write_once(artifact: Path) -> dict:
     system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - usage.ru_stime
     scratch.unlink()
     return {"write_once_s": wall, "write_once_system_s": system, "artifact_bytes": size}
+
+
+def write_once_run(artifact: Path) -> dict:
+    """`write_once` in a child of its own, after the merge's (whose figures it must not
+    touch), just as the artifact is there."""
+    command = [sys.executable, __file__, "_write_once", "--out", str(artifact)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def _status(field: str) -> int:
@@ -316,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("pool", "method", "params", "out"):
         worker.add_argument(f"--{name}", required=True)
     worker.add_argument("--threads", type=int, default=2)
+    sub.add_parser("_write_once").add_argument("--out", type=Path, required=True)
     for kind in SHAPES:
         build = sub.add_parser(f"_build_{kind}")
         build.add_argument("--layers", type=int, default=SHAPES[kind][5])
@@ -330,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "_worker":
         run_worker(args)
+        return
+    if args.command == "_write_once":
+        print(json.dumps(write_once(args.out)))
         return
     if args.command.startswith("_build_"):
         build_pool(args.command.removeprefix("_build_"), args.layers, args.pools)
@@ -354,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             read = read_once_s(pool, pattern="*/model.safetensors")
             row = {"read_once_s": read, **mergebench_run(pool, method, params, out, args.threads)}
             row["merge_x_read"] = row["merge_s"] / read
+            row.update(write_once_run(out))
             results["rows"].append({"run": name, "tool": "mergebench", **row})
             print(json.dumps(results["rows"][-1]), flush=True)
             if args.mergekit and args.command != "embedding":
