@@ -759,13 +759,13 @@ def subtract_and_check(
 
 @intrinsic
 def _subtract_elect8(typingctx, pre, rows, j, out):
-    """`subtract_and_check` and `_elect_block`'s max election of entries `j .. j + 7` in one go: every task row
-    of the C-contiguous float32 `rows` `[N, width]` becomes its task vector there
-    (`rows[t, j] -= pre[j]`), `out[j:j + 8]` gets the max election, and the result's 8 low
-    bits say which lanes' task sum `((0 + tau_0) + tau_1) + ...` is not finite: per entry
-    `_elect_block`'s arithmetic (the running max and min with the same comparisons), 8
-    entries per instruction. One sum from +0 serves both: the election's, from `tau_0`,
-    differs only in the sign of a zero sum, which `> 0` does not see."""
+    """`subtract_and_check` and `_elect_block`'s max election of entries `j .. j + 7` in
+    one go: every task row of the C-contiguous float32 `rows` `[N, width]` becomes its task
+    vector there (`rows[t, j] -= pre[j]`), `out[j:j + 8]` gets the election (per entry
+    `_elect_block`'s arithmetic: the running max and min with the same comparisons), and
+    the result's 8 low bits say which lanes' task sum `((0 + tau_0) + tau_1) + ...` is not
+    finite; 8 entries per instruction. One sum from +0 serves both: the election's, from
+    `tau_0`, differs only in the sign of a zero sum, which `> 0` does not see."""
     if not (_float32_c(pre, 1) and _float32_c(rows, 2) and _float32_c(out, 1)):
         return None
 
