@@ -731,6 +731,16 @@ _EXPONENT = np.uint32(0x7F800000)
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _all_finite(sums: np.ndarray, width: int) -> bool:
+    """Whether none of `sums[:width]` (float32) has its exponent bits all set (inf or nan);
+    branch-free, so the loop vectorizes."""
+    infinite = np.uint32(0)
+    for j in range(width):
+        infinite |= np.uint32((_bits_of_f32(sums[j]) & _EXPONENT) == _EXPONENT)
+    return infinite == 0
+
+
 @njit(cache=True, nogil=True)
 def subtract_and_check(
     pre: np.ndarray, rows: np.ndarray, start: int, width: int, total: np.ndarray
@@ -751,10 +761,7 @@ def subtract_and_check(
             x = row[j] - base[j]
             row[j] = x
             sums[j] += x
-    infinite = np.uint32(0)  # exponent bits all set: inf or nan
-    for j in range(width):
-        infinite |= np.uint32((_bits_of_f32(sums[j]) & _EXPONENT) == _EXPONENT)
-    return infinite == 0
+    return _all_finite(sums, width)
 
 
 @intrinsic
@@ -845,9 +852,9 @@ def _mask8(typingctx, row, unified, j, masked, packed, byte):
     return types.void(row, unified, types.intp, masked, packed, types.intp), codegen
 
 
-def _broadcast8(builder, value):
-    """`<8 x float>` holding the float32 `value` in every lane."""
-    one = builder.insert_element(ir.Constant(_FLOATS8, ir.Undefined), value,
+def _broadcast8(builder, value, vector=_FLOATS8):
+    """An 8-lane `vector` (float32 or int32 lanes) holding `value` in every lane."""
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value,
                                  ir.Constant(ir.IntType(32), 0))  # fmt: skip
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
 
@@ -1047,13 +1054,6 @@ def task_arithmetic_span(
     return True
 
 
-def _splat_words8(builder, value):
-    """`<8 x i32>` holding the 32-bit `value` in every lane."""
-    one = builder.insert_element(ir.Constant(_WORDS8, ir.Undefined), value,
-                                 ir.Constant(ir.IntType(32), 0))  # fmt: skip
-    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
-
-
 @intrinsic
 def _window8(typingctx, raw, row, j, low, high, width, sums):
     """Entries `j .. j + 7` of task row `row` of the raw span `raw` `[N + 1, width]` (row 0
@@ -1076,9 +1076,9 @@ def _window8(typingctx, raw, row, j, low, high, width, sums):
         where = builder.bitcast(builder.gep(total.data, [j]), _FLOATS8.as_pointer())
         builder.store(builder.fadd(builder.load(where, align=4), tau), where, align=4)
         bits = builder.and_(builder.bitcast(tau, _WORDS8), ir.Constant(_WORDS8, [0x7FFFFFFF] * 8))
-        above = builder.icmp_unsigned(">=", bits, _splat_words8(builder, args[4]))
-        inside = builder.icmp_unsigned("<", builder.sub(bits, _splat_words8(builder, args[3])),
-                                       _splat_words8(builder, args[5]))  # fmt: skip
+        above = builder.icmp_unsigned(">=", bits, _broadcast8(builder, args[4], _WORDS8))
+        inside = builder.icmp_unsigned("<", builder.sub(bits, _broadcast8(builder, args[3], _WORDS8)),
+                                       _broadcast8(builder, args[5], _WORDS8))  # fmt: skip
         i32 = ir.IntType(32)
         popcount = builder.module.declare_intrinsic("llvm.ctpop", [i32])
         count = builder.call(popcount, [builder.zext(builder.bitcast(above, ir.IntType(8)), i32)])
@@ -1133,7 +1133,4 @@ def window_counts(
             if offset < size:
                 counts[offset] += 1
         above[t] += count
-    infinite = np.uint32(0)
-    for j in range(width):
-        infinite |= np.uint32((_bits_of_f32(sums[j]) & _EXPONENT) == _EXPONENT)
-    return infinite == 0
+    return _all_finite(sums, width)

@@ -3,7 +3,8 @@
 Trim keeps, per task, the entries whose |value| is at least the `keep`-th largest, with
 `keep = max(1, floor(k * n + 0.5))` over `n` entries: over all merged tensors of the task
 together (`topk_scope=global`, exact even when streamed: two counting passes of a radix
-select, see `mergebench.engine.topk`; from float32 files often one, `_sampled_thresholds`) or per tensor (`tensor`: the same radix select over the
+select, see `mergebench.engine.topk`; from float32 files often one, `_sampled_thresholds`)
+or per tensor (`tensor`: the same radix select over the
 one key on the CPU, no sort and no temporaries; nothing to select when every entry is kept,
 as in mergekit's `dare_ties`, whose TIES keeps all of DARE's survivors). Per tensor on the
 CPU, the keys the stream cuts into row blocks get their thresholds from two counting passes
