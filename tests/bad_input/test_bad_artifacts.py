@@ -192,7 +192,58 @@ def test_model_file_bit_flipped(tmp_path, models):
     data = bytearray((out / "model.safetensors").read_bytes())
     data[-1] ^= 1
     (out / "model.safetensors").write_bytes(bytes(data))
-    raises("model.safetensors: changed since.*sha256", mergebench.load_result, out)
+    raises("model.safetensors: changed since.*blake3 mismatch", mergebench.load_result, out)
+
+
+def as_version_3(folder: Path) -> None:
+    """Rewrite a saved result's manifest as format version 3 wrote it: sha256 per file."""
+    from mergebench.results.artifact import meta_checksum
+    from mergebench.util.hashing import sha256_file
+
+    meta = json.loads((folder / "result.json").read_text())
+    for name, info in meta["manifest"]["files"].items():
+        del info["blake3"]
+        info["sha256"] = sha256_file(folder / name)
+    meta["format_version"] = 3
+    meta["checksum"] = meta_checksum(meta)
+    (folder / "result.json").write_text(json.dumps(meta))
+
+
+def test_a_version_3_result_is_checked_by_its_sha256(tmp_path, models):
+    result = mergebench.merge("ties", *models, exclude=HEAD, progress=False)
+    out = result.save(tmp_path / "out")
+    meta = json.loads((out / "result.json").read_text())
+    assert meta["format_version"] == 4
+    assert set(meta["manifest"]["files"]["model.safetensors"]) == {"blake3", "size"}
+    as_version_3(out)
+    loaded = mergebench.load_result(out)  # the sha256s check out
+    assert loaded.state_dict().keys() == result.state_dict().keys()
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(data))
+    raises("model.safetensors: changed since.*sha256 mismatch", mergebench.load_result, out)
+    mergebench.load_result(out, verify=False)  # sizes only: the user's choice
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("size only", "manifest entry 'model.safetensors' records no digest"),
+        (["x"], "manifest entry 'model.safetensors' is not an object"),
+    ],
+)
+def test_a_manifest_entry_without_a_digest(tmp_path, models, entry, message):
+    from mergebench.results.artifact import meta_checksum
+
+    result = mergebench.merge("ties", *models, exclude=HEAD, progress=False)
+    out = result.save(tmp_path / "out")
+    meta = json.loads((out / "result.json").read_text())
+    if entry == "size only":
+        entry = {"size": (out / "model.safetensors").stat().st_size}
+    meta["manifest"]["files"]["model.safetensors"] = entry
+    meta["checksum"] = meta_checksum(meta)
+    (out / "result.json").write_text(json.dumps(meta))
+    raises(message, mergebench.load_result, out)
 
 
 def test_method_edited_in_result_json(tmp_path, models):

@@ -263,7 +263,7 @@ def test_output_dir_with_foreign_files(work, merge_cli):
 def test_output_dir_with_a_hand_edited_result(work, merge_cli):
     assert merge_cli(*BASE, "output_dir=out", changes=True).code == 0
     meta = json.loads((work / "out" / "result.json").read_text())
-    meta["manifest"]["files"]["NOTES.md"] = {"sha256": "0" * 64, "size": 9}
+    meta["manifest"]["files"]["NOTES.md"] = {"blake3": "0" * 64, "size": 9}
     (work / "out" / "result.json").write_text(json.dumps(meta))
     (work / "out" / "NOTES.md").write_text("my notes\n")
     before = tree_hash(work / "out")

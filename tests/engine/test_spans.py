@@ -7,8 +7,11 @@ stream does."""
 from __future__ import annotations
 
 import filecmp
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -264,3 +267,38 @@ def test_ties_sampled_pass_gives_the_exact_thresholds(tmp_path, monkeypatch, sma
     monkeypatch.setattr(spans_module, "ENABLED", False)
     mergebench.merge("ties", pre, experts, k=k, progress=False, output_dir=tmp_path / "stream")
     same_files(tmp_path / "spans", tmp_path / "stream")
+
+
+class _Stream:  # what `run_spans` reads of a stream
+    def __init__(self, threads: int) -> None:
+        self.threads, self.progress = threads, False
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_run_spans_takes_every_span_once_each_thread_with_its_own_buffers(threads):
+    pieces = spans_module.spans_of([("a", 0, 5 * spans_module.SPAN_NUMEL + 3), ("b", 0, 0)])
+    seen, owners, lock = [], {}, threading.Lock()
+
+    def work(piece, buffers) -> None:
+        with lock:
+            seen.append(piece)
+            assert owners.setdefault(id(buffers), threading.get_ident()) == threading.get_ident()
+
+    spans_module.run_spans(_Stream(threads), pieces, work, "test", 2, np.dtype(np.float32))
+    assert sorted(seen, key=lambda p: (p.key, p.first)) == pieces  # once each, none lost
+    assert 1 <= len(owners) <= min(threads, len(pieces))
+
+
+def test_run_spans_stops_at_the_first_error_and_raises_it():
+    pieces = spans_module.spans_of([("a", 0, 40 * spans_module.SPAN_NUMEL)])
+    taken = []
+
+    def work(piece, buffers) -> None:
+        taken.append(piece)
+        if piece.first == 3 * spans_module.SPAN_NUMEL:
+            raise MergeBenchError("span 3 failed")
+        time.sleep(0.05)  # (the failing span's error is in before this span ends)
+
+    with pytest.raises(MergeBenchError, match="span 3 failed"):
+        spans_module.run_spans(_Stream(2), pieces, work, "test", 2, np.dtype(np.float32))
+    assert 4 <= len(taken) <= 5  # the other thread finishes the span it holds, takes no more

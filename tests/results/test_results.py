@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import mergebench
 from mergebench.engine.bits import pack_bits, unpack_bits
 from mergebench.results import artifact as results_artifact
+from mergebench.util import hashing
 from mergebench.util.errors import MergeBenchError
 
 HEAD = [r"classifier\..*"]
@@ -94,7 +95,7 @@ def test_results_that_recorded_the_pretrained_files_sha256_still_check_it(tmp_pa
     folder = result.save(tmp_path / "out")
     meta = json.loads((folder / "result.json").read_text())
     assert "sha256" not in meta["pretrained"]  # one pass: the digest alone
-    meta["pretrained"]["sha256"] = [results_artifact.sha256_file(tmp_path / "pre.safetensors")]
+    meta["pretrained"]["sha256"] = [hashing.sha256_file(tmp_path / "pre.safetensors")]
     meta["checksum"] = results_artifact.meta_checksum(meta)
     (folder / "result.json").write_text(json.dumps(meta))
     assert_same_results(result, mergebench.load_result(folder), "abc")

@@ -7,11 +7,12 @@ checksum, versions), `loading` (`load_result` and its checks), `publish` (where 
 write, over `util.fs.publish_folder`), `streaming` (merges that write as they go), `shards`
 (safetensors shards), `switching` (fast task switching)."""
 
-from mergebench.results.artifact import artifact_bytes, sha256_file
+from mergebench.results.artifact import artifact_bytes
 from mergebench.results.kinds import MergeResult, SingleModelResult, TaskConditionedResult
 from mergebench.results.loading import load_result
 from mergebench.results.shards import DEFAULT_SHARD_BYTES, LazyTensors, parse_size
 from mergebench.results.streaming import ArtifactTarget, stream_result
+from mergebench.util.hashing import file_digest
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -21,8 +22,8 @@ __all__ = [
     "SingleModelResult",
     "TaskConditionedResult",
     "artifact_bytes",
+    "file_digest",
     "load_result",
     "parse_size",
-    "sha256_file",
     "stream_result",
 ]

@@ -1,10 +1,11 @@
 """The result artifact's format: its version, `result.json` (read and checked), the
-manifest of the files written (sha256 and size) and the checksum of `result.json` itself,
+manifest of the files written (digest and size) and the checksum of `result.json` itself,
 and the checks a part's files must pass (shards of the right result, the right tasks).
 
 Format versions: 1 wrote one file per part and no manifest; 2 added the manifest, the
 checksum and task-specific keys `"<task index>::<key>"`; 3 writes each part as shards with
-a Hugging Face index (`shards.py`). Every version still loads (`loading.py`).
+a Hugging Face index (`shards.py`); 4 records each file's BLAKE3 in the manifest instead of its
+sha256 (`util.hashing.FILE_DIGEST`). Every version still loads (`loading.py`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from mergebench.engine.checkpoints import SafetensorsReader, TensorReader
 from mergebench.results.shards import open_stem
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import TEMP_MARKER
-from mergebench.util.hashing import remembered_digest, sha256_file
+from mergebench.util.hashing import FILE_DIGEST, FILE_DIGESTS, file_digest, remembered_digest
 
 FORMAT = "mergebench-result"
-# 2: manifest + checksum, task-specific keys "<task index>::<key>"; 3: sharded parts + index
-FORMAT_VERSION = 3
+# 2: manifest + checksum, task-specific keys "<task index>::<key>"; 3: sharded parts + index;
+# 4: the manifest's file digests are BLAKE3 (sha256 before)
+FORMAT_VERSION = 4
 SEP = "::"
 META = "result.json"
 
@@ -181,6 +183,8 @@ def check_manifest(directory: Path, meta: Mapping[str, Any], verify: bool) -> No
         path = directory / name
         if Path(name).name != name or name in ("", ".", ".."):
             raise MergeBenchError(f"{meta_path}: manifest names {name!r}, not a file name")
+        if not isinstance(info, dict):
+            raise MergeBenchError(f"{meta_path}: manifest entry {name!r} is not an object")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -190,8 +194,20 @@ def check_manifest(directory: Path, meta: Mapping[str, Any], verify: bool) -> No
                 f"{path}: changed since the result was saved ({size} bytes, "
                 f"manifest says {info.get('size')})"
             )
-        if verify and sha256_file(path) != info.get("sha256"):
-            raise MergeBenchError(f"{path}: changed since the result was saved (sha256 mismatch)")
+        if verify:
+            _check_digest(path, info, meta_path, name)
+
+
+def _check_digest(path: Path, info: Mapping[str, Any], meta_path: Path, name: str) -> None:
+    """The file's digest against its manifest entry's (BLAKE3, or sha256 before format 4)."""
+    algorithm = next((a for a in FILE_DIGESTS if a in info), None)
+    if algorithm is None:
+        raise MergeBenchError(
+            f"{meta_path}: manifest entry {name!r} records no digest "
+            f"(expected one of: {', '.join(FILE_DIGESTS)})"
+        )
+    if file_digest(path, algorithm) != info[algorithm]:
+        raise MergeBenchError(f"{path}: changed since the result was saved ({algorithm} mismatch)")
 
 
 def open_part(directory: Path, stem: str, version: int = FORMAT_VERSION) -> SafetensorsReader:
@@ -238,12 +254,13 @@ def excluded_keys_of(source: SafetensorsReader) -> list[str]:
 
 
 def file_manifest(folder: Path, pool: ThreadPoolExecutor | None = None) -> dict[str, Any]:
-    """sha256 and size of every file in `folder` but `result.json` (on `pool`'s threads)."""
+    """Digest (`FILE_DIGEST`) and size of every file in `folder` but `result.json` (on
+    `pool`'s threads)."""
     files = sorted(p.name for p in folder.iterdir() if p.name not in (META, TEMP_MARKER))
-    hashes = (pool.map if pool else map)(lambda name: sha256_file(folder / name), files)
+    hashes = (pool.map if pool else map)(lambda name: file_digest(folder / name), files)
     return {
         "files": {
-            name: {"sha256": digest, "size": (folder / name).stat().st_size}
+            name: {FILE_DIGEST: digest, "size": (folder / name).stat().st_size}
             for name, digest in zip(files, hashes, strict=True)
         }
     }

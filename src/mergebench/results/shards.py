@@ -6,7 +6,7 @@ it assigns keys to shards in order, writes each shard's safetensors header, size
 and then each finished tensor is written at its offset with `pwrite` (any thread, any
 order). Nothing but the tensor being written is held in memory, whatever the model's depth.
 While the tensors come in, a thread per shard hashes the part written from the start on
-(`_PrefixDigest`), so the manifest's sha256 of a shard written roughly in order costs no
+(`_PrefixDigest`), so the manifest's digest of a shard written roughly in order costs no
 pass of its own after the merge.
 
 Files of a stem `model`: `model.safetensors` when one shard holds everything, otherwise
@@ -17,7 +17,6 @@ result's shards open with `transformers`/`safetensors` tooling as well as with o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,9 +31,8 @@ import numpy as np
 import torch
 
 from mergebench.engine.checkpoints import SafetensorsReader, TensorReader, shards_from_index
-from mergebench.util.buffers import huge_page_array
 from mergebench.util.errors import MergeBenchError
-from mergebench.util.hashing import forget_sha256, remember_sha256
+from mergebench.util.hashing import forget_file_digests, new_file_digest, remember_file_digest
 
 # Shards of at most this many bytes unless told otherwise (Hugging Face's default is 5 GB).
 DEFAULT_SHARD_BYTES = 4 * 10**9
@@ -82,7 +80,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def shard_file_names(stem: str, count: int) -> list[str]:
@@ -131,7 +129,7 @@ class ShardedWriter:
         try:
             for shard, group in enumerate(groups):
                 header, data_start = _header(group, metadata)
-                forget_sha256(self.folder / self.files[shard])  # about to be rewritten
+                forget_file_digests(self.folder / self.files[shard])  # about to be rewritten
                 fd = os.open(
                     self.folder / self.files[shard], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644
                 )
@@ -144,7 +142,7 @@ class ShardedWriter:
                     offset += entry.nbytes
                 os.ftruncate(fd, offset)
                 self._digests.append(_PrefixDigest(fd, offset))
-                self._digests[-1].written(0, data_start)
+                self._digests[-1].written(0, header)
         except BaseException:
             self._close_fds()
             raise
@@ -227,7 +225,7 @@ class ShardedWriter:
         if data.size:
             with self._file_locks[shard]:
                 _pwrite_all(self._fds[shard], memoryview(data), offset)
-            self._digests[shard].written(offset, offset + data.size)
+            self._digests[shard].written(offset, data)
 
     def _done(self, key: str, nbytes: int) -> None:
         with self._lock:
@@ -243,7 +241,7 @@ class ShardedWriter:
         self._close_fds()
         for name, digest in zip(self.files, digests, strict=False):
             if digest is not None:
-                remember_sha256(self.folder / name, digest)
+                remember_file_digest(self.folder / name, digest)
         if missing:
             raise MergeBenchError(
                 f"{self.stem}: {len(missing)} tensors never written ({missing[0]!r}, ...)"
@@ -412,73 +410,101 @@ def _header(group: Sequence[Entry], metadata: Mapping[str, str] | None) -> tuple
 
 
 class _PrefixDigest:
-    """sha256 of a file of `size` bytes being written in pieces, in a thread that hashes the
-    written prefix (read back from the page cache) as it grows. A piece that starts past the
-    prefix waits for the gap; one that lands inside the part already covered (a rewrite)
-    spoils the digest (`finish` gives None: the file is hashed again, as without this)."""
+    """The digest (`FILE_DIGEST`) of a file of `size` bytes being written in pieces, hashed by
+    the writing threads as the written prefix grows: a piece that extends the prefix is
+    hashed from the writer's memory (still in its cache) right after its `pwrite`; one that
+    lands past the prefix is kept as a copy (up to `_KEEP_BYTES` in all) or, past that, as
+    a range to read back from the file once the prefix reaches it. A piece inside the part
+    already covered (a rewrite) spoils the digest (`finish` gives None: the file is hashed
+    again, as without this). No thread of its own: a hand-off per piece cost more than the
+    hash."""
 
-    _CHUNK = 1 << 23
+    _KEEP_BYTES = 64 << 20
+    _CHUNK = 1 << 23  # read-back reads
 
     def __init__(self, fd: int, size: int) -> None:
         self._fd, self._size = fd, size
-        self._pending: dict[int, int] = {}  # start -> end of pieces past the prefix
-        self._prefix = 0  # bytes [0, prefix) written
-        self._spoiled = self._stopped = False
-        self._changed = threading.Condition()
-        self._sha = hashlib.sha256()
-        self._hashed = 0
-        self._thread = threading.Thread(target=self._run, name="mergebench-hash", daemon=True)
-        self._thread.start()
+        self._pending: dict[int, bytes | int] = {}  # start -> a copy, or the end to read back
+        self._kept = 0  # bytes held in copies
+        self._prefix = 0  # bytes [0, prefix) hashed, or being hashed by the busy thread
+        self._busy = self._spoiled = False
+        self._lock = threading.Lock()
+        self._digest = new_file_digest()
 
-    def written(self, start: int, end: int) -> None:
-        with self._changed:
-            if start < self._prefix or start in self._pending:
-                self._spoiled = True
-            elif start == self._prefix:
-                self._prefix = end
-                while self._prefix in self._pending:
-                    self._prefix = self._pending.pop(self._prefix)
-            else:  # past the prefix: nothing new to hash yet, no need to wake the hasher
-                self._pending[start] = end
+    def written(self, start: int, data: np.ndarray | bytes) -> None:
+        """Bytes `data` were just written at `start` (a C-contiguous uint8 array or bytes)."""
+        end = start + len(data)
+        with self._lock:
+            if self._spoiled:
                 return
-            self._changed.notify()
+            if start < self._prefix or start in self._pending:
+                self._spoil()
+                return
+            if start > self._prefix or self._busy:
+                if self._kept + len(data) <= self._KEEP_BYTES:
+                    self._pending[start] = bytes(data)
+                    self._kept += len(data)
+                else:
+                    self._pending[start] = end
+                return
+            self._busy = True
+            self._prefix = end
+        self._hash_from(memoryview(data))
 
-    def _run(self) -> None:
-        buffer = memoryview(huge_page_array(min(self._CHUNK, self._size), np.uint8))
+    def _hash_from(self, data: memoryview) -> None:
+        """Hash `data` (the bytes at the prefix) and then every kept piece or range the
+        prefix reaches, until none is next; this thread alone hashes meanwhile (`_busy`)."""
         try:
-            while self._hashed < self._size:
-                with self._changed:
-                    while self._prefix <= self._hashed and not (self._stopped or self._spoiled):
-                        self._changed.wait()
-                    if self._stopped or self._spoiled:
+            while True:
+                self._digest.update(data)
+                with self._lock:
+                    piece = self._pending.pop(self._prefix, None)
+                    if piece is None or self._spoiled:
+                        self._busy = False
                         return
-                    limit = self._prefix
-                while self._hashed < limit:
-                    count = os.preadv(self._fd, [buffer[: min(len(buffer), limit - self._hashed)]],
-                                      self._hashed)  # fmt: skip
-                    if not count:
-                        raise EOFError
-                    self._sha.update(buffer[:count])
-                    self._hashed += count
-        except (OSError, EOFError):
-            with self._changed:
-                self._spoiled = True
+                    start = self._prefix
+                    if isinstance(piece, int):
+                        self._prefix = piece
+                    else:
+                        self._kept -= len(piece)
+                        self._prefix += len(piece)
+                if isinstance(piece, int):
+                    self._hash_read_back(start, piece)
+                    data = memoryview(b"")
+                else:
+                    data = memoryview(piece)
+        except (OSError, EOFError):  # (the file's own hash at the end says what is wrong)
+            with self._lock:
+                self._busy = False
+                self._spoil()
+
+    def _hash_read_back(self, start: int, end: int) -> None:
+        """Hash bytes `start : end` read back from the file, `_CHUNK` at a time."""
+        buffer = memoryview(bytearray(min(self._CHUNK, end - start)))
+        while start < end:
+            count = os.preadv(self._fd, [buffer[: min(len(buffer), end - start)]], start)
+            if not count:
+                raise EOFError
+            self._digest.update(buffer[:count])
+            start += count
 
     def finish(self) -> str | None:
-        """The file's sha256 once every byte is written and hashed, else None."""
-        with self._changed:
-            if self._prefix < self._size:
-                self._spoiled = True
-            self._changed.notify()
-        self._thread.join()
-        whole = self._hashed == self._size and not self._spoiled
-        return self._sha.hexdigest() if whole else None
+        """The file's digest once every byte is written and hashed, else None."""
+        with self._lock:
+            # (a piece left pending overlapped another: the bytes hashed may be stale)
+            unsure = self._busy or self._spoiled or self._pending
+            whole = self._prefix == self._size and not unsure
+            return self._digest.hexdigest() if whole else None
 
     def stop(self) -> None:
-        with self._changed:
-            self._stopped = True
-            self._changed.notify()
-        self._thread.join()
+        """Drop what is kept (the writer is aborting)."""
+        with self._lock:
+            self._spoil()
+
+    def _spoil(self) -> None:  # (under the lock)
+        self._spoiled = True
+        self._pending.clear()
+        self._kept = 0
 
 
 def _byte_rows(tensor: torch.Tensor) -> np.ndarray:
