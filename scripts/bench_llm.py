@@ -292,7 +292,8 @@ def gib(n: float) -> str:
 def render(results: dict) -> str:
     facts = results["machine"]
     lines = [
-        f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores, "
+        f"Measured {facts['date']} at commit {facts.get('commit', 'unknown')} on {facts['cpu']} "
+        f"({facts['cores']} cores, "
         f"{gib(facts['memory_bytes'])} GiB), torch {facts['torch']}, {results['threads']} "
         f"threads; pool `{results['pool']}` ({results['pool_gib']:.1f} GiB), page cache "
         f"warm (one read: {results['read_s']:.1f} s); load before each run in the table. "

@@ -463,6 +463,18 @@ def run_switch(args: argparse.Namespace) -> None:
 
 
 # --- the report ---------------------------------------------------------------------------
+def source_commit() -> str:
+    """The checkout's commit, `+changes` when `src/` or `scripts/` differ from it: what a
+    table's figures were measured on."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "src", "scripts") else "")
+
+
 def machine_facts(threads: int) -> dict:
     torch_version = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.__version__)"],
@@ -483,6 +495,7 @@ def machine_facts(threads: int) -> dict:
         mem = 0
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": source_commit(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": threads,
@@ -497,7 +510,7 @@ def render(results: dict) -> str:
     gib, mib = 1024**3, 1024**2
     facts = results["machine"]
     lines = [
-        f"Measured {facts['date']} on {facts['cpu']}, {facts['cores']} cores "
+        f"Measured {facts['date']} at commit {facts.get('commit', 'unknown')} on {facts['cpu']}, {facts['cores']} cores "
         f"({facts['threads']} torch threads), {facts['memory_bytes'] / gib:.0f} GiB RAM; "
         f"Python {facts['python']}, torch {facts['torch']}. Pool: "
         f"{results['pool']['parameters'] / 1e6:.1f}M parameters x {results['pool']['tasks']} "
@@ -711,7 +724,7 @@ def render_methods(results: dict) -> str:
     ta = rows["task_arithmetic"]
     base_wall, base_cpu = ta["stream"]["total_s"], ta["stream"]["cpu_s"]
     lines = [
-        f"Measured {facts['date']} on {facts['cpu']}, {facts['cores']} cores "
+        f"Measured {facts['date']} at commit {facts.get('commit', 'unknown')} on {facts['cpu']}, {facts['cores']} cores "
         f"({facts['threads']} torch threads), {facts['memory_bytes'] / gib:.0f} GiB RAM; "
         f"Python {facts['python']}, torch {facts['torch']}. Same pool as above: "
         f"{results['pool']['parameters'] / 1e6:.1f}M parameters x {results['pool']['tasks']} "
