@@ -91,7 +91,9 @@ def test_exported_folders_load_without_mergebench(llama, tmp_path, capsys):
     assert config["dtype"] == "float32" and config["tie_word_embeddings"] is True
     card = (folders[1] / "README.md").read_text()
     assert "# emr merge (task math)" in card and f"`{base}`" in card
-    assert "sha256 of the merged tensors" in card and "expert `code`" in card
+    recorded = json.loads((root / "emr" / "result.json").read_text())["pretrained_digest"]
+    assert f"digest of the merged tensors: `blake3:{recorded}`" in card
+    assert "expert `code`" in card
 
 
 def test_task_conditioned_result_needs_a_task(llama, tmp_path, capsys):

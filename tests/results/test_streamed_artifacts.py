@@ -19,6 +19,7 @@ from mergebench.results import artifact as results_artifact
 from mergebench.results.shards import Entry, ShardedWriter, index_name
 from mergebench.results.switching import TaskSwitcher
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.hashing import sha256_file
 
 DATA_FREE = sorted(n for n in method_names() if not build_method(n).needs_data)
 # Options that make a method runnable on the toy pool below, or fast.
@@ -217,9 +218,15 @@ def test_format_version_2_folders_still_load(pool, tmp_path):
     for index in folder.glob("*.index.json"):
         index.unlink()
     meta = json.loads((folder / "result.json").read_text())
-    meta["format_version"] = 2
+    meta["format_version"] = 2  # with its sha256 digests, of the files and of the base tensors
     del meta["checksum"], meta["manifest"]
-    meta["manifest"] = results_artifact.file_manifest(folder)
+    files = sorted(p.name for p in folder.iterdir() if p.name != "result.json")
+    meta["manifest"] = {"files": {name: {"sha256": sha256_file(folder / name),
+                                         "size": (folder / name).stat().st_size}
+                                  for name in files}}  # fmt: skip
+    meta["pretrained_digest"] = results_artifact.pretrained_digest(
+        in_memory.pretrained, list(in_memory.unified), "sha256"
+    )
     meta["checksum"] = results_artifact.meta_checksum(meta)
     (folder / "result.json").write_text(json.dumps(meta))
     loaded = load_result(folder)
@@ -232,7 +239,7 @@ def test_streamed_files_match_the_manifest(pool, tmp_path):
     meta = json.loads((tmp_path / "out" / "result.json").read_text())
     on_disk = {p.name for p in (tmp_path / "out").iterdir()} - {"result.json"}
     assert set(meta["manifest"]["files"]) == on_disk
-    load_result(tmp_path / "out", verify=True)  # every sha256 checked
+    load_result(tmp_path / "out", verify=True)  # every digest checked
     shard = sorted(Path(tmp_path / "out").glob("model-0000*"))[0]
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(MergeBenchError, match="changed since the result was saved"):

@@ -144,7 +144,8 @@ def test_pretrained_digest_is_the_tensors_digest_and_is_remembered(tmp_path, mon
     calls = []
     real = artifact._tensors_digest
     monkeypatch.setattr(artifact, "_tensors_digest",
-                        lambda source, keys: calls.append(keys) or real(source, keys))  # fmt: skip
+                        lambda source, keys, algorithm: calls.append(keys)
+                        or real(source, keys, algorithm))  # fmt: skip
     assert artifact.pretrained_digest(reader, ["b", "a"]) == expected
     assert artifact.pretrained_digest(open_checkpoint(path), ["a", "b"]) == expected
     assert len(calls) == 1
@@ -178,3 +179,53 @@ def test_a_changed_pretrained_file_is_still_refused_at_load(tmp_path, monkeypatc
     save_file(state, pre)  # same names, shapes and size; other weights
     with pytest.raises(MergeBenchError, match="pre"):
         mergebench.load_result(tmp_path / "out", pretrained=pre)
+
+
+def test_pretrained_digest_hashes_each_tensors_header_then_bytes_with_either_algorithm(
+    tmp_path, no_racy_window
+):
+    import hashlib
+    import json
+
+    import blake3
+
+    path = pretrained_file(tmp_path)
+    reader = open_checkpoint(path)
+    stream = b""
+    for key in ("a", "b"):  # key order, whatever order the caller gives
+        tensor = reader.get(key)
+        stream += json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode()
+        stream += tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    b3, sha = blake3.blake3(stream).hexdigest(), hashlib.sha256(stream).hexdigest()
+    assert artifact.pretrained_digest(reader, ["b", "a"]) == b3  # format 4's
+    assert artifact.pretrained_digest(reader, ["b", "a"], "sha256") == sha  # format 3's
+    # each remembered under its own algorithm: neither answers for the other
+    assert artifact.pretrained_digest(open_checkpoint(path), ["a", "b"]) == b3
+    assert artifact.pretrained_digest(open_checkpoint(path), ["a", "b"], "sha256") == sha
+    assert len(list((hashing.cache_root() / "digests").iterdir())) == 2
+
+
+def test_a_format_3_result_checks_its_sha256_pretrained_digest(tmp_path, no_racy_window):
+    import json
+
+    torch.manual_seed(0)
+    experts = expert_files(tmp_path)
+    pre = tmp_path / "pre.safetensors"
+    out = tmp_path / "out"
+    mergebench.merge("emr", pre, experts, progress=False, output_dir=out)
+    meta = json.loads((out / "result.json").read_text())
+    assert meta["format_version"] == 4
+    keys = list(mergebench.load_result(out).unified)
+    assert meta["pretrained_digest"] == artifact.pretrained_digest(open_checkpoint(pre), keys)
+    # as format 3 wrote it: sha256 digests (the manifest's and the pretrained tensors')
+    meta["format_version"] = 3
+    meta["pretrained_digest"] = artifact.pretrained_digest(open_checkpoint(pre), keys, "sha256")
+    for name, info in meta["manifest"]["files"].items():
+        info["sha256"] = hashing.sha256_file(out / name)
+        del info["blake3"]
+    meta["checksum"] = artifact.meta_checksum(meta)
+    (out / "result.json").write_text(json.dumps(meta))
+    mergebench.load_result(out, pretrained=pre)  # checked with sha256: the same tensors
+    save_file({"w": torch.randn(64, 8), "v": torch.randn(100)}, pre)  # other weights
+    with pytest.raises(MergeBenchError, match="its weights differ"):
+        mergebench.load_result(out, pretrained=pre)

@@ -103,8 +103,9 @@ def _mergebench_result(path: Path, pool: ModelPool) -> SavedMerge:
 
 def _external(path: Path, pool: ModelPool, name: str) -> SavedMerge:
     reader = open_checkpoint(path, role="saved model")
-    # The tensors, not their files: the same weights sharded otherwise are the same row.
-    digest = pretrained_digest(reader, list(reader.keys()))
+    # The tensors, not their files: the same weights sharded otherwise are the same row
+    # (sha256, as the rows already stored were keyed before results moved to BLAKE3).
+    digest = pretrained_digest(reader, list(reader.keys()), "sha256")
     result = _with_family_heads(reader, pool, path, EXTERNAL, {"name": name})
     identity = {"kind": EXTERNAL, "name": name, "digest": digest}
     return SavedMerge(result, EXTERNAL, f"{EXTERNAL} ({name})", identity)

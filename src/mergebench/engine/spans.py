@@ -132,8 +132,9 @@ def run_spans(
 ) -> None:
     """`work(span, buffers)` for every span on `stream.threads` worker threads, each with
     its own `SpanBuffers`, taking the next span in order as it is free; the first error stops
-    the pass and is raised. (Threads of our own rather than an executor's futures: a future
-    per span, and the waiter's wake-up on each, cost 30-50 us a span of GIL and switches.)"""
+    the pass and is raised. (Threads of our own rather than an executor's futures: with a
+    future per span and the waiting thread woken for each, the TinyLlama task-arithmetic
+    merge's 4,200 spans took 2.96-3.26 user CPU s, without 2.45-2.62; docs/performance.md.)"""
     pieces = iter(spans)
     lock = threading.Lock()
     errors: list[BaseException] = []

@@ -4,8 +4,9 @@ and the checks a part's files must pass (shards of the right result, the right t
 
 Format versions: 1 wrote one file per part and no manifest; 2 added the manifest, the
 checksum and task-specific keys `"<task index>::<key>"`; 3 writes each part as shards with
-a Hugging Face index (`shards.py`); 4 records each file's BLAKE3 in the manifest instead of its
-sha256 (`util.hashing.FILE_DIGEST`). Every version still loads (`loading.py`).
+a Hugging Face index (`shards.py`); 4 records BLAKE3 digests (`util.hashing.DIGEST`) instead
+of sha256 ones: each file's in the manifest, the pretrained tensors'. Every version still
+loads (`loading.py`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from mergebench.engine.checkpoints import SafetensorsReader, TensorReader
 from mergebench.results.shards import open_stem
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import TEMP_MARKER
-from mergebench.util.hashing import FILE_DIGEST, FILE_DIGESTS, file_digest, remembered_digest
+from mergebench.util.hashing import DIGEST, DIGESTS, file_digest, new_digest, remembered_digest
 
 FORMAT = "mergebench-result"
 # 2: manifest + checksum, task-specific keys "<task index>::<key>"; 3: sharded parts + index;
-# 4: the manifest's file digests are BLAKE3 (sha256 before)
+# 4: the digests (manifest, pretrained tensors) are BLAKE3 (sha256 before)
 FORMAT_VERSION = 4
 SEP = "::"
 META = "result.json"
@@ -47,19 +48,22 @@ def artifact_bytes(directory: str | Path) -> int:
         return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def pretrained_digest(source: TensorReader, keys: list[str]) -> str:
-    """sha256 of the pretrained tensors a task-conditioned result adds its deltas to (key,
-    dtype, shape and bytes, in key order): whatever file format they come in. Remembered
-    between processes for safetensors files (`remembered_digest`), whose tensors are the
-    files' bytes as stored."""
+def pretrained_digest(source: TensorReader, keys: list[str], algorithm: str = DIGEST) -> str:
+    """The digest (`algorithm`, the format's by default) of the pretrained tensors a
+    task-conditioned result adds its deltas to (key, dtype, shape and bytes, in key order):
+    whatever file format they come in. Remembered between processes for safetensors files
+    (`remembered_digest`), whose tensors are the files' bytes as stored."""
     if type(source) is SafetensorsReader:
-        return remembered_digest(source.files(), ["pretrained_digest", 1, sorted(keys)],
-                                 lambda: _tensors_digest(source, keys))  # fmt: skip
-    return _tensors_digest(source, keys)
+        what: list[Any] = ["pretrained_digest", 1, sorted(keys)]
+        if algorithm != "sha256":  # (sha256's entries are keyed as before BLAKE3 came)
+            what.append(algorithm)
+        return remembered_digest(source.files(), what,
+                                 lambda: _tensors_digest(source, keys, algorithm))  # fmt: skip
+    return _tensors_digest(source, keys, algorithm)
 
 
-def _tensors_digest(source: TensorReader, keys: list[str]) -> str:
-    digest = hashlib.sha256()
+def _tensors_digest(source: TensorReader, keys: list[str], algorithm: str = DIGEST) -> str:
+    digest = new_digest(algorithm)
     for key in sorted(keys):
         tensor = source.get(key).detach().to("cpu").contiguous()
         digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
@@ -69,7 +73,7 @@ def _tensors_digest(source: TensorReader, keys: list[str]) -> str:
 
 
 def background_digest(source: TensorReader, keys: list[str]) -> Callable[[], str]:
-    """Start `pretrained_digest(source, keys)` on a thread of its own (reads and sha256
+    """Start `pretrained_digest(source, keys)` on a thread of its own (reads and hashing
     release the GIL) and return what waits for it: a streamed merge starts it with its
     workers instead of hashing the pretrained weights after them."""
     outcome: dict[str, Any] = {}
@@ -200,11 +204,11 @@ def check_manifest(directory: Path, meta: Mapping[str, Any], verify: bool) -> No
 
 def _check_digest(path: Path, info: Mapping[str, Any], meta_path: Path, name: str) -> None:
     """The file's digest against its manifest entry's (BLAKE3, or sha256 before format 4)."""
-    algorithm = next((a for a in FILE_DIGESTS if a in info), None)
+    algorithm = next((a for a in DIGESTS if a in info), None)
     if algorithm is None:
         raise MergeBenchError(
             f"{meta_path}: manifest entry {name!r} records no digest "
-            f"(expected one of: {', '.join(FILE_DIGESTS)})"
+            f"(expected one of: {', '.join(DIGESTS)})"
         )
     if file_digest(path, algorithm) != info[algorithm]:
         raise MergeBenchError(f"{path}: changed since the result was saved ({algorithm} mismatch)")
@@ -254,13 +258,13 @@ def excluded_keys_of(source: SafetensorsReader) -> list[str]:
 
 
 def file_manifest(folder: Path, pool: ThreadPoolExecutor | None = None) -> dict[str, Any]:
-    """Digest (`FILE_DIGEST`) and size of every file in `folder` but `result.json` (on
+    """Digest (`DIGEST`) and size of every file in `folder` but `result.json` (on
     `pool`'s threads)."""
     files = sorted(p.name for p in folder.iterdir() if p.name not in (META, TEMP_MARKER))
     hashes = (pool.map if pool else map)(lambda name: file_digest(folder / name), files)
     return {
         "files": {
-            name: {FILE_DIGEST: digest, "size": (folder / name).stat().st_size}
+            name: {DIGEST: digest, "size": (folder / name).stat().st_size}
             for name, digest in zip(files, hashes, strict=True)
         }
     }

@@ -36,6 +36,7 @@ from mergebench.util.fs import (
     publish_tree,
     remove_stale_temp_dirs,
 )
+from mergebench.util.hashing import format_digest
 from mergebench.util.version import __version__
 
 # Files of a model folder copied as they are: the generation defaults and the tokenizer.
@@ -70,8 +71,12 @@ def export_result(
             f"(one of {', '.join(result.tasks)}) or --all-tasks"
         )
     base = _base_folder(result, result_dir)
-    # The card names the sha256 of the base tensors a task-conditioned result recorded.
-    digest = _read_json(result_dir / "result.json").get("pretrained_digest")
+    # The card names the digest of the base tensors a task-conditioned result recorded, as
+    # "<algorithm>:<hex>" (BLAKE3 since format version 4, sha256 before).
+    meta = _read_json(result_dir / "result.json")
+    digest = meta.get("pretrained_digest")
+    if digest:
+        digest = f"{format_digest(meta.get('format_version', 1))}:{digest}"
     _check_target(out_dir, force)
     if not all_tasks:
         _publish(
@@ -261,7 +266,7 @@ def model_card(result: MergeResult, task: str | None, base: Path, digest: str | 
         f"- base: `{base}`",
     ]
     if digest:
-        lines.append(f"  - sha256 of the merged tensors: `{digest}`")
+        lines.append(f"  - digest of the merged tensors: `{digest}`")
     for name in result.tasks:
         files = finetuned.get(name) or []
         where = f"`{Path(files[0]).parent}`" if files else "(in-memory state dict)"

@@ -36,7 +36,7 @@ from mergebench.results.artifact import (
 from mergebench.results.kinds import MergeResult, SingleModelResult, TaskConditionedResult
 from mergebench.results.shards import LazyTensors, shape_of
 from mergebench.util.errors import MergeBenchError
-from mergebench.util.hashing import sha256_file
+from mergebench.util.hashing import format_digest, sha256_file
 
 
 def load_result(
@@ -102,7 +102,7 @@ def load_result(
         mismatch = f"pretrained checkpoint changed since {directory} was saved (its tensors differ from the recorded digest)"
     recorded = meta.get("pretrained", {})
     by_digest = pretrained is not None or "sha256" not in recorded and "files" in recorded
-    _check_pretrained(pre, unified, meta, verify and by_digest, mismatch)
+    _check_pretrained(pre, unified, meta, verify and by_digest, mismatch, format_digest(version))
     return TaskConditionedResult(
         pretrained=pre,
         unified=unified,
@@ -158,6 +158,7 @@ def _check_pretrained(
     meta: Mapping[str, Any],
     digest: bool,
     mismatch: str,
+    algorithm: str,
 ) -> None:
     for key in unified:
         if key not in pre:
@@ -169,7 +170,11 @@ def _check_pretrained(
                 f"the result needs {list(shape)}"
             )
     recorded = meta.get("pretrained_digest")
-    if digest and recorded is not None and pretrained_digest(pre, list(unified)) != recorded:
+    if (
+        digest
+        and recorded is not None
+        and pretrained_digest(pre, list(unified), algorithm) != recorded
+    ):
         raise MergeBenchError(f"{pre.name}: {mismatch}")
 
 

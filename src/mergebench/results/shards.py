@@ -5,9 +5,9 @@ A merge knows every output tensor's key, shape and dtype before it computes any 
 it assigns keys to shards in order, writes each shard's safetensors header, sizes the file,
 and then each finished tensor is written at its offset with `pwrite` (any thread, any
 order). Nothing but the tensor being written is held in memory, whatever the model's depth.
-While the tensors come in, a thread per shard hashes the part written from the start on
-(`_PrefixDigest`), so the manifest's digest of a shard written roughly in order costs no
-pass of its own after the merge.
+While the tensors come in, the writing threads hash each shard's part written from the start
+on (`_PrefixDigest`), mostly from their own buffers, so the manifest's digest of a shard
+written roughly in order costs no pass of its own after the merge.
 
 Files of a stem `model`: `model.safetensors` when one shard holds everything, otherwise
 `model-00001-of-00003.safetensors`, ...; always `model.safetensors.index.json` in the
@@ -32,7 +32,7 @@ import torch
 
 from mergebench.engine.checkpoints import SafetensorsReader, TensorReader, shards_from_index
 from mergebench.util.errors import MergeBenchError
-from mergebench.util.hashing import forget_file_digests, new_file_digest, remember_file_digest
+from mergebench.util.hashing import forget_file_digests, new_digest, remember_file_digest
 
 # Shards of at most this many bytes unless told otherwise (Hugging Face's default is 5 GB).
 DEFAULT_SHARD_BYTES = 4 * 10**9
@@ -410,7 +410,7 @@ def _header(group: Sequence[Entry], metadata: Mapping[str, str] | None) -> tuple
 
 
 class _PrefixDigest:
-    """The digest (`FILE_DIGEST`) of a file of `size` bytes being written in pieces, hashed by
+    """The digest (`DIGEST`) of a file of `size` bytes being written in pieces, hashed by
     the writing threads as the written prefix grows: a piece that extends the prefix is
     hashed from the writer's memory (still in its cache) right after its `pwrite`; one that
     lands past the prefix is kept as a copy (up to `_KEEP_BYTES` in all) or, past that, as
@@ -429,7 +429,7 @@ class _PrefixDigest:
         self._prefix = 0  # bytes [0, prefix) hashed, or being hashed by the busy thread
         self._busy = self._spoiled = False
         self._lock = threading.Lock()
-        self._digest = new_file_digest()
+        self._digest = new_digest()
 
     def written(self, start: int, data: np.ndarray | bytes) -> None:
         """Bytes `data` were just written at `start` (a C-contiguous uint8 array or bytes)."""

@@ -23,20 +23,26 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-# The manifest's digest of every file a result writes (format version 4 on): BLAKE3, several
-# times sha256's speed on one core and parallel over more (docs/performance.md, "The
-# manifest's digest"). Manifests of older results record sha256, still checked as such.
-FILE_DIGEST = "blake3"
-FILE_DIGESTS = ("blake3", "sha256")  # what a manifest entry may record, newest first
+# The result format's digest (version 4 on) of every file a result writes (its manifest) and
+# of the pretrained tensors a task-conditioned result applies to: BLAKE3, several times
+# sha256's speed on one core and parallel over more (docs/performance.md, "The manifest's
+# digest"). Results of older formats record sha256, still checked as such.
+DIGEST = "blake3"
+DIGESTS = ("blake3", "sha256")  # what a result may record, newest first
 
 
-def new_file_digest(algorithm: str = FILE_DIGEST) -> Any:
+def new_digest(algorithm: str = DIGEST) -> Any:
     """An empty hashlib-style digest (`update`, `hexdigest`) of `algorithm`."""
     if algorithm == "blake3":
         return blake3.blake3()
     if algorithm == "sha256":
         return hashlib.sha256()
-    raise ValueError(f"unknown file digest {algorithm!r} (known: {', '.join(FILE_DIGESTS)})")
+    raise ValueError(f"unknown digest {algorithm!r} (known: {', '.join(DIGESTS)})")
+
+
+def format_digest(format_version: int) -> str:
+    """The digest a result of `format_version` records: sha256 before version 4."""
+    return DIGEST if format_version >= 4 else "sha256"
 
 
 # Digests of files hashed while they were written (`remember_file_digest`), by the file's
@@ -50,7 +56,7 @@ def _state(path: str | Path) -> tuple[int, int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def remember_file_digest(path: str | Path, digest: str, algorithm: str = FILE_DIGEST) -> None:
+def remember_file_digest(path: str | Path, digest: str, algorithm: str = DIGEST) -> None:
     """Record the digest of a file just written and closed (whose every byte its writer
     hashed): the next `file_digest` of it, unchanged since, uses it once."""
     with _known_lock:
@@ -64,12 +70,12 @@ def forget_file_digests(path: str | Path) -> None:
     except OSError:
         return
     with _known_lock:
-        for algorithm in FILE_DIGESTS:
+        for algorithm in DIGESTS:
             _known.pop((state, algorithm), None)
 
 
-def file_digest(path: str | Path, algorithm: str = FILE_DIGEST, chunk: int = 1 << 22) -> str:
-    """The hex digest of the file at `path` (`algorithm`: one of `FILE_DIGESTS`); BLAKE3
+def file_digest(path: str | Path, algorithm: str = DIGEST, chunk: int = 1 << 22) -> str:
+    """The hex digest of the file at `path` (`algorithm`: one of `DIGESTS`); BLAKE3
     on every core (a check on load is the user's wait)."""
     with _known_lock:
         known = _known.pop((_state(path), algorithm), None)
@@ -78,7 +84,7 @@ def file_digest(path: str | Path, algorithm: str = FILE_DIGEST, chunk: int = 1 <
     if algorithm == "blake3":
         digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
     else:
-        digest = new_file_digest(algorithm)
+        digest = new_digest(algorithm)
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
@@ -110,7 +116,7 @@ def _file_states(files: Sequence[Path]) -> list[list[Any]]:
 
 
 def remembered_digest(files: Sequence[Path], what: Any, compute: Callable[[], str]) -> str:
-    """`compute()`, a sha256 hex digest of `what` read from `files`, remembered in
+    """`compute()`, a 256-bit hex digest of `what` read from `files`, remembered in
     `<cache>/digests/` while every file keeps its device, inode, size, mtime and ctime (any
     write changes the ctime, and no call can set it back). Not remembered: files changed in
     the last `RACY_NS`, or while `compute` ran. A cache that cannot be read or written
