@@ -18,6 +18,7 @@ import mergebench
 from bad_input.conftest import HEAD, record, tiny_models, tree_hash
 from mergebench.engine.checkpoints import open_checkpoint
 from mergebench.util.errors import MergeBenchError
+from mergebench.util.hashing import sha256_file
 
 
 def emr_saved(tmp_path: Path, pre, finetuned, name: str = "out") -> Path:
@@ -198,7 +199,6 @@ def test_model_file_bit_flipped(tmp_path, models):
 def as_version_3(folder: Path) -> None:
     """Rewrite a saved result's manifest as format version 3 wrote it: sha256 per file."""
     from mergebench.results.artifact import meta_checksum
-    from mergebench.util.hashing import sha256_file
 
     meta = json.loads((folder / "result.json").read_text())
     for name, info in meta["manifest"]["files"].items():
@@ -228,7 +228,8 @@ def test_a_version_3_result_is_checked_by_its_sha256(tmp_path, models):
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ("size only", "manifest entry 'model.safetensors' records no digest"),
+        ("size only", "manifest entry 'model.safetensors' records no blake3 digest"),
+        ("sha256 only", "manifest entry 'model.safetensors' records no blake3 digest"),
         (["x"], "manifest entry 'model.safetensors' is not an object"),
     ],
 )
@@ -238,8 +239,11 @@ def test_a_manifest_entry_without_a_digest(tmp_path, models, entry, message):
     result = mergebench.merge("ties", *models, exclude=HEAD, progress=False)
     out = result.save(tmp_path / "out")
     meta = json.loads((out / "result.json").read_text())
+    size = (out / "model.safetensors").stat().st_size
     if entry == "size only":
-        entry = {"size": (out / "model.safetensors").stat().st_size}
+        entry = {"size": size}
+    elif entry == "sha256 only":  # another algorithm than the format's: not taken
+        entry = {"size": size, "sha256": sha256_file(out / "model.safetensors")}
     meta["manifest"]["files"]["model.safetensors"] = entry
     meta["checksum"] = meta_checksum(meta)
     (out / "result.json").write_text(json.dumps(meta))

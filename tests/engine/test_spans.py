@@ -302,3 +302,16 @@ def test_run_spans_stops_at_the_first_error_and_raises_it():
     with pytest.raises(MergeBenchError, match="span 3 failed"):
         spans_module.run_spans(_Stream(2), pieces, work, "test", 2, np.dtype(np.float32))
     assert 4 <= len(taken) <= 5  # the other thread finishes the span it holds, takes no more
+
+
+def test_run_spans_raises_a_workers_own_setup_error(monkeypatch):
+    def no_memory(*args) -> None:
+        raise MemoryError("no buffers")
+
+    monkeypatch.setattr(spans_module, "SpanBuffers", no_memory)
+    pieces = spans_module.spans_of([("a", 0, 5 * spans_module.SPAN_NUMEL)])
+    done = []
+    with pytest.raises(MemoryError, match="no buffers"):  # not a pass that did nothing
+        spans_module.run_spans(_Stream(2), pieces, lambda p, b: done.append(p), "test", 2,
+                               np.dtype(np.float32))  # fmt: skip
+    assert not done

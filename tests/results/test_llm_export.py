@@ -92,7 +92,7 @@ def test_exported_folders_load_without_mergebench(llama, tmp_path, capsys):
     card = (folders[1] / "README.md").read_text()
     assert "# emr merge (task math)" in card and f"`{base}`" in card
     recorded = json.loads((root / "emr" / "result.json").read_text())["pretrained_digest"]
-    assert f"digest of the merged tensors: `blake3:{recorded}`" in card
+    assert f"digest of its tensors the merge applied the deltas to: `blake3:{recorded}`" in card
     assert "expert `code`" in card
 
 

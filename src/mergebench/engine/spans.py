@@ -141,22 +141,19 @@ def run_spans(
     bar = stage(len(spans), description, enabled=stream.progress, unit="block")
 
     def run() -> None:
-        buffers = SpanBuffers(sources, dtype, SPAN_NUMEL)
-        done = 0
-        while True:
-            with lock:
-                if done:
-                    bar.update(done)
-                piece = None if errors else next(pieces, None)
-            if piece is None:
-                return
-            try:
-                work(piece, buffers)
-            except BaseException as err:
+        try:
+            buffers = SpanBuffers(sources, dtype, SPAN_NUMEL)
+            while True:
                 with lock:
-                    errors.append(err)
-                return
-            done = 1
+                    piece = None if errors else next(pieces, None)
+                if piece is None:
+                    return
+                work(piece, buffers)
+                with lock:
+                    bar.update()
+        except BaseException as err:  # (a thread's own error would only reach its excepthook)
+            with lock:
+                errors.append(err)
 
     workers = [
         threading.Thread(target=run, name=f"mergebench-merge_{index}", daemon=True)

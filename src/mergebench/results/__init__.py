@@ -12,7 +12,7 @@ from mergebench.results.kinds import MergeResult, SingleModelResult, TaskConditi
 from mergebench.results.loading import load_result
 from mergebench.results.shards import DEFAULT_SHARD_BYTES, LazyTensors, parse_size
 from mergebench.results.streaming import ArtifactTarget, stream_result
-from mergebench.util.hashing import file_digest
+from mergebench.util.hashing import file_digest, sha256_file
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -25,5 +25,6 @@ __all__ = [
     "file_digest",
     "load_result",
     "parse_size",
+    "sha256_file",
     "stream_result",
 ]

@@ -26,7 +26,13 @@ from mergebench.engine.checkpoints import SafetensorsReader, TensorReader
 from mergebench.results.shards import open_stem
 from mergebench.util.errors import MergeBenchError
 from mergebench.util.fs import TEMP_MARKER
-from mergebench.util.hashing import DIGEST, DIGESTS, file_digest, new_digest, remembered_digest
+from mergebench.util.hashing import (
+    DIGEST,
+    file_digest,
+    format_digest,
+    new_digest,
+    remembered_digest,
+)
 
 FORMAT = "mergebench-result"
 # 2: manifest + checksum, task-specific keys "<task index>::<key>"; 3: sharded parts + index;
@@ -199,16 +205,19 @@ def check_manifest(directory: Path, meta: Mapping[str, Any], verify: bool) -> No
                 f"manifest says {info.get('size')})"
             )
         if verify:
-            _check_digest(path, info, meta_path, name)
+            _check_digest(path, info, meta_path, name, meta.get("format_version", 1))
 
 
-def _check_digest(path: Path, info: Mapping[str, Any], meta_path: Path, name: str) -> None:
-    """The file's digest against its manifest entry's (BLAKE3, or sha256 before format 4)."""
-    algorithm = next((a for a in DIGESTS if a in info), None)
-    if algorithm is None:
+def _check_digest(
+    path: Path, info: Mapping[str, Any], meta_path: Path, name: str, version: int
+) -> None:
+    """The file's digest against its manifest entry's, in the format's algorithm (BLAKE3,
+    sha256 before format version 4): an entry of another algorithm is not taken."""
+    algorithm = format_digest(version)
+    if algorithm not in info:
         raise MergeBenchError(
-            f"{meta_path}: manifest entry {name!r} records no digest "
-            f"(expected one of: {', '.join(DIGESTS)})"
+            f"{meta_path}: manifest entry {name!r} records no {algorithm} digest "
+            f"(format version {version})"
         )
     if file_digest(path, algorithm) != info[algorithm]:
         raise MergeBenchError(f"{path}: changed since the result was saved ({algorithm} mismatch)")

@@ -266,7 +266,7 @@ def model_card(result: MergeResult, task: str | None, base: Path, digest: str | 
         f"- base: `{base}`",
     ]
     if digest:
-        lines.append(f"  - digest of the merged tensors: `{digest}`")
+        lines.append(f"  - digest of its tensors the merge applied the deltas to: `{digest}`")
     for name in result.tasks:
         files = finetuned.get(name) or []
         where = f"`{Path(files[0]).parent}`" if files else "(in-memory state dict)"

@@ -413,7 +413,7 @@ class _PrefixDigest:
     """The digest (`DIGEST`) of a file of `size` bytes being written in pieces, hashed by
     the writing threads as the written prefix grows: a piece that extends the prefix is
     hashed from the writer's memory (still in its cache) right after its `pwrite`; one that
-    lands past the prefix is kept as a copy (up to `_KEEP_BYTES` in all) or, past that, as
+    lands past the prefix is kept as a copy (up to `_KEEP_BYTES` per file) or, past that, as
     a range to read back from the file once the prefix reaches it. A piece inside the part
     already covered (a rewrite) spoils the digest (`finish` gives None: the file is hashed
     again, as without this). No thread of its own: a hand-off per piece cost more than the
