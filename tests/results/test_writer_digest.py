@@ -169,3 +169,24 @@ def test_a_remembered_digest_serves_only_its_own_algorithm(tmp_path):
     assert hashing.sha256_file(path) == hashlib.sha256(b"abc").hexdigest()
     assert hashing.file_digest(path) == "0" * 64  # taken once...
     assert hashing.file_digest(path) == blake3.blake3(b"abc").hexdigest()  # ...then read
+
+
+def test_adjacent_ranges_are_read_back_in_one_go(tmp_path, monkeypatch):
+    monkeypatch.setattr(_PrefixDigest, "_KEEP_BYTES", 0)  # every piece ahead: a range
+    path = tmp_path / "f"
+    data = os.urandom(64 * 1000)
+    path.write_bytes(data)
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(
+        os, "preadv", lambda fd, buffers, at: reads.append(at) or real(fd, buffers, at)
+    )
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        digest = _PrefixDigest(fd, len(data))
+        for piece in range(63, -1, -1):  # last piece first: 63 ranges wait for the first
+            digest.written(piece * 1000, data[piece * 1000 : (piece + 1) * 1000])
+        assert digest.finish() == blake3.blake3(data).hexdigest()
+        assert reads == [1000]  # one read of the 63 ranges after the first piece
+    finally:
+        os.close(fd)

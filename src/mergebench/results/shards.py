@@ -428,6 +428,7 @@ class _PrefixDigest:
         self._kept = 0  # bytes held in copies
         self._prefix = 0  # bytes [0, prefix) hashed, or being hashed by the busy thread
         self._busy = self._spoiled = False
+        self._buffer: memoryview | None = None  # read-backs' (the busy thread's alone)
         self._lock = threading.Lock()
         self._digest = new_digest()
 
@@ -463,7 +464,9 @@ class _PrefixDigest:
                         self._busy = False
                         return
                     start = self._prefix
-                    if isinstance(piece, int):
+                    if isinstance(piece, int):  # with the ranges right after it: one read-back
+                        while isinstance(self._pending.get(piece), int):
+                            piece = self._pending.pop(piece)
                         self._prefix = piece
                     else:
                         self._kept -= len(piece)
@@ -480,7 +483,9 @@ class _PrefixDigest:
 
     def _hash_read_back(self, start: int, end: int) -> None:
         """Hash bytes `start : end` read back from the file, `_CHUNK` at a time."""
-        buffer = memoryview(bytearray(min(self._CHUNK, end - start)))
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(min(self._CHUNK, self._size)))
+        buffer = self._buffer
         while start < end:
             count = os.preadv(self._fd, [buffer[: min(len(buffer), end - start)]], start)
             if not count:
