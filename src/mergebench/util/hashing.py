@@ -31,10 +31,11 @@ DIGEST = "blake3"
 DIGESTS = ("blake3", "sha256")  # what a result may record, newest first
 
 
-def new_digest(algorithm: str = DIGEST) -> Any:
-    """An empty hashlib-style digest (`update`, `hexdigest`) of `algorithm`."""
+def new_digest(algorithm: str = DIGEST, every_core: bool = False) -> Any:
+    """An empty hashlib-style digest (`update`, `hexdigest`) of `algorithm`; BLAKE3 hashes
+    large updates on every core with `every_core`."""
     if algorithm == "blake3":
-        return blake3.blake3()
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if every_core else 1)
     if algorithm == "sha256":
         return hashlib.sha256()
     raise ValueError(f"unknown digest {algorithm!r} (known: {', '.join(DIGESTS)})")
@@ -81,10 +82,7 @@ def file_digest(path: str | Path, algorithm: str = DIGEST, chunk: int = 1 << 22)
         known = _known.pop((_state(path), algorithm), None)
     if known is not None:
         return known
-    if algorithm == "blake3":
-        digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    else:
-        digest = new_digest(algorithm)
+    digest = new_digest(algorithm, every_core=True)
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
